@@ -170,14 +170,14 @@ def _bottleneck_forward_kernel(
 
 @triton.jit
 def _backward_hidden_kernel(
-    grad_y_ptr, hidden_ptr, w_up_ptr, scale_ptr, row_scale_ptr, grad_hidden_ptr,
+    grad_y_ptr, hidden_ptr, w_up_ptr, scale_ptr, row_scale_ptr, grad_hidden_ptr, act_ptr,
     rows, dim, rank, scale_value,
     stride_g_row, stride_g_col,
     ACTIVATION: tl.constexpr, SCALE_MODE: tl.constexpr, HAS_ROW_SCALE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_ROWS: tl.constexpr, BLOCK_DIM: tl.constexpr, BLOCK_RANK: tl.constexpr,
 ):
-    # This program's tile: dh[rows, :] for rows [pid * BLOCK_ROWS, +BLOCK_ROWS).
+    # This program's tile: dh[rows, :] and act(h)[rows, :] for rows [pid * BLOCK_ROWS, +BLOCK_ROWS).
     pid = tl.program_id(0)
     row_ids = pid * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     row_mask = row_ids < rows
@@ -218,17 +218,20 @@ def _backward_hidden_kernel(
     hidden = tl.load(hidden_ptr + row_ids[:, None] * rank + rank_ids[None, :], mask=hidden_mask, other=0.0)
     grad_hidden = grad_act * _activation_grad(hidden, ACTIVATION)
     tl.store(grad_hidden_ptr + row_ids[:, None] * rank + rank_ids[None, :], grad_hidden, mask=hidden_mask)
+    # act(h) for the weight gradients, so the next kernel runs no transcendentals: there Triton
+    # hoists them into the dot-operand layout, replicated per warp (255 registers and spills).
+    tl.store(act_ptr + row_ids[:, None] * rank + rank_ids[None, :], _activation(hidden, ACTIVATION).to(dtype),
+             mask=hidden_mask)
 
 
 @triton.jit
 def _backward_input_and_weights_kernel(
-    grad_y_ptr, x_ptr, hidden_ptr, grad_hidden_ptr, w_down_ptr, w_up_ptr, b_up_ptr, scale_ptr,
+    grad_y_ptr, x_ptr, act_ptr, grad_hidden_ptr, w_down_ptr, w_up_ptr, b_up_ptr, scale_ptr,
     row_scale_ptr, grad_x_ptr, partials_ptr,
     rows, dim, rank, scale_value, tiles_per_chunk,
     stride_g_row, stride_g_col, stride_x_row, stride_x_col,
-    ACTIVATION: tl.constexpr, SCALE_MODE: tl.constexpr, HAS_B_UP: tl.constexpr,
-    HAS_ROW_SCALE: tl.constexpr, SCALE_GRAD: tl.constexpr, COMPUTE_DX: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    SCALE_MODE: tl.constexpr, HAS_B_UP: tl.constexpr,
+    HAS_ROW_SCALE: tl.constexpr, COMPUTE_DX: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_ROWS: tl.constexpr, BLOCK_DIM: tl.constexpr, BLOCK_RANK: tl.constexpr,
 ):
     # This program's tile: columns [pid_col * BLOCK_DIM, +BLOCK_DIM) of dx for the row tiles
@@ -242,28 +245,19 @@ def _backward_input_and_weights_kernel(
     rank_mask = rank_ids < rank
     dtype = w_up_ptr.dtype.element_ty  # the compute dtype (x's); the launcher casts weights to it
 
-    w_down_tile = tl.load(
-        w_down_ptr + rank_ids[:, None] * dim + col_ids[None, :],
-        mask=rank_mask[:, None] & col_mask[None, :], other=0.0,
-    )
-    if SCALE_MODE == "channel":
-        col_scale = tl.load(scale_ptr + col_ids, mask=col_mask, other=0.0).to(tl.float32)
-    elif SCALE_MODE == "tensor":
-        col_scale = tl.load(scale_ptr).to(tl.float32)
-    else:
-        col_scale = scale_value
-    if SCALE_GRAD:
-        w_up_t = tl.load(
-            w_up_ptr + col_ids[None, :] * rank + rank_ids[:, None],
+    if COMPUTE_DX:
+        w_down_tile = tl.load(
+            w_down_ptr + rank_ids[:, None] * dim + col_ids[None, :],
             mask=rank_mask[:, None] & col_mask[None, :], other=0.0,
         )
-        if HAS_B_UP:
-            b_up = tl.load(b_up_ptr + col_ids, mask=col_mask, other=0.0).to(tl.float32)
 
-    acc_w_up = tl.zeros((BLOCK_DIM, BLOCK_RANK), dtype=tl.float32)
+    # With g = dy * row_scale and u = act @ w_up.T + b_up, every gradient of the up side follows
+    # from two sums over rows: ga = g.T @ act and gs = sum(g). dw_up = scale * ga,
+    # db_up = scale * gs, dscale = rowsum(w_up * ga) + b_up * gs. So u is never recomputed and
+    # the loop carries one [D, r] accumulator for the up side, not three.
+    acc_ga = tl.zeros((BLOCK_DIM, BLOCK_RANK), dtype=tl.float32)
+    acc_gs = tl.zeros((BLOCK_DIM,), dtype=tl.float32)
     acc_w_down = tl.zeros((BLOCK_RANK, BLOCK_DIM), dtype=tl.float32)
-    acc_b_up = tl.zeros((BLOCK_DIM,), dtype=tl.float32)
-    acc_scale = tl.zeros((BLOCK_DIM,), dtype=tl.float32)
     acc_b_down = tl.zeros((BLOCK_RANK,), dtype=tl.float32)
 
     first_tile = pid_chunk * tiles_per_chunk
@@ -274,54 +268,52 @@ def _backward_input_and_weights_kernel(
         tile_mask = row_mask[:, None] & col_mask[None, :]
         hidden_mask = row_mask[:, None] & rank_mask[None, :]
 
-        hidden = tl.load(hidden_ptr + row_ids[:, None] * rank + rank_ids[None, :], mask=hidden_mask, other=0.0)
-        act = _activation(hidden, ACTIVATION).to(dtype)
-        grad_hidden = tl.load(
-            grad_hidden_ptr + row_ids[:, None] * rank + rank_ids[None, :], mask=hidden_mask, other=0.0
-        )
         grad_y = tl.load(
             grad_y_ptr + row_ids[:, None] * stride_g_row + col_ids[None, :] * stride_g_col,
             mask=tile_mask, other=0.0,
-        ).to(tl.float32)
+        )
         if HAS_ROW_SCALE:
             row_scale = tl.load(row_scale_ptr + row_ids, mask=row_mask, other=0.0).to(tl.float32)
-            grad_y = grad_y * row_scale[:, None]
-        # dy * row_scale is d(scale * v) / d v's partner: it gives d scale against u, and
-        # times scale it gives d u.
-        if SCALE_GRAD:
-            update = tl.dot(act, w_up_t, input_precision=INPUT_PRECISION)
-            if HAS_B_UP:
-                update += b_up[None, :]
-            acc_scale += tl.sum(grad_y * update, axis=0)
-        if SCALE_MODE == "channel":
-            grad_update = grad_y * col_scale[None, :]
-        else:
-            grad_update = grad_y * col_scale
-        acc_b_up += tl.sum(grad_update, axis=0)
-        acc_w_up = tl.dot(tl.trans(grad_update.to(dtype)), act, acc_w_up, input_precision=INPUT_PRECISION)
+            grad_y = (grad_y.to(tl.float32) * row_scale[:, None]).to(dtype)
+        act = tl.load(act_ptr + row_ids[:, None] * rank + rank_ids[None, :], mask=hidden_mask, other=0.0)
+        acc_ga = tl.dot(tl.trans(grad_y), act, acc_ga, input_precision=INPUT_PRECISION)
+        acc_gs += tl.sum(grad_y.to(tl.float32), axis=0)
 
+        grad_hidden = tl.load(
+            grad_hidden_ptr + row_ids[:, None] * rank + rank_ids[None, :], mask=hidden_mask, other=0.0
+        )
+        acc_b_down += tl.sum(grad_hidden, axis=0)
+        grad_hidden = grad_hidden.to(dtype)
         x_tile = tl.load(
             x_ptr + row_ids[:, None] * stride_x_row + col_ids[None, :] * stride_x_col, mask=tile_mask, other=0.0
         )
-        grad_hidden_c = grad_hidden.to(dtype)
-        acc_w_down = tl.dot(tl.trans(grad_hidden_c), x_tile, acc_w_down, input_precision=INPUT_PRECISION)
-        acc_b_down += tl.sum(grad_hidden, axis=0)
+        acc_w_down = tl.dot(tl.trans(grad_hidden), x_tile, acc_w_down, input_precision=INPUT_PRECISION)
         if COMPUTE_DX:
-            grad_x = tl.dot(grad_hidden_c, w_down_tile, input_precision=INPUT_PRECISION)
+            grad_x = tl.dot(grad_hidden, w_down_tile, input_precision=INPUT_PRECISION)
             tl.store(grad_x_ptr + row_ids[:, None] * dim + col_ids[None, :], grad_x.to(dtype), mask=tile_mask)
+
+    # Epilogue: turn (ga, gs) into the up-side gradients of this chunk.
+    if SCALE_MODE == "channel":
+        col_scale = tl.load(scale_ptr + col_ids, mask=col_mask, other=0.0).to(tl.float32)
+    elif SCALE_MODE == "tensor":
+        col_scale = tl.full((BLOCK_DIM,), 1.0, tl.float32) * tl.load(scale_ptr).to(tl.float32)
+    else:
+        col_scale = tl.full((BLOCK_DIM,), 1.0, tl.float32) * scale_value
+    up_mask = col_mask[:, None] & rank_mask[None, :]
+    w_up_tile = tl.load(w_up_ptr + col_ids[:, None] * rank + rank_ids[None, :], mask=up_mask, other=0.0)
+    grad_scale = tl.sum(w_up_tile.to(tl.float32) * acc_ga, axis=1)
+    if HAS_B_UP:
+        grad_scale += tl.load(b_up_ptr + col_ids, mask=col_mask, other=0.0).to(tl.float32) * acc_gs
 
     # Partials of chunk c: [dw_up (D x r) | dw_down (r x D) | db_up (D) | dscale (D) | db_down (r)].
     partial = partials_ptr + pid_chunk.to(tl.int64) * (2 * dim * rank + 2 * dim + rank)
-    tl.store(
-        partial + col_ids[:, None] * rank + rank_ids[None, :], acc_w_up,
-        mask=col_mask[:, None] & rank_mask[None, :],
-    )
+    tl.store(partial + col_ids[:, None] * rank + rank_ids[None, :], acc_ga * col_scale[:, None], mask=up_mask)
     tl.store(
         partial + dim * rank + rank_ids[:, None] * dim + col_ids[None, :], acc_w_down,
         mask=rank_mask[:, None] & col_mask[None, :],
     )
-    tl.store(partial + 2 * dim * rank + col_ids, acc_b_up, mask=col_mask)
-    tl.store(partial + 2 * dim * rank + dim + col_ids, acc_scale, mask=col_mask)
+    tl.store(partial + 2 * dim * rank + col_ids, acc_gs * col_scale, mask=col_mask)
+    tl.store(partial + 2 * dim * rank + dim + col_ids, grad_scale, mask=col_mask)
     if pid_col == 0:
         tl.store(partial + 2 * dim * rank + 2 * dim + rank_ids, acc_b_down, mask=rank_mask)
 
@@ -420,30 +412,26 @@ class _NullContext:
         return False
 
 
-def _forward_triton(x, w_down, b_down, w_up, b_up, scale, scale_value, residual, row_scale, activation, save_hidden):
-    rows, dim = x.shape
-    rank = w_down.shape[0]
-    y = torch.empty((rows, dim), dtype=x.dtype, device=x.device)
-    hidden = torch.empty((rows if save_hidden else 0, rank), dtype=torch.float32, device=x.device)
-    if rows == 0:
-        return y, hidden
-    block_rank = padded_rank(rank)
-    config = FORWARD_CONFIGS[block_rank]
-    grid = (triton.cdiv(rows, config.block_rows),)
-    with _device_context(x):
-        _bottleneck_forward_kernel[grid](
-            x, w_down.contiguous(), _or(b_down, x), w_up.contiguous(), _or(b_up, x), _or(scale, x),
-            _or(residual, x), _or(row_scale, x), y, hidden if save_hidden else y,
-            rows, dim, rank, scale_value,
-            x.stride(0), x.stride(1),
-            residual.stride(0) if residual is not None else 0, residual.stride(1) if residual is not None else 0,
-            ACTIVATION=activation, SCALE_MODE=_scale_mode(scale), HAS_B_DOWN=b_down is not None,
-            HAS_B_UP=b_up is not None, HAS_RESIDUAL=residual is not None, HAS_ROW_SCALE=row_scale is not None,
-            STORE_HIDDEN=save_hidden, INPUT_PRECISION=_input_precision(x.dtype),
-            BLOCK_ROWS=config.block_rows, BLOCK_DIM=config.block_dim, BLOCK_RANK=block_rank,
-            num_warps=config.num_warps, num_stages=config.num_stages,
+def _new_output(shape, dtype, device) -> torch.Tensor:
+    """Every buffer a kernel writes is allocated here: tests swap in NaN-filled buffers to prove
+    that each element is written."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+@dataclass
+class Launch:
+    """One kernel launch, fully described: the runtime calls it, the compile check compiles it."""
+
+    kernel: object
+    grid: tuple
+    args: dict  # runtime arguments by name: tensors, ints, floats
+    constexprs: dict
+    config: BlockConfig
+
+    def __call__(self) -> None:
+        self.kernel[self.grid](
+            **self.args, **self.constexprs, num_warps=self.config.num_warps, num_stages=self.config.num_stages
         )
-    return y, hidden
 
 
 def _or(tensor: Optional[torch.Tensor], fallback: torch.Tensor) -> torch.Tensor:
@@ -451,60 +439,135 @@ def _or(tensor: Optional[torch.Tensor], fallback: torch.Tensor) -> torch.Tensor:
     return fallback if tensor is None else tensor.contiguous()
 
 
-def _backward_triton(grad_y, x, hidden, w_down, b_down, w_up, b_up, scale, scale_value, row_scale, activation,
-                     compute_dx):
+def forward_launch(x, w_down, b_down, w_up, b_up, scale, scale_value, residual, row_scale, activation, y, hidden):
+    """The forward launch for 2-D x [M, D] writing y [M, D] and, if hidden has M rows, hidden [M, r]."""
     rows, dim = x.shape
     rank = w_down.shape[0]
-    dtype = x.dtype
-    grad_x = torch.empty((rows if compute_dx else 0, dim), dtype=dtype, device=x.device)
-    if rows == 0:
-        return grad_x, torch.zeros(_packed_size(dim, rank), dtype=torch.float32, device=x.device)
-    if hidden.shape[0] != rows:
-        raise RuntimeError("bottleneck_adapter: backward without the saved pre-activation (forward ran with "
-                           "save_hidden=False)")
     block_rank = padded_rank(rank)
-    # The dots run in x's dtype (autocast style); casting r x D weights costs nothing next to M x D.
-    w_down_c = w_down.to(dtype).contiguous()
-    w_up_c = w_up.to(dtype).contiguous()
-    b_up_c = _or(None if b_up is None else b_up.to(dtype), x)
-    scale_c = _or(scale, x)
-    row_scale_c = _or(row_scale, x)
-    mode = _scale_mode(scale)
-    precision = _input_precision(dtype)
+    config = FORWARD_CONFIGS[block_rank]
+    store_hidden = hidden.shape[0] == rows
+    args = dict(
+        x_ptr=x, w_down_ptr=w_down.contiguous(), b_down_ptr=_or(b_down, x), w_up_ptr=w_up.contiguous(),
+        b_up_ptr=_or(b_up, x), scale_ptr=_or(scale, x), residual_ptr=_or(residual, x),
+        row_scale_ptr=_or(row_scale, x), y_ptr=y, hidden_ptr=hidden if store_hidden else y,
+        rows=rows, dim=dim, rank=rank, scale_value=scale_value,
+        stride_x_row=x.stride(0), stride_x_col=x.stride(1),
+        stride_res_row=residual.stride(0) if residual is not None else 0,
+        stride_res_col=residual.stride(1) if residual is not None else 0,
+    )
+    constexprs = dict(
+        ACTIVATION=activation, SCALE_MODE=_scale_mode(scale), HAS_B_DOWN=b_down is not None,
+        HAS_B_UP=b_up is not None, HAS_RESIDUAL=residual is not None, HAS_ROW_SCALE=row_scale is not None,
+        STORE_HIDDEN=store_hidden, INPUT_PRECISION=_input_precision(x.dtype),
+        BLOCK_ROWS=config.block_rows, BLOCK_DIM=config.block_dim, BLOCK_RANK=block_rank,
+    )
+    grid = (triton.cdiv(rows, config.block_rows),)
+    return Launch(_bottleneck_forward_kernel, grid, args, constexprs, config)
 
-    grad_hidden = torch.empty((rows, rank), dtype=torch.float32, device=x.device)
+
+def backward_launches(grad_y, x, hidden, w_down, w_up, b_up, scale, scale_value, row_scale, activation,
+                      grad_hidden, act, grad_x):
+    """The two backward launches, and the fp32 partials buffer [chunks, packed size] they fill.
+
+    w_down, w_up and b_up must already be in x's dtype (the dots run in it). grad_hidden [M, r]
+    fp32 and act [M, r] in x's dtype are scratch the first launch fills for the second. grad_x
+    has M rows when dx is wanted, else 0.
+    """
+    rows, dim = x.shape
+    rank = w_down.shape[0]
+    block_rank = padded_rank(rank)
     hidden_config = BACKWARD_HIDDEN_CONFIGS[block_rank]
     weights_config = BACKWARD_WEIGHTS_CONFIGS[block_rank]
+    mode = _scale_mode(scale)
+    precision = _input_precision(x.dtype)
+    scale_c = _or(scale, x)
+    row_scale_c = _or(row_scale, x)
+    compute_dx = grad_x.shape[0] == rows
+
     row_tiles = triton.cdiv(rows, weights_config.block_rows)
     col_tiles = triton.cdiv(dim, weights_config.block_dim)
     chunks = max(1, min(row_tiles, triton.cdiv(_program_slots(x.device), col_tiles)))
     tiles_per_chunk = triton.cdiv(row_tiles, chunks)
     chunks = triton.cdiv(row_tiles, tiles_per_chunk)
-    partials = torch.empty((chunks, _packed_size(dim, rank)), dtype=torch.float32, device=x.device)
+    partials = _new_output((chunks, _packed_size(dim, rank)), torch.float32, x.device)
 
-    with _device_context(x):
-        _backward_hidden_kernel[(triton.cdiv(rows, hidden_config.block_rows),)](
-            grad_y, hidden, w_up_c, scale_c, row_scale_c, grad_hidden,
-            rows, dim, rank, scale_value,
-            grad_y.stride(0), grad_y.stride(1),
-            ACTIVATION=activation, SCALE_MODE=mode, HAS_ROW_SCALE=row_scale is not None,
-            INPUT_PRECISION=precision,
+    hidden_launch = Launch(
+        _backward_hidden_kernel,
+        (triton.cdiv(rows, hidden_config.block_rows),),
+        dict(
+            grad_y_ptr=grad_y, hidden_ptr=hidden, w_up_ptr=w_up, scale_ptr=scale_c, row_scale_ptr=row_scale_c,
+            grad_hidden_ptr=grad_hidden, act_ptr=act, rows=rows, dim=dim, rank=rank, scale_value=scale_value,
+            stride_g_row=grad_y.stride(0), stride_g_col=grad_y.stride(1),
+        ),
+        dict(
+            ACTIVATION=activation, SCALE_MODE=mode, HAS_ROW_SCALE=row_scale is not None, INPUT_PRECISION=precision,
             BLOCK_ROWS=hidden_config.block_rows, BLOCK_DIM=hidden_config.block_dim, BLOCK_RANK=block_rank,
-            num_warps=hidden_config.num_warps, num_stages=hidden_config.num_stages,
-        )
-        _backward_input_and_weights_kernel[(chunks, col_tiles)](
-            grad_y, x, hidden, grad_hidden, w_down_c, w_up_c, b_up_c, scale_c, row_scale_c,
-            grad_x if compute_dx else grad_hidden, partials,
-            rows, dim, rank, scale_value, tiles_per_chunk,
-            grad_y.stride(0), grad_y.stride(1), x.stride(0), x.stride(1),
-            ACTIVATION=activation, SCALE_MODE=mode, HAS_B_UP=b_up is not None,
-            HAS_ROW_SCALE=row_scale is not None, SCALE_GRAD=scale is not None, COMPUTE_DX=compute_dx,
-            INPUT_PRECISION=precision,
+        ),
+        hidden_config,
+    )
+    weights_launch = Launch(
+        _backward_input_and_weights_kernel,
+        (chunks, col_tiles),
+        dict(
+            grad_y_ptr=grad_y, x_ptr=x, act_ptr=act, grad_hidden_ptr=grad_hidden, w_down_ptr=w_down,
+            w_up_ptr=w_up, b_up_ptr=_or(b_up, x), scale_ptr=scale_c, row_scale_ptr=row_scale_c,
+            grad_x_ptr=grad_x if compute_dx else grad_hidden, partials_ptr=partials,
+            rows=rows, dim=dim, rank=rank, scale_value=scale_value, tiles_per_chunk=tiles_per_chunk,
+            stride_g_row=grad_y.stride(0), stride_g_col=grad_y.stride(1),
+            stride_x_row=x.stride(0), stride_x_col=x.stride(1),
+        ),
+        dict(
+            SCALE_MODE=mode, HAS_B_UP=b_up is not None, HAS_ROW_SCALE=row_scale is not None,
+            COMPUTE_DX=compute_dx, INPUT_PRECISION=precision,
             BLOCK_ROWS=weights_config.block_rows, BLOCK_DIM=weights_config.block_dim, BLOCK_RANK=block_rank,
-            num_warps=weights_config.num_warps, num_stages=weights_config.num_stages,
-        )
+        ),
+        weights_config,
+    )
+    return hidden_launch, weights_launch, partials
+
+
+def _forward_triton(x, w_down, b_down, w_up, b_up, scale, scale_value, residual, row_scale, activation, save_hidden):
+    rows, dim = x.shape
+    rank = w_down.shape[0]
+    y = _new_output((rows, dim), x.dtype, x.device)
+    hidden = _new_output((rows if save_hidden else 0, rank), torch.float32, x.device)
+    if rows == 0:
+        return y, hidden
+    launch = forward_launch(x, w_down, b_down, w_up, b_up, scale, scale_value, residual, row_scale, activation, y,
+                            hidden)
+    with _device_context(x):
+        launch()
+    return y, hidden
+
+
+def _backward_triton(grad_y, x, hidden, w_down, b_down, w_up, b_up, scale, scale_value, row_scale, activation,
+                     compute_dx):
+    rows, dim = x.shape
+    rank = w_down.shape[0]
+    dtype = x.dtype
+    grad_x = _new_output((rows if compute_dx else 0, dim), dtype, x.device)
+    if rows == 0:
+        return grad_x, torch.zeros(_packed_size(dim, rank), dtype=torch.float32, device=x.device)
+    if hidden.shape[0] != rows:
+        raise RuntimeError("bottleneck_adapter: backward without the saved pre-activation (the forward ran with "
+                           "save_hidden=False)")
+    grad_hidden = _new_output((rows, rank), torch.float32, x.device)
+    act = _new_output((rows, rank), dtype, x.device)
+    # The dots run in x's dtype (autocast style); casting r x D weights costs nothing next to M x D.
+    hidden_launch, weights_launch, partials = backward_launches(
+        grad_y, x, hidden, w_down.to(dtype), w_up.to(dtype), None if b_up is None else b_up.to(dtype), scale,
+        scale_value, row_scale, activation, grad_hidden, act, grad_x,
+    )
+    with _device_context(x):
+        hidden_launch()
+        weights_launch()
     # One deterministic reduction over chunks for all five gradients; _unpack_param_grads views it.
     return grad_x, partials.sum(dim=0)
+
+
+def _packed_dtype(x: torch.Tensor) -> torch.dtype:
+    # fp32 partials for the kernels; float64 input (reference path) keeps float64 throughout.
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _packed_size(dim: int, rank: int) -> int:
@@ -586,7 +649,7 @@ def _backward_reference(grad_y, x, w_down, b_down, w_up, b_up, scale, scale_valu
     )
     packed = torch.cat([g.reshape(-1) for g in (grad_w_up, grad_w_down, grad_b_up, grad_scale, grad_b_down)])
     grad_x = grad_x.to(x.dtype) if compute_dx else x.new_empty((0, x.shape[1]))
-    return grad_x, packed.float()
+    return grad_x, packed.to(_packed_dtype(x))
 
 
 @_backward_op.register_fake
@@ -595,7 +658,7 @@ def _backward_fake(grad_y, x, hidden, w_down, b_down, w_up, b_up, scale, scale_v
     rank, dim = w_down.shape
     return (
         x.new_empty((x.shape[0] if compute_dx else 0, dim)),
-        x.new_empty(_packed_size(dim, rank), dtype=torch.float32),
+        x.new_empty(_packed_size(dim, rank), dtype=_packed_dtype(x)),
     )
 
 

@@ -1,0 +1,245 @@
+"""Compile every kernel at every block configuration for real GPUs, no GPU needed.
+
+    python -m fused_adapters.kernels.compile_check [--arch 80 90] [--dtype bfloat16 float32]
+
+For each kernel, each block configuration the package can choose (one per padded rank),
+each dtype and each architecture, this builds the exact launch the package would make
+(through the same launch builders the runtime uses), specializes its arguments as Triton's
+JIT does at launch (pointers and integers that are multiples of 16 get tt.divisibility=16,
+integers equal to 1 become constants), compiles with triton.compile for GPUTarget("cuda",
+arch, 32), and reads registers and stack/local (spill) bytes from the cubin with the
+cuobjdump that ships in triton/backends/nvidia/bin. It also checks the PTX for tensor-core
+instructions (mma.sync on sm_80, wgmma or mma.sync on sm_90) wherever the dots run in
+fp16/bf16 or tf32, and for 128-bit global loads.
+
+Two shape scenarios:
+  aligned    ViT-like: D, rank, rows and strides multiples of 16, aligned pointers. Must have
+             0 spill bytes, MMA and 128-bit loads, or the check fails.
+  unaligned  odd D, rank and rows, misaligned x. Must not spill; loads and MMA are reported.
+
+Prints a table; exits 1 on any failure. Needs TRITON_INTERPRET unset (it compiles the real
+kernels, not the interpreter's stand-ins).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+ARCHS = (80, 90)
+DTYPES = ("bfloat16", "float16", "float32")
+SCENARIOS = ("aligned", "unaligned")
+KERNELS = ("forward", "backward_hidden", "backward_weights")
+# Shared memory one block may opt in to: A100 (sm_80) 163 KiB, H100 (sm_90) 227 KiB.
+SHARED_MEMORY_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+TORCH_TO_TRITON = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
+
+
+@dataclass
+class Result:
+    kernel: str
+    config: str
+    dtype: str
+    arch: int
+    scenario: str
+    registers: int = -1
+    stack_bytes: int = -1
+    local_bytes: int = -1
+    shared_bytes: int = -1
+    mma: str = "-"
+    widest_load_bits: int = 0
+    error: str = ""
+    failures: tuple = ()
+
+
+def _tools_dir() -> str:
+    import triton
+
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+
+
+def _scenario_shapes(block_rank: int, scenario: str):
+    """(rows, dim, rank, misaligned_x) for a scenario, with the rank landing in block_rank."""
+    if scenario == "aligned":
+        return 3152, 768, block_rank, False  # 16 x 197 tokens, ViT-B width
+    return 3151, 771, max(1, block_rank // 2 + 1), True
+
+
+def build_launches(kernel: str, block_rank: int, dtype: torch.dtype, scenario: str):
+    """The Launch the package makes for this case, with every optional input present (the
+    heaviest variant of each kernel: all biases, channel scale, residual, row_scale, gelu)."""
+    from . import bottleneck as bn
+
+    rows, dim, rank, misaligned = _scenario_shapes(block_rank, scenario)
+
+    def tensor(*shape, dt=dtype):
+        return torch.empty(*shape, dtype=dt)
+
+    x = tensor(rows * dim + 1)[1:].view(rows, dim) if misaligned else tensor(rows, dim)
+    w_down, w_up = tensor(rank, dim), tensor(dim, rank)
+    b_down, b_up, scale = tensor(rank), tensor(dim), tensor(dim)
+    residual, row_scale = tensor(rows, dim), tensor(rows, dt=torch.float32)
+    hidden = tensor(rows, rank, dt=torch.float32)
+    if kernel == "forward":
+        return bn.forward_launch(x, w_down, b_down, w_up, b_up, scale, 1.0, residual, row_scale, "gelu",
+                                 tensor(rows, dim), hidden)
+    grad_y = tensor(rows, dim)
+    hidden_launch, weights_launch, _ = bn.backward_launches(
+        grad_y, x, hidden, w_down, w_up, b_up, scale, 1.0, row_scale, "gelu", tensor(rows, rank, dt=torch.float32),
+        tensor(rows, rank), tensor(rows, dim),
+    )
+    return hidden_launch if kernel == "backward_hidden" else weights_launch
+
+
+def specialize(launch):
+    """signature, constexprs and attrs as Triton's JIT would build them for these arguments."""
+    fn = launch.kernel
+    signature, constexprs, attrs = {}, dict(launch.constexprs), {}
+    for index, name in enumerate(fn.arg_names):
+        if name in launch.constexprs:
+            signature[name] = "constexpr"
+            continue
+        value = launch.args[name]
+        if isinstance(value, torch.Tensor):
+            signature[name] = "*" + TORCH_TO_TRITON[value.dtype]
+            if value.data_ptr() % 16 == 0:
+                attrs[(index,)] = [["tt.divisibility", 16]]
+        elif isinstance(value, bool):
+            raise TypeError(f"{name}: runtime bools are not expected")
+        elif isinstance(value, int):
+            if value == 1:
+                signature[name] = "constexpr"
+                constexprs[name] = 1
+                continue
+            signature[name] = "i32" if -(2**31) <= value < 2**31 else "i64"
+            if value % 16 == 0:
+                attrs[(index,)] = [["tt.divisibility", 16]]
+        elif isinstance(value, float):
+            signature[name] = "fp32"
+        else:
+            raise TypeError(f"{name}: cannot specialize {type(value).__name__}")
+    return signature, constexprs, attrs
+
+
+def _resource_usage(cubin: bytes) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as handle:
+        handle.write(cubin)
+        handle.flush()
+        out = subprocess.run(
+            [os.path.join(_tools_dir(), "cuobjdump"), "--dump-resource-usage", handle.name],
+            check=True, capture_output=True, text=True,
+        ).stdout
+    usage = {}
+    for key in ("REG", "STACK", "SHARED", "LOCAL"):
+        match = re.search(rf"\b{key}:(\d+)", out)
+        usage[key] = int(match.group(1)) if match else -1
+    return usage
+
+
+def check_one(kernel: str, block_rank: int, dtype_name: str, arch: int, scenario: str) -> Result:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    dtype = getattr(torch, dtype_name)
+    launch = build_launches(kernel, block_rank, dtype, scenario)
+    result = Result(kernel, launch.config.name, dtype_name, arch, scenario)
+    try:
+        signature, constexprs, attrs = specialize(launch)
+        compiled = triton.compile(
+            ASTSource(launch.kernel, signature, constexprs, attrs),
+            target=GPUTarget("cuda", arch, 32),
+            options=dict(num_warps=launch.config.num_warps, num_stages=launch.config.num_stages),
+        )
+    except Exception as error:  # report and fail, do not crash the table
+        result.error = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:200]
+        result.failures = ("compile error",)
+        return result
+    usage = _resource_usage(compiled.asm["cubin"])
+    result.registers, result.stack_bytes = usage["REG"], usage["STACK"]
+    result.local_bytes = usage["LOCAL"]
+    result.shared_bytes = compiled.metadata.shared  # dynamic shared memory; cuobjdump shows only static
+    ptx = compiled.asm["ptx"]
+    result.mma = "wgmma" if "wgmma.mma_async" in ptx else ("mma.sync" if re.search(r"\bmma\.sync", ptx) else "none")
+    widths = [int(w) for w in re.findall(r"ld\.global(?:\.\w+)*\.v(\d)\.(?:b|u|f)32", ptx)]
+    result.widest_load_bits = 32 * max(widths, default=1)
+
+    failures = []
+    if result.stack_bytes != 0 or result.local_bytes != 0:
+        failures.append("spills")
+    if result.shared_bytes > SHARED_MEMORY_LIMIT[arch]:
+        failures.append("shared memory")
+    wants_mma = dtype != torch.float32 or launch.constexprs.get("INPUT_PRECISION") == "tf32"
+    if scenario == "aligned":
+        if wants_mma and result.mma == "none":
+            failures.append("no MMA")
+        if result.widest_load_bits < 128:
+            failures.append("no 128-bit loads")
+    result.failures = tuple(failures)
+    return result
+
+
+def _cases(archs, dtypes, scenarios, kernels):
+    from .bottleneck import FORWARD_CONFIGS
+
+    for kernel in kernels:
+        for block_rank in FORWARD_CONFIGS:  # every table is keyed by the same padded ranks
+            for dtype_name in dtypes:
+                for arch in archs:
+                    for scenario in scenarios:
+                        yield kernel, block_rank, dtype_name, arch, scenario
+
+
+def _run_case(case) -> Result:
+    return check_one(*case)
+
+
+def format_table(results) -> str:
+    header = f"{'kernel':<17} {'config':<18} {'dtype':<9} {'arch':<5} {'scenario':<10} {'regs':>4} " \
+             f"{'stack':>5} {'local':>5} {'smem':>6} {'mma':<9} {'ld bits':>7}  status"
+    lines = [header, "-" * len(header)]
+    for r in results:
+        status = "ok" if not r.failures else "FAIL: " + ", ".join(r.failures) + (f" ({r.error})" if r.error else "")
+        lines.append(
+            f"{r.kernel:<17} {r.config:<18} {r.dtype:<9} sm_{r.arch:<2} {r.scenario:<10} {r.registers:>4} "
+            f"{r.stack_bytes:>5} {r.local_bytes:>5} {r.shared_bytes:>6} {r.mma:<9} {r.widest_load_bits:>7}  {status}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", type=int, nargs="+", default=list(ARCHS), choices=ARCHS)
+    parser.add_argument("--dtype", nargs="+", default=list(DTYPES), choices=DTYPES)
+    parser.add_argument("--scenario", nargs="+", default=list(SCENARIOS), choices=SCENARIOS)
+    parser.add_argument("--kernel", nargs="+", default=list(KERNELS), choices=KERNELS)
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    args = parser.parse_args(argv)
+
+    from .bottleneck import _is_interpreted
+
+    if _is_interpreted():
+        print("compile_check: TRITON_INTERPRET=1 is set; unset it to compile the real kernels", file=sys.stderr)
+        return 2
+    cases = list(_cases(args.arch, args.dtype, args.scenario, args.kernel))
+    if args.jobs > 1:
+        with ProcessPoolExecutor(args.jobs) as pool:
+            results = list(pool.map(_run_case, cases))
+    else:
+        results = [_run_case(case) for case in cases]
+    print(format_table(results))
+    failed = [r for r in results if r.failures]
+    print(f"\ncompile check: {len(results) - len(failed)} ok, {len(failed)} failing")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
