@@ -230,22 +230,24 @@ def _backward_input_and_weights_kernel(
     row_scale_ptr, grad_x_ptr, partials_ptr,
     rows, dim, rank, scale_value, tiles_per_chunk,
     stride_g_row, stride_g_col, stride_x_row, stride_x_col,
-    SCALE_MODE: tl.constexpr, HAS_B_UP: tl.constexpr,
-    HAS_ROW_SCALE: tl.constexpr, COMPUTE_DX: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    SCALE_MODE: tl.constexpr, HAS_B_UP: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, COMPUTE_DX: tl.constexpr,
+    SPLIT_RANK: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_ROWS: tl.constexpr, BLOCK_DIM: tl.constexpr, BLOCK_RANK: tl.constexpr,
 ):
-    # This program's tile: columns [pid_col * BLOCK_DIM, +BLOCK_DIM) of dx for the row tiles
-    # [pid_chunk * tiles_per_chunk, +tiles_per_chunk), and the partial parameter gradients
-    # of those rows for those columns.
+    # This program's tile: columns [pid_col * BLOCK_DIM, +BLOCK_DIM) and ranks
+    # [pid_rank * BLOCK_RANK, +BLOCK_RANK) of the parameter gradients, summed over the row tiles
+    # [pid_chunk * tiles_per_chunk, +tiles_per_chunk); and, in the pid_rank == 0 programs, the
+    # same columns of dx for those rows.
     pid_chunk = tl.program_id(0)
     pid_col = tl.program_id(1)
+    pid_rank = tl.program_id(2)
     col_ids = pid_col * BLOCK_DIM + tl.arange(0, BLOCK_DIM)
     col_mask = col_ids < dim
-    rank_ids = tl.arange(0, BLOCK_RANK)
+    rank_ids = pid_rank * BLOCK_RANK + tl.arange(0, BLOCK_RANK)
     rank_mask = rank_ids < rank
     dtype = w_up_ptr.dtype.element_ty  # the compute dtype (x's); the launcher casts weights to it
 
-    if COMPUTE_DX:
+    if COMPUTE_DX and not SPLIT_RANK:
         w_down_tile = tl.load(
             w_down_ptr + rank_ids[:, None] * dim + col_ids[None, :],
             mask=rank_mask[:, None] & col_mask[None, :], other=0.0,
@@ -289,10 +291,29 @@ def _backward_input_and_weights_kernel(
         )
         acc_w_down = tl.dot(tl.trans(grad_hidden), x_tile, acc_w_down, input_precision=INPUT_PRECISION)
         if COMPUTE_DX:
-            grad_x = tl.dot(grad_hidden, w_down_tile, input_precision=INPUT_PRECISION)
-            tl.store(grad_x_ptr + row_ids[:, None] * dim + col_ids[None, :], grad_x.to(dtype), mask=tile_mask)
+            if SPLIT_RANK:
+                # dx needs every rank: the pid_rank == 0 programs walk them in BLOCK_RANK steps.
+                if pid_rank == 0:
+                    grad_x = tl.zeros((BLOCK_ROWS, BLOCK_DIM), dtype=tl.float32)
+                    for rank_start in range(0, rank, BLOCK_RANK):
+                        step_ids = rank_start + tl.arange(0, BLOCK_RANK)
+                        step_mask = step_ids < rank
+                        step_grad_hidden = tl.load(
+                            grad_hidden_ptr + row_ids[:, None] * rank + step_ids[None, :],
+                            mask=row_mask[:, None] & step_mask[None, :], other=0.0,
+                        ).to(dtype)
+                        step_w_down = tl.load(
+                            w_down_ptr + step_ids[:, None] * dim + col_ids[None, :],
+                            mask=step_mask[:, None] & col_mask[None, :], other=0.0,
+                        )
+                        grad_x = tl.dot(step_grad_hidden, step_w_down, grad_x, input_precision=INPUT_PRECISION)
+                    tl.store(grad_x_ptr + row_ids[:, None] * dim + col_ids[None, :], grad_x.to(dtype),
+                             mask=tile_mask)
+            else:
+                grad_x = tl.dot(grad_hidden, w_down_tile, input_precision=INPUT_PRECISION)
+                tl.store(grad_x_ptr + row_ids[:, None] * dim + col_ids[None, :], grad_x.to(dtype), mask=tile_mask)
 
-    # Epilogue: turn (ga, gs) into the up-side gradients of this chunk.
+    # Epilogue: turn (ga, gs) into the up-side gradients of this chunk and rank block.
     if SCALE_MODE == "channel":
         col_scale = tl.load(scale_ptr + col_ids, mask=col_mask, other=0.0).to(tl.float32)
     elif SCALE_MODE == "tensor":
@@ -303,19 +324,22 @@ def _backward_input_and_weights_kernel(
     w_up_tile = tl.load(w_up_ptr + col_ids[:, None] * rank + rank_ids[None, :], mask=up_mask, other=0.0)
     grad_scale = tl.sum(w_up_tile.to(tl.float32) * acc_ga, axis=1)
     if HAS_B_UP:
-        grad_scale += tl.load(b_up_ptr + col_ids, mask=col_mask, other=0.0).to(tl.float32) * acc_gs
+        b_up_term = tl.load(b_up_ptr + col_ids, mask=col_mask, other=0.0).to(tl.float32) * acc_gs
+        grad_scale += tl.where(pid_rank == 0, b_up_term, 0.0)
 
-    # Partials of chunk c: [dw_up (D x r) | dw_down (r x D) | db_up (D) | dscale (D) | db_down (r)].
-    partial = partials_ptr + pid_chunk.to(tl.int64) * (2 * dim * rank + 2 * dim + rank)
+    # Partials of chunk c, in the layout of _partials_layout:
+    # [dw_up (D x r) | dw_down (r x D) | db_up (D) | dscale per rank block (blocks x D) | db_down (r)].
+    rank_blocks = tl.num_programs(2)
+    partial = partials_ptr + pid_chunk.to(tl.int64) * (2 * dim * rank + (1 + rank_blocks) * dim + rank)
     tl.store(partial + col_ids[:, None] * rank + rank_ids[None, :], acc_ga * col_scale[:, None], mask=up_mask)
     tl.store(
         partial + dim * rank + rank_ids[:, None] * dim + col_ids[None, :], acc_w_down,
         mask=rank_mask[:, None] & col_mask[None, :],
     )
-    tl.store(partial + 2 * dim * rank + col_ids, acc_gs * col_scale, mask=col_mask)
-    tl.store(partial + 2 * dim * rank + dim + col_ids, grad_scale, mask=col_mask)
-    if pid_col == 0:
-        tl.store(partial + 2 * dim * rank + 2 * dim + rank_ids, acc_b_down, mask=rank_mask)
+    tl.store(partial + 2 * dim * rank + col_ids, acc_gs * col_scale, mask=col_mask & (pid_rank == 0))
+    tl.store(partial + 2 * dim * rank + (1 + pid_rank) * dim + col_ids, grad_scale, mask=col_mask)
+    tl.store(partial + 2 * dim * rank + (1 + rank_blocks) * dim + rank_ids, acc_b_down,
+             mask=rank_mask & (pid_col == 0))
 
 
 # --------------------------------------------------------------------------------------------
@@ -330,6 +354,10 @@ class BlockConfig:
     block_dim: int
     num_warps: int
     num_stages: int
+    # Backward weights kernel only: ranks per program. Below the padded rank, the rank axis is
+    # split over a third grid axis (the two [D, r] accumulators of rank 128+ do not fit in
+    # registers). 0 means all of them.
+    rank_tile: int = 0
 
 
 def padded_rank(rank: int) -> int:
@@ -337,27 +365,54 @@ def padded_rank(rank: int) -> int:
     return max(MIN_BLOCK_RANK, triton.next_power_of_2(rank))
 
 
+def dtype_group(dtype: torch.dtype) -> str:
+    # fp32 dots without tf32 lower to FMAs, which need far more registers per tile than MMA.
+    return "fp32" if dtype == torch.float32 else "half"
+
+
+# Keyed by (padded rank, dtype group). Every entry was compiled for sm_80 and sm_90 with
+# compile_check: the chosen tiles are the largest tried that have no spills in either
+# specialization (aligned and unaligned); see kernels/compile_check.py for the table.
 FORWARD_CONFIGS = {
-    16: BlockConfig("fwd_r16", 64, 64, 4, 2),
-    32: BlockConfig("fwd_r32", 64, 64, 4, 2),
-    64: BlockConfig("fwd_r64", 64, 64, 4, 2),
-    128: BlockConfig("fwd_r128", 64, 64, 8, 2),
-    256: BlockConfig("fwd_r256", 32, 64, 8, 2),
+    (16, "half"): BlockConfig("fwd_r16_half", 64, 64, 4, 2),
+    (32, "half"): BlockConfig("fwd_r32_half", 64, 64, 4, 2),
+    (64, "half"): BlockConfig("fwd_r64_half", 64, 64, 4, 2),
+    (128, "half"): BlockConfig("fwd_r128_half", 64, 64, 8, 2),
+    (256, "half"): BlockConfig("fwd_r256_half", 32, 64, 8, 2),
+    (16, "fp32"): BlockConfig("fwd_r16_fp32", 64, 64, 4, 2),
+    (32, "fp32"): BlockConfig("fwd_r32_fp32", 64, 64, 4, 2),
+    (64, "fp32"): BlockConfig("fwd_r64_fp32", 64, 64, 4, 2),
+    (128, "fp32"): BlockConfig("fwd_r128_fp32", 64, 64, 8, 2),
+    (256, "fp32"): BlockConfig("fwd_r256_fp32", 32, 64, 8, 2),
 }
 BACKWARD_HIDDEN_CONFIGS = {
-    16: BlockConfig("bwd_hidden_r16", 64, 64, 4, 2),
-    32: BlockConfig("bwd_hidden_r32", 64, 64, 4, 2),
-    64: BlockConfig("bwd_hidden_r64", 64, 64, 4, 2),
-    128: BlockConfig("bwd_hidden_r128", 64, 64, 8, 2),
-    256: BlockConfig("bwd_hidden_r256", 32, 64, 8, 2),
+    (16, "half"): BlockConfig("bwd_hidden_r16_half", 64, 64, 4, 2),
+    (32, "half"): BlockConfig("bwd_hidden_r32_half", 64, 64, 4, 2),
+    (64, "half"): BlockConfig("bwd_hidden_r64_half", 64, 64, 4, 2),
+    (128, "half"): BlockConfig("bwd_hidden_r128_half", 64, 64, 8, 2),
+    (256, "half"): BlockConfig("bwd_hidden_r256_half", 32, 64, 8, 2),
+    (16, "fp32"): BlockConfig("bwd_hidden_r16_fp32", 64, 64, 4, 2),
+    (32, "fp32"): BlockConfig("bwd_hidden_r32_fp32", 64, 64, 4, 2),
+    (64, "fp32"): BlockConfig("bwd_hidden_r64_fp32", 64, 64, 4, 2),
+    (128, "fp32"): BlockConfig("bwd_hidden_r128_fp32", 64, 64, 8, 2),
+    (256, "fp32"): BlockConfig("bwd_hidden_r256_fp32", 32, 64, 8, 2),
 }
 BACKWARD_WEIGHTS_CONFIGS = {
-    16: BlockConfig("bwd_weights_r16", 64, 64, 4, 2),
-    32: BlockConfig("bwd_weights_r32", 64, 64, 4, 2),
-    64: BlockConfig("bwd_weights_r64", 64, 64, 8, 2),
-    128: BlockConfig("bwd_weights_r128", 32, 32, 8, 2),
-    256: BlockConfig("bwd_weights_r256", 32, 32, 8, 2),
+    (16, "half"): BlockConfig("bwd_weights_r16_half", 32, 64, 8, 2),
+    (32, "half"): BlockConfig("bwd_weights_r32_half", 32, 64, 8, 2),
+    (64, "half"): BlockConfig("bwd_weights_r64_half", 16, 32, 8, 2),
+    (128, "half"): BlockConfig("bwd_weights_r128_half", 16, 32, 8, 2, rank_tile=64),
+    (256, "half"): BlockConfig("bwd_weights_r256_half", 16, 32, 8, 2, rank_tile=64),
+    (16, "fp32"): BlockConfig("bwd_weights_r16_fp32", 32, 32, 4, 2),
+    (32, "fp32"): BlockConfig("bwd_weights_r32_fp32", 16, 32, 8, 2),
+    (64, "fp32"): BlockConfig("bwd_weights_r64_fp32", 16, 32, 4, 2, rank_tile=32),
+    (128, "fp32"): BlockConfig("bwd_weights_r128_fp32", 16, 32, 4, 2, rank_tile=32),
+    (256, "fp32"): BlockConfig("bwd_weights_r256_fp32", 16, 32, 4, 2, rank_tile=32),
 }
+
+
+def block_config(table: dict, rank: int, dtype: torch.dtype) -> BlockConfig:
+    return table[(padded_rank(rank), dtype_group(dtype))]
 
 
 # --------------------------------------------------------------------------------------------
@@ -444,7 +499,7 @@ def forward_launch(x, w_down, b_down, w_up, b_up, scale, scale_value, residual, 
     rows, dim = x.shape
     rank = w_down.shape[0]
     block_rank = padded_rank(rank)
-    config = FORWARD_CONFIGS[block_rank]
+    config = block_config(FORWARD_CONFIGS, rank, x.dtype)
     store_hidden = hidden.shape[0] == rows
     args = dict(
         x_ptr=x, w_down_ptr=w_down.contiguous(), b_down_ptr=_or(b_down, x), w_up_ptr=w_up.contiguous(),
@@ -476,8 +531,9 @@ def backward_launches(grad_y, x, hidden, w_down, w_up, b_up, scale, scale_value,
     rows, dim = x.shape
     rank = w_down.shape[0]
     block_rank = padded_rank(rank)
-    hidden_config = BACKWARD_HIDDEN_CONFIGS[block_rank]
-    weights_config = BACKWARD_WEIGHTS_CONFIGS[block_rank]
+    hidden_config = block_config(BACKWARD_HIDDEN_CONFIGS, rank, x.dtype)
+    weights_config = block_config(BACKWARD_WEIGHTS_CONFIGS, rank, x.dtype)
+    rank_tile = weights_config.rank_tile or block_rank
     mode = _scale_mode(scale)
     precision = _input_precision(x.dtype)
     scale_c = _or(scale, x)
@@ -486,10 +542,11 @@ def backward_launches(grad_y, x, hidden, w_down, w_up, b_up, scale, scale_value,
 
     row_tiles = triton.cdiv(rows, weights_config.block_rows)
     col_tiles = triton.cdiv(dim, weights_config.block_dim)
-    chunks = max(1, min(row_tiles, triton.cdiv(_program_slots(x.device), col_tiles)))
+    rank_blocks = triton.cdiv(rank, rank_tile)
+    chunks = max(1, min(row_tiles, triton.cdiv(_program_slots(x.device), col_tiles * rank_blocks)))
     tiles_per_chunk = triton.cdiv(row_tiles, chunks)
     chunks = triton.cdiv(row_tiles, tiles_per_chunk)
-    partials = _new_output((chunks, _packed_size(dim, rank)), torch.float32, x.device)
+    partials = _new_output((chunks, _partials_size(dim, rank, rank_blocks)), torch.float32, x.device)
 
     hidden_launch = Launch(
         _backward_hidden_kernel,
@@ -507,7 +564,7 @@ def backward_launches(grad_y, x, hidden, w_down, w_up, b_up, scale, scale_value,
     )
     weights_launch = Launch(
         _backward_input_and_weights_kernel,
-        (chunks, col_tiles),
+        (chunks, col_tiles, rank_blocks),
         dict(
             grad_y_ptr=grad_y, x_ptr=x, act_ptr=act, grad_hidden_ptr=grad_hidden, w_down_ptr=w_down,
             w_up_ptr=w_up, b_up_ptr=_or(b_up, x), scale_ptr=scale_c, row_scale_ptr=row_scale_c,
@@ -518,8 +575,8 @@ def backward_launches(grad_y, x, hidden, w_down, w_up, b_up, scale, scale_value,
         ),
         dict(
             SCALE_MODE=mode, HAS_B_UP=b_up is not None, HAS_ROW_SCALE=row_scale is not None,
-            COMPUTE_DX=compute_dx, INPUT_PRECISION=precision,
-            BLOCK_ROWS=weights_config.block_rows, BLOCK_DIM=weights_config.block_dim, BLOCK_RANK=block_rank,
+            COMPUTE_DX=compute_dx, SPLIT_RANK=rank_tile < block_rank, INPUT_PRECISION=precision,
+            BLOCK_ROWS=weights_config.block_rows, BLOCK_DIM=weights_config.block_dim, BLOCK_RANK=rank_tile,
         ),
         weights_config,
     )
@@ -562,7 +619,11 @@ def _backward_triton(grad_y, x, hidden, w_down, b_down, w_up, b_up, scale, scale
         hidden_launch()
         weights_launch()
     # One deterministic reduction over chunks for all five gradients; _unpack_param_grads views it.
-    return grad_x, partials.sum(dim=0)
+    totals = partials.sum(dim=0)
+    if totals.numel() != _packed_size(dim, rank):  # split ranks left a dscale row per rank block
+        head, scale_rows, grad_b_down = totals.split([2 * dim * rank + dim, totals.numel() - _packed_size(dim, rank) + dim, rank])
+        totals = torch.cat([head, scale_rows.view(-1, dim).sum(0), grad_b_down])
+    return grad_x, totals
 
 
 def _packed_dtype(x: torch.Tensor) -> torch.dtype:
@@ -571,7 +632,13 @@ def _packed_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def _packed_size(dim: int, rank: int) -> int:
+    """[dw_up (D x r) | dw_down (r x D) | db_up (D) | dscale per channel (D) | db_down (r)]."""
     return 2 * dim * rank + 2 * dim + rank
+
+
+def _partials_size(dim: int, rank: int, rank_blocks: int) -> int:
+    """One chunk's partials: the packed layout, with one dscale row per rank block."""
+    return 2 * dim * rank + (1 + rank_blocks) * dim + rank
 
 
 def _unpack_param_grads(packed, w_down, b_down, w_up, b_up, scale):
@@ -603,8 +670,7 @@ def _scale_arg(scale: Optional[torch.Tensor], scale_value: float):
     return scale if scale is not None else (None if scale_value == 1.0 else scale_value)
 
 
-@torch.library.custom_op("fused_adapters::bottleneck_forward", mutates_args=())
-def _forward_op(
+def _forward_impl(
     x: torch.Tensor, w_down: torch.Tensor, b_down: Optional[torch.Tensor], w_up: torch.Tensor,
     b_up: Optional[torch.Tensor], scale: Optional[torch.Tensor], scale_value: float,
     residual: Optional[torch.Tensor], row_scale: Optional[torch.Tensor], activation: str, save_hidden: bool,
@@ -619,6 +685,9 @@ def _forward_op(
     return y, x.new_empty((0, w_down.shape[0]), dtype=torch.float32)
 
 
+_forward_op = torch.library.custom_op("fused_adapters::bottleneck_forward", _forward_impl, mutates_args=())
+
+
 @_forward_op.register_fake
 def _forward_fake(x, w_down, b_down, w_up, b_up, scale, scale_value, residual, row_scale, activation, save_hidden):
     rows = x.shape[0]
@@ -626,8 +695,7 @@ def _forward_fake(x, w_down, b_down, w_up, b_up, scale, scale_value, residual, r
     return x.new_empty(x.shape), x.new_empty((hidden_rows, w_down.shape[0]), dtype=torch.float32)
 
 
-@torch.library.custom_op("fused_adapters::bottleneck_backward", mutates_args=())
-def _backward_op(
+def _backward_impl(
     grad_y: torch.Tensor, x: torch.Tensor, hidden: torch.Tensor, w_down: torch.Tensor,
     b_down: Optional[torch.Tensor], w_up: torch.Tensor, b_up: Optional[torch.Tensor],
     scale: Optional[torch.Tensor], scale_value: float, row_scale: Optional[torch.Tensor], activation: str,
@@ -652,6 +720,9 @@ def _backward_reference(grad_y, x, w_down, b_down, w_up, b_up, scale, scale_valu
     return grad_x, packed.to(_packed_dtype(x))
 
 
+_backward_op = torch.library.custom_op("fused_adapters::bottleneck_backward", _backward_impl, mutates_args=())
+
+
 @_backward_op.register_fake
 def _backward_fake(grad_y, x, hidden, w_down, b_down, w_up, b_up, scale, scale_value, row_scale, activation,
                    compute_dx):
@@ -666,6 +737,7 @@ def _setup_context(ctx, inputs, output):
     x, w_down, b_down, w_up, b_up, scale, scale_value, residual, row_scale, activation, save_hidden = inputs
     _, hidden = output
     ctx.mark_non_differentiable(hidden)
+    ctx.set_materialize_grads(False)  # no M x r zeros for the hidden output's (absent) gradient
     # x by reference, the parameters, and the M x r pre-activation: nothing of M x D is copied.
     ctx.save_for_backward(x, w_down, b_down, w_up, b_up, scale, row_scale, hidden)
     ctx.scale_value = scale_value
@@ -676,6 +748,8 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_y, grad_hidden):
     x, w_down, b_down, w_up, b_up, scale, row_scale, hidden = ctx.saved_tensors
     needs = ctx.needs_input_grad
+    if grad_y is None:
+        return (None,) * len(needs)
     grad_x, packed = torch.ops.fused_adapters.bottleneck_backward(
         grad_y, x, hidden, w_down, b_down, w_up, b_up, scale, ctx.scale_value, row_scale, ctx.activation, needs[0]
     )

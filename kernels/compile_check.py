@@ -188,11 +188,15 @@ def check_one(kernel: str, block_rank: int, dtype_name: str, arch: int, scenario
 
 
 def _cases(archs, dtypes, scenarios, kernels):
-    from .bottleneck import FORWARD_CONFIGS
+    from . import bottleneck as bn
 
+    tables = {"forward": bn.FORWARD_CONFIGS, "backward_hidden": bn.BACKWARD_HIDDEN_CONFIGS,
+              "backward_weights": bn.BACKWARD_WEIGHTS_CONFIGS}
     for kernel in kernels:
-        for block_rank in FORWARD_CONFIGS:  # every table is keyed by the same padded ranks
+        for block_rank, group in tables[kernel]:
             for dtype_name in dtypes:
+                if bn.dtype_group(getattr(torch, dtype_name)) != group:
+                    continue
                 for arch in archs:
                     for scenario in scenarios:
                         yield kernel, block_rank, dtype_name, arch, scenario
@@ -203,13 +207,13 @@ def _run_case(case) -> Result:
 
 
 def format_table(results) -> str:
-    header = f"{'kernel':<17} {'config':<18} {'dtype':<9} {'arch':<5} {'scenario':<10} {'regs':>4} " \
+    header = f"{'kernel':<17} {'config':<22} {'dtype':<9} {'arch':<5} {'scenario':<10} {'regs':>4} " \
              f"{'stack':>5} {'local':>5} {'smem':>6} {'mma':<9} {'ld bits':>7}  status"
     lines = [header, "-" * len(header)]
     for r in results:
         status = "ok" if not r.failures else "FAIL: " + ", ".join(r.failures) + (f" ({r.error})" if r.error else "")
         lines.append(
-            f"{r.kernel:<17} {r.config:<18} {r.dtype:<9} sm_{r.arch:<2} {r.scenario:<10} {r.registers:>4} "
+            f"{r.kernel:<17} {r.config:<22} {r.dtype:<9} sm_{r.arch:<2} {r.scenario:<10} {r.registers:>4} "
             f"{r.stack_bytes:>5} {r.local_bytes:>5} {r.shared_bytes:>6} {r.mma:<9} {r.widest_load_bits:>7}  {status}"
         )
     return "\n".join(lines)
