@@ -1,0 +1,67 @@
+"""The op is registered through torch.library: opcheck passes for both custom ops, and
+torch.compile(fullgraph=True) traces a function that calls it with no graph break."""
+
+import pytest
+import torch
+
+from fused_adapters.kernels import bottleneck, bottleneck_adapter, reference
+from helpers import TOLERANCE, make_case, relative_error
+
+
+def op_args(case, save_hidden=True):
+    dim = case.x.shape[-1]
+    return (
+        case.x.reshape(-1, dim), case.w_down, case.b_down, case.w_up, case.b_up, case.scale, 1.0,
+        case.residual.reshape(-1, dim), case.row_scale, case.activation, save_hidden,
+    )
+
+
+@pytest.fixture(params=["triton", "reference"])
+def path(request, monkeypatch):
+    """Both CPU paths: the kernels (interpreter, or CUDA) and the plain-PyTorch reference."""
+    if request.param == "reference":
+        monkeypatch.setattr(bottleneck, "uses_triton", lambda x: False)
+    elif not bottleneck.uses_triton(torch.empty(1, device=make_case().x.device)):
+        pytest.skip("kernels not available on this device")
+    return request.param
+
+
+def test_opcheck_forward_and_backward(path):
+    case = make_case((2, 9, 20), rank=5)
+    torch.library.opcheck(torch.ops.fused_adapters.bottleneck_forward.default, op_args(case))
+    torch.library.opcheck(torch.ops.fused_adapters.bottleneck_forward.default, op_args(case, save_hidden=False),
+                          test_utils=("test_schema", "test_faketensor"))
+    out, hidden = torch.ops.fused_adapters.bottleneck_forward(*op_args(case))
+    grad = torch.randn_like(out)
+    backward_args = (grad, case.x.detach().reshape(-1, 20), hidden, case.w_down.detach(), case.b_down.detach(),
+                     case.w_up.detach(), case.b_up.detach(), case.scale.detach(), 1.0, case.row_scale, "gelu", True)
+    torch.library.opcheck(torch.ops.fused_adapters.bottleneck_backward.default, backward_args,
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.slow
+def test_compile_fullgraph_forward_and_backward(path):
+    torch._dynamo.reset()
+    case = make_case((2, 9, 24), rank=4)
+
+    def block(x, w_down, b_down, w_up, b_up, scale, residual):
+        # The adapter inside surrounding ops, as in a ViT block.
+        y = bottleneck_adapter(torch.nn.functional.layer_norm(x, x.shape[-1:]), w_down, b_down, w_up, b_up,
+                               scale, residual=residual)
+        return (y * 2).sum(-1)
+
+    compiled = torch.compile(block, fullgraph=True)
+    args = (case.x, case.w_down, case.b_down, case.w_up, case.b_up, case.scale, case.residual)
+    out = compiled(*args)
+    expected = block(*args)
+    assert relative_error(out, expected) < TOLERANCE[torch.float32]
+    grads = torch.autograd.grad(out.sum(), args)
+    expected_grads = torch.autograd.grad(expected.sum(), args)
+    for got, want in zip(grads, expected_grads):
+        assert relative_error(got, want) < TOLERANCE[torch.float32]
+
+    ref_case = case.float64()
+    ref_out = (reference.bottleneck_adapter(
+        torch.nn.functional.layer_norm(ref_case.x, (24,)), ref_case.w_down, ref_case.b_down, ref_case.w_up,
+        ref_case.b_up, ref_case.scale, residual=ref_case.residual) * 2).sum(-1)
+    assert relative_error(out, ref_out) < TOLERANCE[torch.float32]
