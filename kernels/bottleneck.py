@@ -620,9 +620,10 @@ def _backward_triton(grad_y, x, hidden, w_down, b_down, w_up, b_up, scale, scale
         weights_launch()
     # One deterministic reduction over chunks for all five gradients; _unpack_param_grads views it.
     totals = partials.sum(dim=0)
-    if totals.numel() != _packed_size(dim, rank):  # split ranks left a dscale row per rank block
-        head, scale_rows, grad_b_down = totals.split([2 * dim * rank + dim, totals.numel() - _packed_size(dim, rank) + dim, rank])
-        totals = torch.cat([head, scale_rows.view(-1, dim).sum(0), grad_b_down])
+    rank_blocks = weights_launch.grid[2]
+    if rank_blocks > 1:  # split ranks left one dscale row per rank block: fold them
+        head, scale_rows, grad_b_down = totals.split([2 * dim * rank + dim, rank_blocks * dim, rank])
+        totals = torch.cat([head, scale_rows.view(rank_blocks, dim).sum(0), grad_b_down])
     return grad_x, totals
 
 

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Everything GPU-side in one call: install, the tests on CUDA (bf16 and real launches included),
+# the compile check and the demo (with timings). Results go to the folder given, one file each.
+#
+#   bash bench/gpu_check.sh "$OUT"          # through the device tool
+#
+# The GPU machines have torch, triton, timm and pytest but no network, hence --no-deps.
+set -uo pipefail
+out=${1:?usage: bash bench/gpu_check.sh OUTPUT_DIR}
+mkdir -p "$out"
+cd "$(dirname "$0")/.."
+unset TRITON_INTERPRET
+
+{
+  date -u
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+  git log -1 --oneline 2>/dev/null || true
+} > "$out/env.txt" 2>&1
+
+pip install --no-build-isolation --no-deps -e . > "$out/install.log" 2>&1
+install_rc=$?
+
+python3 -m pytest -q -rs tests > "$out/tests.txt" 2>&1
+tests_rc=$?
+
+python3 -m fused_adapters.kernels.compile_check > "$out/compile_check.txt" 2>&1
+compile_rc=$?
+
+# ViT-B/16, batch 32: 6304 tokens of width 768, Adapter+ rank 8.
+python3 bench/demo.py --rows 6304 --dim 768 --rank 8 > "$out/demo.txt" 2>&1
+demo_rc=$?
+
+cat "$out/env.txt"
+echo "--- tests (rc $tests_rc)"; tail -n 15 "$out/tests.txt"
+echo "--- compile check (rc $compile_rc)"; tail -n 2 "$out/compile_check.txt"
+echo "--- demo (rc $demo_rc)"; cat "$out/demo.txt"
+echo "install $install_rc tests $tests_rc compile_check $compile_rc demo $demo_rc"
+[ "$install_rc$tests_rc$compile_rc$demo_rc" = "0000" ]
