@@ -126,6 +126,17 @@ def poisoned_outputs(monkeypatch):
     yield
 
 
+@contextlib.contextmanager
+def allow_tf32(value: bool):
+    """torch.backends.cuda.matmul.allow_tf32 set for the block (a property, so no monkeypatch)."""
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = value
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
 class LaunchCounter:
     """Counts Triton kernel launches, by kernel name, on the GPU and in the interpreter."""
 

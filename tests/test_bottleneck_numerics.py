@@ -13,7 +13,7 @@ except ImportError:  # pragma: no cover
 
 from fused_adapters.kernels import bottleneck_adapter, reference, uses_triton
 from helpers import (
-    DEVICE, NO_CUDA_REASON, TOLERANCE, make_case, poisoned_outputs, reference_grads, relative_error,
+    DEVICE, NO_CUDA_REASON, TOLERANCE, allow_tf32, make_case, poisoned_outputs, reference_grads, relative_error,
 )
 
 ACTIVATIONS = sorted(reference.ACTIVATIONS)
@@ -202,6 +202,6 @@ def test_cuda_vit_shapes(dtype, monkeypatch):
 
 
 @cuda
-def test_cuda_tf32(monkeypatch):
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
-    check_against_reference(make_case((8, 197, 768), rank=8), torch.float32, tolerance=5e-3)
+def test_cuda_tf32():
+    with allow_tf32(True):
+        check_against_reference(make_case((8, 197, 768), rank=8), torch.float32, tolerance=5e-3)

@@ -11,7 +11,7 @@ import torch
 from torch.autograd.graph import saved_tensors_hooks
 
 from fused_adapters.kernels import bottleneck_adapter
-from helpers import AtenRecorder, LaunchCounter, make_case
+from helpers import AtenRecorder, LaunchCounter, allow_tf32, make_case
 
 MATMUL_OPS = {"mm", "addmm", "bmm", "baddbmm", "matmul", "linear", "mv", "addmv", "dot", "_scaled_mm", "convolution"}
 ALLOCATING_OPS = {"empty", "empty_strided", "new_empty", "new_empty_strided", "full", "zeros", "ones"}
@@ -160,3 +160,20 @@ def test_row_offsets_are_64_bit():
     assert result.returncode == 0, f"crashed (rc {result.returncode}): {result.stderr[-2000:]}"
     error = float(result.stdout.split("relative error")[-1])
     assert error < 5e-3, result.stdout
+
+
+def test_fp32_dots_follow_allow_tf32():
+    from fused_adapters.kernels.bottleneck import forward_launch
+
+    x = torch.randn(20, 32)
+    w_down, w_up = torch.randn(4, 32), torch.randn(32, 4)
+
+    def precision():
+        launch = forward_launch(x, w_down, None, w_up, None, None, 1.0, None, None, "gelu",
+                                torch.empty(20, 32), torch.empty(0, 4))
+        return launch.constexprs["INPUT_PRECISION"]
+
+    with allow_tf32(False):
+        assert precision() == "ieee"
+    with allow_tf32(True):
+        assert precision() == "tf32"
