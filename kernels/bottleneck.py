@@ -431,7 +431,9 @@ def uses_triton(x: torch.Tensor) -> bool:
         return False
     if x.device.type == "cuda":
         return True
-    return x.device.type == "cpu" and _is_interpreted()
+    # The interpreter has no bf16 (tl.dot multiplies the raw bit patterns): bf16 on the CPU
+    # takes the reference even under TRITON_INTERPRET=1, rather than a silently wrong answer.
+    return x.device.type == "cpu" and _is_interpreted() and x.dtype != torch.bfloat16
 
 
 def _input_precision(dtype: torch.dtype) -> str:
@@ -490,8 +492,19 @@ class Launch:
 
 
 def _or(tensor: Optional[torch.Tensor], fallback: torch.Tensor) -> torch.Tensor:
-    """A stand-in pointer for an absent tensor; the kernel's constexpr flag keeps it unread."""
+    """A small (parameter-sized) tensor made contiguous, or a stand-in pointer for an absent one
+    that the kernel's constexpr flag keeps unread. M x D tensors never go through here: the
+    kernels take their strides."""
     return fallback if tensor is None else tensor.contiguous()
+
+
+def _int32_columns(tensor: torch.Tensor) -> torch.Tensor:
+    """The kernels widen row offsets to int64 but keep column offsets in int32 (registers: every
+    element of a tile carries one). A layout whose column offsets pass 2^31 (column-major with
+    M * D >= 2^31) is copied to row-major instead of overflowing."""
+    if tensor.shape[1] > 0 and abs(tensor.stride(1)) * (tensor.shape[1] - 1) >= 2**31:
+        return tensor.contiguous()
+    return tensor
 
 
 def forward_launch(x, w_down, b_down, w_up, b_up, scale, scale_value, residual, row_scale, activation, y, hidden):
@@ -503,7 +516,7 @@ def forward_launch(x, w_down, b_down, w_up, b_up, scale, scale_value, residual, 
     store_hidden = hidden.shape[0] == rows
     args = dict(
         x_ptr=x, w_down_ptr=w_down.contiguous(), b_down_ptr=_or(b_down, x), w_up_ptr=w_up.contiguous(),
-        b_up_ptr=_or(b_up, x), scale_ptr=_or(scale, x), residual_ptr=_or(residual, x),
+        b_up_ptr=_or(b_up, x), scale_ptr=_or(scale, x), residual_ptr=x if residual is None else residual,
         row_scale_ptr=_or(row_scale, x), y_ptr=y, hidden_ptr=hidden if store_hidden else y,
         rows=rows, dim=dim, rank=rank, scale_value=scale_value,
         stride_x_row=x.stride(0), stride_x_col=x.stride(1),
@@ -524,7 +537,7 @@ def backward_launches(grad_y, x, hidden, w_down, w_up, b_up, scale, scale_value,
                       grad_hidden, act, grad_x):
     """The two backward launches, and the fp32 partials buffer [chunks, packed size] they fill.
 
-    w_down, w_up and b_up must already be in x's dtype (the dots run in it). grad_hidden [M, r]
+    w_down, w_up and b_up must already be contiguous in x's dtype (the dots run in it). grad_hidden [M, r]
     fp32 and act [M, r] in x's dtype are scratch the first launch fills for the second. grad_x
     has M rows when dx is wanted, else 0.
     """
@@ -590,8 +603,10 @@ def _forward_triton(x, w_down, b_down, w_up, b_up, scale, scale_value, residual,
     hidden = _new_output((rows if save_hidden else 0, rank), torch.float32, x.device)
     if rows == 0:
         return y, hidden
-    launch = forward_launch(x, w_down, b_down, w_up, b_up, scale, scale_value, residual, row_scale, activation, y,
-                            hidden)
+    if residual is not None:
+        residual = _int32_columns(residual)
+    launch = forward_launch(_int32_columns(x), w_down, b_down, w_up, b_up, scale, scale_value, residual, row_scale,
+                            activation, y, hidden)
     with _device_context(x):
         launch()
     return y, hidden
@@ -612,7 +627,8 @@ def _backward_triton(grad_y, x, hidden, w_down, b_down, w_up, b_up, scale, scale
     act = _new_output((rows, rank), dtype, x.device)
     # The dots run in x's dtype (autocast style); casting r x D weights costs nothing next to M x D.
     hidden_launch, weights_launch, partials = backward_launches(
-        grad_y, x, hidden, w_down.to(dtype), w_up.to(dtype), None if b_up is None else b_up.to(dtype), scale,
+        _int32_columns(grad_y), _int32_columns(x), hidden, w_down.to(dtype).contiguous(),
+        w_up.to(dtype).contiguous(), None if b_up is None else b_up.to(dtype), scale,
         scale_value, row_scale, activation, grad_hidden, act, grad_x,
     )
     with _device_context(x):
@@ -682,8 +698,9 @@ def _forward_impl(
                                activation, save_hidden)
     y = reference.bottleneck_adapter(x, w_down, b_down, w_up, b_up, _scale_arg(scale, scale_value),
                                      activation=activation, residual=residual, row_scale=row_scale)
+    # Row-major like the fake says (a transposed residual would make `residual + u` column-major).
     # The reference path recomputes in backward and saves nothing of its own.
-    return y, x.new_empty((0, w_down.shape[0]), dtype=torch.float32)
+    return y.contiguous(), x.new_empty((0, w_down.shape[0]), dtype=torch.float32)
 
 
 _forward_op = torch.library.custom_op("fused_adapters::bottleneck_forward", _forward_impl, mutates_args=())

@@ -107,6 +107,57 @@ def test_non_contiguous_inputs_and_gradient(monkeypatch):
         assert relative_error(grads[1], ref_grads["w_up"]) < TOLERANCE[torch.float32]
 
 
+@pytest.mark.parametrize("layout", ["row_slice", "transposed", "column_stride"])
+def test_strided_2d_residual(layout, monkeypatch):
+    # 2-D views reach the kernel as they are (a 3-D residual would be copied by reshape).
+    rows, dim = 37, 45
+    base = torch.randn(rows, 2 * dim, device=DEVICE)
+    residual = {
+        "row_slice": base[:, :dim],
+        "transposed": torch.randn(dim, rows, device=DEVICE).t(),
+        "column_stride": base[:, ::2][:, :dim],
+    }[layout]
+    case = make_case((rows, dim), rank=5)
+    case.residual = residual.detach().requires_grad_(True)
+    assert not case.residual.is_contiguous()
+    with poisoned_outputs(monkeypatch):
+        check_against_reference(case, torch.float32)
+
+
+def test_residual_is_column_major_x(monkeypatch):
+    # Adapter+ "post": residual=x; here x is a column-major view.
+    case = make_case((29, 40), rank=4)
+    case.x = torch.randn(40, 29, device=DEVICE).t().requires_grad_(True)
+    case.residual = case.x
+    with poisoned_outputs(monkeypatch):
+        out = case.call(bottleneck_adapter)
+        ref = case.float64()
+        ref.residual = ref.x
+        ref_out = ref.call(reference.bottleneck_adapter)
+        assert relative_error(out, ref_out) < TOLERANCE[torch.float32]
+        grad_out = torch.randn_like(out)
+        (grad_x,) = torch.autograd.grad(out, [case.x], grad_out)
+        (ref_grad_x,) = torch.autograd.grad(ref_out, [ref.x], grad_out.double())
+        assert relative_error(grad_x, ref_grad_x) < TOLERANCE[torch.float32]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_non_contiguous_weights(dtype, monkeypatch):
+    # Tied or transposed weights: w_up = w.t() and w_down = v.t(), fp32 parameters with any x.
+    case = make_case((31, 36), rank=6, dtype=dtype, param_dtype=torch.float32)
+    case.w_up = torch.randn(6, 36, device=DEVICE).mul(6 ** -0.5).t().requires_grad_(True)
+    case.w_down = torch.randn(36, 6, device=DEVICE).mul(36 ** -0.5).t().requires_grad_(True)
+    assert not case.w_up.is_contiguous() and not case.w_down.is_contiguous()
+    with poisoned_outputs(monkeypatch):
+        check_against_reference(case, dtype)
+
+
+def test_bf16_on_the_cpu_is_correct():
+    # The interpreter has no bf16, so bf16 CPU tensors take the reference: right, if not fused.
+    case = make_case((20, 32), rank=4, dtype=torch.bfloat16, device="cpu")
+    check_against_reference(case, torch.bfloat16)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16] + ([torch.bfloat16] if torch.cuda.is_available() else []))
 def test_fp32_parameters_with_low_precision_x(dtype, monkeypatch):
     # autocast style: compute in x's dtype, gradients come back in each parameter's own dtype.

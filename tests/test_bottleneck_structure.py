@@ -133,30 +133,44 @@ def test_backward_is_deterministic():
         assert torch.equal(a, b), "two identical backward passes differ bitwise"
 
 
-def test_row_offsets_are_64_bit():
-    # A view whose rows start past 2^31 elements: the row stride (2^30 + 8) fits in int32, so the
-    # offset row * stride overflows unless the kernel widens to int64. Only the touched pages of
-    # the 4 GiB virtual storage are ever resident. Runs in a subprocess: an overflow is an
-    # out-of-bounds read that may crash rather than fail.
+@pytest.mark.parametrize("layout", ["rows", "columns"])
+def test_offsets_past_2_to_the_31(layout):
+    # Views whose elements lie past 2^31 elements from the base pointer, in a 4 GiB virtual
+    # storage of which only the touched pages become resident. rows: the row stride 2^30 + 8
+    # fits in int32, so row * stride overflows unless the kernels widen rows to int64.
+    # columns: a column-major layout with the same stride; the launcher copies it to row-major
+    # rather than overflow int32 column offsets. Forward and backward, in a subprocess: an
+    # overflow is an out-of-bounds read that may crash rather than fail.
+    if torch.cuda.is_available():
+        pytest.skip("the virtual-storage trick is for the interpreter; on CUDA it would need 4 GiB of GPU memory")
     script = textwrap.dedent(
-        """
+        f"""
         import torch
         from fused_adapters.kernels import bottleneck_adapter, reference
-        D, r = 24, 4
         stride = 2**30 + 8
-        storage = torch.empty(2 * stride + D, dtype=torch.float16)
-        x = storage.as_strided((3, D), (stride, 1))
-        x.copy_(torch.randn(3, D))
-        w_down, w_up = torch.randn(r, D) * 0.2, torch.randn(D, r) * 0.2
+        if "{layout}" == "rows":
+            rows, D, r = 3, 24, 4
+            size, strides = 2 * stride + D, (stride, 1)
+        else:
+            rows, D, r = 24, 3, 4
+            size, strides = (D - 1) * stride + rows, (1, stride)
+        x = torch.empty(size, dtype=torch.float16).as_strided((rows, D), strides)
+        x.copy_(torch.randn(rows, D))
+        x.requires_grad_(True)
+        w_down = (torch.randn(r, D) * 0.2).requires_grad_(True)
+        w_up = (torch.randn(D, r) * 0.2).requires_grad_(True)
         y = bottleneck_adapter(x, w_down, None, w_up, None)
-        ref = reference.bottleneck_adapter(x.double(), w_down.double(), None, w_up.double(), None)
-        print("relative error", float((y.double() - ref).norm() / ref.norm()))
+        grad = torch.randn(rows, D, dtype=torch.float16)
+        grads = torch.autograd.grad(y, [x, w_down, w_up], grad)
+        x64, wd64, wu64 = (t.detach().double().requires_grad_(True) for t in (x, w_down, w_up))
+        ref = reference.bottleneck_adapter(x64, wd64, None, wu64, None)
+        ref_grads = torch.autograd.grad(ref, [x64, wd64, wu64], grad.double())
+        err = lambda a, b: float((a.detach().double() - b).norm() / b.norm())
+        print("relative error", max([err(y, ref)] + [err(a, b) for a, b in zip(grads, ref_grads)]))
         """
     )
-    if torch.cuda.is_available():
-        pytest.skip("the 4 GiB virtual-storage trick is for the interpreter; CUDA runs the real kernel")
     env = dict(os.environ, TRITON_INTERPRET="1")
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, f"crashed (rc {result.returncode}): {result.stderr[-2000:]}"
     error = float(result.stdout.split("relative error")[-1])
     assert error < 5e-3, result.stdout

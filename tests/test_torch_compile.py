@@ -39,6 +39,15 @@ def test_opcheck_forward_and_backward(path):
                           test_utils=("test_schema", "test_faketensor"))
 
 
+def test_opcheck_strided_inputs(path):
+    # Fake and real outputs must agree on strides too: y is row-major even for a transposed residual.
+    case = make_case((13, 20), rank=3)
+    case.residual = torch.randn(20, 13, device=case.x.device).t().requires_grad_(True)
+    case.x = torch.randn(13, 40, device=case.x.device)[:, ::2].requires_grad_(True)
+    torch.library.opcheck(torch.ops.fused_adapters.bottleneck_forward.default, op_args(case),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
 @pytest.mark.slow
 def test_compile_fullgraph_forward_and_backward(path):
     torch._dynamo.reset()
