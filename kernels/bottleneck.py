@@ -8,10 +8,14 @@ M x r pre-activation is stored only when a backward will need it.
 Backward: two Triton launches, no float atomics.
   1. _backward_hidden_kernel, one program per row tile: dh = ((dy * row_scale * scale) W_u)
      * act'(h), a full reduction over D per row, so it has to finish before anything needs dh.
-  2. _backward_input_and_weights_kernel, a grid of (row chunk, D tile): dx = dh W_d for its
-     tile, and fp32 partial sums of every parameter gradient over its row chunk, kept in
-     registers and written once. torch sums the partials over chunks afterwards, so the
+     It also writes act(h) [M, r], so the next kernel runs no transcendentals.
+  2. _backward_input_and_weights_kernel, a grid of (row chunk, D tile, rank block): dx = dh W_d
+     for its tile, and fp32 partial sums of every parameter gradient over its row chunk, kept
+     in registers and written once. torch sums the partials over chunks afterwards, so the
      result does not depend on scheduling: the same inputs give bitwise the same gradients.
+     Ranks above 64 (32 for fp32) are split over the third grid axis.
+
+Saved for backward: x by reference, the parameters, and the fp32 pre-activation [M, r].
 
 The functional entry point is `bottleneck_adapter`; it validates arguments and calls the
 torch.library custom op `fused_adapters::bottleneck_forward`, whose autograd calls
@@ -219,7 +223,8 @@ def _backward_hidden_kernel(
     grad_hidden = grad_act * _activation_grad(hidden, ACTIVATION)
     tl.store(grad_hidden_ptr + row_ids[:, None] * rank + rank_ids[None, :], grad_hidden, mask=hidden_mask)
     # act(h) for the weight gradients, so the next kernel runs no transcendentals: there Triton
-    # hoists them into the dot-operand layout, replicated per warp (255 registers and spills).
+    # hoisted gelu into the dot-operand layout, replicated across warps (compile check, rank 64,
+    # bf16, sm_80: 3432 bytes of spills before, 0 after).
     tl.store(act_ptr + row_ids[:, None] * rank + rank_ids[None, :], _activation(hidden, ACTIVATION).to(dtype),
              mask=hidden_mask)
 
