@@ -1,0 +1,94 @@
+"""AdapterConfig: what an adapter is and where it sits. Defaults are Adapter+ (Steitz & Roth,
+"Adapters Strike Back", CVPR 2024): rank 8 after every block, channel-wise scale, Houlsby init,
+stochastic depth 0.1 on the adapter branch."""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+from dataclasses import dataclass
+from typing import Union
+
+from ..kernels.reference import ACTIVATIONS
+
+POSITIONS = ("post", "pre", "intermediate", "parallel", "pfeiffer", "houlsby")
+INITS = ("houlsby", "lora", "bert")
+SCALINGS = ("channel", "layer")
+
+
+@dataclass
+class AdapterConfig:
+    """How to build and place bottleneck adapters in a ViT.
+
+    rank: bottleneck width r. position: post | pre | intermediate | parallel | pfeiffer |
+    houlsby (see DESIGN.md). activation: gelu | gelu_tanh | relu | silu | identity.
+    scaling: "channel" (a learned [D] scale, init 1), "layer" (one learned scalar, init 1),
+    a float (a constant), or None (no scale). init: houlsby | lora | bert. drop_path:
+    stochastic depth on the adapter branch (per sample, training only). dropout: inside the
+    bottleneck, after the activation (runs the plain-PyTorch path when > 0). norm: a
+    LayerNorm on the adapter's input. bias: biases in both projections. train_head: keep the
+    classifier head trainable (and save it with the adapters).
+    """
+
+    rank: int = 8
+    position: str = "post"
+    activation: str = "gelu"
+    scaling: Union[str, float, None] = "channel"
+    init: str = "houlsby"
+    drop_path: float = 0.1
+    dropout: float = 0.0
+    norm: bool = False
+    bias: bool = True
+    train_head: bool = True
+
+    def __post_init__(self):
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise ValueError(f"AdapterConfig.rank must be a positive int, got {self.rank!r}")
+        if self.position not in POSITIONS:
+            raise ValueError(f"AdapterConfig.position must be one of {POSITIONS}, got {self.position!r}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"AdapterConfig.activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
+        if self.init not in INITS:
+            raise ValueError(f"AdapterConfig.init must be one of {INITS}, got {self.init!r}")
+        scaling_ok = self.scaling is None or self.scaling in SCALINGS or (
+            isinstance(self.scaling, numbers.Real) and not isinstance(self.scaling, bool)
+        )
+        if not scaling_ok:
+            raise ValueError(
+                f"AdapterConfig.scaling must be 'channel', 'layer', a float or None, got {self.scaling!r}"
+            )
+        for name in ("drop_path", "dropout"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value < 1.0:
+                raise ValueError(f"AdapterConfig.{name} must be a float in [0, 1), got {value!r}")
+
+    @classmethod
+    def adapter_plus(cls, **overrides) -> "AdapterConfig":
+        """Adapter+: the defaults."""
+        return cls(**overrides)
+
+    @classmethod
+    def houlsby(cls, **overrides) -> "AdapterConfig":
+        """Houlsby et al. 2019: adapters on both the attention and the MLP branch, no scale."""
+        return cls(**{"position": "houlsby", "scaling": 1.0, **overrides})
+
+    @classmethod
+    def pfeiffer(cls, **overrides) -> "AdapterConfig":
+        """Pfeiffer et al. 2021: after the block, LayerNorm inside the adapter, ReLU, no scale."""
+        return cls(**{"position": "pfeiffer", "norm": True, "activation": "relu", "scaling": 1.0, **overrides})
+
+    @classmethod
+    def parallel(cls, **overrides) -> "AdapterConfig":
+        """He et al. 2022: the adapter reads the MLP's input and adds to its output."""
+        return cls(**{"position": "parallel", **overrides})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "AdapterConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown AdapterConfig fields {unknown}; known: {sorted(known)}")
+        return cls(**data)

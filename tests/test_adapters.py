@@ -1,0 +1,340 @@
+"""adapters/: Adapter+ and the other positions as fused layers in timm ViTs. Small timm models,
+pretrained=False, kernels in the interpreter on machines without CUDA."""
+
+import json
+import os
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+from fused_adapters.adapters import (
+    POSITIONS,
+    AdapterConfig,
+    BottleneckAdapter,
+    adapter_configs,
+    disable_adapters,
+    inject,
+    load_adapters,
+    param_groups,
+    save_adapters,
+    set_adapter,
+    trainable_parameters,
+)
+from fused_adapters.kernels import reference
+from helpers import DEVICE, relative_error
+
+IMG = 32  # 2 x 2 patches of 16: a few tokens keep the interpreter quick
+
+
+def vit(name="test_vit", seed=0, **kwargs):
+    torch.manual_seed(seed)
+    return timm.create_model(name, pretrained=False, num_classes=5, img_size=IMG, **kwargs).to(DEVICE)
+
+
+def images(batch=2, seed=1):
+    return torch.randn(batch, 3, IMG, IMG, generator=torch.Generator().manual_seed(seed)).to(DEVICE)
+
+
+def randomize_adapters(model, seed=3):
+    """Houlsby init is ~0: give the adapters weights that change the output visibly."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, BottleneckAdapter):
+                for parameter in module.parameters():
+                    parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3 + (
+                        1.0 if parameter is module.scale else 0.0))
+
+
+def adapter_formula(adapter: BottleneckAdapter, x, skip):
+    """skip + scale * up(act(down(norm(x)))) in float64 plain PyTorch (no DropPath: eval mode)."""
+    inputs = adapter.norm(x) if adapter.norm is not None else x
+    params = [p.double() if p is not None else None for p in (adapter.down.weight, adapter.down.bias,
+                                                                adapter.up.weight, adapter.up.bias)]
+    scale = adapter.scale.double() if isinstance(adapter.scale, torch.Tensor) else adapter.scale
+    return reference.bottleneck_adapter(inputs.double(), *params, scale, activation=adapter.activation,
+                                        residual=skip.double())
+
+
+def block_formula(block, x, position, slots):
+    """DESIGN.md's position formulas, written out from the block's own parts."""
+    def attn_branch(v):
+        return block.drop_path1(block.ls1(block.attn(block.norm1(v))))
+
+    def mlp_branch(v):
+        return block.drop_path2(block.ls2(block.mlp(block.norm2(v))))
+
+    A = slots["block"]
+    if position in ("post", "pfeiffer"):
+        x = x + attn_branch(x)
+        x = x + mlp_branch(x)
+        return adapter_formula(A, x, x)
+    if position == "pre":
+        x = x + attn_branch(x)
+        x = adapter_formula(A, x, x).float()
+        return x + mlp_branch(x)
+    if position == "intermediate":
+        x = x + attn_branch(x)
+        y = mlp_branch(x)
+        return adapter_formula(A, y, x + y)
+    if position == "houlsby":
+        y = attn_branch(x)
+        x = adapter_formula(slots["attn"], y, x + y).float()
+        y = mlp_branch(x)
+        return adapter_formula(A, y, x + y)
+    y = x + attn_branch(x)  # parallel
+    z = y + mlp_branch(y)
+    return adapter_formula(A, y, z)
+
+
+PRESETS = {
+    "post": AdapterConfig(),
+    "pre": AdapterConfig(position="pre"),
+    "intermediate": AdapterConfig(position="intermediate", scaling="layer"),
+    "parallel": AdapterConfig.parallel(activation="silu"),
+    "pfeiffer": AdapterConfig.pfeiffer(),
+    "houlsby": AdapterConfig.houlsby(bias=False),
+}
+
+
+@pytest.mark.parametrize("position", POSITIONS)
+def test_every_position_matches_its_formula(position):
+    model = inject(vit(), PRESETS[position], verbose=False).eval()
+    randomize_adapters(model)
+    x = torch.randn(2, 5, model.embed_dim, device=DEVICE)
+    for block in model.blocks:
+        out = block(x)
+        expected = block_formula(block, x, position, block.adapters["default"])
+        assert relative_error(out, expected) < 1e-5, position
+        x = out.detach()
+
+
+@pytest.mark.parametrize("name", ["test_vit", "test_vit2", "test_vit3", "deit3_small_patch16_224"])
+def test_model_variants(name):
+    # class token or not, register tokens, LayerScale (deit3, test_vit2/3), map pooling (test_vit3)
+    kwargs = {"depth": 2} if name.startswith("deit3") else {}
+    model = vit(name, **kwargs)
+    with torch.no_grad():
+        bare = model(images())
+    inject(model, AdapterConfig(), verbose=False)
+    with torch.no_grad():
+        assert torch.allclose(model.eval()(images()), bare, atol=1e-2)  # Houlsby init: near identity
+        randomize_adapters(model)
+        adapted = model(images())
+        with disable_adapters(model):
+            assert torch.allclose(model(images()), bare, atol=1e-6)
+    assert not torch.allclose(adapted, bare, atol=1e-3)
+
+
+def test_fused_path_matches_reference_path_with_drop_path():
+    model = inject(vit(), AdapterConfig(drop_path=0.5), verbose=False).train()
+    randomize_adapters(model)
+    results = []
+    for fused in (True, False):
+        for module in model.modules():
+            if isinstance(module, BottleneckAdapter):
+                module.fused = fused
+        model.zero_grad()
+        torch.manual_seed(123)  # the same DropPath masks on both paths
+        out = model(images(batch=4))
+        out.square().mean().backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+        results.append((out.detach(), grads))
+    (out_fused, grads_fused), (out_ref, grads_ref) = results
+    assert relative_error(out_fused, out_ref) < 1e-5
+    for a, b in zip(grads_fused, grads_ref):
+        assert relative_error(a, b) < 1e-4
+
+
+def test_freezing_and_counts():
+    model = inject(vit(), AdapterConfig(), verbose=False)
+    head = set(id(p) for p in model.get_classifier().parameters())
+    for name, parameter in model.named_parameters():
+        assert parameter.requires_grad == (".adapters." in name or id(parameter) in head), name
+    model(images()).sum().backward()
+    for name, parameter in model.named_parameters():
+        assert (parameter.grad is not None) == parameter.requires_grad, name
+    frozen_head = inject(vit(), AdapterConfig(train_head=False), verbose=False)
+    assert not any(p.requires_grad for p in frozen_head.get_classifier().parameters())
+
+
+def test_vit_base_adapter_plus_count(capsys):
+    torch.manual_seed(0)
+    model = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=10)
+    inject(model, AdapterConfig())
+    adapters = sum(p.numel() for n, p in model.named_parameters() if ".adapters." in n and p.requires_grad)
+    assert adapters == 12 * (2 * 768 * 8 + 8 + 768 + 768) == 165_984
+    trainable, _ = trainable_parameters(model)
+    assert trainable == 165_984 + 768 * 10 + 10
+    assert "trainable params 173,674" in capsys.readouterr().out
+
+
+def test_adamw_steps_lower_the_loss():
+    model = inject(vit(), AdapterConfig(drop_path=0.0), verbose=False).train()
+    optimizer = torch.optim.AdamW(param_groups(model, lr=1e-2, weight_decay=0.05))
+    x, target = images(batch=4), torch.tensor([0, 1, 2, 3], device=DEVICE)
+    losses = []
+    for _ in range(6):
+        loss = nn.functional.cross_entropy(model(x), target)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] * 0.8, losses
+
+
+def test_param_groups_decay_only_matrices():
+    model = inject(vit(), AdapterConfig(), verbose=False)
+    decay, no_decay = param_groups(model, lr=1e-3, weight_decay=0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() == 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert len(decay["params"]) + len(no_decay["params"]) == len(trainable)
+
+
+def test_save_load_round_trip(tmp_path):
+    model = inject(vit(), AdapterConfig(scaling="layer"), verbose=False).eval()
+    randomize_adapters(model)
+    with torch.no_grad():
+        model.get_classifier().weight.add_(1.0)  # a trained head travels too
+    folder = save_adapters(model, tmp_path / "out")
+    assert sorted(os.listdir(folder)) == ["adapter_config.json", "adapter_model.safetensors"]  # no temp files
+    saved = json.loads((folder / "adapter_config.json").read_text())
+    assert saved["config"]["scaling"] == "layer" and saved["name"] == "default"
+    fresh = vit()  # same seed: the same backbone
+    load_adapters(fresh, folder)
+    fresh.eval()
+    with torch.no_grad():
+        assert torch.equal(fresh(images()), model(images()))
+
+
+def test_load_errors(tmp_path):
+    model = inject(vit(), AdapterConfig(), verbose=False)
+    folder = save_adapters(model, tmp_path / "out")
+    with pytest.raises(ValueError, match="depth"):
+        load_adapters(vit(depth=3), folder)
+    with pytest.raises(ValueError, match="dim"):
+        load_adapters(vit(embed_dim=32), folder)
+    with pytest.raises(ValueError, match="num_classes=5"):
+        torch.manual_seed(0)
+        load_adapters(timm.create_model("test_vit", pretrained=False, num_classes=7, img_size=IMG), folder)
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(folder / "adapter_model.safetensors"))
+    state["blocks.0.block.extra"] = torch.zeros(1)
+    save_file(state, str(folder / "adapter_model.safetensors"))
+    with pytest.raises(ValueError, match="unexpected tensors"):
+        load_adapters(vit(), folder)
+    del state["blocks.0.block.extra"], state["blocks.1.block.up.bias"]
+    save_file(state, str(folder / "adapter_model.safetensors"))
+    with pytest.raises(ValueError, match="missing tensors"):
+        load_adapters(vit(), folder)
+    with pytest.raises(FileNotFoundError):
+        load_adapters(vit(), tmp_path / "nowhere")
+
+
+def test_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
+    model = inject(vit(), AdapterConfig(), verbose=False)
+    folder = save_adapters(model, tmp_path / "out")
+    before = (folder / "adapter_model.safetensors").read_bytes()
+    import safetensors.torch
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", broken)
+    with pytest.raises(OSError, match="disk full"):
+        save_adapters(model, folder)
+    assert (folder / "adapter_model.safetensors").read_bytes() == before
+    assert sorted(os.listdir(folder)) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+def test_named_adapters_switch_and_disable():
+    model = vit()
+    with torch.no_grad():
+        bare = model.eval()(images())
+    inject(model, AdapterConfig(), verbose=False)
+    inject(model, AdapterConfig.houlsby(), name="taskB", verbose=False)
+    assert sorted(adapter_configs(model)) == ["default", "taskB"]
+    randomize_adapters(model)
+    model.eval()
+    with torch.no_grad():
+        out_b = model(images())
+        assert all(p.requires_grad == (".taskB." in n or n.startswith("head")) for n, p in model.named_parameters())
+        set_adapter(model, "default")
+        out_default = model(images())
+        with disable_adapters(model):
+            assert torch.allclose(model(images()), bare, atol=1e-6)
+        assert torch.equal(model(images()), out_default)
+    assert not torch.allclose(out_b, out_default, atol=1e-3)
+    houlsby = [m for m in model.blocks[0].adapters["taskB"].values()]
+    assert len(houlsby) == 2  # attention-branch adapter first, then the MLP one
+    with pytest.raises(ValueError, match="already has adapters named"):
+        inject(model, AdapterConfig(), name="taskB", verbose=False)
+    with pytest.raises(ValueError, match="no adapters named"):
+        set_adapter(model, "nope")
+
+
+def test_grad_checkpointing_gives_the_same_gradients():
+    grads = []
+    for checkpointing in (False, True):
+        model = inject(vit(), AdapterConfig(drop_path=0.0), verbose=False)
+        randomize_adapters(model)
+        model.set_grad_checkpointing(checkpointing)
+        model(images()).square().sum().backward()
+        grads.append([p.grad for p in model.parameters() if p.requires_grad])
+    for a, b in zip(*grads):
+        assert relative_error(a, b) < 1e-5
+
+
+def test_dropout_runs_the_unfused_path():
+    model = inject(vit(), AdapterConfig(dropout=0.5, drop_path=0.0), verbose=False).train()
+    randomize_adapters(model)
+    model(images()).sum().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    model.eval()  # no dropout at inference: the fused path
+    with torch.no_grad():
+        out = model(images())
+        for module in model.modules():
+            if isinstance(module, BottleneckAdapter):
+                module.fused = False
+        assert relative_error(out, model(images())) < 1e-5
+
+
+@pytest.mark.slow
+def test_compile_one_adapted_block_fullgraph():
+    torch._dynamo.reset()
+    model = inject(vit(), AdapterConfig(), verbose=False).eval()
+    randomize_adapters(model)
+    block = model.blocks[0]
+    x = torch.randn(2, 5, model.embed_dim, device=DEVICE)
+    compiled = torch.compile(block, fullgraph=True)
+    with torch.no_grad():
+        assert relative_error(compiled(x), block(x)) < 1e-5
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"rank": 0}, "rank"),
+        ({"position": "middle"}, "position"),
+        ({"init": "xavier"}, "init"),
+        ({"scaling": "row"}, "scaling"),
+        ({"activation": "tanh"}, "activation"),
+        ({"drop_path": 1.0}, "drop_path"),
+    ],
+)
+def test_bad_configs(kwargs, message):
+    with pytest.raises(ValueError, match=f"AdapterConfig.{message}"):
+        AdapterConfig(**kwargs)
+
+
+def test_model_without_timm_blocks():
+    with pytest.raises(TypeError, match="blocks"):
+        inject(nn.Linear(4, 4), AdapterConfig(), verbose=False)
+    model = vit()
+    model.blocks[1] = nn.Identity()
+    with pytest.raises(TypeError, match=r"blocks\[1\] is torch.nn.modules.linear.Identity"):
+        inject(model, AdapterConfig(), verbose=False)
