@@ -5,6 +5,7 @@ stochastic depth 0.1 on the adapter branch."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 from dataclasses import dataclass
 from typing import Union
@@ -16,7 +17,7 @@ INITS = ("houlsby", "lora", "bert")
 SCALINGS = ("channel", "layer")
 
 
-@dataclass
+@dataclass(frozen=True)
 class AdapterConfig:
     """How to build and place bottleneck adapters in a ViT.
 
@@ -28,6 +29,9 @@ class AdapterConfig:
     bottleneck, after the activation (runs the plain-PyTorch path when > 0). norm: a
     LayerNorm on the adapter's input. bias: biases in both projections. train_head: keep the
     classifier head trainable (and save it with the adapters).
+
+    Frozen: an injected model keeps the config it was built from; derive variants with
+    dataclasses.replace or the presets' keyword overrides.
     """
 
     rank: int = 8
@@ -50,12 +54,12 @@ class AdapterConfig:
             raise ValueError(f"AdapterConfig.activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
         if self.init not in INITS:
             raise ValueError(f"AdapterConfig.init must be one of {INITS}, got {self.init!r}")
-        scaling_ok = self.scaling is None or self.scaling in SCALINGS or (
-            isinstance(self.scaling, numbers.Real) and not isinstance(self.scaling, bool)
-        )
-        if not scaling_ok:
+        number = isinstance(self.scaling, numbers.Real) and not isinstance(self.scaling, bool)
+        if number and math.isfinite(self.scaling):
+            object.__setattr__(self, "scaling", float(self.scaling))  # plain float: JSON-safe
+        elif not (self.scaling is None or self.scaling in SCALINGS):
             raise ValueError(
-                f"AdapterConfig.scaling must be 'channel', 'layer', a float or None, got {self.scaling!r}"
+                f"AdapterConfig.scaling must be 'channel', 'layer', a finite float or None, got {self.scaling!r}"
             )
         for name in ("drop_path", "dropout"):
             value = getattr(self, name)

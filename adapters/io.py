@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .config import AdapterConfig
-from .timm_vit import _block_dim, _blocks, _head_parameters, active_adapter, adapter_configs, inject, set_adapter
+from .timm_vit import _block_dim, _blocks, active_adapter, adapter_configs, head_parameters, inject, set_adapter
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -29,15 +29,14 @@ def _adapter_state(model: nn.Module, name: str, with_head: bool) -> dict[str, to
         for key, tensor in block.adapters[name].state_dict().items():
             state[f"blocks.{index}.{key}"] = tensor
     if with_head:
-        head = model.get_classifier()
-        for key, tensor in head.state_dict().items():
-            state[f"head.{key}"] = tensor
+        for key, parameter in head_parameters(model).items():
+            state[key] = parameter.detach()
     return state
 
 
 def _model_info(model: nn.Module) -> dict:
     blocks = _blocks(model)
-    head_params = _head_parameters(model)
+    head_params = list(head_parameters(model).values())
     return {
         "depth": len(blocks),
         "dim": _block_dim(blocks[0]),
@@ -51,6 +50,9 @@ def _atomic_write(path: Path, write) -> None:
     os.close(handle)
     try:
         write(temporary)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)  # mkstemp makes 0600; give the file a normal mode
         os.replace(temporary, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -72,8 +74,9 @@ def save_adapters(model: nn.Module, path: Union[str, os.PathLike], name: Optiona
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in _adapter_state(model, name, config.train_head).items()}
     meta = {"format_version": FORMAT_VERSION, "name": name, "config": config.to_dict(), "model": _model_info(model)}
+    text = json.dumps(meta, indent=2, sort_keys=True, allow_nan=False)  # fails before anything is written
     _atomic_write(folder / WEIGHTS_FILE, lambda tmp: save_file(state, tmp, metadata={"name": name}))
-    _atomic_write(folder / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2, sort_keys=True)))
+    _atomic_write(folder / CONFIG_FILE, lambda tmp: Path(tmp).write_text(text))
     return folder
 
 
@@ -105,8 +108,12 @@ def load_adapters(model: nn.Module, path: Union[str, os.PathLike], name: Optiona
     if config.train_head and saved["head_shapes"] != current["head_shapes"]:
         raise ValueError(f"the saved head has shapes {saved['head_shapes']}; this model's head has "
                          f"{current['head_shapes']} (create the model with num_classes={saved['num_classes']})")
-    if name not in adapter_configs(model):
+    existing = adapter_configs(model).get(name)
+    if existing is None:
         inject(model, config, name=name, verbose=verbose)
+    elif existing != config:
+        raise ValueError(f"the model's adapters {name!r} were built from {existing}, but {folder} holds "
+                         f"{config}; load into a model without them, or under another name")
     state = load_file(str(weights_path))
     expected = _adapter_state(model, name, config.train_head)
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))

@@ -37,6 +37,7 @@ class BottleneckAdapter(nn.Module):
         drop_path: float = 0.0,
         dropout: float = 0.0,
         norm: bool = False,
+        norm_eps: float = 1e-6,
         bias: bool = True,
         fused: bool = True,
         device=None,
@@ -54,7 +55,8 @@ class BottleneckAdapter(nn.Module):
         self.drop_path = float(drop_path)
         self.dropout = float(dropout)
         self.fused = fused
-        self.norm = nn.LayerNorm(dim, **factory) if norm else None
+        # eps 1e-6 as timm's ViTs; inject passes the block's own norm eps.
+        self.norm = nn.LayerNorm(dim, eps=norm_eps, **factory) if norm else None
         self.down = nn.Linear(dim, rank, bias=bias, **factory)
         self.up = nn.Linear(rank, dim, bias=bias, **factory)
         if config.scaling == "channel":
@@ -96,12 +98,12 @@ class BottleneckAdapter(nn.Module):
 
     def drop_path_scale(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         """The per-row DropPath factor [M] for x [batch, ..., D], or None outside training."""
-        if not self.training or self.drop_path == 0.0:
+        if not self.training or self.drop_path == 0.0 or x.numel() == 0:
             return None
         keep = 1.0 - self.drop_path
         samples = x.shape[0] if x.dim() > 1 else 1
+        rows_per_sample = x[0].numel() // x.shape[-1] if x.dim() > 1 else 1
         mask = torch.empty(samples, device=x.device, dtype=torch.float32).bernoulli_(keep).div_(keep)
-        rows_per_sample = x.numel() // (x.shape[-1] * samples)
         return mask.repeat_interleave(rows_per_sample)
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -11,7 +11,6 @@ fused op; its residual argument carries the skip connection.
 from __future__ import annotations
 
 import contextlib
-import sys
 from typing import Iterator, Optional
 
 import torch
@@ -32,6 +31,12 @@ class AdaptedBlockMixin:
     active_adapter: Optional[str]
     adapters: nn.ModuleDict
     adapter_positions: dict
+    _adapted_base: type  # the timm Block class this one extends
+
+    def __reduce_ex__(self, protocol):
+        # Pickle (torch.save of a whole model, deepcopy) by the base class, which is importable
+        # anywhere; the adapted subclass is rebuilt on load, in whatever process that is.
+        return _rebuild_adapted_block, (self._adapted_base,), self.__getstate__()
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         name = self.active_adapter
@@ -76,18 +81,20 @@ _ADAPTED_CLASSES: dict[type, type] = {}
 
 
 def _adapted_class(block_class: type) -> type:
-    """A subclass of block_class with the adapter forward, made once per class and registered in
-    this module, so adapted models pickle and deepcopy."""
+    """The subclass of block_class with the adapter forward, made once per class."""
     if issubclass(block_class, AdaptedBlockMixin):
         return block_class
     if block_class not in _ADAPTED_CLASSES:
-        name = f"Adapted{block_class.__name__}"
-        if name in globals():
-            name = f"{name}_{len(_ADAPTED_CLASSES)}"
-        adapted = type(name, (AdaptedBlockMixin, block_class), {"__module__": __name__})
-        setattr(sys.modules[__name__], name, adapted)
-        _ADAPTED_CLASSES[block_class] = adapted
+        _ADAPTED_CLASSES[block_class] = type(
+            f"Adapted{block_class.__name__}", (AdaptedBlockMixin, block_class),
+            {"__module__": __name__, "_adapted_base": block_class},
+        )
     return _ADAPTED_CLASSES[block_class]
+
+
+def _rebuild_adapted_block(block_class: type) -> nn.Module:
+    adapted = _adapted_class(block_class)
+    return adapted.__new__(adapted)
 
 
 def _blocks(model: nn.Module) -> nn.Sequential:
@@ -117,9 +124,12 @@ def _block_dim(block: nn.Module) -> int:
     return int(shape[-1])
 
 
-def _head_parameters(model: nn.Module) -> list[nn.Parameter]:
-    head = model.get_classifier() if hasattr(model, "get_classifier") else getattr(model, "head", None)
-    return list(head.parameters()) if isinstance(head, nn.Module) else []
+def head_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The classifier's parameters by their names in the model (distilled models have two heads)."""
+    heads = model.get_classifier() if hasattr(model, "get_classifier") else getattr(model, "head", None)
+    heads = heads if isinstance(heads, (tuple, list)) else (heads,)
+    ids = {id(p) for head in heads if isinstance(head, nn.Module) for p in head.parameters()}
+    return {name: p for name, p in model.named_parameters() if id(p) in ids}
 
 
 def adapter_configs(model: nn.Module) -> dict[str, AdapterConfig]:
@@ -149,10 +159,13 @@ def inject(model: nn.Module, config: Optional[AdapterConfig] = None, name: str =
         reference_param = next(block.parameters())
         factory = {"device": reference_param.device, "dtype": reference_param.dtype}
 
+        norm_eps = getattr(block.norm1, "eps", 1e-6)
+
         def make():
             return BottleneckAdapter(
                 dim, config.rank, activation=config.activation, scaling=config.scaling, init=config.init,
-                drop_path=config.drop_path, dropout=config.dropout, norm=config.norm, bias=config.bias, **factory,
+                drop_path=config.drop_path, dropout=config.dropout, norm=config.norm, norm_eps=norm_eps,
+                bias=config.bias, **factory,
             )
 
         # houlsby: the attention-branch adapter first, so model.modules() lists them in block order.
@@ -185,7 +198,7 @@ def set_adapter(model: nn.Module, name: str) -> None:
         block.active_adapter = name
         block.adapters[name].requires_grad_(True)
     if configs[name].train_head:
-        for parameter in _head_parameters(model):
+        for parameter in head_parameters(model).values():
             parameter.requires_grad_(True)
     model._fused_active_adapter = name
 

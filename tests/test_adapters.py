@@ -99,9 +99,10 @@ PRESETS = {
 }
 
 
+@pytest.mark.parametrize("model_name", ["test_vit", "test_vit2"])  # test_vit2: LayerScale in the branches
 @pytest.mark.parametrize("position", POSITIONS)
-def test_every_position_matches_its_formula(position):
-    model = inject(vit(), PRESETS[position], verbose=False).eval()
+def test_every_position_matches_its_formula(position, model_name):
+    model = inject(vit(model_name), PRESETS[position], verbose=False).eval()
     randomize_adapters(model)
     x = torch.randn(2, 5, model.embed_dim, device=DEVICE)
     for block in model.blocks:
@@ -146,6 +147,25 @@ def test_fused_path_matches_reference_path_with_drop_path():
     assert relative_error(out_fused, out_ref) < 1e-5
     for a, b in zip(grads_fused, grads_ref):
         assert relative_error(a, b) < 1e-4
+
+
+def test_drop_path_is_per_sample_over_keep_prob():
+    adapter = BottleneckAdapter(16, 4, drop_path=0.5).train()
+    with torch.no_grad():
+        adapter.up.weight.normal_()
+    x = torch.randn(6, 3, 16, device=DEVICE)
+    adapter.to(DEVICE)
+    torch.manual_seed(0)
+    trained = adapter(x, residual=torch.zeros_like(x))
+    plain = adapter.eval()(x, residual=torch.zeros_like(x))
+    ratios = set()
+    for sample in range(6):  # every token of a sample is kept (x 1/keep) or dropped together
+        ratio = (trained[sample] / plain[sample]).flatten()
+        assert torch.allclose(ratio, ratio[0].expand_as(ratio), atol=1e-4)
+        ratios.add(round(float(ratio[0]), 3))
+    assert ratios <= {0.0, 2.0} and len(ratios) == 2
+    empty = torch.randn(0, 3, 16, device=DEVICE)
+    assert adapter.train()(empty, residual=empty).shape == (0, 3, 16)
 
 
 def test_freezing_and_counts():
@@ -210,6 +230,64 @@ def test_save_load_round_trip(tmp_path):
         assert torch.equal(fresh(images()), model(images()))
 
 
+@pytest.mark.parametrize("scaling", [0.5, None, "layer"])
+def test_round_trip_scalings_and_distilled_heads(scaling, tmp_path):
+    model = inject(vit("deit_tiny_distilled_patch16_224", depth=2), AdapterConfig(scaling=scaling),
+                   verbose=False).eval()
+    assert model.head.weight.requires_grad and model.head_dist.weight.requires_grad  # both heads train
+    randomize_adapters(model)
+    with torch.no_grad():
+        model.head_dist.weight.add_(1.0)
+    folder = save_adapters(model, tmp_path / "out")
+    fresh = vit("deit_tiny_distilled_patch16_224", depth=2)
+    load_adapters(fresh, folder)
+    with torch.no_grad():
+        assert torch.equal(fresh.eval()(images()), model(images()))
+    assert adapter_configs(fresh)["default"] == adapter_configs(model)["default"]
+
+
+def test_whole_model_pickles_into_a_fresh_process(tmp_path):
+    import subprocess
+    import sys
+
+    model = inject(vit(), AdapterConfig(position="parallel"), verbose=False).eval()
+    randomize_adapters(model)
+    with torch.no_grad():
+        expected = model(images())
+    torch.save(model, tmp_path / "model.pt")
+    torch.save(expected, tmp_path / "expected.pt")
+    script = (
+        "import sys, torch; sys.path.insert(0, %r)\n"  # unpickling imports fused_adapters itself
+        "from test_adapters import images\n"
+        "model = torch.load(%r, weights_only=False)\n"
+        "expected = torch.load(%r)\n"
+        "with torch.no_grad(): assert torch.equal(model(images()), expected)\n"
+        "print('ok', type(model.blocks[0]).__name__)\n"
+    ) % (os.path.dirname(__file__), str(tmp_path / "model.pt"), str(tmp_path / "expected.pt"))
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "ok AdaptedBlock" in result.stdout, result.stderr[-2000:]
+    import copy
+
+    clone = copy.deepcopy(model)
+    with torch.no_grad():
+        assert torch.equal(clone(images()), expected)
+
+
+def test_config_is_frozen_and_checked_on_load(tmp_path):
+    import dataclasses
+
+    config = AdapterConfig()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.position = "pre"
+    model = inject(vit(), AdapterConfig(position="pre"), verbose=False)
+    folder = save_adapters(model, tmp_path / "out")
+    other = inject(vit(), AdapterConfig(), verbose=False)  # "default" exists, built as "post"
+    with pytest.raises(ValueError, match="were built from"):
+        load_adapters(other, folder)
+    load_adapters(other, folder, name="from_disk")  # under another name it is injected fresh
+    assert adapter_configs(other)["from_disk"].position == "pre"
+
+
 def test_load_errors(tmp_path):
     model = inject(vit(), AdapterConfig(), verbose=False)
     folder = save_adapters(model, tmp_path / "out")
@@ -264,6 +342,7 @@ def test_named_adapters_switch_and_disable():
         out_b = model(images())
         assert all(p.requires_grad == (".taskB." in n or n.startswith("head")) for n, p in model.named_parameters())
         set_adapter(model, "default")
+        assert all(p.requires_grad == (".default." in n or n.startswith("head")) for n, p in model.named_parameters())
         out_default = model(images())
         with disable_adapters(model):
             assert torch.allclose(model(images()), bare, atol=1e-6)
