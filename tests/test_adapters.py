@@ -30,11 +30,12 @@ IMG = 32  # 2 x 2 patches of 16: a few tokens keep the interpreter quick
 
 def vit(name="test_vit", seed=0, **kwargs):
     torch.manual_seed(seed)
-    return timm.create_model(name, pretrained=False, num_classes=5, img_size=IMG, **kwargs).to(DEVICE)
+    kwargs.setdefault("img_size", IMG)
+    return timm.create_model(name, pretrained=False, num_classes=5, **kwargs).to(DEVICE)
 
 
-def images(batch=2, seed=1):
-    return torch.randn(batch, 3, IMG, IMG, generator=torch.Generator().manual_seed(seed)).to(DEVICE)
+def images(batch=2, seed=1, size=IMG):
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed)).to(DEVICE)
 
 
 def randomize_adapters(model, seed=3):
@@ -112,20 +113,25 @@ def test_every_position_matches_its_formula(position, model_name):
         x = out.detach()
 
 
-@pytest.mark.parametrize("name", ["test_vit", "test_vit2", "test_vit3", "deit3_small_patch16_224"])
+@pytest.mark.parametrize("name", ["test_vit", "test_vit2", "test_vit3", "deit3_small_patch16_224",
+                                  "deit_tiny_patch16_224", "vit_small_patch14_reg4_dinov2"])
 def test_model_variants(name):
-    # class token or not, register tokens, LayerScale (deit3, test_vit2/3), map pooling (test_vit3)
-    kwargs = {"depth": 2} if name.startswith("deit3") else {}
+    # class token or not, register tokens, LayerScale (deit3, dinov2, test_vit2/3), map pooling
+    # (test_vit3), patch 14 (dinov2). Real architectures cut to 2 blocks to keep the interpreter quick.
+    kwargs = {} if name.startswith("test_vit") else {"depth": 2}
+    if "patch14" in name:
+        kwargs["img_size"] = 28
     model = vit(name, **kwargs)
+    x = images(size=kwargs.get("img_size", IMG))
     with torch.no_grad():
-        bare = model(images())
+        bare = model(x)
     inject(model, AdapterConfig(), verbose=False)
     with torch.no_grad():
-        assert torch.allclose(model.eval()(images()), bare, atol=1e-2)  # Houlsby init: near identity
+        assert torch.allclose(model.eval()(x), bare, atol=1e-2)  # Houlsby init: near identity
         randomize_adapters(model)
-        adapted = model(images())
+        adapted = model(x)
         with disable_adapters(model):
-            assert torch.allclose(model(images()), bare, atol=1e-6)
+            assert torch.allclose(model(x), bare, atol=1e-6)
     assert not torch.allclose(adapted, bare, atol=1e-3)
 
 
