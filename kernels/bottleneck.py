@@ -400,7 +400,7 @@ BACKWARD_HIDDEN_CONFIGS = {
     (32, "fp32"): BlockConfig("bwd_hidden_r32_fp32", 64, 64, 8, 2),
     (64, "fp32"): BlockConfig("bwd_hidden_r64_fp32", 32, 64, 8, 2),
     (128, "fp32"): BlockConfig("bwd_hidden_r128_fp32", 32, 32, 8, 2),
-    (256, "fp32"): BlockConfig("bwd_hidden_r256_fp32", 32, 32, 8, 2),
+    (256, "fp32"): BlockConfig("bwd_hidden_r256_fp32", 16, 32, 8, 2),
 }
 BACKWARD_WEIGHTS_CONFIGS = {
     (16, "half"): BlockConfig("bwd_weights_r16_half", 32, 64, 8, 2),

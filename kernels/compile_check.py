@@ -10,7 +10,7 @@ integers equal to 1 become constants), compiles with triton.compile for GPUTarge
 arch, 32), and reads registers and stack/local (spill) bytes from the cubin with the
 cuobjdump that ships in triton/backends/nvidia/bin. It also checks the PTX for tensor-core
 instructions (mma.sync on sm_80, wgmma or mma.sync on sm_90) wherever the dots run in
-fp16/bf16 or tf32, and for vectorized global loads.
+fp16/bf16 or tf32 (the "tf32" dtype: float32 with allow_tf32 on), and for vectorized global loads.
 
 Two shape scenarios:
   aligned    ViT-like: D, rank, rows and strides multiples of 16, aligned pointers. Must have
@@ -35,7 +35,12 @@ from dataclasses import dataclass
 import torch
 
 ARCHS = (80, 90)
-DTYPES = ("bfloat16", "float16", "float32")
+# "tf32" is float32 with torch.backends.cuda.matmul.allow_tf32 on: the same configs, MMA dots.
+DTYPES = ("bfloat16", "float16", "float32", "tf32")
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    return torch.float32 if name == "tf32" else getattr(torch, name)
 SCENARIOS = ("aligned", "unaligned")
 KERNELS = ("forward", "backward_hidden", "backward_weights")
 # Shared memory one block may opt in to: A100 (sm_80) 163 KiB, H100 (sm_90) 227 KiB.
@@ -149,8 +154,13 @@ def check_one(kernel: str, block_rank: int, dtype_name: str, arch: int, scenario
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    dtype = getattr(torch, dtype_name)
-    launch = build_launches(kernel, block_rank, dtype, scenario)
+    dtype = _torch_dtype(dtype_name)
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = dtype_name == "tf32"  # the launchers read it
+    try:
+        launch = build_launches(kernel, block_rank, dtype, scenario)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
     result = Result(kernel, launch.config.name, dtype_name, arch, scenario)
     try:
         signature, constexprs, attrs = specialize(launch)
@@ -196,7 +206,7 @@ def _cases(archs, dtypes, scenarios, kernels):
     for kernel in kernels:
         for block_rank, group in tables[kernel]:
             for dtype_name in dtypes:
-                if bn.dtype_group(getattr(torch, dtype_name)) != group:
+                if bn.dtype_group(_torch_dtype(dtype_name)) != group:
                     continue
                 for arch in archs:
                     for scenario in scenarios:
