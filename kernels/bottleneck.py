@@ -332,7 +332,7 @@ def _backward_input_and_weights_kernel(
         b_up_term = tl.load(b_up_ptr + col_ids, mask=col_mask, other=0.0).to(tl.float32) * acc_gs
         grad_scale += tl.where(pid_rank == 0, b_up_term, 0.0)
 
-    # Partials of chunk c, in the layout of _partials_layout:
+    # Partials of chunk c, in the layout of _partials_size:
     # [dw_up (D x r) | dw_down (r x D) | db_up (D) | dscale per rank block (blocks x D) | db_down (r)].
     rank_blocks = tl.num_programs(2)
     partial = partials_ptr + pid_chunk.to(tl.int64) * (2 * dim * rank + (1 + rank_blocks) * dim + rank)
