@@ -106,7 +106,9 @@ class BottleneckAdapter(nn.Module):
         mask = torch.empty(samples, device=x.device, dtype=torch.float32).bernoulli_(keep).div_(keep)
         return mask.repeat_interleave(rows_per_sample)
 
-    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual=None) -> torch.Tensor:
+        """residual: None, a tensor shaped like x, or a sequence of such tensors (their sum); x
+        itself may be one of them (see bottleneck_adapter)."""
         if x.shape[-1] != self.dim:
             raise ValueError(f"BottleneckAdapter(dim={self.dim}) got input of width {x.shape[-1]}")
         row_scale = self.drop_path_scale(x)
@@ -118,13 +120,18 @@ class BottleneckAdapter(nn.Module):
                   activation=self.activation, residual=residual, row_scale=row_scale)
 
     def _forward_unfused(self, x, residual, row_scale):
-        dtype = x.dtype
-        hidden = reference.bottleneck_hidden(x, self.down.weight, self.down.bias)
+        dtype = reference.compute_dtype(x)
+        hidden = reference.bottleneck_hidden(x, self.down.weight, self.down.bias, dtype)
         act = nn.functional.dropout(reference.activation_fn(self.activation)(hidden), self.dropout, True)
         bias = None if self.up.bias is None else self.up.bias.to(dtype)
         update = nn.functional.linear(act, self.up.weight.to(dtype), bias)
         if row_scale is not None:
             update = update * row_scale.to(dtype).reshape(*x.shape[:-1], 1)
-        if self.scale is not None:
-            update = update * (self.scale.to(dtype) if isinstance(self.scale, torch.Tensor) else self.scale)
-        return update if residual is None else residual + update
+        if isinstance(self.scale, torch.Tensor):
+            # Under autocast the scale multiplies in its own dtype, as in eager code and the op.
+            update = update * (self.scale if torch.is_autocast_enabled(x.device.type) else self.scale.to(dtype))
+        elif self.scale is not None:
+            update = update * self.scale
+        for term in reference.residual_terms(residual):
+            update = term + update
+        return update

@@ -4,7 +4,7 @@ named adapters, freeze the backbone, build AdamW parameter groups.
 Each timm `Block` in `model.blocks` keeps its weights and its state-dict keys; inject adds a
 ModuleDict `adapters` (name -> adapters of that name, one per adapted branch) and swaps the
 block's class for a subclass whose forward applies the active adapter at its position (the
-formulas of DESIGN.md, as the Adapter+ code defines them). Every adapter is one call of the
+formulas in the README, as the Adapter+ code defines them). Every adapter is one call of the
 fused op; its residual argument carries the skip connection.
 """
 
@@ -57,11 +57,13 @@ class AdaptedBlockMixin:
         if position == "intermediate":
             x = x + attn
             y = self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
-            return adapter["block"](y, residual=x + y)  # x + y + A(y)
+            # x + y + A(y): the op reads x and y and adds them in its epilogue, and dy's share for
+            # y joins dA/dy in one store, so the skip sum costs no kernel in either direction.
+            return adapter["block"](y, residual=(x, y))
         if position == "houlsby":
-            x = adapter["attn"](attn, residual=x + attn)  # x + y + A_attn(y), y the attention branch
+            x = adapter["attn"](attn, residual=(x, attn))  # x + y + A_attn(y), y the attention branch
             y = self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
-            return adapter["block"](y, residual=x + y)
+            return adapter["block"](y, residual=(x, y))
         # parallel: y = x + attention branch, z = y + mlp branch(y), out = z + A(y)
         y = x + attn
         z = y + self.drop_path2(self.ls2(self.mlp(self.norm2(y))))

@@ -424,3 +424,63 @@ def test_model_without_timm_blocks():
     model.blocks[1] = nn.Identity()
     with pytest.raises(TypeError, match=r"blocks\[1\] is torch.nn.modules.linear.Identity"):
         inject(model, AdapterConfig(), verbose=False)
+
+
+def fused_and_reference(position, seed=0):
+    """The same adapted model twice: fused adapters, and adapters that run the plain-PyTorch
+    reference (the eager code they replace)."""
+    fused = inject(vit(seed=seed), PRESETS[position], verbose=False)
+    randomize_adapters(fused)
+    reference_model = inject(vit(seed=seed), PRESETS[position], verbose=False)
+    reference_model.load_state_dict(fused.state_dict())
+    for module in reference_model.modules():
+        if isinstance(module, BottleneckAdapter):
+            module.fused = False
+    return fused, reference_model
+
+
+@pytest.mark.parametrize("autocast_dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("position", POSITIONS)
+def test_every_position_trains_under_autocast(position, autocast_dtype):
+    # An fp32 model under autocast, as users train: forward and backward of every position,
+    # DropPath on, against the same model in fp32. Both the fused model and the eager reference
+    # code under the same autocast land within the autocast dtype's rounding of it (the op's own
+    # numerics are pinned against float64 in test_bottleneck_autocast.py; through six blocks,
+    # the two autocast models' rounding errors differ by chance, either way).
+    fused, reference_model = fused_and_reference(position)
+    batch, labels = images(), torch.tensor([1, 3], device=DEVICE)
+    results = []
+    for model, autocast in ((fused, True), (reference_model, True), (reference_model, False)):
+        model.zero_grad()
+        torch.manual_seed(7)  # the same DropPath draws
+        with torch.autocast(DEVICE, dtype=autocast_dtype, enabled=autocast):
+            out = model(batch)
+            loss = nn.functional.cross_entropy(out, labels)
+        loss.backward()
+        grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+        results.append((out, grads))
+    (out, grads), (eager_out, eager_grads), (exact_out, exact_grads) = results
+    assert out.dtype == eager_out.dtype
+
+    tolerance = {torch.float16: 2e-2, torch.bfloat16: 1e-1}[autocast_dtype]
+
+    def no_worse(got, eager, exact, what):
+        error, eager_error = relative_error(got, exact), relative_error(eager, exact)
+        assert error <= max(tolerance, 3 * eager_error), f"{what}: {error:.2e} from fp32 (eager autocast {eager_error:.2e})"
+
+    no_worse(out, eager_out, exact_out, "output")
+    for name, grad in grads.items():
+        parameter = dict(fused.named_parameters())[name]
+        assert grad.dtype == parameter.dtype, name
+        no_worse(grad, eager_grads[name], exact_grads[name], name)
+
+
+@pytest.mark.parametrize("position", ["intermediate", "houlsby"])
+def test_skip_sum_positions_under_bf16_autocast(position):
+    # Used to fail: the block's fp32 skip x + y was rejected as a residual of another dtype
+    # than the bf16 branch output y.
+    model = inject(vit(), AdapterConfig(position=position, drop_path=0.0), verbose=False)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        out = model(images())
+    out.float().sum().backward()
+    assert torch.isfinite(out.float()).all()
