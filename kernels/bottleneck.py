@@ -39,7 +39,6 @@ torch.library custom op `fused_adapters::bottleneck_forward`, whose autograd cal
 
 from __future__ import annotations
 
-import numbers
 from typing import Optional, Union
 
 import torch
@@ -49,7 +48,12 @@ import triton.language as tl
 from . import reference
 from .activations import activation as _activation
 from .activations import activation_grad as _activation_grad
-from .launch import BlockConfig, Launch, device_context, is_interpreted, new_output, optional, sm_count
+from .checks import MAX_RANK, check_bottleneck_arguments
+from .launch import (
+    KERNEL_DTYPES, MIN_BLOCK_ROWS, PROGRAMS_PER_SM, TRITON_DTYPES, BlockConfig, Launch, device_context, dtype_group,
+    input_precision, int32_columns, new_output, optional, padded_rank, plan_block_rows, row_variants, sm_count,
+    takes_triton,
+)
 
 __all__ = [
     "bottleneck_adapter",
@@ -62,12 +66,6 @@ __all__ = [
     "uses_triton",
 ]
 
-# tl.dot needs every dimension >= 16, and tl.arange a power of two.
-MIN_BLOCK_RANK = 16
-MIN_BLOCK_ROWS = 16
-MAX_RANK = 256
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-TRITON_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 
 # --------------------------------------------------------------------------------------------
@@ -362,16 +360,6 @@ def _backward_input_and_weights_kernel(
 # --------------------------------------------------------------------------------------------
 
 
-def padded_rank(rank: int) -> int:
-    """The rank tile: the next power of two, at least tl.dot's minimum of 16."""
-    return max(MIN_BLOCK_RANK, triton.next_power_of_2(rank))
-
-
-def dtype_group(dtype: torch.dtype) -> str:
-    # fp32 dots without tf32 lower to FMAs, which need far more registers per tile than MMA.
-    return "fp32" if dtype == torch.float32 else "half"
-
-
 # Keyed by (padded rank, dtype group of the compute dtype). Every entry, and every smaller
 # block-rows variant plan_block_rows may derive from it, was compiled for sm_80 and sm_90 with
 # compile_check: the chosen tiles are the largest tried that have no spills in either
@@ -427,38 +415,9 @@ def block_config(table: dict, rank: int, dtype: torch.dtype) -> BlockConfig:
 # Launch plans: grids from M and the SM count
 # --------------------------------------------------------------------------------------------
 
-# Programs per SM every launch aims for at ViT sizes: with one, a single slow program leaves
-# its SM idle at the tail; two keep every SM busy while a wave drains.
-PROGRAMS_PER_SM = 2
 # Below GPU-filling sizes, the fp32 partials of the weight gradients, written once and read
 # once by the reduction, may cost at most this fraction of one M x D pass over x (see plan_chunks).
 PARTIALS_BUDGET = 0.05
-
-
-def row_variants(config: BlockConfig) -> list[BlockConfig]:
-    """The config and every smaller block-rows variant plan_block_rows may use (halving to 16),
-    with the column tile widened up to config.wide_dim as the rows halve, and fewer warps where
-    a thread would otherwise hold fewer than 4 elements of a tile (no 64-bit loads)."""
-    variants = [config]
-    block_rows, block_dim = config.block_rows, config.block_dim
-    while block_rows > MIN_BLOCK_ROWS:
-        block_rows //= 2
-        if block_dim * 2 <= config.wide_dim:
-            block_dim *= 2
-        warps = max(1, min(config.num_warps, block_rows * block_dim // (32 * 4)))
-        variants.append(BlockConfig(f"{config.name}_rows{block_rows}", block_rows, block_dim, warps,
-                                    config.num_stages, config.rank_tile, config.wide_dim))
-    return variants
-
-
-def plan_block_rows(config: BlockConfig, rows: int, sms: int) -> BlockConfig:
-    """The largest block rows (the config's, halved down to 16) whose row-tile grid gives every
-    SM PROGRAMS_PER_SM programs; the smallest when M is too small for that. ViT-B/16 batch 32
-    (M = 6304) on 132 SMs: 64 rows would give 99 programs, 16 rows give 394."""
-    for variant in row_variants(config):
-        if triton.cdiv(rows, variant.block_rows) >= PROGRAMS_PER_SM * sms:
-            return variant
-    return row_variants(config)[-1]
 
 
 def partials_size(dim: int, rank: int, rank_blocks: int) -> int:
@@ -490,44 +449,16 @@ def plan_chunks(rows: int, dim: int, rank: int, row_tiles: int, programs_per_chu
 # --------------------------------------------------------------------------------------------
 
 
-def _takes_triton(device_type: str, dtypes) -> bool:
-    """Whether tensors on this device with these dtypes (x, compute, output, residual) take the
-    Triton kernels (CUDA, or anywhere under TRITON_INTERPRET=1) or the reference."""
-    if any(dtype not in KERNEL_DTYPES for dtype in dtypes):
-        return False
-    if is_interpreted():
-        # The interpreter has no bf16 (tl.dot multiplies the raw bit patterns): bf16 anywhere
-        # takes the reference, CUDA tensors included, rather than a silently wrong answer.
-        return device_type in ("cpu", "cuda") and torch.bfloat16 not in dtypes
-    return device_type == "cuda"
-
-
 def uses_triton(x: torch.Tensor) -> bool:
     """Whether x takes the Triton kernels here (CUDA, or the interpreter under TRITON_INTERPRET=1),
     at the ambient autocast state, or the plain-PyTorch reference."""
-    return _takes_triton(x.device.type, (x.dtype, reference.compute_dtype(x)))
-
-
-def _input_precision(dtype: torch.dtype) -> str:
-    # fp32 dots follow torch's switch: tf32 tensor cores only when the user allowed them.
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
-    return "tf32"
+    return takes_triton(x.device.type, (x.dtype, reference.compute_dtype(x)))
 
 
 def _scale_mode(scale: Optional[torch.Tensor]) -> str:
     if scale is None:
         return "value"
     return "tensor" if scale.numel() == 1 else "channel"
-
-
-def _int32_columns(tensor: torch.Tensor) -> torch.Tensor:
-    """The kernels widen row offsets to int64 but keep column offsets in int32 (registers: every
-    element of a tile carries one). A layout whose column offsets pass 2^31 (column-major with
-    M * D >= 2^31) is copied to row-major instead of overflowing."""
-    if tensor.shape[1] > 0 and abs(tensor.stride(1)) * (tensor.shape[1] - 1) >= 2**31:
-        return tensor.contiguous()
-    return tensor
 
 
 def forward_launch(x, w_down, b_down, w_up, b_up, scale, scale_value, residual, add_input, row_scale, activation,
@@ -550,7 +481,7 @@ def forward_launch(x, w_down, b_down, w_up, b_up, scale, scale_value, residual, 
         ACTIVATION=activation, SCALE_MODE=_scale_mode(scale), HAS_B_DOWN=b_down is not None,
         HAS_B_UP=b_up is not None, HAS_RESIDUAL=residual is not None, ADD_INPUT=add_input,
         HAS_ROW_SCALE=row_scale is not None, STORE_HIDDEN=store_hidden,
-        COMPUTE_DTYPE=TRITON_DTYPES[compute_dtype], INPUT_PRECISION=_input_precision(compute_dtype),
+        COMPUTE_DTYPE=TRITON_DTYPES[compute_dtype], INPUT_PRECISION=input_precision(compute_dtype),
         BLOCK_ROWS=config.block_rows, BLOCK_DIM=config.block_dim, BLOCK_RANK=padded_rank(rank),
     )
     grid = (triton.cdiv(rows, config.block_rows),)
@@ -573,7 +504,7 @@ def backward_launches(grad_y, x, hidden, w_down, w_up, b_up, scale, scale_value,
     weights_config = block_config(BACKWARD_WEIGHTS_CONFIGS, rank, compute_dtype)
     rank_tile = weights_config.rank_tile or block_rank
     mode = _scale_mode(scale)
-    precision = _input_precision(compute_dtype)
+    precision = input_precision(compute_dtype)
     triton_dtype = TRITON_DTYPES[compute_dtype]
     scale_c = optional(scale, x)
     row_scale_c = optional(row_scale, x)
@@ -643,8 +574,8 @@ def _forward_triton(x, w_down, b_down, w_up, b_up, scale, scale_value, residual,
     if rows == 0:
         return y, hidden
     if residual is not None:
-        residual = _int32_columns(residual)
-    launch = forward_launch(_int32_columns(x), w_down, b_down, w_up, b_up, scale, scale_value, residual, add_input,
+        residual = int32_columns(residual)
+    launch = forward_launch(int32_columns(x), w_down, b_down, w_up, b_up, scale, scale_value, residual, add_input,
                             row_scale, activation, compute_dtype, y, hidden)
     with device_context(x):
         launch()
@@ -665,7 +596,7 @@ def _backward_triton(grad_y, x, hidden, w_down, b_down, w_up, b_up, scale, scale
     grad_hidden = new_output((rows, rank), compute_dtype, x.device)
     act = new_output((rows if padded_rank(rank) > 32 else 0, rank), compute_dtype, x.device)
     hidden_launch, weights_launch, partials = backward_launches(
-        _int32_columns(grad_y), _int32_columns(x), hidden, w_down, w_up, b_up, scale, scale_value, row_scale,
+        int32_columns(grad_y), int32_columns(x), hidden, w_down, w_up, b_up, scale, scale_value, row_scale,
         activation, compute_dtype, add_grad_y, grad_hidden, act, grad_x, grad_dtype,
     )
     with device_context(x):
@@ -723,9 +654,9 @@ def _scale_arg(scale: Optional[torch.Tensor], scale_value: float):
     return scale if scale is not None else (None if scale_value == 1.0 else scale_value)
 
 
-def _forward_takes_triton(x, residual, compute_dtype, out_dtype) -> bool:
+def _forwardtakes_triton(x, residual, compute_dtype, out_dtype) -> bool:
     dtypes = (x.dtype, compute_dtype, out_dtype) + ((residual.dtype,) if residual is not None else ())
-    return _takes_triton(x.device.type, dtypes)
+    return takes_triton(x.device.type, dtypes)
 
 
 def _forward_impl(
@@ -736,7 +667,7 @@ def _forward_impl(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """2-D x [M, D]. Returns y [M, D] in out_dtype and the pre-activation [M, r] in the compute
     dtype (or [0, r] when not saved). add_input: x itself is a residual term besides `residual`."""
-    if _forward_takes_triton(x, residual, compute_dtype, out_dtype):
+    if _forwardtakes_triton(x, residual, compute_dtype, out_dtype):
         return _forward_triton(x, w_down, b_down, w_up, b_up, scale, scale_value, residual, add_input, row_scale,
                                activation, compute_dtype, out_dtype, save_hidden)
     terms = ([x] if add_input else []) + ([residual] if residual is not None else [])
@@ -755,7 +686,7 @@ _forward_op = torch.library.custom_op("fused_adapters::bottleneck_forward", _for
 def _forward_fake(x, w_down, b_down, w_up, b_up, scale, scale_value, residual, add_input, row_scale, activation,
                   compute_dtype, out_dtype, autocast, save_hidden):
     rows = x.shape[0]
-    triton_path = _forward_takes_triton(x, residual, compute_dtype, out_dtype)
+    triton_path = _forwardtakes_triton(x, residual, compute_dtype, out_dtype)
     hidden_rows = rows if (save_hidden and triton_path) else 0
     return x.new_empty(x.shape, dtype=out_dtype), x.new_empty((hidden_rows, w_down.shape[0]), dtype=compute_dtype)
 
@@ -769,7 +700,7 @@ def _backward_impl(
     """dx ([M, D] in x's dtype, or [0, D] when not wanted; plus dy when add_grad_y) and the
     packed parameter gradients (see _unpack_param_grads, _grad_dtype); one tensor for all of
     them, since a custom op's outputs may not alias."""
-    if _takes_triton(x.device.type, (x.dtype, compute_dtype, grad_y.dtype)):
+    if takes_triton(x.device.type, (x.dtype, compute_dtype, grad_y.dtype)):
         return _backward_triton(grad_y, x, hidden, w_down, b_down, w_up, b_up, scale, scale_value, row_scale,
                                 activation, compute_dtype, add_grad_y, compute_dx)
     grad_x, grad_w_down, grad_b_down, grad_w_up, grad_b_up, grad_scale = reference.bottleneck_adapter_backward(
@@ -888,7 +819,7 @@ def bottleneck_adapter(
     plain-PyTorch reference unless TRITON_INTERPRET=1 was set before import, in which case the
     same kernels run in Triton's interpreter.
     """
-    scale_tensor, scale_value, terms = _check_arguments(x, w_down, b_down, w_up, b_up, scale, activation, residual,
+    scale_tensor, scale_value, terms = check_bottleneck_arguments(x, w_down, b_down, w_up, b_up, scale, activation, residual,
                                                         row_scale)
     dim = x.shape[-1]
     compute_dtype = reference.compute_dtype(x)
@@ -918,87 +849,3 @@ def bottleneck_adapter(
         compute_dtype, out_dtype, autocast, needs_grad,
     )
     return y.view(x.shape)
-
-
-def _check_arguments(x, w_down, b_down, w_up, b_up, scale, activation, residual, row_scale):
-    """Raise a TypeError/ValueError naming the argument; return (scale tensor or None, scale
-    value, residual terms)."""
-    _check_float_tensor("x", x)
-    if x.dim() < 1 or x.shape[-1] == 0:
-        raise ValueError(f"x must have shape [..., D] with D >= 1, got {tuple(x.shape)}")
-    dim = x.shape[-1]
-    rows = x.numel() // dim
-    _check_float_tensor("w_down", w_down)
-    if w_down.dim() != 2:
-        raise ValueError(f"w_down must have shape [rank, D] = [rank, {dim}], got {tuple(w_down.shape)}")
-    if w_down.shape[1] != dim:
-        raise ValueError(f"x has D = {dim}, w_down has D = {w_down.shape[1]}: w_down must have shape [rank, D] "
-                         f"with D = x.shape[-1]")
-    rank = w_down.shape[0]
-    if rank == 0:
-        raise ValueError("w_down has rank 0 (shape [0, D]); the bottleneck needs rank >= 1")
-    if rank > MAX_RANK and _takes_triton(x.device.type, (x.dtype,)):
-        raise ValueError(f"w_down has rank {rank}; the fused kernels support rank 1 to {MAX_RANK}")
-    _check_float_tensor("w_up", w_up)
-    if tuple(w_up.shape) != (dim, rank):
-        raise ValueError(f"w_up must have shape [D, rank] = [{dim}, {rank}], got {tuple(w_up.shape)}")
-    if b_down is not None:
-        _check_float_tensor("b_down", b_down)
-        if tuple(b_down.shape) != (rank,):
-            raise ValueError(f"b_down must have shape [rank] = [{rank}], got {tuple(b_down.shape)}")
-    if b_up is not None:
-        _check_float_tensor("b_up", b_up)
-        if tuple(b_up.shape) != (dim,):
-            raise ValueError(f"b_up must have shape [D] = [{dim}], got {tuple(b_up.shape)}")
-    if not isinstance(activation, str) or activation not in reference.ACTIVATIONS:
-        raise ValueError(f"activation must be one of {sorted(reference.ACTIVATIONS)}, got {activation!r}")
-    terms = _check_residual(x, residual)
-    if row_scale is not None:
-        _check_float_tensor("row_scale", row_scale)
-        if row_scale.dim() != 1 or row_scale.shape[0] != rows:
-            raise ValueError(
-                f"row_scale must have shape [M] = [{rows}] (one value per row of x), got {tuple(row_scale.shape)}"
-            )
-    scale_tensor, scale_value = None, 1.0
-    if isinstance(scale, torch.Tensor):
-        _check_float_tensor("scale", scale)
-        if scale.numel() != 1 and tuple(scale.shape) != (dim,):
-            raise ValueError(
-                f"scale must be a [D] = [{dim}] tensor, a one-element tensor, a float or None, "
-                f"got shape {tuple(scale.shape)}"
-            )
-        scale_tensor = scale
-    elif isinstance(scale, numbers.Real) and not isinstance(scale, bool):
-        scale_value = float(scale)
-    elif scale is not None:
-        raise TypeError(f"scale must be a tensor, a float or None, got {type(scale).__name__}")
-    named = [("w_down", w_down), ("b_down", b_down), ("w_up", w_up), ("b_up", b_up), ("scale", scale_tensor),
-             ("row_scale", row_scale)]
-    for name, tensor in named:
-        if tensor is not None and tensor.device != x.device:
-            raise ValueError(f"{name} is on {tensor.device} but x is on {x.device}; put all tensors on one device")
-    return scale_tensor, scale_value, terms
-
-
-def _check_residual(x, residual) -> list:
-    if residual is None or isinstance(residual, torch.Tensor):
-        terms, names = reference.residual_terms(residual), ["residual"]
-    elif isinstance(residual, (tuple, list)) and len(residual) > 0:
-        terms, names = list(residual), [f"residual[{i}]" for i in range(len(residual))]
-    else:
-        raise TypeError(f"residual must be a tensor shaped like x, a non-empty tuple or list of such tensors, or "
-                        f"None; got {type(residual).__name__}{' (empty)' if isinstance(residual, (tuple, list)) else ''}")
-    for name, term in zip(names, terms):
-        _check_float_tensor(name, term)
-        if term.shape != x.shape:
-            raise ValueError(f"{name} must have x's shape {tuple(x.shape)}, got {tuple(term.shape)}")
-        if term.device != x.device:
-            raise ValueError(f"{name} is on {term.device} but x is on {x.device}; put all tensors on one device")
-    return terms
-
-
-def _check_float_tensor(name: str, tensor) -> None:
-    if not isinstance(tensor, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
-    if not tensor.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor (float16, bfloat16 or float32), got {tensor.dtype}")

@@ -1,5 +1,6 @@
-"""What every fused op shares about launching kernels: the Launch record, block configurations,
-the SM count a launch plan is made for, output buffers, and which path a tensor takes."""
+"""What every fused op shares about launching kernels: the Launch record, block configurations
+and their smaller block-rows variants, launch plans for an SM count (settable with
+launch_plan), output buffers, and which path (Triton, interpreter, reference) tensors take."""
 
 from __future__ import annotations
 
@@ -10,8 +11,19 @@ from typing import Iterator, Optional
 
 import torch
 import triton
+import triton.language as tl
 
-__all__ = ["BlockConfig", "Launch", "launch_plan", "sm_count", "is_interpreted", "new_output", "device_context"]
+__all__ = [
+    "BlockConfig", "Launch", "launch_plan", "sm_count", "is_interpreted", "new_output", "device_context",
+    "padded_rank", "dtype_group", "row_variants", "plan_block_rows", "takes_triton", "input_precision",
+    "int32_columns", "KERNEL_DTYPES", "TRITON_DTYPES",
+]
+
+# tl.dot needs every dimension >= 16, and tl.arange a power of two.
+MIN_BLOCK_RANK = 16
+MIN_BLOCK_ROWS = 16
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+TRITON_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 
 @dataclass(frozen=True)
@@ -121,3 +133,72 @@ def optional(tensor: Optional[torch.Tensor], fallback: torch.Tensor) -> torch.Te
     that the kernel's constexpr flag keeps unread. M x D tensors never go through here: the
     kernels take their strides."""
     return fallback if tensor is None else tensor.contiguous()
+
+
+def padded_rank(rank: int) -> int:
+    """The rank tile: the next power of two, at least tl.dot's minimum of 16."""
+    return max(MIN_BLOCK_RANK, triton.next_power_of_2(rank))
+
+
+def dtype_group(dtype: torch.dtype) -> str:
+    # fp32 dots without tf32 lower to FMAs, which need far more registers per tile than MMA.
+    return "fp32" if dtype == torch.float32 else "half"
+
+
+# Programs per SM every launch aims for at ViT sizes: with one, a single slow program leaves
+# its SM idle at the tail; two keep every SM busy while a wave drains.
+PROGRAMS_PER_SM = 2
+
+
+def row_variants(config: BlockConfig) -> list[BlockConfig]:
+    """The config and every smaller block-rows variant plan_block_rows may use (halving to 16),
+    with the column tile widened up to config.wide_dim as the rows halve, and fewer warps where
+    a thread would otherwise hold fewer than 4 elements of a tile (no 64-bit loads)."""
+    variants = [config]
+    block_rows, block_dim = config.block_rows, config.block_dim
+    while block_rows > MIN_BLOCK_ROWS:
+        block_rows //= 2
+        if block_dim * 2 <= config.wide_dim:
+            block_dim *= 2
+        warps = max(1, min(config.num_warps, block_rows * block_dim // (32 * 4)))
+        variants.append(BlockConfig(f"{config.name}_rows{block_rows}", block_rows, block_dim, warps,
+                                    config.num_stages, config.rank_tile, config.wide_dim))
+    return variants
+
+
+def plan_block_rows(config: BlockConfig, rows: int, sms: int) -> BlockConfig:
+    """The largest block rows (the config's, halved down to 16) whose row-tile grid gives every
+    SM PROGRAMS_PER_SM programs; the smallest when M is too small for that. ViT-B/16 batch 32
+    (M = 6304) on 132 SMs: 64 rows would give 99 programs, 16 rows give 394."""
+    for variant in row_variants(config):
+        if triton.cdiv(rows, variant.block_rows) >= PROGRAMS_PER_SM * sms:
+            return variant
+    return row_variants(config)[-1]
+
+
+def takes_triton(device_type: str, dtypes) -> bool:
+    """Whether tensors on this device with these dtypes (x, compute, output, residual) take the
+    Triton kernels (CUDA, or anywhere under TRITON_INTERPRET=1) or the reference."""
+    if any(dtype not in KERNEL_DTYPES for dtype in dtypes):
+        return False
+    if is_interpreted():
+        # The interpreter has no bf16 (tl.dot multiplies the raw bit patterns): bf16 anywhere
+        # takes the reference, CUDA tensors included, rather than a silently wrong answer.
+        return device_type in ("cpu", "cuda") and torch.bfloat16 not in dtypes
+    return device_type == "cuda"
+
+
+def input_precision(dtype: torch.dtype) -> str:
+    # fp32 dots follow torch's switch: tf32 tensor cores only when the user allowed them.
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def int32_columns(tensor: torch.Tensor) -> torch.Tensor:
+    """The kernels widen row offsets to int64 but keep column offsets in int32 (registers: every
+    element of a tile carries one). A layout whose column offsets pass 2^31 (column-major with
+    M * D >= 2^31) is copied to row-major instead of overflowing."""
+    if tensor.shape[1] > 0 and abs(tensor.stride(1)) * (tensor.shape[1] - 1) >= 2**31:
+        return tensor.contiguous()
+    return tensor
