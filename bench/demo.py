@@ -5,8 +5,9 @@
 On a CUDA machine the Triton kernels run on the GPU (fp32, fp16, bf16) and the demo also times
 forward+backward against eager PyTorch. Without CUDA it runs the same kernels in Triton's
 interpreter (fp32, fp16). It prints, per dtype, the relative error of the output and of every
-gradient against a float64 reference, the Triton launches per pass, and the bytes kept for
-backward by the fused op and by eager PyTorch. The benchmark suite (pytest --benchmark) is the
+gradient against a float64 reference, the Triton launches per pass, the bytes kept for
+backward by the fused op and by eager PyTorch, and (in the interpreter) the bytes each moves
+against the floor. The benchmark suite (pytest --benchmark) is the
 place for real measurements; this is the smoke test a new user runs first.
 """
 
@@ -25,6 +26,7 @@ import triton.runtime.interpreter  # noqa: E402
 import triton.runtime.jit  # noqa: E402
 
 from fused_adapters.kernels import bottleneck_adapter, reference, uses_triton  # noqa: E402
+from fused_adapters.kernels.launch import is_interpreted  # noqa: E402
 
 
 def count_launches():
@@ -53,6 +55,26 @@ def saved_bytes(fn, tensors):
     # What the pass allocated to keep: inputs and parameters kept by reference cost nothing extra.
     extra = sum(t.numel() * t.element_size() for t in seen.values() if t.untyped_storage().data_ptr() not in leaves)
     return out, extra
+
+
+def bytes_line(fused, eager, tensors, grad) -> str:
+    """Forward and backward bytes against the floor (read x, write y; read dy and x, write dx),
+    counted in the interpreter, fused and eager."""
+    from fused_adapters.kernels.byte_count import count_bytes
+
+    x = tensors[0]
+    floor = x.numel() * x.element_size()
+    ratios = []
+    for fn in (fused, eager):
+        inputs = [t.detach().requires_grad_() for t in tensors]
+        with count_bytes(sm_count=132) as forward:
+            out = fn(*inputs)
+        with count_bytes(sm_count=132) as backward:
+            torch.autograd.grad(out, inputs, grad)
+        ratios.append((forward.total() / (2 * floor), backward.total() / (3 * floor)))
+    (fused_forward, fused_backward), (eager_forward, eager_backward) = ratios
+    return (f"fused forward {fused_forward:.2f}x backward {fused_backward:.2f}x; "
+            f"eager forward {eager_forward:.2f}x backward {eager_backward:.2f}x")
 
 
 def main():
@@ -108,6 +130,8 @@ def main():
         print(f"           Triton launches: forward {forward_launches}, backward {backward_launches}")
         print(f"           kept for backward beyond inputs: fused {fused_saved / 1024:.0f} KiB, "
               f"eager {eager_saved / 1024:.0f} KiB")
+        if is_interpreted() and uses_triton(x):
+            print("           bytes moved / floor (132-SM plan): " + bytes_line(fused, eager, tensors, grad))
         if device == "cuda":
             def step(fn):
                 out = fn(*tensors)

@@ -1,0 +1,76 @@
+"""Bytes the bottleneck adapter moves against its floor, fused and eager, on any machine.
+
+    python bench/bytes.py [--sms 132] [--shapes 768x768x8 6304x768x8 ...] [--residual x|skip+x]
+
+Runs the op forward and backward in Triton's interpreter (set here when CUDA is absent) with
+launches planned for a GPU of --sms SMs, and counts every load and store of its launches
+(distinct addresses within a launch) plus the PyTorch ops around them; eager PyTorch (the
+reference) is counted the same way. The floor: forward reads x (and any residual other than
+x) and writes y; backward reads dy and x and writes dx. fp16, row_scale and a channel scale on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import torch
+
+if "TRITON_INTERPRET" not in os.environ:
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: bytes are counted there
+
+from fused_adapters.kernels import bottleneck_adapter, reference  # noqa: E402
+from fused_adapters.kernels.byte_count import count_bytes  # noqa: E402
+
+DEFAULT_SHAPES = ["768x768x8", "1024x768x8", "6304x768x8", "768x768x16", "768x1024x16", "6304x768x16",
+                  "768x768x64", "1024x768x64", "6304x768x64"]
+
+
+def measure(fn, rows, dim, rank, residual, sms):
+    generator = torch.Generator().manual_seed(0)
+
+    def randn(*shape, std=1.0):
+        return (torch.randn(*shape, generator=generator) * std).half().requires_grad_(True)
+
+    x, skip = randn(rows, dim), randn(rows, dim)
+    params = [randn(rank, dim, std=dim ** -0.5), randn(rank, std=0.5), randn(dim, rank, std=rank ** -0.5),
+              randn(dim, std=0.5), randn(dim)]
+    row_scale = torch.rand(rows, generator=generator) + 0.5
+    arg = x if residual == "x" else (skip, x)
+    with count_bytes(sm_count=sms) as forward:
+        y = fn(x, *params, residual=arg, row_scale=row_scale)
+    inputs = [x, *params] + ([skip] if residual != "x" else [])
+    grad = torch.randn(y.shape, generator=generator).to(y.dtype)
+    with count_bytes(sm_count=sms) as backward:
+        torch.autograd.grad(y, inputs, grad)
+    X = rows * dim * 2
+    forward_floor = (2 if residual == "x" else 3) * X
+    return forward.total() / forward_floor, backward.total() / (3 * X), forward, backward
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sms", type=int, default=132, help="SM count the launches are planned for (H100: 132)")
+    parser.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES, help="MxDxr, e.g. 6304x768x8")
+    parser.add_argument("--residual", choices=["x", "skip+x"], default="x")
+    parser.add_argument("--no-eager", action="store_true", help="skip the eager baseline (faster)")
+    args = parser.parse_args()
+    print(f"bytes moved / floor, fp16, residual {args.residual}, launches planned for {args.sms} SMs")
+    print(f"{'M':>6} {'D':>5} {'r':>3}  {'fwd':>6} {'bwd':>6}  {'eager fwd':>9} {'eager bwd':>9}  "
+          f"{'programs per launch':<22} seconds")
+    for shape in args.shapes:
+        rows, dim, rank = (int(v) for v in shape.split("x"))
+        start = time.time()
+        forward_ratio, backward_ratio, forward, backward = measure(bottleneck_adapter, rows, dim, rank,
+                                                                   args.residual, args.sms)
+        eager = ("-", "-") if args.no_eager else measure(reference.bottleneck_adapter, rows, dim, rank,
+                                                         args.residual, args.sms)[:2]
+        programs = "/".join(str(launch.programs) for launch in forward.launches + backward.launches)
+        eager_text = "  ".join(f"{v:>8.2f}x" if isinstance(v, float) else f"{v:>9}" for v in eager)
+        print(f"{rows:>6} {dim:>5} {rank:>3}  {forward_ratio:>5.3f}x {backward_ratio:>5.3f}x  {eager_text}  "
+              f"{programs:<22} {time.time() - start:.0f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
