@@ -22,7 +22,7 @@ class AdapterConfig:
     """How to build and place bottleneck adapters in a ViT.
 
     rank: bottleneck width r. position: post | pre | intermediate | parallel | pfeiffer |
-    houlsby (see DESIGN.md). activation: gelu | gelu_tanh | relu | silu | identity.
+    houlsby (formulas in the README). activation: gelu | gelu_tanh | relu | silu | identity.
     scaling: "channel" (a learned [D] scale, init 1), "layer" (one learned scalar, init 1),
     a float (a constant), or None (no scale). init: houlsby | lora | bert. drop_path:
     stochastic depth on the adapter branch (per sample, training only). dropout: inside the

@@ -60,7 +60,7 @@ def adapter_formula(adapter: BottleneckAdapter, x, skip):
 
 
 def block_formula(block, x, position, slots):
-    """DESIGN.md's position formulas, written out from the block's own parts."""
+    """The README's position formulas, written out from the block's own parts."""
     def attn_branch(v):
         return block.drop_path1(block.ls1(block.attn(block.norm1(v))))
 
