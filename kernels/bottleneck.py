@@ -700,7 +700,11 @@ def _backward_impl(
     """dx ([M, D] in x's dtype, or [0, D] when not wanted; plus dy when add_grad_y) and the
     packed parameter gradients (see _unpack_param_grads, _grad_dtype); one tensor for all of
     them, since a custom op's outputs may not alias."""
-    if takes_triton(x.device.type, (x.dtype, compute_dtype, grad_y.dtype)):
+    # The kernels need the pre-activation the Triton forward saved; a forward that took the
+    # reference (e.g. a bf16 residual in the interpreter) saved none, and its backward is the
+    # reference's too.
+    saved = hidden.shape[0] == x.shape[0]
+    if saved and takes_triton(x.device.type, (x.dtype, compute_dtype, grad_y.dtype)):
         return _backward_triton(grad_y, x, hidden, w_down, b_down, w_up, b_up, scale, scale_value, row_scale,
                                 activation, compute_dtype, add_grad_y, compute_dx)
     grad_x, grad_w_down, grad_b_down, grad_w_up, grad_b_up, grad_scale = reference.bottleneck_adapter_backward(

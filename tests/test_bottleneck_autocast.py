@@ -106,6 +106,25 @@ def test_residual_of_another_dtype_without_autocast(kind, monkeypatch):
         assert case.residual.grad.dtype == torch.float32
 
 
+def test_forward_on_the_reference_keeps_its_backward_there():
+    # A bf16 residual sends the forward to the reference in the interpreter (no bf16 there);
+    # y is fp32 (fp16 x promoted by bf16), and the backward must not then take the kernels,
+    # which need the pre-activation only the Triton forward saves.
+    case = make_case((10, 16), rank=4, dtype=torch.float16, param_dtype=torch.float32)
+    residual = torch.randn(10, 16, dtype=torch.bfloat16, device=DEVICE, requires_grad=True)
+    out = bottleneck_adapter(case.x, case.w_down, case.b_down, case.w_up, case.b_up, case.scale, residual=residual,
+                             row_scale=case.row_scale)
+    assert out.dtype == torch.float32
+    out.sum().backward()
+    assert case.x.grad.dtype == torch.float16 and residual.grad.dtype == torch.bfloat16
+    ref_case = case.float64()
+    ref = reference.bottleneck_adapter(ref_case.x, ref_case.w_down, ref_case.b_down, ref_case.w_up, ref_case.b_up,
+                                       ref_case.scale, residual=residual.detach().double(),
+                                       row_scale=ref_case.row_scale)
+    (ref_grad_x,) = torch.autograd.grad(ref.sum(), [ref_case.x])
+    assert relative_error(case.x.grad, ref_grad_x) < TOLERANCE[torch.float16]
+
+
 def dtype_of(autocast, x_dtype, scale, residual_dtypes, autocast_dtype=torch.float16):
     x = torch.randn(3, 8, dtype=x_dtype)
     w_down, w_up = torch.randn(2, 8), torch.randn(8, 2)
