@@ -183,36 +183,30 @@ def _backward_hidden_kernel(
     if SCALE_MODE == "tensor":
         scalar_scale = tl.load(scale_ptr).to(tl.float32)
 
-    # d act = row_scale * (dy @ (scale * w_up)), reduced over D. On the MMA path the scale goes
-    # on the small w_up tile, so dy's tile goes from its load straight into the dot (scaling it
-    # first cost the 32-row configs their 64-bit loads). FMA dots (fp32 without tf32) keep the
-    # scale on dy: there a scaled w_up tile in the dot-operand layout spilled 150-340 bytes.
+    # d act = (dy * row_scale * scale) @ w_up, reduced over D. The scales multiply dy in fp32
+    # before it is rounded to the compute dtype, as eager autocast does (dy * scale, then the
+    # cast): a large fp32 dy (loss scaling) times a small scale stays finite.
     grad_act = tl.zeros((BLOCK_ROWS, BLOCK_RANK), dtype=tl.float32)
     for col_start in range(0, dim, BLOCK_DIM):
         col_ids = col_start + tl.arange(0, BLOCK_DIM)
         col_mask = col_ids < dim
-        grad_y = tl.load(
+        grad_update = tl.load(
             grad_y_ptr + row_ids[:, None] * stride_g_row + col_ids[None, :] * stride_g_col,
             mask=row_mask[:, None] & col_mask[None, :], other=0.0,
-        )
+        ).to(tl.float32)
+        if HAS_ROW_SCALE:
+            grad_update = grad_update * row_scale[:, None]
+        if SCALE_MODE == "channel":
+            grad_update = grad_update * tl.load(scale_ptr + col_ids, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        elif SCALE_MODE == "tensor":
+            grad_update = grad_update * scalar_scale
+        else:
+            grad_update = grad_update * scale_value
         w_up_tile = tl.load(
             w_up_ptr + col_ids[:, None] * rank + rank_ids[None, :],
             mask=col_mask[:, None] & rank_mask[None, :], other=0.0,
-        )
-        if SCALE_MODE == "channel":
-            col_scale = tl.load(scale_ptr + col_ids, mask=col_mask, other=0.0).to(tl.float32)
-        elif SCALE_MODE == "tensor":
-            col_scale = tl.full((BLOCK_DIM,), 1.0, tl.float32) * scalar_scale
-        else:
-            col_scale = tl.full((BLOCK_DIM,), 1.0, tl.float32) * scale_value
-        if INPUT_PRECISION == "ieee":
-            grad_y = grad_y.to(tl.float32) * col_scale[None, :]
-            w_up_tile = w_up_tile.to(dtype)
-        else:
-            w_up_tile = (w_up_tile.to(tl.float32) * col_scale[:, None]).to(dtype)
-        grad_act = tl.dot(grad_y.to(dtype), w_up_tile, grad_act, input_precision=INPUT_PRECISION)
-    if HAS_ROW_SCALE:
-        grad_act = grad_act * row_scale[:, None]
+        ).to(dtype)
+        grad_act = tl.dot(grad_update.to(dtype), w_up_tile, grad_act, input_precision=INPUT_PRECISION)
 
     hidden_mask = row_mask[:, None] & rank_mask[None, :]
     hidden = tl.load(hidden_ptr + row_ids[:, None] * rank + rank_ids[None, :], mask=hidden_mask,
@@ -654,8 +648,11 @@ def _scale_arg(scale: Optional[torch.Tensor], scale_value: float):
     return scale if scale is not None else (None if scale_value == 1.0 else scale_value)
 
 
-def _forwardtakes_triton(x, residual, compute_dtype, out_dtype) -> bool:
-    dtypes = (x.dtype, compute_dtype, out_dtype) + ((residual.dtype,) if residual is not None else ())
+def _forward_takes_triton(x, residual, compute_dtype, out_dtype, params) -> bool:
+    # The parameters' dtypes count too: the weights kernel stores gradients in their dtype (no
+    # bf16 stores in the interpreter: it truncates rather than rounds).
+    dtypes = (x.dtype, compute_dtype, out_dtype) + tuple(p.dtype for p in params if p is not None)
+    dtypes += (residual.dtype,) if residual is not None else ()
     return takes_triton(x.device.type, dtypes)
 
 
@@ -667,7 +664,7 @@ def _forward_impl(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """2-D x [M, D]. Returns y [M, D] in out_dtype and the pre-activation [M, r] in the compute
     dtype (or [0, r] when not saved). add_input: x itself is a residual term besides `residual`."""
-    if _forwardtakes_triton(x, residual, compute_dtype, out_dtype):
+    if _forward_takes_triton(x, residual, compute_dtype, out_dtype, (w_down, b_down, w_up, b_up, scale)):
         return _forward_triton(x, w_down, b_down, w_up, b_up, scale, scale_value, residual, add_input, row_scale,
                                activation, compute_dtype, out_dtype, save_hidden)
     terms = ([x] if add_input else []) + ([residual] if residual is not None else [])
@@ -686,7 +683,7 @@ _forward_op = torch.library.custom_op("fused_adapters::bottleneck_forward", _for
 def _forward_fake(x, w_down, b_down, w_up, b_up, scale, scale_value, residual, add_input, row_scale, activation,
                   compute_dtype, out_dtype, autocast, save_hidden):
     rows = x.shape[0]
-    triton_path = _forwardtakes_triton(x, residual, compute_dtype, out_dtype)
+    triton_path = _forward_takes_triton(x, residual, compute_dtype, out_dtype, (w_down, b_down, w_up, b_up, scale))
     hidden_rows = rows if (save_hidden and triton_path) else 0
     return x.new_empty(x.shape, dtype=out_dtype), x.new_empty((hidden_rows, w_down.shape[0]), dtype=compute_dtype)
 
@@ -838,6 +835,8 @@ def bottleneck_adapter(
     skip = None
     for term in others:
         skip = term if skip is None else skip + term
+    if scale_tensor is not None and scale_tensor.dim() > 1:
+        scale_tensor = scale_tensor.reshape(1)  # a one-element scale of any shape is layer-wise
     if scale_tensor is None and scale_value != 1.0 and torch.compiler.is_compiling():
         # A Python float reaches the op as a constant, and torch.compile would recompile for
         # every new value; a 0-d tensor is a graph input (and, 0-d, promotes nothing).

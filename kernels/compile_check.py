@@ -115,6 +115,7 @@ def build_launches(kernel: str, block_rank: int, dtype_name: str, scenario: str,
         hidden_launch, weights_launch, _ = bn.backward_launches(
             grad_y, x, hidden, w_down, w_up, b_up, scale, 1.0, row_scale, "gelu", compute, True,
             tensor(rows, rank, dt=compute), tensor(rows if block_rank > 32 else 0, rank, dt=compute), tensor(rows, dim),
+            dtype,  # one chunk here: the gradients stored in the parameters' dtype (fp32 for autocast_*)
         )
         launch = hidden_launch if kernel == "backward_hidden" else weights_launch
     if variant is not None:

@@ -74,7 +74,8 @@ def output_dtype(dtype: torch.dtype, autocast: bool, scale, residuals) -> torch.
     """The dtype of y, as eager PyTorch promotes: the update comes out of F.linear in the compute
     dtype; under autocast a [D] or [1] scale multiplies it in its own dtype (autocast leaves
     mul alone; a 0-d tensor or a float does not promote); each residual term is added in its
-    own dtype. Without autocast the parameters, scale included, are cast to x's dtype."""
+    own dtype. Without autocast the parameters, a [D] or [1] scale included, are cast to x's
+    dtype."""
     out = dtype
     if autocast and isinstance(scale, torch.Tensor) and scale.dim() > 0:
         out = torch.promote_types(out, scale.dtype)
@@ -128,7 +129,9 @@ def bottleneck_in_dtype(x, w_down, b_down, w_up, b_up, scale, *, activation, res
         if row_scale is not None:
             update = update * row_scale.detach().to(dtype).reshape(*x.shape[:-1], 1)
         if isinstance(scale, torch.Tensor):
-            update = update * (scale if autocast else scale.to(dtype))
+            # Without autocast a [D] or [1] scale is cast to the compute dtype like the other
+            # parameters; a 0-d one multiplies as the float it stands for.
+            update = update * (scale if autocast or scale.dim() == 0 else scale.to(dtype))
         elif scale is not None:
             update = update * scale
         if residual:

@@ -199,3 +199,44 @@ def test_uses_triton_follows_autocast():
 def test_cuda_autocast(kind, autocast_dtype, monkeypatch):
     case = make_case((4, 197, 384), rank=8, param_dtype=torch.float32)
     assert check_autocast(case, kind, HALF[autocast_dtype], monkeypatch)
+
+
+def test_bf16_parameters_take_the_reference_in_the_interpreter(monkeypatch):
+    # The weights kernel stores gradients in the parameters' dtype, and the interpreter's bf16
+    # stores truncate: bf16 parameters send the op to the reference there (on CUDA, the kernels).
+    from fused_adapters.kernels.launch import launch_plan
+
+    case = make_case((40, 24), rank=4, param_dtype=torch.bfloat16)
+    launches = LaunchCounter()
+    with launches.patch(monkeypatch), launch_plan(8):
+        out = case.call(bottleneck_adapter)
+        grads = torch.autograd.grad(out, [case.w_down, case.w_up], torch.ones_like(out))
+    assert bool(launches.names) == (DEVICE == "cuda")
+    _, ref_grads = reference_grads(case, torch.ones_like(out))
+    assert relative_error(grads[0], ref_grads["w_down"]) < TOLERANCE[torch.bfloat16]
+    assert relative_error(grads[1], ref_grads["w_up"]) < TOLERANCE[torch.bfloat16]
+
+
+def test_large_fp32_gradient_times_small_scale_stays_finite():
+    # Loss scaling: dy of 1e5 (past fp16's range) into an fp32 y under fp16 autocast, with a
+    # channel scale of 1e-3. As in eager autocast, dy * scale is formed in fp32 before the
+    # rounding to fp16, so dx and dw_down (through dh) stay finite.
+    case = make_case((32, 32), rank=4, param_dtype=torch.float32, row_scale=False, residual=False)
+    case.scale = torch.full((32,), 1e-3, device=DEVICE, requires_grad=True)
+    with torch.autocast(DEVICE, dtype=torch.float16):
+        out = bottleneck_adapter(case.x, case.w_down, case.b_down, case.w_up, case.b_up, case.scale, residual=case.x)
+    assert out.dtype == torch.float32
+    grad_x, grad_w_down = torch.autograd.grad(out, [case.x, case.w_down], torch.full_like(out, 1e5))
+    assert torch.isfinite(grad_x).all() and torch.isfinite(grad_w_down).all()
+
+
+def test_one_element_scale_of_any_shape_is_layer_wise():
+    for device_dtype in (torch.float64, torch.float32):  # the reference path and the kernels
+        case = make_case((6, 8), rank=3, dtype=device_dtype, param_dtype=device_dtype, residual=False)
+        scale = torch.full((1, 1, 1), 0.5, dtype=device_dtype, device=DEVICE, requires_grad=True)
+        out = bottleneck_adapter(case.x, case.w_down, case.b_down, case.w_up, case.b_up, scale)
+        assert out.shape == case.x.shape
+        expected = reference.bottleneck_adapter(case.x, case.w_down, case.b_down, case.w_up, case.b_up, 0.5)
+        assert relative_error(out, expected) < 1e-5
+        (grad_scale,) = torch.autograd.grad(out.sum(), [scale])
+        assert grad_scale.shape == (1, 1, 1)

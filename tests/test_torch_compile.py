@@ -97,3 +97,7 @@ def test_float_scale_does_not_recompile_for_every_value(path):
         out = compiled(case.x, scale)
         assert relative_error(out, adapter(case.x, scale)) < TOLERANCE[torch.float32]
     assert counter.frame_count <= 2, f"{counter.frame_count} compilations for 5 scale values"
+    # bf16 x (the reference path here): the float still multiplies unrounded, as in eager.
+    x16 = case.x.detach().bfloat16()
+    for scale in (0.7, 0.9):
+        assert torch.equal(compiled(x16, scale), adapter(x16, scale))
