@@ -278,6 +278,9 @@ def _backward_input_and_weights_kernel(
         act = tl.load(act_ptr + row_ids[:, None] * rank + rank_ids[None, :], mask=hidden_mask, other=0.0)
         if RECOMPUTE_ACT:  # act_ptr holds the pre-activation: one M x r pass instead of two
             act = _activation(act.to(tl.float32), ACTIVATION).to(dtype)
+        # Rounded before the channel scale, which the epilogue applies: dscale needs the unscaled
+        # sum, and a second [D, r] accumulator would not fit. So under fp16 autocast a fp32 dy past
+        # 65504 overflows dw_up/db_up/dscale where eager's dy * scale (scale < 1) would not.
         acc_ga = tl.dot(tl.trans(grad_update.to(dtype)), act, acc_ga, input_precision=INPUT_PRECISION)
         acc_gs += tl.sum(grad_update, axis=0)
 

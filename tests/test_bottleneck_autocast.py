@@ -220,7 +220,8 @@ def test_bf16_parameters_take_the_reference_in_the_interpreter(monkeypatch):
 def test_large_fp32_gradient_times_small_scale_stays_finite():
     # Loss scaling: dy of 1e5 (past fp16's range) into an fp32 y under fp16 autocast, with a
     # channel scale of 1e-3. As in eager autocast, dy * scale is formed in fp32 before the
-    # rounding to fp16, so dx and dw_down (through dh) stay finite.
+    # rounding to fp16, so dx and dw_down (through dh) stay finite. dw_up, db_up and dscale
+    # still overflow here (the weights kernel rounds dy * row_scale before the scale; see it).
     case = make_case((32, 32), rank=4, param_dtype=torch.float32, row_scale=False, residual=False)
     case.scale = torch.full((32,), 1e-3, device=DEVICE, requires_grad=True)
     with torch.autocast(DEVICE, dtype=torch.float16):
