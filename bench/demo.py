@@ -26,7 +26,7 @@ import triton.runtime.interpreter  # noqa: E402
 import triton.runtime.jit  # noqa: E402
 
 from fused_adapters.kernels import bottleneck_adapter, reference, uses_triton  # noqa: E402
-from fused_adapters.kernels.launch import is_interpreted  # noqa: E402
+from fused_adapters.kernels.launch import is_interpreted, launch_plan, sm_count  # noqa: E402
 
 
 def count_launches():
@@ -140,6 +140,12 @@ def main():
             fused_ms = triton.testing.do_bench(lambda: step(fused), return_mode="median")
             eager_ms = triton.testing.do_bench(lambda: step(eager), return_mode="median")
             print(f"           forward+backward median: fused {fused_ms * 1e3:.0f} us, eager {eager_ms * 1e3:.0f} us")
+            # The same op planned for a quarter of the SMs: bigger row tiles and fewer partials,
+            # half the programs per SM. Which plan wins is a GPU question.
+            sms = sm_count(x.device)
+            with launch_plan(max(1, sms // 4)):
+                coarse_ms = triton.testing.do_bench(lambda: step(fused), return_mode="median")
+            print(f"           fused planned for {max(1, sms // 4)} of {sms} SMs: {coarse_ms * 1e3:.0f} us")
 
 
 if __name__ == "__main__":
