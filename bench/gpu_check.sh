@@ -2,7 +2,7 @@
 # Everything GPU-side in one call: install, the tests on CUDA (bf16 and real launches included),
 # the compile check and the demo (with timings). Results go to the folder given, one file each.
 #
-#   bash bench/gpu_check.sh "$OUT"          # through the device tool
+#   bash bench/gpu_check.sh OUTPUT_DIR      # on a machine with a CUDA GPU
 #
 # The GPU machines have torch, triton, timm and pytest but no network, hence --no-deps.
 set -uo pipefail

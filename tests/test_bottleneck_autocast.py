@@ -19,11 +19,6 @@ def residual_arg(case, kind):
     return {"none": None, "x": case.x, "tensor": case.residual, "pair": (case.residual, case.x)}[kind]
 
 
-def reference_residual(ref_case, kind):
-    return {"none": None, "x": ref_case.x, "tensor": ref_case.residual,
-            "pair": (ref_case.residual, ref_case.x)}[kind]
-
-
 def check_autocast(case, kind, autocast_dtype, monkeypatch, device=DEVICE):
     """The op under autocast against the same expression in float64, and its dtypes against the
     reference under the same autocast."""
@@ -43,7 +38,7 @@ def check_autocast(case, kind, autocast_dtype, monkeypatch, device=DEVICE):
     ref_case = case.float64()
     ref_out = reference.bottleneck_adapter(
         ref_case.x, ref_case.w_down, ref_case.b_down, ref_case.w_up, ref_case.b_up, ref_case.scale,
-        activation=case.activation, residual=reference_residual(ref_case, kind), row_scale=ref_case.row_scale)
+        activation=case.activation, residual=residual_arg(ref_case, kind), row_scale=ref_case.row_scale)
     ref_inputs = {name: getattr(ref_case, name) for name in inputs}
     ref_grads = torch.autograd.grad(ref_out, list(ref_inputs.values()), grad_out.to(torch.float64))
     tolerance = TOLERANCE[autocast_dtype]
@@ -97,7 +92,7 @@ def test_residual_of_another_dtype_without_autocast(kind, monkeypatch):
     assert out.dtype == expected
     ref_case = case.float64()
     ref = reference.bottleneck_adapter(ref_case.x, ref_case.w_down, ref_case.b_down, ref_case.w_up, ref_case.b_up,
-                                       ref_case.scale, residual=reference_residual(ref_case, kind),
+                                       ref_case.scale, residual=residual_arg(ref_case, kind),
                                        row_scale=ref_case.row_scale)
     assert relative_error(out, ref) < TOLERANCE[torch.float16]
     out.float().sum().backward()

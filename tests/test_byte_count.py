@@ -63,25 +63,17 @@ def test_masked_copy_counts_only_unmasked_lanes(dtype):
     assert report.total(distinct=True) == report.total(distinct=False) == 2 * nbytes
 
 
-def test_reloaded_tile_counts_twice_over_all_accesses_once_distinct():
+@pytest.mark.parametrize("programs", [1, 3])
+def test_reloaded_tile_counts_each_time_over_all_accesses_once_distinct(programs):
+    # One program loading a tile twice, or several programs each loading the same tile twice.
     src = torch.randn(32)
     dst = torch.empty(32)
     with count_bytes() as report:
-        _load_twice_kernel[(1,)](src, dst, BLOCK=32)
+        _load_twice_kernel[(programs,)](src, dst, BLOCK=32)
     (only,) = report.launches
-    assert (only.loaded, only.loaded_distinct) == (2 * 128, 128)
-    assert (only.stored, only.stored_distinct) == (128, 128)
-    assert report.total(distinct=False) - report.total(distinct=True) == 128
-
-
-def test_every_program_reloading_the_same_tile_counts_once_distinct():
-    src = torch.randn(32)
-    dst = torch.empty(32)
-    with count_bytes() as report:
-        _load_twice_kernel[(3,)](src, dst, BLOCK=32)
-    (only,) = report.launches
-    assert (only.programs, only.loaded, only.loaded_distinct) == (3, 6 * 128, 128)
-    assert (only.stored, only.stored_distinct) == (3 * 128, 128)
+    assert (only.programs, only.loaded, only.loaded_distinct) == (programs, 2 * programs * 128, 128)
+    assert (only.stored, only.stored_distinct) == (programs * 128, 128)
+    assert report.total(distinct=False) - report.total(distinct=True) == (3 * programs - 2) * 128
 
 
 def test_scalar_load():
