@@ -22,6 +22,6 @@ setup(
     },
     install_requires=["torch>=2.4", "triton>=3.0", "timm>=1.0"],
     extras_require={
-        "dev": ["pytest", "pytest-benchmark", "hypothesis", "safetensors"],
+        "dev": ["pytest", "pytest-benchmark", "hypothesis", "safetensors", "matplotlib"],
     },
 )

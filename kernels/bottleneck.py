@@ -54,6 +54,7 @@ from .launch import (
     input_precision, int32_columns, new_output, optional, padded_rank, plan_block_rows, row_variants, sm_count,
     takes_triton,
 )
+from .variants import Variant, pick, register_variants, time_cuda
 
 __all__ = [
     "bottleneck_adapter",
@@ -64,6 +65,7 @@ __all__ = [
     "MAX_RANK",
     "padded_rank",
     "uses_triton",
+    "VARIANTS",
 ]
 
 
@@ -409,6 +411,35 @@ def block_config(table: dict, rank: int, dtype: torch.dtype) -> BlockConfig:
 
 
 # --------------------------------------------------------------------------------------------
+# Variants: named plans the caller may force (kernels.use_variant) and the benchmark compares.
+# Each picks among the configurations and flags above, all of which the compile check covers.
+# --------------------------------------------------------------------------------------------
+
+VARIANTS = (
+    Variant("default", "block rows planned from M and the SM count (the most rows that still give every SM "
+                       "two programs); at ranks up to 32 the backward recomputes act(h) from h"),
+    Variant("rows16", "16 rows per program in the row-tile launches: the most programs, smallest tiles",
+            block_rows=16),
+    Variant("rows32", "32 rows per program in the row-tile launches (the configuration's own where fewer)",
+            block_rows=32),
+    Variant("rows64", "64 rows per program in the row-tile launches (the configuration's own where fewer): "
+                      "the fewest programs, largest tiles", block_rows=64),
+    Variant("store_act", "planned block rows; at ranks up to 32 the backward's first launch also writes "
+                         "act(h) [M, r] for the second to read, instead of recomputing it", store_act=True),
+)
+register_variants("bottleneck_adapter", VARIANTS)
+DEFAULT_VARIANT = VARIANTS[0]
+
+
+def row_config(table: dict, rank: int, dtype: torch.dtype, rows: int, sms: int, variant: Variant) -> BlockConfig:
+    """A row-tile kernel's configuration: planned from M and the SM count, or the variant's rows."""
+    config = block_config(table, rank, dtype)
+    if not variant.block_rows:
+        return plan_block_rows(config, rows, sms)
+    return next(v for v in row_variants(config) if v.block_rows <= max(variant.block_rows, MIN_BLOCK_ROWS))
+
+
+# --------------------------------------------------------------------------------------------
 # Launch plans: grids from M and the SM count
 # --------------------------------------------------------------------------------------------
 
@@ -459,11 +490,11 @@ def _scale_mode(scale: Optional[torch.Tensor]) -> str:
 
 
 def forward_launch(x, w_down, b_down, w_up, b_up, scale, scale_value, residual, add_input, row_scale, activation,
-                   compute_dtype, y, hidden):
+                   compute_dtype, y, hidden, variant: Variant = DEFAULT_VARIANT):
     """The forward launch for 2-D x [M, D] writing y [M, D] and, if hidden has M rows, hidden [M, r]."""
     rows, dim = x.shape
     rank = w_down.shape[0]
-    config = plan_block_rows(block_config(FORWARD_CONFIGS, rank, compute_dtype), rows, sm_count(x.device))
+    config = row_config(FORWARD_CONFIGS, rank, compute_dtype, rows, sm_count(x.device), variant)
     store_hidden = hidden.shape[0] == rows
     args = dict(
         x_ptr=x, w_down_ptr=w_down.contiguous(), b_down_ptr=optional(b_down, x), w_up_ptr=w_up.contiguous(),
@@ -486,18 +517,20 @@ def forward_launch(x, w_down, b_down, w_up, b_up, scale, scale_value, residual, 
 
 
 def backward_launches(grad_y, x, hidden, w_down, w_up, b_up, scale, scale_value, row_scale, activation,
-                      compute_dtype, add_grad_y, grad_hidden, act, grad_x, grad_dtype=torch.float32):
+                      compute_dtype, add_grad_y, grad_hidden, act, grad_x, grad_dtype=torch.float32,
+                      variant: Variant = DEFAULT_VARIANT):
     """The two backward launches, and the fp32 partials buffer [chunks, partials size] they fill.
 
     grad_hidden and act [M, r] ([0, r] at ranks up to 32, where act is recomputed), in the compute
-    dtype, are scratch the first launch fills for the second. grad_x has M rows when dx is wanted, else 0; with add_grad_y it gets dy added
+    dtype, are scratch the first launch fills for the second (act has M rows with the store_act
+    variant too). grad_x has M rows when dx is wanted, else 0; with add_grad_y it gets dy added
     (x was a residual term). grad_dtype: the parameter gradients' dtype (see _grad_dtype).
     """
     rows, dim = x.shape
     rank = w_down.shape[0]
     block_rank = padded_rank(rank)
     sms = sm_count(x.device)
-    hidden_config = plan_block_rows(block_config(BACKWARD_HIDDEN_CONFIGS, rank, compute_dtype), rows, sms)
+    hidden_config = row_config(BACKWARD_HIDDEN_CONFIGS, rank, compute_dtype, rows, sms, variant)
     weights_config = block_config(BACKWARD_WEIGHTS_CONFIGS, rank, compute_dtype)
     rank_tile = weights_config.rank_tile or block_rank
     mode = _scale_mode(scale)
@@ -510,7 +543,7 @@ def backward_launches(grad_y, x, hidden, w_down, w_up, b_up, scale, scale_value,
     # At ranks up to 32 the weights kernel recomputes act from the saved pre-activation (no
     # spills there): the first launch then writes no act, which saves one M x r pass each way
     # (rank 16, M = 768, D = 768: backward 1.407x -> 1.400x the floor).
-    recompute_act = block_rank <= 32
+    recompute_act = block_rank <= 32 and not variant.store_act
 
     row_tiles = triton.cdiv(rows, weights_config.block_rows)
     col_tiles = triton.cdiv(dim, weights_config.block_dim)
@@ -572,11 +605,24 @@ def _forward_triton(x, w_down, b_down, w_up, b_up, scale, scale_value, residual,
         return y, hidden
     if residual is not None:
         residual = int32_columns(residual)
-    launch = forward_launch(int32_columns(x), w_down, b_down, w_up, b_up, scale, scale_value, residual, add_input,
-                            row_scale, activation, compute_dtype, y, hidden)
+    x = int32_columns(x)
+
+    def plan(variant):
+        return forward_launch(x, w_down, b_down, w_up, b_up, scale, scale_value, residual, add_input, row_scale,
+                              activation, compute_dtype, y, hidden, variant)
+
     with device_context(x):
-        launch()
+        key = (_shape_key(x, w_down, scale, residual, row_scale), add_input, activation, compute_dtype, out_dtype,
+               save_hidden)
+        variant = pick("bottleneck_adapter", "forward", key, x.device, lambda v: time_cuda(plan(v)))
+        plan(variant)()
     return y, hidden
+
+
+def _shape_key(x, w_down, scale, residual, row_scale) -> tuple:
+    """What an autotuned choice is keyed by: shapes, strides, dtypes and which inputs exist."""
+    return (tuple(x.shape), x.stride(), x.dtype, w_down.shape[0], _scale_mode(scale),
+            None if residual is None else (residual.dtype, residual.stride()), row_scale is not None)
 
 
 def _backward_triton(grad_y, x, hidden, w_down, b_down, w_up, b_up, scale, scale_value, row_scale, activation,
@@ -591,14 +637,31 @@ def _backward_triton(grad_y, x, hidden, w_down, b_down, w_up, b_up, scale, scale
         raise RuntimeError("bottleneck_adapter: backward without the saved pre-activation (the forward ran with "
                            "save_hidden=False)")
     grad_hidden = new_output((rows, rank), compute_dtype, x.device)
-    act = new_output((rows if padded_rank(rank) > 32 else 0, rank), compute_dtype, x.device)
-    hidden_launch, weights_launch, partials = backward_launches(
-        int32_columns(grad_y), int32_columns(x), hidden, w_down, w_up, b_up, scale, scale_value, row_scale,
-        activation, compute_dtype, add_grad_y, grad_hidden, act, grad_x, grad_dtype,
-    )
-    with device_context(x):
+    grad_y, x = int32_columns(grad_y), int32_columns(x)
+
+    def plan(variant):
+        store_act = padded_rank(rank) > 32 or variant.store_act
+        act = new_output((rows if store_act else 0, rank), compute_dtype, x.device)
+        return backward_launches(grad_y, x, hidden, w_down, w_up, b_up, scale, scale_value, row_scale, activation,
+                                 compute_dtype, add_grad_y, grad_hidden, act, grad_x, grad_dtype, variant)
+
+    def run(launches):
+        hidden_launch, weights_launch, _ = launches
         hidden_launch()
         weights_launch()
+
+    def time_variant(variant):
+        # Both launches write (never accumulate into) their outputs, so timing reruns are harmless.
+        launches = plan(variant)
+        return time_cuda(lambda: run(launches))
+
+    with device_context(x):
+        key = (_shape_key(x, w_down, scale, None, row_scale), grad_y.stride(), add_grad_y, compute_dx, activation,
+               compute_dtype, grad_dtype)
+        variant = pick("bottleneck_adapter", "backward", key, x.device, time_variant)
+        launches = plan(variant)
+        run(launches)
+    hidden_launch, weights_launch, partials = launches
     # One deterministic reduction over chunks for all five gradients (none with one chunk).
     totals = partials[0] if partials.shape[0] == 1 else partials.sum(dim=0).to(grad_dtype)
     rank_blocks = weights_launch.grid[2]

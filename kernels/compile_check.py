@@ -90,10 +90,12 @@ def _scenario_shapes(block_rank: int, scenario: str):
     return 3151, 771, max(1, block_rank // 2 + 1), True
 
 
-def build_launches(kernel: str, block_rank: int, dtype_name: str, scenario: str, variant=None):
+def build_launches(kernel: str, block_rank: int, dtype_name: str, scenario: str, variant=None,
+                   store_act: bool = False):
     """The Launch the package makes for this case, with every optional input present (the
     heaviest variant of each kernel: all biases, channel scale, x and another tensor as residual
-    terms, row_scale, gelu), at the block configuration `variant` (default: the plan's)."""
+    terms, row_scale, gelu), at the block configuration `variant` (default: the plan's), and for
+    the backward with act(h) stored at every rank when store_act (the store_act op variant)."""
     from . import bottleneck as bn
 
     rows, dim, rank, misaligned = _scenario_shapes(block_rank, scenario)
@@ -114,8 +116,10 @@ def build_launches(kernel: str, block_rank: int, dtype_name: str, scenario: str,
         grad_y = tensor(rows, dim)
         hidden_launch, weights_launch, _ = bn.backward_launches(
             grad_y, x, hidden, w_down, w_up, b_up, scale, 1.0, row_scale, "gelu", compute, True,
-            tensor(rows, rank, dt=compute), tensor(rows if block_rank > 32 else 0, rank, dt=compute), tensor(rows, dim),
+            tensor(rows, rank, dt=compute), tensor(rows if block_rank > 32 or store_act else 0, rank, dt=compute),
+            tensor(rows, dim),
             dtype,  # one chunk here: the gradients stored in the parameters' dtype (fp32 for autocast_*)
+            next(v for v in bn.VARIANTS if v.store_act) if store_act else bn.DEFAULT_VARIANT,
         )
         launch = hidden_launch if kernel == "backward_hidden" else weights_launch
     if variant is not None:
@@ -169,7 +173,8 @@ def _resource_usage(cubin: bytes) -> dict:
     return usage
 
 
-def check_one(kernel: str, block_rank: int, dtype_name: str, arch: int, scenario: str, variant=None) -> Result:
+def check_one(kernel: str, block_rank: int, dtype_name: str, arch: int, scenario: str, variant=None,
+              store_act: bool = False) -> Result:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -178,10 +183,10 @@ def check_one(kernel: str, block_rank: int, dtype_name: str, arch: int, scenario
     previous = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = dtype_name == "tf32"  # the launchers read it
     try:
-        launch = build_launches(kernel, block_rank, dtype_name, scenario, variant)
+        launch = build_launches(kernel, block_rank, dtype_name, scenario, variant, store_act)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = previous
-    result = Result(kernel, launch.config.name, dtype_name, arch, scenario)
+    result = Result(kernel, launch.config.name + ("+store_act" if store_act else ""), dtype_name, arch, scenario)
     try:
         signature, constexprs, attrs = specialize(launch)
         compiled = triton.compile(
@@ -231,13 +236,17 @@ def _cases(archs, dtypes, scenarios, kernels):
         for (block_rank, group), config in tables[kernel].items():
             # The row-tile kernels pick their block rows from M: every variant is compiled.
             variants = [config] if kernel == "backward_weights" else bn.row_variants(config)
+            # The store_act op variant changes the backward kernels' flags at ranks up to 32
+            # (above that they always store act).
+            store_acts = (False, True) if kernel != "forward" and block_rank <= 32 else (False,)
             for variant in variants:
-                for dtype_name in dtypes:
-                    if bn.dtype_group(_dtypes(dtype_name)[1]) != group:
-                        continue
-                    for arch in archs:
-                        for scenario in scenarios:
-                            yield kernel, block_rank, dtype_name, arch, scenario, variant
+                for store_act in store_acts:
+                    for dtype_name in dtypes:
+                        if bn.dtype_group(_dtypes(dtype_name)[1]) != group:
+                            continue
+                        for arch in archs:
+                            for scenario in scenarios:
+                                yield kernel, block_rank, dtype_name, arch, scenario, variant, store_act
 
 
 def _run_case(case) -> Result:
