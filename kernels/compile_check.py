@@ -173,6 +173,26 @@ def _resource_usage(cubin: bytes) -> dict:
     return usage
 
 
+def compile_launch(launch, arch: int):
+    """The kernel a GPU of this arch would compile for the launch (same specialization)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature, constexprs, attrs = specialize(launch)
+    return triton.compile(
+        ASTSource(launch.kernel, signature, constexprs, attrs),
+        target=GPUTarget("cuda", arch, 32),
+        options=dict(num_warps=launch.config.num_warps, num_stages=launch.config.num_stages),
+    )
+
+
+def launch_usage(launch, arch: int) -> dict:
+    """{"registers", "spill_bytes"} of the launch's kernel compiled for arch."""
+    usage = _resource_usage(compile_launch(launch, arch).asm["cubin"])
+    return {"registers": usage["REG"], "spill_bytes": usage["STACK"] + usage["LOCAL"]}
+
+
 def check_one(kernel: str, block_rank: int, dtype_name: str, arch: int, scenario: str, variant=None,
               store_act: bool = False) -> Result:
     import triton
@@ -188,12 +208,7 @@ def check_one(kernel: str, block_rank: int, dtype_name: str, arch: int, scenario
         torch.backends.cuda.matmul.allow_tf32 = previous
     result = Result(kernel, launch.config.name + ("+store_act" if store_act else ""), dtype_name, arch, scenario)
     try:
-        signature, constexprs, attrs = specialize(launch)
-        compiled = triton.compile(
-            ASTSource(launch.kernel, signature, constexprs, attrs),
-            target=GPUTarget("cuda", arch, 32),
-            options=dict(num_warps=launch.config.num_warps, num_stages=launch.config.num_stages),
-        )
+        compiled = compile_launch(launch, arch)
     except Exception as error:  # report and fail, do not crash the table
         result.error = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:200]
         result.failures = ("compile error",)

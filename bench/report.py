@@ -1,0 +1,649 @@
+"""Markdown report and plots from a benchmark run.
+
+    python -m bench.report RESULTS.json --out DIR
+
+RESULTS.json is what `pytest --benchmark --benchmark-json RESULTS.json` writes. The report
+(DIR/report.md) has one table per op, pass, dtype, dim and rank: a row per shape, a column per
+provider (and kernel variant), each cell the median time and the speedup over eager on the same
+shape, then tables of bandwidth, peak memory, bytes moved, bytes saved for backward and launch
+counts. Fused rows that could not be timed (no CUDA) appear in the same tables as "needs CUDA".
+Each group with a timed row also gets PNG plots of time, speedup and peak memory against rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, never a window: must be chosen before pyplot is imported
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import LogFormatter, NullLocator  # noqa: E402
+
+BASELINE = "eager"
+MEBIBYTE = 2 ** 20
+# Passes in the order a reader follows them: an op's forward before its backward, then the model.
+PASS_ORDER = {"forward": 0, "forward+backward": 1, "inference": 2, "train_step": 3}
+# Variant names that mean "the only variant", left out of column labels.
+PLAIN_VARIANTS = {None, "", "-", "default"}
+
+
+class ReportError(Exception):
+    """The input cannot be turned into a report; the message says why."""
+
+
+@dataclass(frozen=True)
+class Row:
+    """One measured (or, for fused rows on a machine without CUDA, unmeasured) configuration."""
+
+    op: str
+    pass_name: str
+    dtype: str
+    dim: int | None
+    rank: int | None
+    rows: int | None
+    shape: str
+    provider: str
+    variant: str
+    device: str | None
+    median: float | None  # seconds; None when the row was not timed
+    not_timed_text: str  # what a timing cell says when median is None
+    info: dict = field(compare=False, hash=False)
+
+    @property
+    def column(self) -> str:
+        if self.variant in PLAIN_VARIANTS:
+            return self.provider
+        return f"{self.provider}[{self.variant}]"
+
+    @property
+    def group_key(self) -> tuple:
+        return (self.op, self.pass_name, self.dtype, self.dim, self.rank)
+
+    @property
+    def shape_key(self) -> tuple:
+        return (self.rows, self.shape)
+
+    @property
+    def timed(self) -> bool:
+        return self.median is not None and self.median > 0
+
+    @property
+    def is_fused(self) -> bool:
+        return self.provider.startswith("fused")
+
+    def number(self, key: str) -> float | None:
+        """A numeric extra_info value, or None when it is absent, null or not a number."""
+        value = self.info.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+            return None
+        return value
+
+
+@dataclass
+class Group:
+    """The rows of one table: same op, pass, dtype, dim and rank."""
+
+    key: tuple
+    rows: list[Row]
+    slug: str = ""
+
+    @property
+    def title(self) -> str:
+        op, pass_name, dtype, dim, rank = self.key
+        parts = [op, pass_name, dtype]
+        if dim is not None:
+            parts.append(f"D={dim}")
+        if rank is not None:
+            parts.append(f"r={rank}")
+        return " ".join(parts)
+
+    @property
+    def is_model(self) -> bool:
+        return any(row.number("images_per_s") is not None for row in self.rows)
+
+    @property
+    def shapes(self) -> list[tuple]:
+        # Rows without a row count go last, in shape order.
+        keys = {row.shape_key for row in self.rows}
+        return sorted(keys, key=lambda key: (key[0] is None, key[0] or 0, key[1]))
+
+    @property
+    def columns(self) -> list[str]:
+        first_rows = {}
+        for row in self.rows:
+            first_rows.setdefault(row.column, row)
+        return sorted(first_rows, key=lambda column: _column_order(first_rows[column]))
+
+    def cell(self, shape_key: tuple, column: str) -> Row | None:
+        for row in self.rows:
+            if row.shape_key == shape_key and row.column == column:
+                return row
+        return None
+
+    def baseline(self, shape_key: tuple) -> Row | None:
+        row = self.cell(shape_key, BASELINE)
+        return row if row is not None and row.timed else None
+
+    def fastest_fused(self, shape_key: tuple) -> Row | None:
+        candidates = [row for row in self.rows if row.shape_key == shape_key and row.is_fused and row.timed]
+        return min(candidates, key=lambda row: row.median, default=None)
+
+
+def _column_order(row: Row) -> tuple:
+    # Baseline first, then the other unfused providers, then fused; within a provider the
+    # default variant leads.
+    if row.provider == BASELINE:
+        rank = 0
+    elif row.provider == "compile":
+        rank = 1
+    elif not row.is_fused:
+        rank = 2
+    else:
+        rank = 3
+    return (rank, row.provider, row.variant not in PLAIN_VARIANTS, row.variant or "")
+
+
+def _group_order(group: Group) -> tuple:
+    op, pass_name, dtype, dim, rank = group.key
+    return (group.is_model, op, PASS_ORDER.get(pass_name, len(PASS_ORDER)), pass_name, dtype,
+            dim is None, dim or 0, rank is None, rank or 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading the input
+
+
+def _as_int(value) -> int | None:
+    if isinstance(value, bool):
+        return None
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _as_text(value, fallback: str) -> str:
+    return fallback if value is None or value == "" else str(value)
+
+
+def _make_row(info: dict, median, fallback_name: str, fallback_device, not_timed_text: str) -> Row:
+    rows = _as_int(info.get("rows"))
+    dim, rank = _as_int(info.get("dim")), _as_int(info.get("rank"))
+    default_shape = f"rows={rows}" if rows is not None else fallback_name
+    if isinstance(median, bool) or not isinstance(median, (int, float)):
+        median = None
+    return Row(
+        op=_as_text(info.get("op"), fallback_name),
+        pass_name=_as_text(info.get("pass"), "-"),
+        dtype=_as_text(info.get("dtype"), "-"),
+        dim=dim,
+        rank=rank,
+        rows=rows,
+        shape=_as_text(info.get("shape"), default_shape),
+        # A benchmark that does not say what it runs is taken as its own provider, not as eager,
+        # so that nothing is ever compared against it by mistake.
+        provider=_as_text(info.get("provider"), fallback_name),
+        variant=_as_text(info.get("variant"), "-"),
+        device=info.get("device") or fallback_device,
+        median=median,
+        not_timed_text=not_timed_text,
+        info=info,
+    )
+
+
+def collect_rows(results: dict) -> list[Row]:
+    """Timed benchmarks and the suite's untimed fused rows, as one list."""
+    if not isinstance(results, dict):
+        raise ReportError("the input is not a pytest-benchmark JSON object")
+    benchmarks = results.get("benchmarks") or []
+    fused_block = results.get("fused_adapters") or {}
+    untimed = (fused_block.get("untimed") or []) if isinstance(fused_block, dict) else []
+    if not isinstance(benchmarks, list) or not isinstance(untimed, list):
+        raise ReportError("'benchmarks' and 'fused_adapters.untimed' must be lists")
+    rows = []
+    for benchmark in benchmarks:
+        if not isinstance(benchmark, dict):
+            continue
+        info = benchmark.get("extra_info")
+        info = info if isinstance(info, dict) else {}
+        stats = benchmark.get("stats")
+        stats = stats if isinstance(stats, dict) else {}
+        name = str(benchmark.get("group") or benchmark.get("name") or "benchmark")
+        rows.append(_make_row(info, stats.get("median"), name, None, "-"))
+    for info in untimed:
+        if isinstance(info, dict):
+            rows.append(_make_row(info, None, "fused", fused_block.get("device"), "needs CUDA"))
+    if not rows:
+        raise ReportError("no benchmarks in the input (was the suite run with --benchmark?)")
+    return rows
+
+
+def group_rows(rows: list[Row]) -> list[Group]:
+    groups: dict[tuple, Group] = {}
+    for row in rows:
+        group = groups.setdefault(row.group_key, Group(row.group_key, []))
+        existing = group.cell(row.shape_key, row.column)
+        if existing is None:
+            group.rows.append(row)
+        elif row.timed and not existing.timed:
+            # One cell, two rows: the timed one says more.
+            group.rows[group.rows.index(existing)] = row
+        else:
+            print(f"warning: two rows for {group.title}, {row.shape}, {row.column}; keeping the first",
+                  file=sys.stderr)
+    ordered = sorted(groups.values(), key=_group_order)
+    taken = set()
+    for group in ordered:
+        slug = re.sub(r"[^a-z0-9]+", "-", group.title.lower().replace("=", "")).strip("-") or "group"
+        unique, count = slug, 2
+        while unique in taken:
+            unique, count = f"{slug}-{count}", count + 1
+        taken.add(unique)
+        group.slug = unique
+    return ordered
+
+
+# ---------------------------------------------------------------------------------------------
+# Formatting
+
+
+def significant(value: float, digits: int = 3) -> str:
+    """value with `digits` significant digits, never in scientific notation."""
+    if value == 0:
+        return "0"
+    if abs(value) >= 10 ** (digits - 1):
+        return f"{value:.0f}"  # whole numbers keep all their digits: 1106 GB/s, not 1110
+    rounded = float(f"{value:.{digits}g}")  # round first so that 99.96 becomes 100, not 100.0
+    magnitude = math.floor(math.log10(abs(rounded)))
+    return f"{rounded:.{max(digits - 1 - magnitude, 0)}f}"
+
+
+def format_time(seconds: float) -> str:
+    rounded = float(f"{seconds:.3g}")  # pick the unit after rounding: 999.7 us reads 1.00 ms
+    if rounded < 1e-3:
+        return f"{significant(seconds * 1e6)} us"
+    if rounded < 1:
+        return f"{significant(seconds * 1e3)} ms"
+    return f"{significant(seconds)} s"
+
+
+def format_mebibytes(value: float) -> str:
+    return significant(value / MEBIBYTE)
+
+
+def speedup(group: Group, row: Row) -> float | None:
+    """How many times faster than eager on the same shape; None without a timed eager row."""
+    baseline = group.baseline(row.shape_key)
+    if baseline is None or not row.timed:
+        return None
+    if group.is_model:
+        # Model rows report throughput; compare that, so the cell agrees with its own numbers.
+        mine, theirs = row.number("images_per_s"), baseline.number("images_per_s")
+        if mine is not None and theirs:
+            return mine / theirs
+    return baseline.median / row.median
+
+
+def timing_cell(group: Group, row: Row | None, bold: bool) -> str:
+    if row is None:
+        return ""
+    if not row.timed:
+        return row.not_timed_text
+    text = format_time(row.median)
+    images_per_s = row.number("images_per_s")
+    if images_per_s is not None:
+        text = f"{significant(images_per_s)} img/s, {text}"
+    ratio = speedup(group, row)
+    if ratio is not None:
+        text += f" ({ratio:.2f}x)"
+    return f"**{text}**" if bold else text
+
+
+def markdown_table(header: list[str], body: list[list[str]]) -> list[str]:
+    """A Markdown table padded to line up in plain text too."""
+    cells = [[cell.replace("|", "\\|") for cell in line] for line in [header, *body]]
+    widths = [max(3, *(len(line[index]) for line in cells)) for index in range(len(header))]
+
+    def line_text(line):
+        return "| " + " | ".join(cell.ljust(width) for cell, width in zip(line, widths)) + " |"
+
+    return [line_text(cells[0]), "|" + "|".join("-" * (width + 2) for width in widths) + "|",
+            *(line_text(line) for line in cells[1:])]
+
+
+# ---------------------------------------------------------------------------------------------
+# Header
+
+
+def _devices(rows: list[Row], results: dict) -> list[str]:
+    devices = list(dict.fromkeys(str(row.device) for row in rows if row.device))
+    if devices:
+        return devices
+    cpu = (results.get("machine_info") or {}).get("cpu") or {}
+    return [cpu.get("brand_raw")] if isinstance(cpu, dict) and cpu.get("brand_raw") else ["unknown"]
+
+
+def _versions(machine_info: dict) -> list[str]:
+    """torch, triton and CUDA versions, wherever the suite put them in machine_info."""
+    if not isinstance(machine_info, dict):
+        return []
+    # The suite may store them at the top level or one level down (e.g. under "versions").
+    candidates = dict(machine_info)
+    for value in machine_info.values():
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                candidates.setdefault(key, inner)
+    found = []
+    for library in ("torch", "triton", "cuda"):
+        for key in (library, f"{library}_version", f"{library}version"):
+            value = candidates.get(key)
+            if isinstance(value, dict):
+                value = value.get("version")
+            if value not in (None, "") and not isinstance(value, (dict, list)):
+                found.append(f"{library} {value}")
+                break
+    if machine_info.get("python_version"):
+        found.append(f"python {machine_info['python_version']}")
+    return found
+
+
+def copy_bandwidths(rows: list[Row], results: dict) -> dict[str | None, float]:
+    """Measured copy bandwidth per device (GB/s); the key None holds the run-wide value."""
+    bandwidths: dict[str | None, float] = {}
+    fused_block = results.get("fused_adapters")
+    if isinstance(fused_block, dict):
+        value = fused_block.get("copy_gbps")
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+            bandwidths[None] = value
+    for row in rows:
+        value = row.number("copy_gbps")
+        if value is not None and value > 0:
+            bandwidths.setdefault(row.device, value)
+    return bandwidths
+
+
+def header_lines(rows: list[Row], results: dict) -> list[str]:
+    lines = ["# Benchmark report", ""]
+    lines.append(f"- Device: {', '.join(_devices(rows, results))}")
+    if results.get("datetime"):
+        lines.append(f"- Date: {results['datetime']}")
+    versions = _versions(results.get("machine_info") or {})
+    if versions:
+        lines.append(f"- Versions: {', '.join(versions)}")
+    commit = results.get("commit_info") or {}
+    if isinstance(commit, dict) and commit.get("id"):
+        text = str(commit["id"])[:10]
+        if commit.get("branch"):
+            text += f" on {commit['branch']}"
+        if commit.get("dirty"):
+            text += " (uncommitted changes)"
+        lines.append(f"- Commit: {text}")
+    bandwidths = copy_bandwidths(rows, results)
+    if len(set(bandwidths.values())) > 1:
+        # Several devices measured different copy speeds: say which is which.
+        parts = [f"{significant(value)} GB/s ({device or 'run'})" for device, value in bandwidths.items()]
+        lines.append(f"- Copy bandwidth: {', '.join(parts)}")
+    elif bandwidths:
+        lines.append(f"- Copy bandwidth: {significant(next(iter(bandwidths.values())))} GB/s")
+    else:
+        lines.append("- Copy bandwidth: not measured")
+    fused_block = results.get("fused_adapters") or {}
+    if isinstance(fused_block, dict) and fused_block.get("sms"):
+        lines.append(f"- Fused launches planned for {fused_block['sms']} SMs")
+    lines.append("")
+    if isinstance(fused_block, dict) and fused_block.get("note"):
+        lines += [f"> **Note:** {fused_block['note']}", ""]
+    lines += ["Time cells: median time (speedup over eager on the same shape); model rows lead with "
+              "images per second. Bold: the fastest timed fused variant on that shape. "
+              "\"needs CUDA\": a fused row that this machine could not time. "
+              "A variant other than the default is written in brackets, e.g. fused[rows16].", ""]
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------
+# Group tables
+
+
+def _copy_for(row: Row, bandwidths: dict) -> float | None:
+    return row.number("copy_gbps") or bandwidths.get(row.device) or bandwidths.get(None)
+
+
+def _bandwidth_cell(row: Row, bandwidths: dict) -> str:
+    gbps = row.number("gbps")
+    if gbps is None:
+        return ""
+    copy = _copy_for(row, bandwidths)
+    return f"{significant(gbps)} ({gbps / copy:.0%})" if copy else significant(gbps)
+
+
+def _bytes_cell(key: str):
+    def cell(row: Row, bandwidths: dict) -> str:
+        value = row.number(key)
+        return "" if value is None else format_mebibytes(value)
+    return cell
+
+
+def _moved_cell(row: Row, bandwidths: dict) -> str:
+    moved, floor = row.number("moved_bytes"), row.number("floor_bytes")
+    return f"{moved / floor:.2f}x" if moved is not None and floor else ""
+
+
+def _launches_cell(row: Row, bandwidths: dict) -> str:
+    triton, aten = row.number("triton_launches"), row.number("aten_kernels")
+    if triton is None and aten is None:
+        return ""
+    return " + ".join("?" if count is None else str(int(count)) for count in (triton, aten))
+
+
+DETAIL_TABLES = [
+    ("GB/s (% of copy)", _bandwidth_cell),
+    ("peak memory (MiB)", _bytes_cell("peak_mem_bytes")),
+    ("bytes moved / floor", _moved_cell),
+    ("saved for backward (MiB)", _bytes_cell("saved_bytes")),
+    ("launches (triton + aten)", _launches_cell),
+]
+
+
+def group_lines(group: Group, bandwidths: dict, plots: list[tuple[str, str]]) -> list[str]:
+    columns, shapes = group.columns, group.shapes
+    lines = [f"## {group.title}", ""]
+    body = []
+    for shape_key in shapes:
+        fastest = group.fastest_fused(shape_key)
+        line = [shape_key[1]]
+        for column in columns:
+            row = group.cell(shape_key, column)
+            line.append(timing_cell(group, row, bold=row is not None and row is fastest))
+        body.append(line)
+    lines += markdown_table(["shape", *columns], body) + [""]
+    for title, make_cell in DETAIL_TABLES:
+        body = [[shape_key[1]] + [make_cell(row, bandwidths) if (row := group.cell(shape_key, column)) else ""
+                                  for column in columns]
+                for shape_key in shapes]
+        if any(any(line[1:]) for line in body):
+            lines += [f"{title}:", ""] + markdown_table(["shape", *columns], body) + [""]
+    if plots:
+        lines += [" ".join(f"![{caption}]({name})" for caption, name in plots), ""]
+    return lines
+
+
+def fastest_lines(groups: list[Group]) -> list[str]:
+    lines = ["## Fastest fused variant per shape", ""]
+    for group in groups:
+        fused = [row for row in group.rows if row.is_fused]
+        if not fused:
+            lines.append(f"- {group.title}: no fused rows")
+            continue
+        if not any(row.timed for row in fused):
+            lines.append(f"- {group.title}: fused timings need CUDA (not timed on this machine)")
+            continue
+        lines.append(f"- {group.title}:")
+        for shape_key in group.shapes:
+            fastest = group.fastest_fused(shape_key)
+            if fastest is not None:
+                text = f"{fastest.column}, {timing_cell(group, fastest, bold=False)}"
+            elif any(row.shape_key == shape_key for row in fused):
+                text = "fused timings need CUDA"
+            else:
+                text = "no fused row"
+            lines.append(f"  - {shape_key[1]}: {text}")
+    return lines + [""]
+
+
+# ---------------------------------------------------------------------------------------------
+# Plots
+
+
+def _time_unit(seconds: list[float]) -> tuple[str, float]:
+    typical = sorted(seconds)[len(seconds) // 2]
+    if typical < 1e-3:
+        return "us", 1e6
+    if typical < 1:
+        return "ms", 1e3
+    return "s", 1.0
+
+
+def _new_axes(group: Group, ylabel: str, rows: list[int], log_y: bool):
+    figure, axes = plt.subplots(figsize=(6.4, 4.2))
+    axes.set_xscale("log")
+    if log_y:
+        axes.set_yscale("log")
+        # Plain numbers (60, 100) rather than 6x10^1; minor ticks labelled when the range is narrow.
+        plain = LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5))
+        axes.yaxis.set_major_formatter(plain)
+        axes.yaxis.set_minor_formatter(plain)
+    # Only the measured row counts as ticks: a log axis over a narrow range labels too few.
+    axes.set_xticks(rows, [str(value) for value in rows])
+    axes.xaxis.set_minor_locator(NullLocator())
+    axes.set_xlabel("batch size" if group.is_model else "rows (M)")
+    axes.set_ylabel(ylabel)
+    axes.set_title(group.title, fontsize=10)
+    axes.grid(True, which="major", alpha=0.3)
+    if not log_y:
+        axes.set_ylim(bottom=0)  # speedups and memory read as proportions: start the axis at zero
+    return figure, axes
+
+
+def _save(figure, axes, path: Path) -> None:
+    if axes.get_legend_handles_labels()[0]:
+        axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def _series(group: Group, column: str, value) -> tuple[list[int], list[float]]:
+    points = []
+    for row in group.rows:
+        if row.column == column and row.rows is not None:
+            y = value(row)
+            if y is not None:
+                points.append((row.rows, y))
+    points.sort()
+    return [x for x, _ in points], [y for _, y in points]
+
+
+def write_plots(group: Group, out_dir: Path) -> list[tuple[str, str]]:
+    """PNG plots for one group; returns (caption, file name) pairs to link from the report."""
+    timed = [row for row in group.rows if row.timed and row.rows is not None]
+    if not timed:
+        return []
+    columns = group.columns
+    colors = {column: f"C{index % 10}" for index, column in enumerate(columns)}
+    all_rows = sorted({row.rows for row in timed})
+    plots = []
+
+    unit, scale = _time_unit([row.median for row in timed])
+    figure, axes = _new_axes(group, f"median time ({unit})", all_rows, log_y=True)
+    for column in columns:
+        xs, ys = _series(group, column, lambda row: row.median * scale if row.timed else None)
+        if xs:
+            axes.plot(xs, ys, marker="o", color=colors[column], label=column)
+    name = f"{group.slug}-time.png"
+    _save(figure, axes, out_dir / name)
+    plots.append(("median time", name))
+
+    speedup_series = [(column, *_series(group, column, lambda row: speedup(group, row)))
+                      for column in columns if column != BASELINE]
+    speedup_series = [series for series in speedup_series if series[1]]
+    if speedup_series:
+        figure, axes = _new_axes(group, "speedup over eager (x)", all_rows, log_y=False)
+        axes.axhline(1.0, color="grey", linestyle="--", linewidth=1)
+        for column, xs, ys in speedup_series:
+            axes.plot(xs, ys, marker="o", color=colors[column], label=column)
+        name = f"{group.slug}-speedup.png"
+        _save(figure, axes, out_dir / name)
+        plots.append(("speedup over eager", name))
+
+    def peak(row):
+        value = row.number("peak_mem_bytes")
+        return None if value is None else value / MEBIBYTE
+
+    memory_series = [(column, *_series(group, column, peak)) for column in columns]
+    memory_series = [series for series in memory_series if series[1]]
+    if memory_series:
+        memory_rows = sorted({x for _, xs, _ in memory_series for x in xs})
+        figure, axes = _new_axes(group, "peak memory (MiB)", memory_rows, log_y=False)
+        for column, xs, ys in memory_series:
+            axes.plot(xs, ys, marker="o", color=colors[column], label=column)
+        name = f"{group.slug}-memory.png"
+        _save(figure, axes, out_dir / name)
+        plots.append(("peak memory", name))
+    return plots
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry points
+
+
+def render(results: dict, out_dir: Path) -> Path:
+    """Write report.md and the plots into out_dir; returns the report's path."""
+    out_dir = Path(out_dir)
+    rows = collect_rows(results)
+    groups = group_rows(rows)
+    bandwidths = copy_bandwidths(rows, results)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lines = header_lines(rows, results)
+    for group in groups:
+        lines += group_lines(group, bandwidths, write_plots(group, out_dir))
+    lines += fastest_lines(groups)
+    report = out_dir / "report.md"
+    report.write_text("\n".join(lines), encoding="utf-8")
+    return report
+
+
+def load(path: Path) -> dict:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as error:
+        raise ReportError(f"cannot read {path}: {error.strerror or error}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ReportError(f"{path} is not valid JSON: {error}") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.report",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("results", type=Path, help="JSON written by pytest --benchmark-json")
+    parser.add_argument("--out", type=Path, required=True, help="folder for report.md and the plots")
+    args = parser.parse_args(argv)
+    try:
+        report = render(load(args.results), args.out)
+    except ReportError as error:
+        print(f"{parser.prog}: error: {error}", file=sys.stderr)
+        return 1
+    print(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

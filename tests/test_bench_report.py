@@ -1,0 +1,265 @@
+"""bench/report.py: the Markdown report and plots made from a pytest-benchmark JSON file.
+
+The GPU-style input is tests/data/bench_fixture.json (hand-written numbers); the CPU-style one,
+where the fused rows could not be timed, is built below. Expected cells are worked out by hand
+from the medians in those inputs.
+"""
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+
+from bench import report
+
+FIXTURE = Path(__file__).parent / "data" / "bench_fixture.json"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+GPU_SLUG = "bottleneck-forward-backward-bf16-d768-r8"
+MODEL_SLUG = "vit-b16-train-step-bf16-d768-r8"
+
+
+def gpu_results() -> dict:
+    return json.loads(FIXTURE.read_text(encoding="utf-8"))
+
+
+def table_line(text: str, shape: str, *after: str) -> str:
+    """The first table line for `shape` after the headings in `after`, found one after another."""
+    start = 0
+    for heading in after:
+        start = text.index(heading, start)
+    return next(line for line in text[start:].splitlines() if line.startswith(f"| {shape} "))
+
+
+def cells(line: str) -> list[str]:
+    return [cell.strip() for cell in line.strip().strip("|").split("|")]
+
+
+def assert_png(path: Path) -> None:
+    assert path.is_file(), path
+    assert path.read_bytes()[:8] == PNG_MAGIC, path
+
+
+def cpu_info(rows, provider, variant="-", rank=8, **extra) -> dict:
+    """extra_info of a CPU fp32 forward row of the bottleneck op."""
+    floor = 2 * rows * 768 * 4  # forward reads x and writes y, fp32
+    info = {
+        "op": "bottleneck", "pass": "forward", "device": "cpu", "dtype": "fp32",
+        "shape": f"M={rows} D=768 r={rank}", "rows": rows, "dim": 768, "rank": rank,
+        "provider": provider, "variant": variant, "triton_launches": None, "aten_kernels": 6,
+        "saved_bytes": None, "floor_bytes": floor, "moved_bytes": None, "gbps": None,
+        "copy_gbps": 9.1, "peak_mem_bytes": None, "host_us": None,
+    }
+    info.update(extra)
+    return info
+
+
+def cpu_benchmark(info: dict, median: float) -> dict:
+    group = f"{info['op']} {info['pass']} {info['dtype']} D={info['dim']} r={info['rank']}"
+    name = f"test_bottleneck_speed[{info['shape']}-{info['provider']}]"
+    return {"group": group, "name": name, "fullname": f"bench/test_bench_bottleneck.py::{name}",
+            "params": {}, "extra_info": info,
+            "stats": {"min": median * 0.9, "max": median * 1.5, "mean": median * 1.05, "median": median,
+                      "rounds": 50, "iterations": 1}}
+
+
+def cpu_results() -> dict:
+    floor_1576 = 2 * 1576 * 768 * 4
+    return {
+        "machine_info": {"node": "laptop", "python_version": "3.11.7", "system": "Linux",
+                         "cpu": {"brand_raw": "AMD EPYC 7B13"}},
+        "commit_info": {"id": "6a82d35c1f0e9b7a", "dirty": True, "branch": "main"},
+        # The larger shape first: the report sorts shapes by rows, not by input order.
+        "benchmarks": [
+            cpu_benchmark(cpu_info(6304, "eager"), 9.6e-3),
+            cpu_benchmark(cpu_info(6304, "compile"), 8.0e-3),
+            cpu_benchmark(cpu_info(1576, "eager"), 2.4e-3),
+            cpu_benchmark(cpu_info(1576, "compile"), 1.6e-3),
+        ],
+        "datetime": "2026-11-30T12:00:00+00:00",
+        "version": "5.3.1",
+        "fused_adapters": {
+            "device": "cpu", "timed_fused": False, "copy_gbps": 9.1, "sms": 132,
+            "note": "fused timings need CUDA: Triton's interpreter is not a speed measurement.",
+            "untimed": [
+                cpu_info(1576, "fused", "default", triton_launches=1, aten_kernels=0,
+                         moved_bytes=round(floor_1576 * 1.25), saved_bytes=1576 * 8 * 4),
+                cpu_info(1576, "fused", "rows16", triton_launches=1, aten_kernels=0,
+                         moved_bytes=round(floor_1576 * 1.30), saved_bytes=1576 * 8 * 4),
+                # A group with nothing timed at all: tables, but no plots.
+                cpu_info(1576, "fused", "default", rank=64, triton_launches=1, aten_kernels=0,
+                         moved_bytes=round(floor_1576 * 1.5)),
+            ],
+        },
+    }
+
+
+@pytest.fixture(scope="module")
+def gpu_report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gpu")
+    path = report.render(gpu_results(), out)
+    return out, path.read_text(encoding="utf-8")
+
+
+@pytest.fixture(scope="module")
+def cpu_report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cpu")
+    path = report.render(cpu_results(), out)
+    return out, path.read_text(encoding="utf-8")
+
+
+def test_gpu_time_table_has_speedups_and_bolds_the_fastest_fused_variant(gpu_report):
+    _, text = gpu_report
+    assert "| shape " in text and "| eager " in text and "| fused[rows16] " in text
+    # M=1576: eager 60 us; compile 48 us (60/48 = 1.25x); fused 15 us (4.00x); rows16 20 us (3.00x).
+    assert cells(table_line(text, "M=1576 D=768 r=8")) == [
+        "M=1576 D=768 r=8", "60.0 us (1.00x)", "48.0 us (1.25x)", "**15.0 us (4.00x)**", "20.0 us (3.00x)"]
+    # M=6304: eager 150 us; compile 100 us (1.50x); fused 40 us (3.75x); rows16 32 us (150/32 = 4.69x).
+    assert cells(table_line(text, "M=6304 D=768 r=8")) == [
+        "M=6304 D=768 r=8", "150 us (1.00x)", "100 us (1.50x)", "40.0 us (3.75x)", "**32.0 us (4.69x)**"]
+
+
+def test_gpu_detail_tables(gpu_report):
+    _, text = gpu_report
+    # GB/s against the 2900 GB/s copy: 1105.5 / 2900 = 38%, 877.5 / 2900 = 30%.
+    assert "1106 (38%)" in table_line(text, "M=1576 D=768 r=8", "GB/s (% of copy)")
+    assert "878 (30%)" in table_line(text, "M=1576 D=768 r=8", "GB/s (% of copy)")
+    # moved / floor: the fixture's moved bytes are 1.37x and 1.42x the floor at M=6304; no eager entry.
+    assert cells(table_line(text, "M=6304 D=768 r=8", "bytes moved / floor")) == [
+        "M=6304 D=768 r=8", "", "", "1.37x", "1.42x"]
+    assert cells(table_line(text, "M=6304 D=768 r=8", "peak memory (MiB)"))[1:] == ["120", "96.0", "72.0", "72.0"]
+    # saved for backward: eager keeps 3 M x D bf16 tensors (27.7 MiB), fused an M x r one.
+    assert cells(table_line(text, "M=6304 D=768 r=8", "saved for backward (MiB)"))[1:] == [
+        "27.7", "18.5", "0.0962", "0.0962"]
+    assert cells(table_line(text, "M=6304 D=768 r=8", "launches (triton + aten)"))[1:] == [
+        "0 + 14", "4 + 3", "3 + 0", "3 + 0"]
+
+
+def test_gpu_header_and_model_rows(gpu_report):
+    _, text = gpu_report
+    header = text[:text.index("\n## ")]
+    assert "NVIDIA H100 80GB HBM3" in header
+    assert "2026-11-30T16:02:11" in header
+    assert "torch 2.14.1+cu128" in header and "triton 3.6.0" in header
+    assert "2900 GB/s" in header
+    # ViT-B/16 train step: eager 512 img/s at 125 ms, fused 640 img/s at 100 ms: 640/512 = 1.25x.
+    assert cells(table_line(text, "batch=64 224px")) == [
+        "batch=64 224px", "512 img/s, 125 ms (1.00x)", "**640 img/s, 100 ms (1.25x)**"]
+    # Op groups come before model groups.
+    assert text.index("## bottleneck") < text.index("## vit_b16")
+
+
+def test_gpu_fastest_list(gpu_report):
+    _, text = gpu_report
+    fastest = text[text.index("## Fastest fused variant per shape"):]
+    assert "M=1576 D=768 r=8: fused, 15.0 us (4.00x)" in fastest
+    assert "M=6304 D=768 r=8: fused[rows16], 32.0 us (4.69x)" in fastest
+    assert "batch=64 224px: fused, 640 img/s, 100 ms (1.25x)" in fastest
+
+
+def test_gpu_plots_exist_and_are_linked(gpu_report):
+    out, text = gpu_report
+    for slug in (GPU_SLUG, MODEL_SLUG):
+        for kind in ("time", "speedup", "memory"):
+            assert_png(out / f"{slug}-{kind}.png")
+            assert f"]({slug}-{kind}.png)" in text
+
+
+def test_cpu_untimed_fused_rows_share_the_table(cpu_report):
+    _, text = cpu_report
+    header = text[:text.index("\n## ")]
+    assert "fused timings need CUDA: Triton's interpreter" in header
+    assert "- Device: cpu" in header
+    assert "9.10 GB/s" in header
+    assert "torch" not in header  # no versions in this machine_info, and no crash for it
+    # eager 2.40 ms; compile 1.60 ms (2.4/1.6 = 1.50x); the fused rows were not timed.
+    assert cells(table_line(text, "M=1576 D=768 r=8")) == [
+        "M=1576 D=768 r=8", "2.40 ms (1.00x)", "1.60 ms (1.50x)", "needs CUDA", "needs CUDA"]
+    # No fused row at M=6304: empty cells. eager 9.6 ms / compile 8 ms = 1.20x.
+    assert cells(table_line(text, "M=6304 D=768 r=8")) == [
+        "M=6304 D=768 r=8", "9.60 ms (1.00x)", "8.00 ms (1.20x)", "", ""]
+    assert text.index("| M=1576 D=768 r=8") < text.index("| M=6304 D=768 r=8")
+    # Bytes were counted without timing: moved / floor shows for the untimed rows.
+    assert cells(table_line(text, "M=1576 D=768 r=8", "bytes moved / floor"))[1:] == ["", "", "1.25x", "1.30x"]
+    # Nothing fused was timed, so nothing in a table is bold.
+    assert not [line for line in text.splitlines() if line.startswith("|") and "**" in line]
+
+
+def test_cpu_untimed_only_group_has_tables_but_no_plots(cpu_report):
+    out, text = cpu_report
+    assert "## bottleneck forward fp32 D=768 r=64" in text
+    assert cells(table_line(text, "M=1576 D=768 r=64")) == ["M=1576 D=768 r=64", "needs CUDA"]
+    assert cells(table_line(text, "M=1576 D=768 r=64", "## bottleneck forward fp32 D=768 r=64",
+                                  "bytes moved / floor")) == ["M=1576 D=768 r=64", "1.50x"]
+    assert not list(out.glob("*r64*.png"))
+    assert "bottleneck forward fp32 D=768 r=64: fused timings need CUDA" in text
+    # The timed group still gets its plots (no peak memory on CPU, so no memory plot).
+    assert_png(out / "bottleneck-forward-fp32-d768-r8-time.png")
+    assert_png(out / "bottleneck-forward-fp32-d768-r8-speedup.png")
+    assert not (out / "bottleneck-forward-fp32-d768-r8-memory.png").exists()
+
+
+def test_single_row(tmp_path):
+    results = cpu_results()
+    results["benchmarks"] = results["benchmarks"][2:3]  # eager at M=1576 only
+    del results["fused_adapters"]
+    text = report.render(results, tmp_path).read_text(encoding="utf-8")
+    assert cells(table_line(text, "M=1576 D=768 r=8")) == ["M=1576 D=768 r=8", "2.40 ms (1.00x)"]
+    assert "no fused rows" in text
+    assert_png(tmp_path / "bottleneck-forward-fp32-d768-r8-time.png")
+    assert not (tmp_path / "bottleneck-forward-fp32-d768-r8-speedup.png").exists()
+
+
+def test_grouping_ignores_the_group_string(tmp_path):
+    results = gpu_results()
+    for benchmark in results["benchmarks"]:
+        benchmark["group"] = "renamed"
+    text = report.render(results, tmp_path).read_text(encoding="utf-8")
+    assert "## bottleneck forward+backward bf16 D=768 r=8" in text
+    assert "**32.0 us (4.69x)**" in text
+
+
+def test_main_writes_the_report(tmp_path, capsys):
+    out = tmp_path / "nested" / "report"
+    assert report.main([str(FIXTURE), "--out", str(out)]) == 0
+    assert (out / "report.md").is_file()
+    assert str(out / "report.md") in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("content, message", [
+    (json.dumps({"machine_info": {}, "commit_info": {}, "benchmarks": [], "datetime": "x", "version": "5"}),
+     "no benchmarks"),
+    ("{not json", "not valid JSON"),
+    ("[1, 2]", "not a pytest-benchmark JSON object"),
+])
+def test_main_fails_clearly_on_bad_input(tmp_path, capsys, content, message):
+    path = tmp_path / "results.json"
+    path.write_text(content, encoding="utf-8")
+    assert report.main([str(path), "--out", str(tmp_path / "out")]) != 0
+    error = capsys.readouterr().err
+    assert message in error and "Traceback" not in error
+    assert not (tmp_path / "out" / "report.md").exists()
+
+
+def test_main_fails_clearly_on_a_missing_file(tmp_path, capsys):
+    assert report.main([str(tmp_path / "absent.json"), "--out", str(tmp_path)]) != 0
+    assert "cannot read" in capsys.readouterr().err
+
+
+def test_formatting():
+    assert report.format_time(15e-6) == "15.0 us"
+    assert report.format_time(999.7e-6) == "1.00 ms"  # rounds into the next unit
+    assert report.format_time(2.5) == "2.50 s"
+    assert report.significant(1105.5) == "1106"
+    assert report.significant(0.09619) == "0.0962"
+    assert report.significant(99.96) == "100"
+
+
+def test_duplicate_cell_prefers_the_timed_row(tmp_path):
+    results = copy.deepcopy(gpu_results())
+    fused = next(b for b in results["benchmarks"]
+                 if b["extra_info"]["provider"] == "fused" and b["extra_info"]["variant"] == "default"
+                 and b["extra_info"]["rows"] == 1576)
+    results["fused_adapters"]["untimed"] = [dict(fused["extra_info"])]
+    text = report.render(results, tmp_path).read_text(encoding="utf-8")
+    assert "**15.0 us (4.00x)**" in table_line(text, "M=1576 D=768 r=8")
