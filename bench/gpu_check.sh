@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
 # Everything GPU-side in one call: install, the tests on CUDA (bf16 and real launches included),
-# the compile check and the demo (with timings). Results go to the folder given, one file each.
+# the compile check, the benchmark suite with its JSON and report, and the demo. Results go to
+# the folder given, one file each; a summary is printed last.
 #
-#   bash bench/gpu_check.sh OUTPUT_DIR      # on a machine with a CUDA GPU
+#   bash bench/gpu_check.sh OUTPUT_DIR          # quick benchmark (a few minutes)
+#   bash bench/gpu_check.sh OUTPUT_DIR --full   # every shape of the suite (an hour or more)
 #
 # The GPU machines have torch, triton, timm and pytest but no network, hence --no-deps.
 set -uo pipefail
-out=${1:?usage: bash bench/gpu_check.sh OUTPUT_DIR}
+out=${1:?usage: bash bench/gpu_check.sh OUTPUT_DIR [--full]}
+mode=${2:-}
 mkdir -p "$out"
+out=$(cd "$out" && pwd)
 cd "$(dirname "$0")/.."
 unset TRITON_INTERPRET
 
@@ -38,6 +42,14 @@ tests_rc=$?
 python3 -m fused_adapters.kernels.compile_check > "$out/compile_check.txt" 2>&1
 compile_rc=$?
 
+quick=--benchmark-quick
+[ "$mode" = "--full" ] && quick=
+python3 -m pytest --benchmark $quick -q -p no:cacheprovider --benchmark-json "$out/benchmark.json" \
+  > "$out/benchmark.txt" 2>&1
+bench_rc=$?
+python3 -m bench.report "$out/benchmark.json" --out "$out/report" > "$out/report.log" 2>&1
+report_rc=$?
+
 # ViT-B/16, batch 32: 6304 tokens of width 768, Adapter+ rank 8.
 python3 bench/demo.py --rows 6304 --dim 768 --rank 8 > "$out/demo.txt" 2>&1
 demo_rc=$?
@@ -45,6 +57,8 @@ demo_rc=$?
 cat "$out/env.txt"
 echo "--- tests (rc $tests_rc)"; tail -n 15 "$out/tests.txt"
 echo "--- compile check (rc $compile_rc)"; tail -n 2 "$out/compile_check.txt"
+echo "--- benchmark (rc $bench_rc, report rc $report_rc)"; tail -n 3 "$out/benchmark.txt"
+[ -f "$out/report/report.md" ] && sed -n '1,60p' "$out/report/report.md"
 echo "--- demo (rc $demo_rc)"; cat "$out/demo.txt"
-echo "install $install_rc tests $tests_rc compile_check $compile_rc demo $demo_rc"
-[ "$install_rc$tests_rc$compile_rc$demo_rc" = "0000" ]
+echo "install $install_rc tests $tests_rc compile_check $compile_rc benchmark $bench_rc report $report_rc demo $demo_rc"
+[ "$install_rc$tests_rc$compile_rc$bench_rc$report_rc$demo_rc" = "000000" ]

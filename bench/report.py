@@ -20,11 +20,14 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import matplotlib
+try:
+    import matplotlib
 
-matplotlib.use("Agg")  # files only, never a window: must be chosen before pyplot is imported
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import LogFormatter, NullLocator  # noqa: E402
+    matplotlib.use("Agg")  # files only, never a window: must be chosen before pyplot is imported
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import LogFormatter, NullLocator
+except ImportError:  # a machine without matplotlib still gets the tables
+    plt = None
 
 BASELINE = "eager"
 MEBIBYTE = 2 ** 20
@@ -553,7 +556,7 @@ def _series(group: Group, column: str, value) -> tuple[list[int], list[float]]:
 def write_plots(group: Group, out_dir: Path) -> list[tuple[str, str]]:
     """PNG plots for one group; returns (caption, file name) pairs to link from the report."""
     timed = [row for row in group.rows if row.timed and row.rows is not None]
-    if not timed:
+    if not timed or plt is None:
         return []
     columns = group.columns
     colors = {column: f"C{index % 10}" for index, column in enumerate(columns)}
@@ -614,6 +617,8 @@ def render(results: dict, out_dir: Path) -> Path:
     for group in groups:
         lines += group_lines(group, bandwidths, write_plots(group, out_dir))
     lines += fastest_lines(groups)
+    if plt is None:
+        lines.append("(No plots: matplotlib is not installed.)")
     report = out_dir / "report.md"
     report.write_text("\n".join(lines), encoding="utf-8")
     return report

@@ -1,0 +1,152 @@
+"""Op-level benchmark of the bottleneck adapter: forward, and forward+backward, of Adapter+'s
+post adapter (y = x + s * up(gelu(down(x))), channel scale, biases) against eager PyTorch
+(kernels/reference.py, the code the tests trust) and torch.compile of it, with every kernel
+variant of the fused op side by side.
+
+Shapes: ViT-S/B/L/H widths (D = 384, 768, 1024, 1280), M = batch x 197 tokens for batch 8 to
+256, ranks 8, 16, 64; bf16, fp16 and fp32 activations under bf16 autocast on a GPU. On the CPU:
+fp32 at small sizes, eager and compiled timed, fused rows device-free (see bench/conftest.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+
+import pytest
+import torch
+
+from bench.conftest import TOKENS
+from bench.measure import (
+    DTYPES, bottleneck_inputs, floor_bytes, host_us, kernel_counts, peak_memory, rotation_count, saved_bytes,
+    synchronize,
+)
+from fused_adapters.kernels import bottleneck, bottleneck_adapter, list_variants, reference, use_variant
+
+OP = "bottleneck_adapter"
+PASSES = ("forward", "forward+backward")
+
+
+def shapes(cuda: bool, quick: bool):
+    """(dtype name, D, batch, rank) for this device and mode."""
+    if cuda and quick:
+        return itertools.product(("bf16", "fp32 (bf16 autocast)"), (768,), (8, 32, 128), (8, 64))
+    if cuda:
+        return itertools.product(("bf16", "fp16", "fp32 (bf16 autocast)"), (384, 768, 1024, 1280),
+                                 (8, 32, 64, 128, 256), (8, 16, 64))
+    if quick:
+        return itertools.product(("fp32",), (768,), (8,), (8,))
+    return itertools.product(("fp32",), (384, 768), (2, 8), (8, 64))
+
+
+def providers():
+    return [("eager", "-"), ("compile", "-")] + [("fused", name) for name in list_variants(OP)]
+
+
+def pytest_generate_tests(metafunc):
+    if "case" not in metafunc.fixturenames:
+        return
+    config = metafunc.config
+    cuda = torch.cuda.is_available()
+    cases, ids = [], []
+    for dtype, dim, batch, rank in shapes(cuda, config.getoption("--benchmark-quick")):
+        for pass_name in PASSES:
+            for provider, variant in providers():
+                cases.append((pass_name, dtype, dim, batch * TOKENS, rank, provider, variant))
+                label = provider if variant == "-" else f"{provider}[{variant}]"
+                ids.append(f"{pass_name}-{dtype.replace(' ', '')}-D{dim}-M{batch * TOKENS}-r{rank}-{label}")
+    metafunc.parametrize("case", cases, ids=ids)
+
+
+_COMPILED = {}
+
+
+def _function(provider: str):
+    if provider == "fused":
+        return bottleneck_adapter
+    if provider == "eager":
+        return reference.bottleneck_adapter
+    if "compiled" not in _COMPILED:
+        _COMPILED["compiled"] = torch.compile(reference.bottleneck_adapter, dynamic=False)
+    return _COMPILED["compiled"]
+
+
+KERNEL_NAMES = {name for name in vars(bottleneck) if name.endswith("_kernel")}
+
+
+def test_bottleneck(benchmark, suite, case):
+    pass_name, dtype_name, dim, rows, rank, provider, variant = case
+    device = suite.device
+    dtype, autocast_dtype = DTYPES[dtype_name]
+    x_size = torch.empty((), dtype=dtype).element_size()
+    # y has x's dtype (under autocast the fp32 residual promotes y to fp32, x's dtype too).
+    floor = floor_bytes(pass_name, rows, dim, x_size, x_size)
+    row = suite.row(op="bottleneck", shape=f"M={rows} D={dim} r={rank}", rows=rows, dim=dim, rank=rank,
+                    dtype=dtype_name, provider=provider, variant=variant, floor_bytes=floor, **{"pass": pass_name})
+    count_case = dict(provider=provider, variant=variant if provider == "fused" else "default", rows=rows, dim=dim,
+                      rank=rank, dtype=dtype_name, **{"pass": pass_name})
+
+    if provider == "fused" and not suite.cuda:
+        # Nothing to time: the interpreter's speed means nothing. The row keeps what needs no GPU.
+        inputs = bottleneck_inputs(rows, dim, rank, dtype, device, True)
+        row["saved_bytes"] = saved_bytes(lambda: _call(bottleneck_adapter, inputs, autocast_dtype, device, variant),
+                                         inputs.values(), device)
+        suite.untimed.append(row)
+        suite.count_later(row, count_case)
+        suite.compile_rows.append(row)
+        pytest.skip("fused timings need CUDA: device-free counts for this row are in the summary and in the JSON")
+
+    benchmark.group = f"bottleneck {pass_name} {dtype_name} D={dim} r={rank}"
+    benchmark.extra_info.update(row)
+    row = benchmark.extra_info  # filled in below, and by the session (device-free counts) at the end
+    fn = _function(provider)
+    set_bytes = rows * dim * x_size * (3 if pass_name == "forward" else 5)
+    sets = [bottleneck_inputs(rows, dim, rank, dtype, device, True)
+            for _ in range(rotation_count(set_bytes, device))]
+    grads = [torch.randn(rows, dim, device=device, dtype=dtype) for _ in sets]
+    order = itertools.cycle(range(len(sets)))
+
+    def run(index):
+        inputs = sets[index]
+        y = _call(fn, inputs, autocast_dtype, device, variant)
+        if pass_name == "forward+backward":
+            torch.autograd.grad(y, list(inputs.values()), grads[index])
+        return y
+
+    def setup():
+        synchronize(device)  # the timed call starts on an idle device, with the next input set
+        return (next(order),), {}
+
+    def timed(index):
+        run(index)
+        synchronize(device)
+
+    # Compile (torch.compile, Triton's JIT) and any autotuning happen here, outside the timed region.
+    for index in range(min(len(sets), 2)):
+        timed(index)
+    if suite.quick:
+        rounds, warmup = (5, 1) if not suite.cuda else (20, 3)
+    else:
+        rounds, warmup = (20, 2) if not suite.cuda else (100, 10)
+    benchmark.pedantic(timed, setup=setup, rounds=rounds, warmup_rounds=warmup)
+    if benchmark.disabled:
+        return
+    if suite.cuda:
+        row["gbps"] = round(floor / benchmark.stats.stats.median / 1e9, 2)
+    if suite.cuda or provider != "compile":
+        # On the CPU the saved-tensor hooks cannot vouch for what a compiled graph keeps.
+        row["saved_bytes"] = saved_bytes(lambda: _call(fn, sets[0], autocast_dtype, device, variant),
+                                         sets[0].values(), device)
+    row["peak_mem_bytes"] = peak_memory(lambda: run(0), device)
+    row["host_us"] = host_us(lambda: run(0), device)
+    row["triton_launches"], row["aten_kernels"] = kernel_counts(lambda: run(0), device, KERNEL_NAMES)
+    if provider != "compile":  # the interpreter cannot count inside a compiled graph
+        suite.count_later(row, count_case)
+
+
+def _call(fn, inputs, autocast_dtype, device, variant):
+    autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
+                else contextlib.nullcontext())
+    with autocast, use_variant(OP, variant if fn is bottleneck_adapter else "default"):
+        return fn(inputs["x"], inputs["w_down"], inputs["b_down"], inputs["w_up"], inputs["b_up"], inputs["scale"],
+                  residual=inputs["x"])

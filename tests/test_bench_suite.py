@@ -1,0 +1,105 @@
+"""The benchmark suite's plumbing: which command collects what, the byte floors against hand
+counts, and a small real run whose JSON carries every key the report reads."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from bench.measure import floor_bytes, rotation_count
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+ROW_KEYS = {"op", "pass", "device", "dtype", "shape", "rows", "dim", "rank", "provider", "variant",
+            "triton_launches", "aten_kernels", "saved_bytes", "floor_bytes", "moved_bytes", "gbps", "copy_gbps",
+            "peak_mem_bytes", "host_us"}
+
+
+def pytest_run(*args, timeout=600):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    return subprocess.run([sys.executable, "-m", "pytest", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def collected(*args):
+    done = pytest_run("--collect-only", "-q", "-p", "no:cacheprovider", *args)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    return [line.split("::")[0] for line in done.stdout.splitlines() if "::" in line]
+
+
+def test_floor_bytes_against_hand_counts():
+    # ViT-B/16 batch 32, fp16: M x D = 6304 x 768 = 4,841,472 elements of 2 bytes.
+    elements = 6304 * 768
+    assert elements == 4_841_472
+    assert floor_bytes("forward", 6304, 768, 2, 2) == 19_365_888  # read x, write y
+    assert floor_bytes("backward", 6304, 768, 2, 2) == 29_048_832  # read dy and x, write dx
+    assert floor_bytes("forward+backward", 6304, 768, 2, 2) == 48_414_720
+    # Another residual tensor is one more read forward; its gradient is dy itself.
+    assert floor_bytes("forward", 6304, 768, 2, 2, residual="tensor") == 29_048_832
+    assert floor_bytes("backward", 6304, 768, 2, 2, residual="tensor") == 29_048_832
+    # fp32 x under bf16 autocast: x, y, dy and dx all fp32 (the fp32 residual promotes y).
+    assert floor_bytes("forward", 1576, 384, 4, 4) == 1576 * 384 * 8
+    # bf16 x with an fp32 output (an fp32 residual): y and dy are 4 bytes, x and dx 2.
+    assert floor_bytes("backward", 10, 3, 2, 4) == 10 * 3 * (4 + 2 + 2)
+    with pytest.raises(ValueError, match="pass_name must be one of"):
+        floor_bytes("backwards", 1, 1, 2, 2)
+    with pytest.raises(ValueError, match="residual must be"):
+        floor_bytes("forward", 1, 1, 2, 2, residual="skip")
+
+
+def test_rotation_covers_twice_the_cache():
+    import torch
+
+    cpu = torch.device("cpu")
+    assert rotation_count(1 << 20, cpu) == 64  # capped: 128 MiB / 1 MiB would be 128 sets
+    assert rotation_count(16 << 20, cpu) == 8
+    assert rotation_count(1 << 30, cpu) == 1
+
+
+@pytest.mark.slow
+def test_plain_pytest_collects_no_benchmark():
+    files = collected()
+    assert files and all(path.startswith("tests/") for path in files)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra", [[], ["--benchmark-json", "/tmp/out.json"], ["--benchmark-quick"]])
+def test_benchmark_collects_only_bench(extra):
+    files = collected("--benchmark", *extra)
+    assert files and all(path.startswith("bench/") for path in files)
+    assert {"bench/test_bottleneck.py", "bench/test_vit.py"} <= set(files)
+
+
+@pytest.mark.slow
+def test_a_small_run_fills_every_key(tmp_path):
+    # One shape, eager timed, the default fused variant device-free (no CUDA here) or timed.
+    out = tmp_path / "run.json"
+    done = pytest_run("--benchmark", "--benchmark-quick", "-q", "-p", "no:cacheprovider", "-k",
+                      "test_bottleneck and forward- and (eager or fused[default])", "--benchmark-json", str(out))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = json.loads(out.read_text())
+    rows = [b["extra_info"] for b in results["benchmarks"]]
+    block = results["fused_adapters"]
+    rows += block["untimed"]
+    assert {row["provider"] for row in rows} == {"eager", "fused"}
+    for row in rows:
+        assert ROW_KEYS <= set(row), ROW_KEYS - set(row)
+        assert row["floor_bytes"] == 1576 * 768 * 4 * 2
+        assert row["triton_launches"] == (1 if row["provider"] == "fused" else 0)
+        assert row["moved_bytes"] > row["floor_bytes"]
+    fused = next(row for row in rows if row["provider"] == "fused")
+    eager = next(row for row in rows if row["provider"] == "eager")
+    # The fused forward moves about the floor; eager PyTorch several times it.
+    assert fused["moved_bytes"] < 1.1 * fused["floor_bytes"] < eager["moved_bytes"] / 2
+    assert fused["saved_bytes"] == 1576 * 8 * 4  # the pre-activation, M x r fp32; x by reference
+    if not block["timed_fused"]:
+        assert "fused timings need CUDA" in block["note"]
+        assert fused["registers"] and fused["spill_bytes"] == [0]
+        assert "fused timings need CUDA" in done.stdout
+    report = tmp_path / "report"
+    rendered = subprocess.run([sys.executable, "-m", "bench.report", str(out), "--out", str(report)], cwd=ROOT,
+                              capture_output=True, text=True, timeout=120)
+    assert rendered.returncode == 0, rendered.stderr
+    assert "bottleneck forward fp32 D=768 r=8" in (report / "report.md").read_text()
