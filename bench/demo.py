@@ -3,18 +3,21 @@
     python bench/demo.py [--rows 394] [--dim 768] [--rank 8]
 
 On a CUDA machine the Triton kernels run on the GPU (fp32, fp16, bf16) and the demo also times
-forward+backward against eager PyTorch. Without CUDA it runs the same kernels in Triton's
-interpreter (fp32, fp16). It prints, per dtype, the relative error of the output and of every
-gradient against a float64 reference, the Triton launches per pass, the bytes kept for
-backward by the fused op and by eager PyTorch, and (in the interpreter) the bytes each moves
-against the floor. The benchmark suite (pytest --benchmark) is the
-place for real measurements; this is the smoke test a new user runs first.
+forward+backward against eager PyTorch, for every kernel variant. Without CUDA it runs the same
+kernels in Triton's interpreter (fp32, fp16). It prints, per dtype, the relative error of the
+output and of every gradient against a float64 reference (pass or FAIL against the tests'
+bound), the Triton launches per pass (pass or FAIL against the design's 1 and 2), the bytes
+kept for backward by the fused op and by eager PyTorch, and (in the interpreter) the bytes each
+moves against the floor. It exits non-zero when a check fails. The benchmark suite
+(pytest --benchmark) is the place for real measurements; this is the smoke test a new user
+runs first.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 import torch
 
@@ -25,8 +28,11 @@ import triton  # noqa: E402
 import triton.runtime.interpreter  # noqa: E402
 import triton.runtime.jit  # noqa: E402
 
-from fused_adapters.kernels import bottleneck_adapter, reference, uses_triton  # noqa: E402
-from fused_adapters.kernels.launch import is_interpreted, launch_plan, sm_count  # noqa: E402
+from fused_adapters.kernels import bottleneck_adapter, list_variants, reference, use_variant, uses_triton  # noqa: E402
+from fused_adapters.kernels.launch import is_interpreted  # noqa: E402
+
+# ||out - ref|| / ||ref|| against float64, as the tests bound it.
+TOLERANCE = {torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 
 
 def count_launches():
@@ -91,6 +97,7 @@ def main():
     print(f"fused bottleneck adapter: rows={args.rows} dim={args.dim} rank={args.rank}, {path}")
     launches = count_launches()
     torch.manual_seed(0)
+    failures = 0
     for dtype in dtypes:
         x = torch.randn(args.rows, args.dim, device=device, dtype=dtype, requires_grad=True)
         params = [
@@ -124,29 +131,49 @@ def main():
             a, b = a.detach().double(), b.detach()
             return float((a - b).norm() / b.norm())
 
-        names = ["x", "w_down", "b_down", "w_up", "b_up", "scale"]
-        errors = "  ".join(f"d{n} {err(g, r):.1e}" for n, g, r in zip(names, grads, ref_grads))
-        print(f"\n{str(dtype).replace('torch.', ''):>9}: y {err(out, ref_out):.1e}  {errors}")
-        print(f"           Triton launches: forward {forward_launches}, backward {backward_launches}")
-        print(f"           kept for backward beyond inputs: fused {fused_saved / 1024:.0f} KiB, "
+        name = str(dtype).replace("torch.", "")
+        limit = TOLERANCE[dtype]
+        names = ["y", "dx", "dw_down", "db_down", "dw_up", "db_up", "dscale"]
+        errors = [err(out, ref_out)] + [err(g, r) for g, r in zip(grads, ref_grads)]
+        errors_ok = all(e <= limit for e in errors)
+        # The plain-PyTorch reference (a CPU without the interpreter) launches nothing.
+        launches_ok = (forward_launches, backward_launches) == ((1, 2) if uses_triton(x) else (0, 0))
+        failures += (not errors_ok) + (not launches_ok)
+        print(f"\n{name}")
+        print(f"  relative error against a float64 reference, ||out - ref|| / ||ref|| (limit {limit:.0e}): "
+              f"{verdict(errors_ok)}")
+        print("    " + "  ".join(f"{n} {e:.1e}" for n, e in zip(names, errors)))
+        print(f"  Triton launches: forward {forward_launches}, backward {backward_launches} "
+              f"(the design: {'1 and 2' if uses_triton(x) else '0 on the reference path'}): {verdict(launches_ok)}")
+        kept = " (the M x r pre-activation)" if uses_triton(x) else " (the reference path recomputes)"
+        print(f"  kept for backward beyond the inputs: fused {fused_saved / 1024:.0f} KiB{kept}, "
               f"eager {eager_saved / 1024:.0f} KiB")
         if is_interpreted() and uses_triton(x):
-            print("           bytes moved / floor (132-SM plan): " + bytes_line(fused, eager, tensors, grad))
+            print("  bytes moved / floor, launches planned for a 132-SM GPU (floor: read x and write y "
+                  "forward; read dy and x, write dx backward):")
+            print("    " + bytes_line(fused, eager, tensors, grad))
         if device == "cuda":
             def step(fn):
                 out = fn(*tensors)
                 torch.autograd.grad(out, tensors, grad)
 
-            fused_ms = triton.testing.do_bench(lambda: step(fused), return_mode="median")
             eager_ms = triton.testing.do_bench(lambda: step(eager), return_mode="median")
-            print(f"           forward+backward median: fused {fused_ms * 1e3:.0f} us, eager {eager_ms * 1e3:.0f} us")
-            # The same op planned for a quarter of the SMs: bigger row tiles and fewer partials,
-            # half the programs per SM. Which plan wins is a GPU question.
-            sms = sm_count(x.device)
-            with launch_plan(max(1, sms // 4)):
-                coarse_ms = triton.testing.do_bench(lambda: step(fused), return_mode="median")
-            print(f"           fused planned for {max(1, sms // 4)} of {sms} SMs: {coarse_ms * 1e3:.0f} us")
+            timings = {}
+            for variant in list_variants("bottleneck_adapter"):
+                with use_variant("bottleneck_adapter", variant):
+                    timings[variant] = triton.testing.do_bench(lambda: step(fused), return_mode="median")
+            fastest = min(timings, key=timings.get)
+            print(f"  forward+backward median time (triton.testing.do_bench): eager {eager_ms * 1e3:.0f} us, "
+                  f"fused {timings['default'] * 1e3:.0f} us ({eager_ms / timings['default']:.2f}x faster)")
+            print("    by kernel variant: " + ", ".join(f"{v} {t * 1e3:.0f} us" for v, t in timings.items())
+                  + f"; fastest here: {fastest}")
+    print(f"\n{'all checks passed' if not failures else f'{failures} check(s) FAILED'}")
+    return 1 if failures else 0
+
+
+def verdict(ok: bool) -> str:
+    return "pass" if ok else "FAIL"
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
