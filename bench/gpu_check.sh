@@ -42,9 +42,11 @@ tests_rc=$?
 python3 -m fused_adapters.kernels.compile_check > "$out/compile_check.txt" 2>&1
 compile_rc=$?
 
+# Quick: bytes counted (interpreter, on the CPU cores) for the smallest M only, to stay in minutes.
 quick=--benchmark-quick
-[ "$mode" = "--full" ] && quick=
-python3 -m pytest --benchmark $quick -q -p no:cacheprovider --benchmark-json "$out/benchmark.json" \
+count_rows=--benchmark-count-rows=1576
+[ "$mode" = "--full" ] && quick= && count_rows=
+python3 -m pytest --benchmark $quick $count_rows -q -p no:cacheprovider --benchmark-json "$out/benchmark.json" \
   > "$out/benchmark.txt" 2>&1
 bench_rc=$?
 python3 -m bench.report "$out/benchmark.json" --out "$out/report" > "$out/report.log" 2>&1

@@ -65,9 +65,14 @@ def test_plain_pytest_collects_no_benchmark():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("extra", [[], ["--benchmark-json", "/tmp/out.json"], ["--benchmark-quick"]])
-def test_benchmark_collects_only_bench(extra):
-    files = collected("--benchmark", *extra)
+@pytest.mark.parametrize("args", [
+    ["--benchmark"],
+    ["--benchmark", "--benchmark-json", "/tmp/out.json"],  # a path outside the repo changes pytest's args
+    ["--benchmark-quick"],
+    ["--benchmark-only"],  # pytest-benchmark's flag: it used to skip every test and run nothing
+])
+def test_benchmark_collects_only_bench(args):
+    files = collected(*args)
     assert files and all(path.startswith("bench/") for path in files)
     assert {"bench/test_bottleneck.py", "bench/test_vit.py"} <= set(files)
 
