@@ -445,12 +445,30 @@ def _launches_cell(row: Row, bandwidths: dict) -> str:
     return " + ".join("?" if count is None else str(int(count)) for count in (triton, aten))
 
 
+def _host_cell(row: Row, bandwidths: dict) -> str:
+    value = row.number("host_us")
+    return "" if value is None else significant(value)
+
+
+def _registers_cell(row: Row, bandwidths: dict) -> str:
+    # Per launch, from the compile check (rows that could not run on a GPU): "48/47/128, 0 B".
+    registers, spills = row.info.get("registers"), row.info.get("spill_bytes")
+    if not isinstance(registers, list) or not registers:
+        return ""
+    text = "/".join(str(value) for value in registers)
+    if isinstance(spills, list):
+        text += f", {sum(spills)} B"
+    return text
+
+
 DETAIL_TABLES = [
     ("GB/s (% of copy)", _bandwidth_cell),
     ("peak memory (MiB)", _bytes_cell("peak_mem_bytes")),
     ("bytes moved / floor", _moved_cell),
     ("saved for backward (MiB)", _bytes_cell("saved_bytes")),
     ("launches (triton + aten)", _launches_cell),
+    ("host time to enqueue one call (us)", _host_cell),
+    ("registers per launch, spill bytes (sm_90)", _registers_cell),
 ]
 
 

@@ -83,7 +83,8 @@ def cpu_results() -> dict:
             "note": "fused timings need CUDA: Triton's interpreter is not a speed measurement.",
             "untimed": [
                 cpu_info(1576, "fused", "default", triton_launches=1, aten_kernels=0,
-                         moved_bytes=round(floor_1576 * 1.25), saved_bytes=1576 * 8 * 4),
+                         moved_bytes=round(floor_1576 * 1.25), saved_bytes=1576 * 8 * 4,
+                         registers=[48], spill_bytes=[0]),
                 cpu_info(1576, "fused", "rows16", triton_launches=1, aten_kernels=0,
                          moved_bytes=round(floor_1576 * 1.30), saved_bytes=1576 * 8 * 4),
                 # A group with nothing timed at all: tables, but no plots.
@@ -133,6 +134,15 @@ def test_gpu_detail_tables(gpu_report):
         "27.7", "18.5", "0.0962", "0.0962"]
     assert cells(table_line(text, "M=6304 D=768 r=8", "launches (triton + aten)"))[1:] == [
         "0 + 14", "4 + 3", "3 + 0", "3 + 0"]
+
+
+def test_host_time_and_registers_tables(gpu_report, cpu_report):
+    _, text = gpu_report
+    line = cells(table_line(text, "M=1576 D=768 r=8", "host time to enqueue one call (us)"))
+    assert line[0] == "M=1576 D=768 r=8" and any(cell for cell in line[1:])
+    _, text = cpu_report
+    line = cells(table_line(text, "M=1576 D=768 r=8", "registers per launch, spill bytes (sm_90)"))
+    assert "48, 0 B" in line
 
 
 def test_gpu_header_and_model_rows(gpu_report):
