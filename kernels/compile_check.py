@@ -195,10 +195,6 @@ def launch_usage(launch, arch: int) -> dict:
 
 def check_one(kernel: str, block_rank: int, dtype_name: str, arch: int, scenario: str, variant=None,
               store_act: bool = False) -> Result:
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     dtype = _dtypes(dtype_name)[1]
     previous = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = dtype_name == "tf32"  # the launchers read it
