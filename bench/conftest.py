@@ -30,10 +30,6 @@ NOTE_NO_CUDA = ("fused timings need CUDA: on this machine the fused kernels run 
                 "against the floor (interpreter byte counter, launches planned for {sms} SMs) and the compile "
                 "check's registers and spills. Eager and torch.compile rows are timed on the CPU.")
 
-# ViT-B/16 at 224 px: 197 tokens per image, so M = batch x 197.
-TOKENS = 197
-
-
 class Suite:
     """Session state shared by the benchmark modules."""
 

@@ -22,6 +22,9 @@ from typing import Callable, Optional
 
 import torch
 
+# ViT-B/16 at 224 px: 197 tokens per image, so M = batch x 197.
+TOKENS = 197
+
 # dtype name -> (dtype of x and the parameters, autocast dtype or None)
 DTYPES = {
     "bf16": (torch.bfloat16, None),

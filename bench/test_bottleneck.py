@@ -16,9 +16,8 @@ import itertools
 import pytest
 import torch
 
-from bench.conftest import TOKENS
 from bench.measure import (
-    DTYPES, bottleneck_inputs, floor_bytes, host_us, kernel_counts, peak_memory, rotation_count, saved_bytes,
+    DTYPES, TOKENS, bottleneck_inputs, floor_bytes, host_us, kernel_counts, peak_memory, rotation_count, saved_bytes,
     synchronize,
 )
 from fused_adapters.kernels import bottleneck, bottleneck_adapter, list_variants, reference, use_variant
