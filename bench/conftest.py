@@ -71,7 +71,11 @@ class Suite:
                 unique.setdefault(_case_key(case), {k: v for k, v in case.items() if k != "pass"})
             keys = list(unique)
             jobs = max(1, min(len(keys), os.cpu_count() or 1))
-            results = dict(zip(keys, in_subprocess("count", [unique[k] for k in keys], jobs)))
+            try:
+                results = dict(zip(keys, in_subprocess("count", [unique[k] for k in keys], jobs)))
+            except Exception as error:  # a timeout or a crash loses the counts, not the timings
+                message = f"{type(error).__name__}: {str(error).strip().splitlines()[-1:] or ''}"[:300]
+                results = {key: {"error": message} for key in keys}
             for case, row in self.pending:
                 result = results[_case_key(case)]
                 if "error" in result:
@@ -114,7 +118,8 @@ def suite(request):
     if hasattr(torch, "_dynamo"):
         # One compiled graph per shape and dtype (dynamic=False), as a user's fixed-shape loop
         # gets; the default limit of 8 per function would silently fall back to eager.
-        for name in ("recompile_limit", "cache_size_limit"):
+        for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit",
+                     "accumulated_cache_size_limit"):
             if hasattr(torch._dynamo.config, name):
                 setattr(torch._dynamo.config, name, 4096)
     yield SUITE

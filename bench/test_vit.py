@@ -121,8 +121,9 @@ def test_vit(benchmark, suite, model_case):
     info["images_per_s"] = round(batch / benchmark.stats.stats.median, 1)
     info["peak_mem_bytes"] = peak_memory(lambda: step(0), device)
     if pass_name == "train_step" and (suite.cuda or "compile" not in provider):
-        # Activations only: the (frozen) parameters autograd keeps are the model's anyway. On the
-        # CPU the saved-tensor hooks cannot vouch for what a compiled graph keeps.
+        # Beyond the inputs and parameters: activations, and under autocast the low-precision
+        # weight copies autograd keeps (the same for every provider unless a compiled graph
+        # recomputes them). On the CPU the saved-tensor hooks cannot vouch for a compiled graph.
         info["saved_bytes"] = saved_bytes(lambda: forward(0), [images[0], *model.parameters()], device)
         optimizer.zero_grad(set_to_none=True)
     info["triton_launches"], info["aten_kernels"] = kernel_counts(lambda: step(0), device, KERNEL_NAMES)
