@@ -30,6 +30,7 @@ NOTE_NO_CUDA = ("fused timings need CUDA: on this machine the fused kernels run 
                 "against the floor (interpreter byte counter, launches planned for {sms} SMs) and the compile "
                 "check's registers and spills. Eager and torch.compile rows are timed on the CPU.")
 
+
 class Suite:
     """Session state shared by the benchmark modules."""
 
@@ -74,7 +75,7 @@ class Suite:
             try:
                 results = dict(zip(keys, in_subprocess("count", [unique[k] for k in keys], jobs)))
             except Exception as error:  # a timeout or a crash loses the counts, not the timings
-                message = f"{type(error).__name__}: {str(error).strip().splitlines()[-1:] or ''}"[:300]
+                message = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[-1]}"[:300]
                 results = {key: {"error": message} for key in keys}
             for case, row in self.pending:
                 result = results[_case_key(case)]
@@ -101,7 +102,7 @@ def _compile_check_rows(rows: list[dict]) -> None:
         usage = in_subprocess("registers", [dict(case, sms=SUITE.sms) for case in cases])
     except Exception as error:  # e.g. no ptxas: the row says so, the run goes on
         for row in rows:
-            row["compile_error"] = str(error).strip().splitlines()[-1][:200]
+            row["compile_error"] = (str(error).strip().splitlines() or [""])[-1][:200]
         return
     for row, found in zip(rows, usage):
         row["registers"] = found["registers"]
