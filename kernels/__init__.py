@@ -6,7 +6,8 @@
 
 from . import reference
 from .bottleneck import bottleneck_adapter, uses_triton
+from .reference import load_balancing_loss
 from .variants import autotune, list_variants, tuned_variants, use_variant
 
 __all__ = ["bottleneck_adapter", "reference", "uses_triton", "list_variants", "use_variant", "autotune",
-           "tuned_variants"]
+           "tuned_variants", "load_balancing_loss"]

@@ -22,8 +22,13 @@ __all__ = [
     "bottleneck_hidden",
     "bottleneck_in_dtype",
     "compute_dtype",
+    "gate_logits",
+    "load_balancing_loss",
     "output_dtype",
     "residual_terms",
+    "routed_adapter",
+    "sparse_adapter",
+    "topk_routing",
 ]
 
 
@@ -126,20 +131,135 @@ def bottleneck_in_dtype(x, w_down, b_down, w_up, b_up, scale, *, activation, res
         hidden = bottleneck_hidden(x, w_down, b_down, dtype)
         update = F.linear(activation_fn(activation)(hidden), w_up.to(dtype),
                           None if b_up is None else b_up.to(dtype))
-        if row_scale is not None:
-            update = update * row_scale.detach().to(dtype).reshape(*x.shape[:-1], 1)
-        if isinstance(scale, torch.Tensor):
-            # Without autocast a [D] or [1] scale is cast to the compute dtype like the other
-            # parameters; a 0-d one multiplies as the float it stands for.
-            update = update * (scale if autocast or scale.dim() == 0 else scale.to(dtype))
-        elif scale is not None:
-            update = update * scale
-        if residual:
-            skip = residual[0]
-            for term in residual[1:]:
-                skip = skip + term
-            update = skip + update
+        return _epilogue(update, x, scale, residual, row_scale, dtype, autocast)
+
+
+def _epilogue(update, x, scale, residual, row_scale, dtype, autocast):
+    """residual + scale * (row_scale[:, None] * update), with the promotion rules of
+    output_dtype; update has x's shape and the compute dtype. Call with autocast disabled."""
+    if row_scale is not None:
+        update = update * row_scale.detach().to(dtype).reshape(*x.shape[:-1], 1)
+    if isinstance(scale, torch.Tensor):
+        # Without autocast a [D] or [1] scale is cast to the compute dtype like the other
+        # parameters; a 0-d one multiplies as the float it stands for.
+        update = update * (scale if autocast or scale.dim() == 0 else scale.to(dtype))
+    elif scale is not None:
+        update = update * scale
+    if residual:
+        skip = residual[0]
+        for term in residual[1:]:
+            skip = skip + term
+        update = skip + update
     return update
+
+
+# --------------------------------------------------------------------------------------------
+# Sparse top-k mixture of adapters: E bottleneck adapters, k of them mixed per row
+# --------------------------------------------------------------------------------------------
+
+
+def gate_logits(x: torch.Tensor, w_gate: torch.Tensor, b_gate: Optional[torch.Tensor]) -> torch.Tensor:
+    """logits [M, E] = x @ w_gate.T + b_gate in fp32, whatever x's dtype and the autocast state,
+    for M = x.numel() // D rows."""
+    with torch.autocast(x.device.type, enabled=False):
+        return F.linear(x.reshape(-1, x.shape[-1]).float(), w_gate.float(),
+                        None if b_gate is None else b_gate.float())
+
+
+def topk_routing(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """expert_idx [M, k] (int64, by descending logit; ties go to the lower expert index) and
+    expert_weight [M, k] (fp32): the softmax over the k chosen logits. Gradients reach the
+    logits through the weights only; the choice itself is a constant."""
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= logits.shape[-1]:
+        raise ValueError(f"top_k must be an int from 1 to the number of experts ({logits.shape[-1]}), got {top_k!r}")
+    # A stable sort keeps equal logits in index order: the lower expert index wins a tie.
+    expert_idx = torch.sort(logits.detach(), dim=-1, descending=True, stable=True).indices[..., :top_k]
+    expert_weight = torch.softmax(logits.float().gather(-1, expert_idx), dim=-1)
+    return expert_idx, expert_weight
+
+
+def routed_adapter(
+    x: torch.Tensor,
+    expert_idx: torch.Tensor,
+    expert_weight: torch.Tensor,
+    w_down: torch.Tensor,
+    b_down: Optional[torch.Tensor],
+    w_up: torch.Tensor,
+    b_up: Optional[torch.Tensor],
+    scale: Union[torch.Tensor, float, None] = None,
+    *,
+    activation: str = "gelu",
+    residual=None,
+    row_scale: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """y = residual + scale * (row_scale[:, None] * u), u = sum_j expert_weight[:, j] *
+    (act(x @ w_down[e_j].T + b_down[e_j]) @ w_up[e_j].T + b_up[e_j]) with e_j = expert_idx[:, j].
+
+    x [..., D] (M rows), expert_idx [M, k] integer, expert_weight [M, k]; w_down [E, r, D],
+    b_down [E, r] or None, w_up [E, D, r], b_up [E, D] or None; scale, residual and row_scale as
+    in bottleneck_adapter, shared by the experts. The eager expert loop: each expert runs on the
+    rows routed to it. Dtypes as bottleneck_adapter (the weights multiply in the compute dtype).
+    """
+    dtype = compute_dtype(x)
+    autocast = x.dtype in AUTOCAST_INPUT_DTYPES and torch.is_autocast_enabled(x.device.type)
+    dim = x.shape[-1]
+    act = activation_fn(activation)
+    with torch.autocast(x.device.type, enabled=False):
+        rows = x.reshape(-1, dim)
+        top_k = expert_idx.shape[-1]
+        expert_idx = expert_idx.reshape(-1, top_k)
+        expert_weight = expert_weight.reshape(-1, top_k)
+        update = rows.new_zeros(rows.shape, dtype=dtype)
+        for expert in range(w_down.shape[0]):
+            routed_rows, slots = (expert_idx == expert).nonzero(as_tuple=True)
+            if routed_rows.numel() == 0:
+                continue
+            hidden = bottleneck_hidden(rows[routed_rows], w_down[expert], None if b_down is None else b_down[expert],
+                                       dtype)
+            out = F.linear(act(hidden), w_up[expert].to(dtype), None if b_up is None else b_up[expert].to(dtype))
+            weight = expert_weight[routed_rows, slots].to(dtype)[:, None]
+            update = update.index_add(0, routed_rows, out * weight)
+        return _epilogue(update.reshape(x.shape), x, scale, residual_terms(residual), row_scale, dtype, autocast)
+
+
+def sparse_adapter(
+    x: torch.Tensor,
+    w_gate: torch.Tensor,
+    b_gate: Optional[torch.Tensor],
+    w_down: torch.Tensor,
+    b_down: Optional[torch.Tensor],
+    w_up: torch.Tensor,
+    b_up: Optional[torch.Tensor],
+    scale: Union[torch.Tensor, float, None] = None,
+    *,
+    top_k: int,
+    activation: str = "gelu",
+    residual=None,
+    row_scale: Optional[torch.Tensor] = None,
+    return_logits: bool = False,
+):
+    """The gated form of routed_adapter: logits = x @ w_gate.T + b_gate (fp32, [M, E]), each row
+    routed to its top_k experts (topk_routing) with the softmax over their logits as weights.
+    Returns y, or (y, logits) with return_logits (for load_balancing_loss)."""
+    logits = gate_logits(x, w_gate, b_gate)
+    expert_idx, expert_weight = topk_routing(logits, top_k)
+    y = routed_adapter(x, expert_idx, expert_weight, w_down, b_down, w_up, b_up, scale, activation=activation,
+                       residual=residual, row_scale=row_scale)
+    return (y, logits) if return_logits else y
+
+
+def load_balancing_loss(logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    """The Switch Transformer auxiliary loss for top-k routing: E * sum_e f_e * P_e, where f_e is
+    the share of the M * k routed slots that go to expert e (a constant) and P_e the mean over
+    rows of softmax(logits)[:, e]. 1.0 when both are uniform; it grows as routing collapses."""
+    experts = logits.shape[-1]
+    logits = logits.reshape(-1, experts).float()
+    expert_idx, _ = topk_routing(logits, top_k)
+    if logits.shape[0] == 0:
+        return logits.sum()  # no rows, no imbalance (and a gradient of zeros, not NaN)
+    share = torch.bincount(expert_idx.reshape(-1), minlength=experts).float() / max(expert_idx.numel(), 1)
+    mean_probability = torch.softmax(logits, dim=-1).mean(dim=0)
+    return experts * (share * mean_probability).sum()
 
 
 def activation_grad(name: str, h: torch.Tensor) -> torch.Tensor:
