@@ -47,6 +47,7 @@ import triton.language as tl
 
 from . import reference
 from .activations import activation as _activation
+from .epilogue import epilogue, epilogue_scalars
 from .activations import activation_grad as _activation_grad
 from .checks import MAX_RANK, check_bottleneck_arguments
 from .launch import (
@@ -122,10 +123,8 @@ def _bottleneck_forward_kernel(
     # act(0) == 0 for every activation, so padded ranks stay zero.
     act = _activation(hidden.to(tl.float32), ACTIVATION).to(dtype)
 
-    if HAS_ROW_SCALE:
-        row_scale = tl.load(row_scale_ptr + row_ids, mask=row_mask, other=0.0).to(dtype).to(tl.float32)
-    if SCALE_MODE == "tensor":
-        scalar_scale = tl.load(scale_ptr).to(tl.float32)
+    row_scale, scalar_scale = epilogue_scalars(row_scale_ptr, scale_ptr, row_ids, row_mask, scale_value, dtype,
+                                               SCALE_MODE, HAS_ROW_SCALE, BLOCK_ROWS)
 
     # y[rows, cols] = residual + scale * (row_scale * (act @ w_up[cols].T + b_up[cols])), per D tile.
     for col_start in range(0, dim, BLOCK_DIM):
@@ -139,25 +138,9 @@ def _bottleneck_forward_kernel(
         update = tl.dot(act, w_up_t, input_precision=INPUT_PRECISION)
         if HAS_B_UP:
             update += tl.load(b_up_ptr + col_ids, mask=col_mask, other=0.0).to(dtype).to(tl.float32)[None, :]
-        if HAS_ROW_SCALE:
-            update = update * row_scale[:, None]
-        if SCALE_MODE == "channel":
-            update = update * tl.load(scale_ptr + col_ids, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-        elif SCALE_MODE == "tensor":
-            update = update * scalar_scale
-        else:
-            update = update * scale_value
-        if ADD_INPUT:
-            # x is a residual term: its tile was read by the first loop, so this read hits L2.
-            update += tl.load(
-                x_ptr + row_ids[:, None] * stride_x_row + col_ids[None, :] * stride_x_col,
-                mask=tile_mask, other=0.0,
-            ).to(tl.float32)
-        if HAS_RESIDUAL:
-            update += tl.load(
-                residual_ptr + row_ids[:, None] * stride_res_row + col_ids[None, :] * stride_res_col,
-                mask=tile_mask, other=0.0,
-            ).to(tl.float32)
+        update = epilogue(update, x_ptr, residual_ptr, scale_ptr, row_ids, col_ids, col_mask, tile_mask, row_scale,
+                          scalar_scale, stride_x_row, stride_x_col, stride_res_row, stride_res_col,
+                          SCALE_MODE, HAS_ROW_SCALE, ADD_INPUT, HAS_RESIDUAL)
         tl.store(y_ptr + row_ids[:, None] * dim + col_ids[None, :], update.to(y_ptr.dtype.element_ty),
                  mask=tile_mask)
 

@@ -25,6 +25,7 @@ import triton.language as tl
 
 from . import reference
 from .activations import activation as _activation
+from .epilogue import epilogue, epilogue_scalars
 from .launch import TRITON_DTYPES, device_context, input_precision, new_output
 
 MIN_BLOCK = 16
@@ -96,10 +97,8 @@ def _sparse_forward_kernel(
     hidden = hidden.to(dtype)  # rounded as F.linear's output is
     act = (_activation(hidden.to(tl.float32), ACTIVATION) * column_weights).to(dtype)
 
-    if HAS_ROW_SCALE:
-        row_scale = tl.load(row_scale_ptr + row_ids, mask=row_mask, other=0.0).to(dtype).to(tl.float32)
-    if SCALE_MODE == "tensor":
-        scalar_scale = tl.load(scale_ptr).to(tl.float32)
+    row_scale, scalar_scale = epilogue_scalars(row_scale_ptr, scale_ptr, row_ids, row_mask, scale_value, dtype,
+                                               SCALE_MODE, HAS_ROW_SCALE, BLOCK_ROWS)
 
     for col_start in range(0, dim, BLOCK_DIM):
         col_ids = col_start + tl.arange(0, BLOCK_DIM)
@@ -117,24 +116,9 @@ def _sparse_forward_kernel(
                 mask=expert_mask[:, None] & col_mask[None, :], other=0.0,
             ).to(dtype).to(tl.float32)
             update += tl.dot(weights, b_up_tile, input_precision="ieee")
-        if HAS_ROW_SCALE:
-            update = update * row_scale[:, None]
-        if SCALE_MODE == "channel":
-            update = update * tl.load(scale_ptr + col_ids, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-        elif SCALE_MODE == "tensor":
-            update = update * scalar_scale
-        else:
-            update = update * scale_value
-        if ADD_INPUT:
-            update += tl.load(
-                x_ptr + row_ids[:, None] * stride_x_row + col_ids[None, :] * stride_x_col,
-                mask=tile_mask, other=0.0,
-            ).to(tl.float32)
-        if HAS_RESIDUAL:
-            update += tl.load(
-                residual_ptr + row_ids[:, None] * stride_res_row + col_ids[None, :] * stride_res_col,
-                mask=tile_mask, other=0.0,
-            ).to(tl.float32)
+        update = epilogue(update, x_ptr, residual_ptr, scale_ptr, row_ids, col_ids, col_mask, tile_mask, row_scale,
+                          scalar_scale, stride_x_row, stride_x_col, stride_res_row, stride_res_col,
+                          SCALE_MODE, HAS_ROW_SCALE, ADD_INPUT, HAS_RESIDUAL)
         tl.store(y_ptr + row_ids[:, None] * dim + col_ids[None, :], update.to(y_ptr.dtype.element_ty),
                  mask=tile_mask)
 
