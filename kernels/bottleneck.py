@@ -595,8 +595,10 @@ def _forward_triton(x, w_down, b_down, w_up, b_up, scale, scale_value, residual,
                               activation, compute_dtype, y, hidden, variant)
 
     with device_context(x):
-        key = (_shape_key(x, w_down, scale, residual, row_scale), add_input, activation, compute_dtype, out_dtype,
-               save_hidden)
+        def key():
+            return (_shape_key(x, w_down, scale, residual, row_scale), add_input, activation, compute_dtype,
+                    out_dtype, save_hidden)
+
         variant = pick("bottleneck_adapter", "forward", key, x.device, lambda v: time_cuda(plan(v)))
         plan(variant)()
     return y, hidden
@@ -639,8 +641,10 @@ def _backward_triton(grad_y, x, hidden, w_down, b_down, w_up, b_up, scale, scale
         return time_cuda(lambda: run(launches))
 
     with device_context(x):
-        key = (_shape_key(x, w_down, scale, None, row_scale), grad_y.stride(), add_grad_y, compute_dx, activation,
-               compute_dtype, grad_dtype)
+        def key():
+            return (_shape_key(x, w_down, scale, None, row_scale), grad_y.stride(), add_grad_y, compute_dx,
+                    activation, compute_dtype, grad_dtype)
+
         variant = pick("bottleneck_adapter", "backward", key, x.device, time_variant)
         launches = plan(variant)
         run(launches)

@@ -98,18 +98,19 @@ def tuned_variants() -> dict:
     return dict(_TUNED)
 
 
-def pick(op: str, pass_name: str, key: tuple, device: torch.device,
+def pick(op: str, pass_name: str, key: Callable[[], tuple], device: torch.device,
          time_variant: Callable[[Variant], float]) -> Variant:
-    """The variant to run for this call. Under autotune, the first call with a new key times
-    every variant with `time_variant` (seconds per run, CUDA only) and keeps the fastest; the
-    interpreter and the CPU have nothing to tune and run the default."""
+    """The variant to run for this call. Under autotune, the first call with a new key (built
+    by `key()` only then: no per-call host cost otherwise) times every variant with
+    `time_variant` (seconds per run, CUDA only) and keeps the fastest; the interpreter and the
+    CPU have nothing to tune and run the default."""
     name = current_variant(op)
     variants = _variants(op)
     if name != AUTOTUNE:
         return variants[name]
     if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
         return variants["default"]
-    tuned_key = (op, pass_name, key)
+    tuned_key = (op, pass_name, key())
     if tuned_key not in _TUNED:
         timings = {variant.name: time_variant(variant) for variant in variants.values()}
         _TUNED[tuned_key] = min(timings, key=timings.get)
