@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 
 import torch
@@ -22,6 +23,9 @@ if "TRITON_INTERPRET" not in os.environ:
 
 from fused_adapters.kernels import bottleneck_adapter, reference  # noqa: E402
 from fused_adapters.kernels.byte_count import count_bytes  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script too
+from bench.measure import floor_bytes  # noqa: E402
 
 DEFAULT_SHAPES = ["768x768x8", "1024x768x8", "6304x768x8", "768x768x16", "768x1024x16", "6304x768x16",
                   "768x768x64", "1024x768x64", "6304x768x64"]
@@ -44,9 +48,10 @@ def measure(fn, rows, dim, rank, residual, sms):
     grad = torch.randn(y.shape, generator=generator).to(y.dtype)
     with count_bytes(sm_count=sms) as backward:
         torch.autograd.grad(y, inputs, grad)
-    X = rows * dim * 2
-    forward_floor = (2 if residual == "x" else 3) * X
-    return forward.total() / forward_floor, backward.total() / (3 * X), forward, backward
+    kind = "x" if residual == "x" else "tensor"
+    forward_floor = floor_bytes("forward", rows, dim, 2, 2, kind)
+    backward_floor = floor_bytes("backward", rows, dim, 2, 2, kind)
+    return forward.total() / forward_floor, backward.total() / backward_floor, forward, backward
 
 
 def main() -> None:
