@@ -96,3 +96,11 @@ def test_zero_rows():
     case = make(0, 16, 2, 3, torch.float32, seed=0)
     assert sparse_forward(case["x"], case["w_gate"], None, case["w_down"], None, case["w_up"], None,
                           top_k=2).shape == (0, 16)
+
+
+def test_fp16_autocast_reads_fp32_tensors_in_place(poisoned):
+    # fp32 x, parameters and residual under fp16 autocast: fp16 dots, fp32 gate, y promoted to fp32.
+    case = make(33, 40, 4, 6, torch.float32, seed=21)
+    with torch.autocast(DEVICE, dtype=torch.float16):
+        y = check(case, 2, torch.float16, add_input=True)
+    assert y.dtype == torch.float32
