@@ -49,11 +49,11 @@ from . import reference
 from .activations import activation as _activation
 from .epilogue import epilogue, epilogue_scalars
 from .activations import activation_grad as _activation_grad
-from .checks import MAX_RANK, check_bottleneck_arguments
+from .checks import MAX_RANK, check_bottleneck_arguments, epilogue_arguments
 from .launch import (
     KERNEL_DTYPES, MIN_BLOCK_ROWS, PROGRAMS_PER_SM, TRITON_DTYPES, BlockConfig, Launch, device_context, dtype_group,
-    input_precision, int32_columns, new_output, optional, padded_rank, plan_block_rows, row_variants, sm_count,
-    takes_triton,
+    input_precision, int32_columns, new_output, optional, padded_rank, plan_block_rows, plan_chunks, row_variants,
+    sm_count, takes_triton,
 )
 from .variants import Variant, pick, register_variants, time_cuda
 
@@ -426,33 +426,10 @@ def row_config(table: dict, rank: int, dtype: torch.dtype, rows: int, sms: int, 
 # Launch plans: grids from M and the SM count
 # --------------------------------------------------------------------------------------------
 
-# Below GPU-filling sizes, the fp32 partials of the weight gradients, written once and read
-# once by the reduction, may cost at most this fraction of one M x D pass over x (see plan_chunks).
-PARTIALS_BUDGET = 0.05
-
-
 def partials_size(dim: int, rank: int, rank_blocks: int) -> int:
     """One chunk's partials: [dw_up (D x r) | dw_down (r x D) | db_up (D) | db_down (r) | dscale
     per rank block (blocks x D)]."""
     return 2 * dim * rank + (1 + rank_blocks) * dim + rank
-
-
-def plan_chunks(rows: int, dim: int, rank: int, row_tiles: int, programs_per_chunk: int, sms: int,
-                itemsize: int, rank_blocks: int) -> int:
-    """How many row chunks the weights kernel splits M into; each writes one set of fp32
-    partials (8 D r bytes), which the reduction reads back.
-
-    Where M is large enough for the row-tile launches to give every SM PROGRAMS_PER_SM programs
-    of MIN_BLOCK_ROWS rows, this one fills the GPU too: enough chunks for PROGRAMS_PER_SM
-    programs per SM. Below that, the chunks are capped so that the partials, written and read,
-    cost at most PARTIALS_BUDGET of one pass over x: at rank 8 and M = 1024 a single extra
-    chunk would already cost 6% of it."""
-    fill = triton.cdiv(PROGRAMS_PER_SM * sms, programs_per_chunk)
-    if rows >= PROGRAMS_PER_SM * sms * MIN_BLOCK_ROWS:
-        return max(1, min(row_tiles, fill))
-    chunk_bytes = 2 * partials_size(dim, rank, rank_blocks) * 4
-    budget = int(PARTIALS_BUDGET * rows * dim * itemsize // chunk_bytes)
-    return max(1, min(row_tiles, fill, budget))
 
 
 # --------------------------------------------------------------------------------------------
@@ -531,7 +508,8 @@ def backward_launches(grad_y, x, hidden, w_down, w_up, b_up, scale, scale_value,
     row_tiles = triton.cdiv(rows, weights_config.block_rows)
     col_tiles = triton.cdiv(dim, weights_config.block_dim)
     rank_blocks = triton.cdiv(rank, rank_tile)
-    chunks = plan_chunks(rows, dim, rank, row_tiles, col_tiles * rank_blocks, sms, x.element_size(), rank_blocks)
+    chunks = plan_chunks(rows, dim, row_tiles, col_tiles * rank_blocks, sms, x.element_size(),
+                         partials_size(dim, rank, rank_blocks))
     tiles_per_chunk = triton.cdiv(row_tiles, chunks)
     chunks = triton.cdiv(row_tiles, tiles_per_chunk)
     # One chunk writes the gradients themselves, in their dtype; several write fp32 partials.
@@ -879,23 +857,8 @@ def bottleneck_adapter(
     compute_dtype = reference.compute_dtype(x)
     autocast = x.dtype in reference.AUTOCAST_INPUT_DTYPES and torch.is_autocast_enabled(x.device.type)
     out_dtype = reference.output_dtype(compute_dtype, autocast, scale_tensor, terms)
-    # x as a residual term is read and differentiated inside the kernels; any other terms are
-    # one tensor to them (two or more are summed here first).
-    add_input = any(term is x for term in terms)
-    others = list(terms)
-    if add_input:
-        others.pop(next(i for i, term in enumerate(others) if term is x))
-    skip = None
-    for term in others:
-        skip = term if skip is None else skip + term
-    if scale_tensor is not None and scale_tensor.dim() > 1:
-        scale_tensor = scale_tensor.reshape(1)  # a one-element scale of any shape is layer-wise
-    if scale_tensor is None and scale_value != 1.0 and torch.compiler.is_compiling():
-        # A Python float reaches the op as a constant, and torch.compile would recompile for
-        # every new value; a 0-d tensor is a graph input (and, 0-d, promotes nothing).
-        scale_tensor, scale_value = x.new_full((), scale_value, dtype=torch.float32), 1.0
+    scale_tensor, scale_value, add_input, skip2d = epilogue_arguments(x, scale_tensor, scale_value, terms)
     x2d = x.reshape(-1, dim)
-    skip2d = skip.reshape(-1, dim) if skip is not None else None
     if row_scale is not None:
         row_scale = row_scale.detach()
     tensors = (x, w_down, b_down, w_up, b_up, scale_tensor, *terms)

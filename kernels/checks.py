@@ -43,8 +43,18 @@ def check_bottleneck_arguments(x, w_down, b_down, w_up, b_up, scale, activation,
         check_float_tensor("b_up", b_up)
         if tuple(b_up.shape) != (dim,):
             raise ValueError(f"b_up must have shape [D] = [{dim}], got {tuple(b_up.shape)}")
-    if not isinstance(activation, str) or activation not in reference.ACTIVATIONS:
-        raise ValueError(f"activation must be one of {sorted(reference.ACTIVATIONS)}, got {activation!r}")
+    check_activation(activation)
+    scale_tensor, scale_value, terms = check_epilogue_arguments(x, scale, residual, row_scale)
+    named = [("w_down", w_down), ("b_down", b_down), ("w_up", w_up), ("b_up", b_up)]
+    check_same_device(x, named)
+    return scale_tensor, scale_value, terms
+
+
+def check_epilogue_arguments(x, scale, residual, row_scale):
+    """The arguments every op's epilogue takes (scale, residual, row_scale), checked against x;
+    returns (scale tensor or None, scale value, residual terms)."""
+    dim = x.shape[-1]
+    rows = x.numel() // dim
     terms = check_residual(x, residual)
     if row_scale is not None:
         check_float_tensor("row_scale", row_scale)
@@ -65,14 +75,36 @@ def check_bottleneck_arguments(x, w_down, b_down, w_up, b_up, scale, activation,
         scale_value = float(scale)
     elif scale is not None:
         raise TypeError(f"scale must be a tensor, a float or None, got {type(scale).__name__}")
-    named = [("w_down", w_down), ("b_down", b_down), ("w_up", w_up), ("b_up", b_up), ("scale", scale_tensor),
-             ("row_scale", row_scale)]
-    for name, tensor in named:
-        if tensor is not None and tensor.device != x.device:
-            raise ValueError(f"{name} is on {tensor.device} but x is on {x.device}; put all tensors on one device")
+    check_same_device(x, [("scale", scale_tensor), ("row_scale", row_scale)])
     return scale_tensor, scale_value, terms
 
 
+def check_same_device(x, named) -> None:
+    for name, tensor in named:
+        if tensor is not None and tensor.device != x.device:
+            raise ValueError(f"{name} is on {tensor.device} but x is on {x.device}; put all tensors on one device")
+
+
+def epilogue_arguments(x, scale_tensor, scale_value, terms):
+    """What the kernels' epilogue takes, from checked arguments: (scale tensor or None, scale
+    value, add_input, skip). x as a residual term is read and differentiated inside the kernels
+    (add_input); any other terms are one tensor to them (two or more are summed here first),
+    returned 2-D as `skip` ([M, D] or None)."""
+    dim = x.shape[-1]
+    add_input = any(term is x for term in terms)
+    others = list(terms)
+    if add_input:
+        others.pop(next(i for i, term in enumerate(others) if term is x))
+    skip = None
+    for term in others:
+        skip = term if skip is None else skip + term
+    if scale_tensor is not None and scale_tensor.dim() > 1:
+        scale_tensor = scale_tensor.reshape(1)  # a one-element scale of any shape is layer-wise
+    if scale_tensor is None and scale_value != 1.0 and torch.compiler.is_compiling():
+        # A Python float reaches the op as a constant, and torch.compile would recompile for
+        # every new value; a 0-d tensor is a graph input (and, 0-d, promotes nothing).
+        scale_tensor, scale_value = x.new_full((), scale_value, dtype=torch.float32), 1.0
+    return scale_tensor, scale_value, add_input, skip.reshape(-1, dim) if skip is not None else None
 def check_residual(x, residual) -> list:
     if residual is None or isinstance(residual, torch.Tensor):
         terms, names = reference.residual_terms(residual), ["residual"]
@@ -95,3 +127,89 @@ def check_float_tensor(name: str, tensor) -> None:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
     if not tensor.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor (float16, bfloat16 or float32), got {tensor.dtype}")
+
+
+def check_activation(activation) -> None:
+    if not isinstance(activation, str) or activation not in reference.ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(reference.ACTIVATIONS)}, got {activation!r}")
+
+
+def check_experts(x, w_down, b_down, w_up, b_up) -> tuple[int, int]:
+    """The stacked expert parameters against x: w_down [E, r, D], b_down [E, r] or None,
+    w_up [E, D, r], b_up [E, D] or None. Returns (E, r)."""
+    dim = x.shape[-1]
+    check_float_tensor("w_down", w_down)
+    if w_down.dim() != 3 or w_down.shape[2] != dim:
+        raise ValueError(f"w_down must have shape [experts, rank, D] = [E, r, {dim}], got {tuple(w_down.shape)}")
+    experts, rank = w_down.shape[0], w_down.shape[1]
+    if experts == 0 or rank == 0:
+        raise ValueError(f"w_down must have at least one expert and rank >= 1, got shape {tuple(w_down.shape)}")
+    check_float_tensor("w_up", w_up)
+    if tuple(w_up.shape) != (experts, dim, rank):
+        raise ValueError(f"w_up must have shape [experts, D, rank] = [{experts}, {dim}, {rank}] (w_down is "
+                         f"{tuple(w_down.shape)}), got {tuple(w_up.shape)}")
+    if b_down is not None:
+        check_float_tensor("b_down", b_down)
+        if tuple(b_down.shape) != (experts, rank):
+            raise ValueError(f"b_down must have shape [experts, rank] = [{experts}, {rank}], got "
+                             f"{tuple(b_down.shape)}")
+    if b_up is not None:
+        check_float_tensor("b_up", b_up)
+        if tuple(b_up.shape) != (experts, dim):
+            raise ValueError(f"b_up must have shape [experts, D] = [{experts}, {dim}], got {tuple(b_up.shape)}")
+    if experts * max(rank, 1) * dim >= 2**31:
+        raise ValueError(f"w_down has {experts} x {rank} x {dim} elements; the kernels index the expert "
+                         f"parameters with 32-bit offsets (fewer than 2^31 elements)")
+    return experts, rank
+
+
+def check_sparse_arguments(x, w_gate, b_gate, expert_idx, expert_weight, w_down, b_down, w_up, b_up, scale,
+                           activation, residual, row_scale, top_k, max_experts):
+    """The gated form (w_gate given, top_k an int) or the routed form (expert_idx and
+    expert_weight given). Raise a TypeError/ValueError naming the argument; return
+    (scale tensor or None, scale value, residual terms)."""
+    check_float_tensor("x", x)
+    if x.dim() < 1 or x.shape[-1] == 0:
+        raise ValueError(f"x must have shape [..., D] with D >= 1, got {tuple(x.shape)}")
+    dim = x.shape[-1]
+    rows = x.numel() // dim
+    experts, _ = check_experts(x, w_down, b_down, w_up, b_up)
+    if experts > max_experts:
+        raise ValueError(f"w_down has {experts} experts; the sparse kernels support 1 to {max_experts}")
+    named = [("w_down", w_down), ("b_down", b_down), ("w_up", w_up), ("b_up", b_up)]
+    if w_gate is not None:
+        check_float_tensor("w_gate", w_gate)
+        if tuple(w_gate.shape) != (experts, dim):
+            raise ValueError(f"w_gate must have shape [experts, D] = [{experts}, {dim}], got {tuple(w_gate.shape)}")
+        if b_gate is not None:
+            check_float_tensor("b_gate", b_gate)
+            if tuple(b_gate.shape) != (experts,):
+                raise ValueError(f"b_gate must have shape [experts] = [{experts}], got {tuple(b_gate.shape)}")
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= experts:
+            raise ValueError(f"top_k must be an int from 1 to the number of experts ({experts}), got {top_k!r}")
+        named += [("w_gate", w_gate), ("b_gate", b_gate)]
+    else:
+        if not isinstance(expert_idx, torch.Tensor):
+            raise TypeError(f"expert_idx must be a torch.Tensor of integer expert indices, got "
+                            f"{type(expert_idx).__name__}")
+        if expert_idx.is_floating_point() or expert_idx.is_complex() or expert_idx.dtype == torch.bool:
+            raise TypeError(f"expert_idx must be an integer tensor (int64 or int32), got {expert_idx.dtype}")
+        matches_rows = expert_idx.dim() == 2 and expert_idx.shape[0] == rows
+        matches_x = expert_idx.dim() == x.dim() and expert_idx.shape[:-1] == x.shape[:-1]
+        if not (matches_rows or matches_x) or expert_idx.shape[-1] == 0:
+            raise ValueError(f"expert_idx must have shape [M, k] = [{rows}, k] (one row per row of x) or "
+                             f"[*x.shape[:-1], k], with k >= 1; got {tuple(expert_idx.shape)}")
+        check_float_tensor("expert_weight", expert_weight)
+        if expert_weight.shape != expert_idx.shape:
+            raise ValueError(f"expert_weight must have expert_idx's shape {tuple(expert_idx.shape)}, got "
+                             f"{tuple(expert_weight.shape)}")
+        named += [("expert_idx", expert_idx), ("expert_weight", expert_weight)]
+        if expert_idx.numel() > 0 and not torch.compiler.is_compiling():
+            # One device sync on CUDA: the price of an error instead of silently dropped rows.
+            low, high = torch.aminmax(expert_idx)
+            if int(low) < 0 or int(high) >= experts:
+                raise ValueError(f"expert_idx must hold expert indices from 0 to {experts - 1}, got values from "
+                                 f"{int(low)} to {int(high)}")
+    check_activation(activation)
+    check_same_device(x, named)
+    return check_epilogue_arguments(x, scale, residual, row_scale)

@@ -15,7 +15,7 @@ import triton.language as tl
 
 __all__ = [
     "BlockConfig", "Launch", "launch_plan", "sm_count", "is_interpreted", "new_output", "device_context",
-    "padded_rank", "dtype_group", "row_variants", "plan_block_rows", "takes_triton", "input_precision",
+    "padded_rank", "dtype_group", "row_variants", "plan_block_rows", "plan_chunks", "takes_triton", "input_precision",
     "int32_columns", "KERNEL_DTYPES", "TRITON_DTYPES",
 ]
 
@@ -174,6 +174,29 @@ def plan_block_rows(config: BlockConfig, rows: int, sms: int) -> BlockConfig:
         if triton.cdiv(rows, variant.block_rows) >= PROGRAMS_PER_SM * sms:
             return variant
     return row_variants(config)[-1]
+
+
+# Below GPU-filling sizes, the fp32 partials of the weight gradients, written once and read
+# once by the reduction, may cost at most this fraction of one M x D pass over x (see plan_chunks).
+PARTIALS_BUDGET = 0.05
+
+
+def plan_chunks(rows: int, dim: int, row_tiles: int, programs_per_chunk: int, sms: int, itemsize: int,
+                chunk_elements: int) -> int:
+    """How many row chunks a weight-gradient kernel splits M into; each writes one set of fp32
+    partials (chunk_elements of them), which the reduction reads back.
+
+    Where M is large enough for the row-tile launches to give every SM PROGRAMS_PER_SM programs
+    of MIN_BLOCK_ROWS rows, this one fills the GPU too: enough chunks for PROGRAMS_PER_SM
+    programs per SM. Below that, the chunks are capped so that the partials, written and read,
+    cost at most PARTIALS_BUDGET of one pass over x: for the bottleneck op at rank 8 and
+    M = 1024 a single extra chunk would already cost 6% of it."""
+    fill = triton.cdiv(PROGRAMS_PER_SM * sms, programs_per_chunk)
+    if rows >= PROGRAMS_PER_SM * sms * MIN_BLOCK_ROWS:
+        return max(1, min(row_tiles, fill))
+    chunk_bytes = 2 * chunk_elements * 4
+    budget = int(PARTIALS_BUDGET * rows * dim * itemsize // chunk_bytes)
+    return max(1, min(row_tiles, fill, budget))
 
 
 def takes_triton(device_type: str, dtypes) -> bool:

@@ -1,23 +1,47 @@
-"""Sparse top-k gated mixture of adapters, dense-masked design: work in progress.
+"""Sparse mixture of adapters: y = residual + scale * (row_scale * sum_j p_j * A_{e_j}(x)).
 
-Only the forward kernel is here so far; it is not wired into a public op, autograd or the
-compile check yet, and nothing outside the tests calls it. The math is reference.sparse_adapter.
+Two forms share the kernels. `sparse_adapter` routes each row to its top-k experts by a learned
+gate (logits = x W_gate^T + b_gate in fp32, ties to the lower expert index, p = softmax over the
+k chosen logits); `routed_adapter` takes the experts and weights per row from the caller
+(multi-task batches, per-image routing). The math is reference.sparse_adapter / routed_adapter.
 
-Forward, one launch, one program per tile of rows:
-  1. One pass over D accumulates, in fp32 registers, h = x W_down_stacked^T for all E experts
-     at once (W_down_stacked [E*r, D], tensor cores in the compute dtype) and the gate logits
-     x W_gate^T (fp32 operands, ieee: the same numbers the reference's fp32 F.linear gives, up to
-     summation order, so a deliberate tie stays a tie).
-  2. Top-k over the logits in registers: k rounds of "largest remaining logit, lowest index
-     among equals"; the weights are the softmax over the chosen logits.
-  3. The weights are spread over each expert's r columns (a one-hot [E, E*r] dot, exact in
-     fp32), act(h + b_down) is scaled by them, so unselected experts contribute zeros, and a
-     second pass over D computes u = a W_up_stacked^T + weights B_up with the bottleneck epilogue.
+Dense-masked design (the `default` variant family): the experts' weights are stacked,
+W_down [E*r, D] and W_up [D, E*r] (read from the [E, r, D] and [E, D, r] parameters in place),
+so a row's hidden layer is h = x W_down^T + b_down over all E*r columns at once (tensor cores),
+and the routing weights, spread over each expert's r columns, zero the unselected experts after
+the activation: u = (act(h) * p_columns) W_up^T + p B_up. That costs E/k times the FLOPs of the
+chosen experts alone, free while E*r is small (the op is memory-bound: at E = 8, r = 16,
+D = 768 it does 2 * 128 MACs per byte of x it reads).
+
+Forward: one launch, one program per tile of rows.
+  1. One pass over D accumulates h for every expert and, for the gated form, the gate logits
+     (fp32 operands, ieee: the numbers the reference's fp32 F.linear gives up to summation
+     order, so a deliberate tie stays a tie).
+  2. Top-k in registers: k rounds of "largest remaining logit, lowest index among equals"; the
+     weights are the softmax over the chosen logits. The routed form builds the same dense
+     [rows, E] weights from expert_idx/expert_weight (repeated experts add up).
+  3. A second pass over D (its x reads hit L2) computes u with the epilogue (scale, row_scale,
+     residual, cast) shared with the bottleneck op.
+  Saved for backward: h [M, E*r] in the compute dtype and the dense weights [M, E] in fp32.
+
+Backward: two launches, deterministic (no float atomics).
+  1. One program per row tile: d act = (dy * row_scale * scale) W_up_stacked, a full reduction
+     over D; from it dh (through the weights and act'), the gradient of each row's expert
+     weights (d act . act summed per expert, plus the b_up term), and for the gated form the
+     softmax backward to the logits (plus the logits' own gradient when the caller used them,
+     e.g. in load_balancing_loss). Writes dh [M, E*r] and d logits (or d weights) [M, E].
+  2. A grid of (row chunk, D tile): dx = dh W_down_stacked + d logits W_gate (+ dy when x is a
+     residual term) and fp32 partial sums of every parameter gradient over its chunk, reduced
+     by torch afterwards (none to reduce with one chunk).
+
+E*r above 256 does not fit the dense design's register tiles; those shapes run the eager
+expert loop (kernels.reference) until the grouped design lands.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import warnings
+from typing import Optional, Union
 
 import torch
 import triton
@@ -25,33 +49,68 @@ import triton.language as tl
 
 from . import reference
 from .activations import activation as _activation
+from .activations import activation_grad as _activation_grad
+from .checks import check_sparse_arguments, epilogue_arguments
 from .epilogue import epilogue, epilogue_scalars
-from .launch import TRITON_DTYPES, device_context, input_precision, new_output
+from .launch import (
+    KERNEL_DTYPES, MIN_BLOCK_ROWS, PROGRAMS_PER_SM, TRITON_DTYPES, BlockConfig, Launch, device_context, dtype_group,
+    input_precision, int32_columns, new_output, optional, plan_block_rows, plan_chunks, row_variants, sm_count,
+    takes_triton,
+)
+from .variants import Variant, current_variant, pick, register_variants, time_cuda
 
+__all__ = ["sparse_adapter", "routed_adapter", "MAX_EXPERTS", "MAX_DENSE_COLUMNS", "VARIANTS", "uses_dense_kernels"]
+
+MAX_EXPERTS = 64
+# The dense design keeps [rows, E*r] tiles and [D tile, E*r] accumulators in registers.
+MAX_DENSE_COLUMNS = 256
 MIN_BLOCK = 16
+
+
+def block_columns(experts: int, rank: int) -> int:
+    return max(MIN_BLOCK, triton.next_power_of_2(experts * rank))
+
+
+def block_experts(experts: int) -> int:
+    return max(MIN_BLOCK, triton.next_power_of_2(experts))
+
+
+# --------------------------------------------------------------------------------------------
+# Triton kernels
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _expert_one_hot(column_ids, column_mask, expert_ids, rank, BLOCK_EXPERTS: tl.constexpr):
+    """[BLOCK_EXPERTS, BLOCK_COLUMNS] fp32: 1 where stacked column c belongs to expert e."""
+    owner = tl.where(column_mask, column_ids // rank, BLOCK_EXPERTS)
+    return (expert_ids[:, None] == owner[None, :]).to(tl.float32)
 
 
 @triton.jit
 def _sparse_forward_kernel(
-    x_ptr, w_gate_ptr, b_gate_ptr, w_down_ptr, b_down_ptr, w_up_ptr, b_up_ptr, scale_ptr, residual_ptr,
-    row_scale_ptr, y_ptr,
+    x_ptr, w_gate_ptr, b_gate_ptr, expert_idx_ptr, expert_weight_ptr, w_down_ptr, b_down_ptr, w_up_ptr, b_up_ptr,
+    scale_ptr, residual_ptr, row_scale_ptr, y_ptr, hidden_ptr, weights_ptr, logits_ptr,
     rows, dim, rank, experts, scale_value,
     stride_x_row, stride_x_col, stride_res_row, stride_res_col,
-    TOP_K: tl.constexpr, ACTIVATION: tl.constexpr, SCALE_MODE: tl.constexpr, HAS_B_GATE: tl.constexpr,
-    HAS_B_DOWN: tl.constexpr, HAS_B_UP: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ADD_INPUT: tl.constexpr,
-    HAS_ROW_SCALE: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    TOP_K: tl.constexpr, GATED: tl.constexpr, ACTIVATION: tl.constexpr, SCALE_MODE: tl.constexpr,
+    HAS_B_GATE: tl.constexpr, HAS_B_DOWN: tl.constexpr, HAS_B_UP: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    ADD_INPUT: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, SAVE: tl.constexpr, STORE_LOGITS: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_ROWS: tl.constexpr, BLOCK_DIM: tl.constexpr, BLOCK_EXPERTS: tl.constexpr, BLOCK_COLUMNS: tl.constexpr,
 ):
     # This program's tile: rows [pid * BLOCK_ROWS, +BLOCK_ROWS), every expert, every column of D.
     pid = tl.program_id(0)
     row_ids = pid * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     row_mask = row_ids < rows
-    row_ids = row_ids.to(tl.int64)
+    row_ids = row_ids.to(tl.int64)  # M * D may pass 2^31
     expert_ids = tl.arange(0, BLOCK_EXPERTS)
     expert_mask = expert_ids < experts
-    # Stacked columns: column c belongs to expert c // rank.
+    # Stacked columns: column c is rank c % r of expert c // r.
     column_ids = tl.arange(0, BLOCK_COLUMNS)
     column_mask = column_ids < experts * rank
+    # W_up [E, D, r] read as W_up_stacked [D, E*r]: element (d, c) at (c // r) * D * r + d * r + c % r.
+    up_columns = (column_ids // rank) * dim * rank + column_ids % rank
     dtype = COMPUTE_DTYPE
 
     hidden = tl.zeros((BLOCK_ROWS, BLOCK_COLUMNS), dtype=tl.float32)
@@ -68,33 +127,54 @@ def _sparse_forward_kernel(
             mask=col_mask[:, None] & column_mask[None, :], other=0.0,
         ).to(dtype)
         hidden = tl.dot(x_tile.to(dtype), w_down_t, hidden, input_precision=INPUT_PRECISION)
-        w_gate_t = tl.load(
-            w_gate_ptr + expert_ids[None, :] * dim + col_ids[:, None],
-            mask=col_mask[:, None] & expert_mask[None, :], other=0.0,
-        ).to(tl.float32)
-        logits = tl.dot(x_tile.to(tl.float32), w_gate_t, logits, input_precision="ieee")
-    if HAS_B_GATE:
-        logits += tl.load(b_gate_ptr + expert_ids, mask=expert_mask, other=0.0).to(tl.float32)[None, :]
-    logits = tl.where(expert_mask[None, :], logits, float("-inf"))
+        if GATED:
+            w_gate_t = tl.load(
+                w_gate_ptr + expert_ids[None, :] * dim + col_ids[:, None],
+                mask=col_mask[:, None] & expert_mask[None, :], other=0.0,
+            ).to(tl.float32)
+            logits = tl.dot(x_tile.to(tl.float32), w_gate_t, logits, input_precision="ieee")
 
-    # Top-k: the largest remaining logit each round, the lowest expert index among equals.
-    chosen = tl.zeros((BLOCK_ROWS, BLOCK_EXPERTS), dtype=tl.int1)
-    top = tl.max(logits, axis=1)
-    for _ in tl.static_range(TOP_K):
-        remaining = tl.where(chosen, float("-inf"), logits)
-        best = tl.max(remaining, axis=1)
-        first = tl.min(tl.where(remaining == best[:, None], expert_ids[None, :], BLOCK_EXPERTS), axis=1)
-        chosen = chosen | (expert_ids[None, :] == first[:, None])
-    weights = tl.where(chosen, tl.exp(logits - top[:, None]), 0.0)
-    weights = weights / tl.sum(weights, axis=1)[:, None]
+    if GATED:
+        if HAS_B_GATE:
+            logits += tl.load(b_gate_ptr + expert_ids, mask=expert_mask, other=0.0).to(tl.float32)[None, :]
+        if STORE_LOGITS:
+            tl.store(logits_ptr + row_ids[:, None] * experts + expert_ids[None, :], logits,
+                     mask=row_mask[:, None] & expert_mask[None, :])
+        logits = tl.where(expert_mask[None, :], logits, float("-inf"))
+        # Top-k: the largest remaining logit each round, the lowest expert index among equals.
+        chosen = tl.zeros((BLOCK_ROWS, BLOCK_EXPERTS), dtype=tl.int1)
+        top = tl.max(logits, axis=1)
+        for _ in tl.static_range(TOP_K):
+            remaining = tl.where(chosen, float("-inf"), logits)
+            best = tl.max(remaining, axis=1)
+            first = tl.min(tl.where(remaining == best[:, None], expert_ids[None, :], BLOCK_EXPERTS), axis=1)
+            chosen = chosen | (expert_ids[None, :] == first[:, None])
+        weights = tl.where(chosen, tl.exp(logits - top[:, None]), 0.0)
+        weights = weights / tl.sum(weights, axis=1)[:, None]
+    else:
+        # The caller's experts and weights, as dense [rows, E] weights (a repeated expert adds up;
+        # an index outside 0..E-1, which the Python side rejects, would match no expert).
+        weights = tl.zeros((BLOCK_ROWS, BLOCK_EXPERTS), dtype=tl.float32)
+        for slot in tl.static_range(TOP_K):
+            slot_expert = tl.load(expert_idx_ptr + row_ids * TOP_K + slot, mask=row_mask, other=-1)
+            slot_weight = tl.load(expert_weight_ptr + row_ids * TOP_K + slot, mask=row_mask, other=0.0)
+            weights += tl.where(expert_ids[None, :] == slot_expert[:, None].to(tl.int32),
+                                slot_weight.to(tl.float32)[:, None], 0.0)
+    if SAVE:
+        tl.store(weights_ptr + row_ids[:, None] * experts + expert_ids[None, :], weights,
+                 mask=row_mask[:, None] & expert_mask[None, :])
+    # The weights multiply in the compute dtype, as the reference's expert loop does.
+    weights = weights.to(dtype).to(tl.float32)
 
     # Spread each expert's weight over its r stacked columns (exact: one term per column).
-    owner = tl.where(column_mask, column_ids // rank, BLOCK_EXPERTS)
-    one_hot = (expert_ids[:, None] == owner[None, :]).to(tl.float32)
+    one_hot = _expert_one_hot(column_ids, column_mask, expert_ids, rank, BLOCK_EXPERTS)
     column_weights = tl.dot(weights, one_hot, input_precision="ieee")
     if HAS_B_DOWN:
         hidden += tl.load(b_down_ptr + column_ids, mask=column_mask, other=0.0).to(dtype).to(tl.float32)[None, :]
-    hidden = hidden.to(dtype)  # rounded as F.linear's output is
+    hidden = hidden.to(dtype)  # rounded as F.linear's output is; the backward recomputes from it
+    if SAVE:
+        tl.store(hidden_ptr + row_ids[:, None] * (experts * rank) + column_ids[None, :], hidden,
+                 mask=row_mask[:, None] & column_mask[None, :])
     act = (_activation(hidden.to(tl.float32), ACTIVATION) * column_weights).to(dtype)
 
     row_scale, scalar_scale = epilogue_scalars(row_scale_ptr, scale_ptr, row_ids, row_mask, scale_value, dtype,
@@ -104,9 +184,8 @@ def _sparse_forward_kernel(
         col_ids = col_start + tl.arange(0, BLOCK_DIM)
         col_mask = col_ids < dim
         tile_mask = row_mask[:, None] & col_mask[None, :]
-        # w_up_ptr is W_up_stacked [D, E*r]: element (d, c) at d * E*r + c.
         w_up_t = tl.load(
-            w_up_ptr + col_ids[None, :] * (experts * rank) + column_ids[:, None],
+            w_up_ptr + up_columns[:, None] + col_ids[None, :] * rank,
             mask=column_mask[:, None] & col_mask[None, :], other=0.0,
         ).to(dtype)
         update = tl.dot(act, w_up_t, input_precision=INPUT_PRECISION)
@@ -123,44 +202,780 @@ def _sparse_forward_kernel(
                  mask=tile_mask)
 
 
-def sparse_forward(x: torch.Tensor, w_gate, b_gate, w_down, b_down, w_up, b_up, scale=None, *, top_k: int,
-                   activation: str = "gelu", residual: Optional[torch.Tensor] = None, add_input: bool = False,
-                   row_scale: Optional[torch.Tensor] = None, block_rows: int = 32,
-                   block_dim: int = 32) -> torch.Tensor:
-    """The forward launch on 2-D x [M, D], no autograd (work in progress: see the module
-    docstring). scale: None, a float, a one-element tensor or [D]; y in the compute dtype
-    promoted by the residual's (the bottleneck rules)."""
+@triton.jit
+def _sparse_backward_hidden_kernel(
+    grad_y_ptr, grad_logits_ptr, hidden_ptr, weights_ptr, w_up_ptr, b_up_ptr, scale_ptr, row_scale_ptr,
+    grad_hidden_ptr, grad_weights_ptr, act_ptr,
+    rows, dim, rank, experts, scale_value,
+    stride_g_row, stride_g_col,
+    GATED: tl.constexpr, HAS_GRAD_LOGITS: tl.constexpr, ACTIVATION: tl.constexpr, SCALE_MODE: tl.constexpr,
+    HAS_B_UP: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, STORE_ACT: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr, BLOCK_DIM: tl.constexpr, BLOCK_EXPERTS: tl.constexpr, BLOCK_COLUMNS: tl.constexpr,
+):
+    # This program's tile: dh [rows, E*r] and d logits (or d weights) [rows, E] for rows
+    # [pid * BLOCK_ROWS, +BLOCK_ROWS).
+    pid = tl.program_id(0)
+    row_ids = pid * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    row_mask = row_ids < rows
+    row_ids = row_ids.to(tl.int64)
+    expert_ids = tl.arange(0, BLOCK_EXPERTS)
+    expert_mask = expert_ids < experts
+    column_ids = tl.arange(0, BLOCK_COLUMNS)
+    column_mask = column_ids < experts * rank
+    up_columns = (column_ids // rank) * dim * rank + column_ids % rank
+    dtype = COMPUTE_DTYPE
+
+    row_scale, scalar_scale = epilogue_scalars(row_scale_ptr, scale_ptr, row_ids, row_mask, scale_value, dtype,
+                                               SCALE_MODE, HAS_ROW_SCALE, BLOCK_ROWS)
+
+    # g = dy * row_scale * scale (fp32, then rounded as eager autocast rounds dy * scale);
+    # d act = g W_up_stacked and the b_up part of d weights, g B_up^T, reduced over D.
+    grad_act = tl.zeros((BLOCK_ROWS, BLOCK_COLUMNS), dtype=tl.float32)
+    grad_weights = tl.zeros((BLOCK_ROWS, BLOCK_EXPERTS), dtype=tl.float32)
+    for col_start in range(0, dim, BLOCK_DIM):
+        col_ids = col_start + tl.arange(0, BLOCK_DIM)
+        col_mask = col_ids < dim
+        grad_update = tl.load(
+            grad_y_ptr + row_ids[:, None] * stride_g_row + col_ids[None, :] * stride_g_col,
+            mask=row_mask[:, None] & col_mask[None, :], other=0.0,
+        ).to(tl.float32)
+        if HAS_ROW_SCALE:
+            grad_update = grad_update * row_scale[:, None]
+        if SCALE_MODE == "channel":
+            grad_update = grad_update * tl.load(scale_ptr + col_ids, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        else:
+            grad_update = grad_update * scalar_scale
+        w_up_tile = tl.load(
+            w_up_ptr + col_ids[:, None] * rank + up_columns[None, :],
+            mask=col_mask[:, None] & column_mask[None, :], other=0.0,
+        ).to(dtype)
+        grad_act = tl.dot(grad_update.to(dtype), w_up_tile, grad_act, input_precision=INPUT_PRECISION)
+        if HAS_B_UP:
+            b_up_t = tl.load(
+                b_up_ptr + expert_ids[None, :] * dim + col_ids[:, None],
+                mask=col_mask[:, None] & expert_mask[None, :], other=0.0,
+            ).to(dtype).to(tl.float32)
+            grad_weights = tl.dot(grad_update, b_up_t, grad_weights, input_precision="ieee")
+
+    hidden_mask = row_mask[:, None] & column_mask[None, :]
+    expert_tile_mask = row_mask[:, None] & expert_mask[None, :]
+    hidden = tl.load(hidden_ptr + row_ids[:, None] * (experts * rank) + column_ids[None, :], mask=hidden_mask,
+                     other=0.0).to(tl.float32)
+    weights = tl.load(weights_ptr + row_ids[:, None] * experts + expert_ids[None, :], mask=expert_tile_mask,
+                      other=0.0)
+    one_hot = _expert_one_hot(column_ids, column_mask, expert_ids, rank, BLOCK_EXPERTS)
+    column_weights = tl.dot(weights.to(dtype).to(tl.float32), one_hot, input_precision="ieee")
+    act = _activation(hidden, ACTIVATION)
+    # d weight_e = sum over expert e's columns of d act * act (+ the b_up term above).
+    grad_weights = tl.dot(grad_act * act, tl.trans(one_hot), grad_weights, input_precision="ieee")
+    grad_hidden = grad_act * column_weights * _activation_grad(hidden, ACTIVATION)
+    tl.store(grad_hidden_ptr + row_ids[:, None] * (experts * rank) + column_ids[None, :], grad_hidden.to(dtype),
+             mask=hidden_mask)
+    if STORE_ACT:
+        tl.store(act_ptr + row_ids[:, None] * (experts * rank) + column_ids[None, :],
+                 (act * column_weights).to(dtype), mask=hidden_mask)
+    if GATED:
+        # Softmax over the chosen logits: d logit_e = p_e (d p_e - sum_j p_j d p_j); zero for the
+        # unchosen experts, whose weight is 0 (the choice itself has no gradient).
+        grad_weights = weights * (grad_weights - tl.sum(weights * grad_weights, axis=1)[:, None])
+        if HAS_GRAD_LOGITS:
+            grad_weights += tl.load(grad_logits_ptr + row_ids[:, None] * experts + expert_ids[None, :],
+                                    mask=expert_tile_mask, other=0.0).to(tl.float32)
+    tl.store(grad_weights_ptr + row_ids[:, None] * experts + expert_ids[None, :], grad_weights,
+             mask=expert_tile_mask)
+
+
+@triton.jit
+def _sparse_backward_input_and_weights_kernel(
+    grad_y_ptr, x_ptr, hidden_ptr, act_ptr, weights_ptr, grad_hidden_ptr, grad_logits_ptr, w_gate_ptr,
+    w_down_ptr, w_up_ptr, b_up_ptr, scale_ptr, row_scale_ptr, grad_x_ptr, partials_ptr,
+    rows, dim, rank, experts, scale_value, tiles_per_chunk,
+    stride_g_row, stride_g_col, stride_x_row, stride_x_col,
+    GATED: tl.constexpr, ACTIVATION: tl.constexpr, RECOMPUTE_ACT: tl.constexpr, SCALE_MODE: tl.constexpr,
+    HAS_B_UP: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, COMPUTE_DX: tl.constexpr, ADD_GRAD_Y: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr, BLOCK_DIM: tl.constexpr, BLOCK_EXPERTS: tl.constexpr, BLOCK_COLUMNS: tl.constexpr,
+):
+    # This program's tile: columns [pid_col * BLOCK_DIM, +BLOCK_DIM) of every parameter gradient,
+    # summed over the row tiles [pid_chunk * tiles_per_chunk, +tiles_per_chunk), and the same
+    # columns of dx for those rows.
+    pid_chunk = tl.program_id(0)
+    pid_col = tl.program_id(1)
+    col_ids = pid_col * BLOCK_DIM + tl.arange(0, BLOCK_DIM)
+    col_mask = col_ids < dim
+    expert_ids = tl.arange(0, BLOCK_EXPERTS)
+    expert_mask = expert_ids < experts
+    column_ids = tl.arange(0, BLOCK_COLUMNS)
+    column_mask = column_ids < experts * rank
+    columns = experts * rank
+    up_columns = (column_ids // rank) * dim * rank + column_ids % rank
+    dtype = COMPUTE_DTYPE
+
+    if COMPUTE_DX:
+        w_down_tile = tl.load(w_down_ptr + column_ids[:, None] * dim + col_ids[None, :],
+                              mask=column_mask[:, None] & col_mask[None, :], other=0.0).to(dtype)
+        if GATED:
+            w_gate_tile = tl.load(w_gate_ptr + expert_ids[:, None] * dim + col_ids[None, :],
+                                  mask=expert_mask[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
+    if RECOMPUTE_ACT:
+        one_hot = _expert_one_hot(column_ids, column_mask, expert_ids, rank, BLOCK_EXPERTS)
+
+    # With g = dy * row_scale and u = a W_up_stacked^T + p B_up (a = act(h) * p per column):
+    # ga = g^T a and gp = g^T p give dw_up = scale * ga, db_up = scale * gp^T and
+    # dscale = rowsum(W_up_stacked * ga) + rowsum(B_up^T * gp), so u is never recomputed.
+    acc_ga = tl.zeros((BLOCK_DIM, BLOCK_COLUMNS), dtype=tl.float32)
+    acc_gp = tl.zeros((BLOCK_DIM, BLOCK_EXPERTS), dtype=tl.float32)
+    acc_w_down = tl.zeros((BLOCK_COLUMNS, BLOCK_DIM), dtype=tl.float32)
+    acc_b_down = tl.zeros((BLOCK_COLUMNS,), dtype=tl.float32)
+    acc_w_gate = tl.zeros((BLOCK_EXPERTS, BLOCK_DIM), dtype=tl.float32)
+    acc_b_gate = tl.zeros((BLOCK_EXPERTS,), dtype=tl.float32)
+
+    first_tile = pid_chunk * tiles_per_chunk
+    for tile in range(first_tile, first_tile + tiles_per_chunk):
+        row_ids = tile * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+        row_mask = row_ids < rows
+        row_ids = row_ids.to(tl.int64)
+        tile_mask = row_mask[:, None] & col_mask[None, :]
+        hidden_mask = row_mask[:, None] & column_mask[None, :]
+        expert_tile_mask = row_mask[:, None] & expert_mask[None, :]
+
+        grad_y = tl.load(
+            grad_y_ptr + row_ids[:, None] * stride_g_row + col_ids[None, :] * stride_g_col,
+            mask=tile_mask, other=0.0,
+        ).to(tl.float32)
+        grad_update = grad_y
+        if HAS_ROW_SCALE:
+            row_scale = tl.load(row_scale_ptr + row_ids, mask=row_mask, other=0.0).to(dtype).to(tl.float32)
+            grad_update = grad_update * row_scale[:, None]
+        if RECOMPUTE_ACT or HAS_B_UP:
+            weights = tl.load(weights_ptr + row_ids[:, None] * experts + expert_ids[None, :],
+                              mask=expert_tile_mask, other=0.0).to(dtype).to(tl.float32)
+        if RECOMPUTE_ACT:
+            hidden = tl.load(hidden_ptr + row_ids[:, None] * columns + column_ids[None, :], mask=hidden_mask,
+                             other=0.0).to(tl.float32)
+            column_weights = tl.dot(weights, one_hot, input_precision="ieee")
+            act = (_activation(hidden, ACTIVATION) * column_weights).to(dtype)
+        else:
+            act = tl.load(act_ptr + row_ids[:, None] * columns + column_ids[None, :], mask=hidden_mask, other=0.0)
+        acc_ga = tl.dot(tl.trans(grad_update.to(dtype)), act, acc_ga, input_precision=INPUT_PRECISION)
+        if HAS_B_UP:
+            acc_gp = tl.dot(tl.trans(grad_update), weights, acc_gp, input_precision="ieee")
+
+        grad_hidden = tl.load(grad_hidden_ptr + row_ids[:, None] * columns + column_ids[None, :],
+                              mask=hidden_mask, other=0.0)
+        acc_b_down += tl.sum(grad_hidden.to(tl.float32), axis=0)
+        x_tile = tl.load(
+            x_ptr + row_ids[:, None] * stride_x_row + col_ids[None, :] * stride_x_col, mask=tile_mask, other=0.0
+        )
+        acc_w_down = tl.dot(tl.trans(grad_hidden), x_tile.to(dtype), acc_w_down, input_precision=INPUT_PRECISION)
+        if GATED:
+            grad_logits = tl.load(grad_logits_ptr + row_ids[:, None] * experts + expert_ids[None, :],
+                                  mask=expert_tile_mask, other=0.0)
+            acc_w_gate = tl.dot(tl.trans(grad_logits), x_tile.to(tl.float32), acc_w_gate, input_precision="ieee")
+            acc_b_gate += tl.sum(grad_logits, axis=0)
+        if COMPUTE_DX:
+            grad_x = tl.dot(grad_hidden, w_down_tile, input_precision=INPUT_PRECISION)
+            if GATED:  # the gate is fp32: its share of dx is exact fp32
+                grad_x = tl.dot(grad_logits, w_gate_tile, grad_x, input_precision="ieee")
+            if ADD_GRAD_Y:  # x is a residual term: its gradient dy joins dx in this store
+                grad_x += grad_y
+            tl.store(grad_x_ptr + row_ids[:, None] * dim + col_ids[None, :], grad_x.to(grad_x_ptr.dtype.element_ty),
+                     mask=tile_mask)
+
+    # Epilogue: this chunk's share of every parameter gradient, for this D tile.
+    if SCALE_MODE == "channel":
+        col_scale = tl.load(scale_ptr + col_ids, mask=col_mask, other=0.0).to(tl.float32)
+    elif SCALE_MODE == "tensor":
+        col_scale = tl.full((BLOCK_DIM,), 1.0, tl.float32) * tl.load(scale_ptr).to(tl.float32)
+    else:
+        col_scale = tl.full((BLOCK_DIM,), 1.0, tl.float32) * scale_value
+    up_mask = col_mask[:, None] & column_mask[None, :]
+    w_up_tile = tl.load(w_up_ptr + col_ids[:, None] * rank + up_columns[None, :], mask=up_mask, other=0.0)
+    grad_scale = tl.sum(w_up_tile.to(dtype).to(tl.float32) * acc_ga, axis=1)
+    b_up_mask = col_mask[:, None] & expert_mask[None, :]
+    if HAS_B_UP:
+        b_up_t = tl.load(b_up_ptr + expert_ids[None, :] * dim + col_ids[:, None], mask=b_up_mask, other=0.0)
+        grad_scale += tl.sum(b_up_t.to(dtype).to(tl.float32) * acc_gp, axis=1)
+
+    # Partials of chunk c, in the layout of partials_size (the gradients themselves, in their
+    # dtype, when there is one chunk):
+    # [dw_up (E x D x r) | dw_down (E*r x D) | db_up (E x D) | db_down (E*r) | dscale (D) | dw_gate (E x D) | db_gate (E)].
+    out_dtype = partials_ptr.dtype.element_ty
+    partial = partials_ptr + pid_chunk.to(tl.int64) * (2 * columns * dim + 2 * experts * dim + columns + dim + experts)
+    tl.store(partial + up_columns[None, :] + col_ids[:, None] * rank, (acc_ga * col_scale[:, None]).to(out_dtype),
+             mask=up_mask)
+    partial += columns * dim
+    tl.store(partial + column_ids[:, None] * dim + col_ids[None, :], acc_w_down.to(out_dtype),
+             mask=column_mask[:, None] & col_mask[None, :])
+    partial += columns * dim
+    tl.store(partial + expert_ids[None, :] * dim + col_ids[:, None], (acc_gp * col_scale[:, None]).to(out_dtype),
+             mask=b_up_mask)
+    partial += experts * dim
+    tl.store(partial + column_ids, acc_b_down.to(out_dtype), mask=column_mask & (pid_col == 0))
+    partial += columns
+    tl.store(partial + col_ids, grad_scale.to(out_dtype), mask=col_mask)
+    partial += dim
+    tl.store(partial + expert_ids[:, None] * dim + col_ids[None, :], acc_w_gate.to(out_dtype),
+             mask=expert_mask[:, None] & col_mask[None, :])
+    partial += experts * dim
+    tl.store(partial + expert_ids, acc_b_gate.to(out_dtype), mask=expert_mask & (pid_col == 0))
+
+
+# --------------------------------------------------------------------------------------------
+# Block configurations, keyed by (padded E*r, dtype group of the compute dtype). Every entry and
+# every smaller block-rows variant was compiled for sm_80 and sm_90 by compile_check with no
+# spills (aligned and unaligned); see kernels/compile_check.py.
+# --------------------------------------------------------------------------------------------
+
+FORWARD_CONFIGS = {
+    (16, "half"): BlockConfig("sparse_fwd_c16_half", 64, 64, 8, 2, wide_dim=128),
+    (32, "half"): BlockConfig("sparse_fwd_c32_half", 64, 64, 8, 2, wide_dim=128),
+    (64, "half"): BlockConfig("sparse_fwd_c64_half", 64, 64, 8, 2, wide_dim=128),
+    (128, "half"): BlockConfig("sparse_fwd_c128_half", 64, 32, 8, 2, wide_dim=64),
+    (256, "half"): BlockConfig("sparse_fwd_c256_half", 32, 32, 8, 2),
+    (16, "fp32"): BlockConfig("sparse_fwd_c16_fp32", 32, 64, 8, 2),
+    (32, "fp32"): BlockConfig("sparse_fwd_c32_fp32", 32, 64, 8, 2),
+    (64, "fp32"): BlockConfig("sparse_fwd_c64_fp32", 32, 32, 8, 2),
+    (128, "fp32"): BlockConfig("sparse_fwd_c128_fp32", 64, 32, 8, 2),
+    (256, "fp32"): BlockConfig("sparse_fwd_c256_fp32", 16, 16, 8, 2),
+}
+BACKWARD_HIDDEN_CONFIGS = {
+    (16, "half"): BlockConfig("sparse_bwd_hidden_c16_half", 64, 64, 8, 2, wide_dim=128),
+    (32, "half"): BlockConfig("sparse_bwd_hidden_c32_half", 64, 64, 8, 2, wide_dim=128),
+    (64, "half"): BlockConfig("sparse_bwd_hidden_c64_half", 64, 64, 8, 2, wide_dim=128),
+    (128, "half"): BlockConfig("sparse_bwd_hidden_c128_half", 64, 32, 8, 2, wide_dim=64),
+    (256, "half"): BlockConfig("sparse_bwd_hidden_c256_half", 32, 32, 8, 2),
+    (16, "fp32"): BlockConfig("sparse_bwd_hidden_c16_fp32", 32, 64, 8, 2),
+    (32, "fp32"): BlockConfig("sparse_bwd_hidden_c32_fp32", 32, 64, 8, 2),
+    (64, "fp32"): BlockConfig("sparse_bwd_hidden_c64_fp32", 32, 32, 8, 2),
+    (128, "fp32"): BlockConfig("sparse_bwd_hidden_c128_fp32", 32, 32, 8, 2),
+    (256, "fp32"): BlockConfig("sparse_bwd_hidden_c256_fp32", 16, 16, 8, 2),
+}
+BACKWARD_WEIGHTS_CONFIGS = {
+    (16, "half"): BlockConfig("sparse_bwd_weights_c16_half", 32, 32, 4, 2),
+    (32, "half"): BlockConfig("sparse_bwd_weights_c32_half", 32, 32, 4, 2),
+    (64, "half"): BlockConfig("sparse_bwd_weights_c64_half", 32, 32, 4, 2),
+    (128, "half"): BlockConfig("sparse_bwd_weights_c128_half", 32, 32, 8, 2),
+    (256, "half"): BlockConfig("sparse_bwd_weights_c256_half", 32, 16, 8, 2),
+    (16, "fp32"): BlockConfig("sparse_bwd_weights_c16_fp32", 16, 32, 4, 2),
+    (32, "fp32"): BlockConfig("sparse_bwd_weights_c32_fp32", 16, 32, 4, 2),
+    (64, "fp32"): BlockConfig("sparse_bwd_weights_c64_fp32", 16, 32, 8, 2),
+    (128, "fp32"): BlockConfig("sparse_bwd_weights_c128_fp32", 16, 16, 8, 2),
+    (256, "fp32"): BlockConfig("sparse_bwd_weights_c256_fp32", 16, 16, 8, 2),
+}
+
+
+def block_config(table: dict, experts: int, rank: int, dtype: torch.dtype) -> BlockConfig:
+    return table[(block_columns(experts, rank), dtype_group(dtype))]
+
+
+# --------------------------------------------------------------------------------------------
+# Variants (kernels.use_variant("sparse_adapter", name), or the ops' variant= argument)
+# --------------------------------------------------------------------------------------------
+
+VARIANTS = (
+    Variant("default", "dense-masked, one forward launch: all experts' weights stacked, unselected experts "
+                       "zeroed after the activation; block rows planned from M and the SM count; the "
+                       "backward recomputes act(h) from h"),
+    Variant("rows16", "dense-masked, 16 rows per program in the row-tile launches", block_rows=16),
+    Variant("rows64", "dense-masked, 64 rows per program in the row-tile launches (the configuration's own "
+                      "where fewer)", block_rows=64),
+    Variant("store_act", "dense-masked; the backward's first launch also writes act(h) * weights [M, E*r] for "
+                         "the second to read, instead of recomputing it", store_act=True),
+)
+register_variants("sparse_adapter", VARIANTS)
+DEFAULT_VARIANT = VARIANTS[0]
+_VARIANTS_BY_NAME = {variant.name: variant for variant in VARIANTS}
+
+
+def row_config(table: dict, experts: int, rank: int, dtype: torch.dtype, rows: int, sms: int,
+               variant: Variant) -> BlockConfig:
+    config = block_config(table, experts, rank, dtype)
+    if not variant.block_rows:
+        return plan_block_rows(config, rows, sms)
+    return next(v for v in row_variants(config) if v.block_rows <= max(variant.block_rows, MIN_BLOCK_ROWS))
+
+
+def partials_size(experts: int, rank: int, dim: int) -> int:
+    """One chunk's partials, and the packed gradients: [dw_up (E x D x r) | dw_down (E x r x D) |
+    db_up (E x D) | db_down (E x r) | dscale per channel (D) | dw_gate (E x D) | db_gate (E)]."""
+    columns = experts * rank
+    return 2 * columns * dim + 2 * experts * dim + columns + dim + experts
+
+
+def _scale_mode(scale: Optional[torch.Tensor]) -> str:
+    if scale is None:
+        return "value"
+    return "tensor" if scale.numel() == 1 else "channel"
+
+
+# --------------------------------------------------------------------------------------------
+# Launch plans
+# --------------------------------------------------------------------------------------------
+
+
+def forward_launch(x, w_gate, b_gate, expert_idx, expert_weight, w_down, b_down, w_up, b_up, scale, scale_value,
+                   residual, add_input, row_scale, top_k, activation, compute_dtype, y, hidden, weights, logits,
+                   variant: Variant = DEFAULT_VARIANT) -> Launch:
+    """The forward launch for 2-D x [M, D] writing y [M, D]; hidden [M, E*r] and weights [M, E]
+    when they have M rows (saved for backward), logits [M, E] when it has M rows."""
     rows, dim = x.shape
     experts, rank, _ = w_down.shape
-    compute = reference.compute_dtype(x)
-    autocast = x.dtype in reference.AUTOCAST_INPUT_DTYPES and torch.is_autocast_enabled(x.device.type)
-    terms = ([x] if add_input else []) + ([residual] if residual is not None else [])
-    out_dtype = reference.output_dtype(compute, autocast, scale, terms)
+    config = row_config(FORWARD_CONFIGS, experts, rank, compute_dtype, rows, sm_count(x.device), variant)
+    gated = w_gate is not None
+    save = hidden.shape[0] == rows
+    args = dict(
+        x_ptr=x, w_gate_ptr=optional(w_gate, x), b_gate_ptr=optional(b_gate, x),
+        expert_idx_ptr=optional(expert_idx, x), expert_weight_ptr=optional(expert_weight, x),
+        w_down_ptr=w_down.contiguous(), b_down_ptr=optional(b_down, x), w_up_ptr=w_up.contiguous(),
+        b_up_ptr=optional(b_up, x), scale_ptr=optional(scale, x), residual_ptr=x if residual is None else residual,
+        row_scale_ptr=optional(row_scale, x), y_ptr=y, hidden_ptr=hidden if save else y,
+        weights_ptr=weights if save else y, logits_ptr=logits if logits.shape[0] == rows else y,
+        rows=rows, dim=dim, rank=rank, experts=experts, scale_value=scale_value,
+        stride_x_row=x.stride(0), stride_x_col=x.stride(1),
+        stride_res_row=residual.stride(0) if residual is not None else 0,
+        stride_res_col=residual.stride(1) if residual is not None else 0,
+    )
+    constexprs = dict(
+        TOP_K=top_k, GATED=gated, ACTIVATION=activation, SCALE_MODE=_scale_mode(scale),
+        HAS_B_GATE=gated and b_gate is not None, HAS_B_DOWN=b_down is not None, HAS_B_UP=b_up is not None,
+        HAS_RESIDUAL=residual is not None, ADD_INPUT=add_input, HAS_ROW_SCALE=row_scale is not None, SAVE=save,
+        STORE_LOGITS=gated and logits.shape[0] == rows, COMPUTE_DTYPE=TRITON_DTYPES[compute_dtype],
+        INPUT_PRECISION=input_precision(compute_dtype), BLOCK_ROWS=config.block_rows, BLOCK_DIM=config.block_dim,
+        BLOCK_EXPERTS=block_experts(experts), BLOCK_COLUMNS=block_columns(experts, rank),
+    )
+    return Launch(_sparse_forward_kernel, (triton.cdiv(rows, config.block_rows),), args, constexprs, config)
+
+
+def backward_launches(grad_y, grad_logits, x, hidden, weights, w_gate, w_down, w_up, b_up, scale, scale_value,
+                      row_scale, activation, compute_dtype, add_grad_y, grad_hidden, grad_weights, act, grad_x,
+                      grad_dtype=torch.float32, variant: Variant = DEFAULT_VARIANT):
+    """The two backward launches and the partials buffer [chunks, partials_size] they fill.
+
+    grad_hidden [M, E*r] (compute dtype) and grad_weights [M, E] (fp32: d logits for the gated
+    form, d weights for the routed form) are written by the first launch; act [M, E*r] too when
+    it has M rows (store_act), else the second launch recomputes act(h) * weights. grad_logits:
+    the logits output's own gradient [M, E], or None. grad_x has M rows when dx is wanted."""
+    rows, dim = x.shape
+    experts, rank, _ = w_down.shape
+    sms = sm_count(x.device)
+    hidden_config = row_config(BACKWARD_HIDDEN_CONFIGS, experts, rank, compute_dtype, rows, sms, variant)
+    weights_config = block_config(BACKWARD_WEIGHTS_CONFIGS, experts, rank, compute_dtype)
+    gated = w_gate is not None
+    store_act = act.shape[0] == rows
+    mode = _scale_mode(scale)
+    precision = input_precision(compute_dtype)
+    triton_dtype = TRITON_DTYPES[compute_dtype]
+    scale_c, row_scale_c, b_up_c = optional(scale, x), optional(row_scale, x), optional(b_up, x)
+    w_down, w_up = w_down.contiguous(), w_up.contiguous()
+    compute_dx = grad_x.shape[0] == rows
+    blocks = dict(BLOCK_EXPERTS=block_experts(experts), BLOCK_COLUMNS=block_columns(experts, rank))
+
+    row_tiles = triton.cdiv(rows, weights_config.block_rows)
+    col_tiles = triton.cdiv(dim, weights_config.block_dim)
+    chunks = plan_chunks(rows, dim, row_tiles, col_tiles, sms, x.element_size(),
+                         partials_size(experts, rank, dim))
+    tiles_per_chunk = triton.cdiv(row_tiles, chunks)
+    chunks = triton.cdiv(row_tiles, tiles_per_chunk)
+    partials = new_output((chunks, partials_size(experts, rank, dim)), grad_dtype if chunks == 1 else torch.float32,
+                          x.device)
+
+    hidden_launch = Launch(
+        _sparse_backward_hidden_kernel,
+        (triton.cdiv(rows, hidden_config.block_rows),),
+        dict(
+            grad_y_ptr=grad_y, grad_logits_ptr=grad_logits if grad_logits is not None else grad_weights,
+            hidden_ptr=hidden, weights_ptr=weights, w_up_ptr=w_up, b_up_ptr=b_up_c, scale_ptr=scale_c,
+            row_scale_ptr=row_scale_c, grad_hidden_ptr=grad_hidden, grad_weights_ptr=grad_weights,
+            act_ptr=act if store_act else grad_hidden,
+            rows=rows, dim=dim, rank=rank, experts=experts, scale_value=scale_value,
+            stride_g_row=grad_y.stride(0), stride_g_col=grad_y.stride(1),
+        ),
+        dict(
+            GATED=gated, HAS_GRAD_LOGITS=gated and grad_logits is not None, ACTIVATION=activation, SCALE_MODE=mode,
+            HAS_B_UP=b_up is not None, HAS_ROW_SCALE=row_scale is not None, STORE_ACT=store_act,
+            COMPUTE_DTYPE=triton_dtype, INPUT_PRECISION=precision,
+            BLOCK_ROWS=hidden_config.block_rows, BLOCK_DIM=hidden_config.block_dim, **blocks,
+        ),
+        hidden_config,
+    )
+    weights_launch = Launch(
+        _sparse_backward_input_and_weights_kernel,
+        (chunks, col_tiles),
+        dict(
+            grad_y_ptr=grad_y, x_ptr=x, hidden_ptr=hidden, act_ptr=act if store_act else hidden, weights_ptr=weights,
+            grad_hidden_ptr=grad_hidden, grad_logits_ptr=grad_weights, w_gate_ptr=optional(w_gate, x),
+            w_down_ptr=w_down, w_up_ptr=w_up, b_up_ptr=b_up_c, scale_ptr=scale_c, row_scale_ptr=row_scale_c,
+            grad_x_ptr=grad_x if compute_dx else grad_hidden, partials_ptr=partials,
+            rows=rows, dim=dim, rank=rank, experts=experts, scale_value=scale_value,
+            tiles_per_chunk=tiles_per_chunk,
+            stride_g_row=grad_y.stride(0), stride_g_col=grad_y.stride(1),
+            stride_x_row=x.stride(0), stride_x_col=x.stride(1),
+        ),
+        dict(
+            GATED=gated, ACTIVATION=activation, RECOMPUTE_ACT=not store_act, SCALE_MODE=mode,
+            HAS_B_UP=b_up is not None, HAS_ROW_SCALE=row_scale is not None, COMPUTE_DX=compute_dx,
+            ADD_GRAD_Y=compute_dx and add_grad_y, COMPUTE_DTYPE=triton_dtype, INPUT_PRECISION=precision,
+            BLOCK_ROWS=weights_config.block_rows, BLOCK_DIM=weights_config.block_dim, **blocks,
+        ),
+        weights_config,
+    )
+    return hidden_launch, weights_launch, partials
+
+
+# --------------------------------------------------------------------------------------------
+# Runners: plan, pick the variant, launch
+# --------------------------------------------------------------------------------------------
+
+
+def _variant(name: str, pass_name: str, key, device, time_variant) -> Variant:
+    """The op's variant= argument when given, else the one in force (use_variant / autotune)."""
+    if name:
+        return _VARIANTS_BY_NAME[name]
+    return pick("sparse_adapter", pass_name, key, device, time_variant)
+
+
+def _grad_dtype(x, *params) -> torch.dtype:
+    """The packed parameter gradients' dtype: the parameters' own when they share one, else fp32."""
+    dtypes = {p.dtype for p in params if p is not None}
+    return dtypes.pop() if len(dtypes) == 1 and dtypes <= set(KERNEL_DTYPES) else torch.float32
+
+
+def _forward_triton(x, w_gate, b_gate, expert_idx, expert_weight, w_down, b_down, w_up, b_up, scale, scale_value,
+                    residual, add_input, row_scale, top_k, activation, compute_dtype, out_dtype, save, return_logits,
+                    variant):
+    rows, dim = x.shape
+    experts, rank, _ = w_down.shape
     y = new_output((rows, dim), out_dtype, x.device)
+    hidden = new_output((rows if save else 0, experts * rank), compute_dtype, x.device)
+    weights = new_output((rows if save else 0, experts), torch.float32, x.device)
+    logits = new_output((rows if return_logits else 0, experts), torch.float32, x.device)
     if rows == 0:
-        return y
-    scale_mode = "value" if not isinstance(scale, torch.Tensor) else ("tensor" if scale.numel() == 1 else "channel")
-    scale_value = float(scale) if isinstance(scale, (int, float)) else 1.0
-    w_up_stacked = w_up.permute(1, 0, 2).reshape(dim, experts * rank).contiguous()
+        return y, hidden, weights, logits
+    x = int32_columns(x)
+    residual = int32_columns(residual) if residual is not None else None
 
-    def optional(tensor):
-        return x if tensor is None else tensor.contiguous()
+    def plan(chosen):
+        return forward_launch(x, w_gate, b_gate, expert_idx, expert_weight, w_down, b_down, w_up, b_up, scale,
+                              scale_value, residual, add_input, row_scale, top_k, activation, compute_dtype, y,
+                              hidden, weights, logits, chosen)
 
-    grid = (triton.cdiv(rows, block_rows),)
     with device_context(x):
-        _sparse_forward_kernel[grid](
-            x, w_gate.contiguous(), optional(b_gate), w_down.reshape(experts * rank, dim).contiguous(),
-            optional(None if b_down is None else b_down.reshape(-1)), w_up_stacked, optional(b_up),
-            optional(scale if isinstance(scale, torch.Tensor) else None), x if residual is None else residual,
-            optional(row_scale), y,
-            rows, dim, rank, experts, scale_value,
-            x.stride(0), x.stride(1), 0 if residual is None else residual.stride(0),
-            0 if residual is None else residual.stride(1),
-            TOP_K=top_k, ACTIVATION=activation, SCALE_MODE=scale_mode, HAS_B_GATE=b_gate is not None,
-            HAS_B_DOWN=b_down is not None, HAS_B_UP=b_up is not None, HAS_RESIDUAL=residual is not None,
-            ADD_INPUT=add_input, HAS_ROW_SCALE=row_scale is not None, COMPUTE_DTYPE=TRITON_DTYPES[compute],
-            INPUT_PRECISION=input_precision(compute), BLOCK_ROWS=block_rows, BLOCK_DIM=block_dim,
-            BLOCK_EXPERTS=max(MIN_BLOCK, triton.next_power_of_2(experts)),
-            BLOCK_COLUMNS=max(MIN_BLOCK, triton.next_power_of_2(experts * rank)),
+        def key():
+            return (tuple(x.shape), x.stride(), x.dtype, tuple(w_down.shape), w_gate is not None, top_k,
+                    _scale_mode(scale), None if residual is None else (residual.dtype, residual.stride()),
+                    row_scale is not None, add_input, activation, compute_dtype, out_dtype, save, return_logits)
+
+        chosen = _variant(variant, "forward", key, x.device, lambda v: time_cuda(plan(v)))
+        plan(chosen)()
+    return y, hidden, weights, logits
+
+
+def _backward_triton(grad_y, grad_logits, x, hidden, weights, w_gate, w_down, w_up, b_up, scale, scale_value,
+                     row_scale, activation, compute_dtype, add_grad_y, compute_dx, grad_dtype, variant):
+    rows, dim = x.shape
+    experts, rank, _ = w_down.shape
+    grad_x = new_output((rows if compute_dx else 0, dim), x.dtype, x.device)
+    grad_weights = new_output((rows, experts), torch.float32, x.device)
+    if rows == 0:
+        return grad_x, torch.zeros(partials_size(experts, rank, dim), dtype=grad_dtype, device=x.device), grad_weights
+    if hidden.shape[0] != rows:
+        raise RuntimeError("sparse_adapter: backward without the saved hidden layer (the forward ran with save=False)")
+    grad_hidden = new_output((rows, experts * rank), compute_dtype, x.device)
+    grad_y, x = int32_columns(grad_y), int32_columns(x)
+
+    def plan(chosen):
+        act = new_output((rows if chosen.store_act else 0, experts * rank), compute_dtype, x.device)
+        return backward_launches(grad_y, grad_logits, x, hidden, weights, w_gate, w_down, w_up, b_up, scale,
+                                 scale_value, row_scale, activation, compute_dtype, add_grad_y, grad_hidden,
+                                 grad_weights, act, grad_x, grad_dtype, chosen)
+
+    def run(launches):
+        launches[0]()
+        launches[1]()
+
+    with device_context(x):
+        def key():
+            return (tuple(x.shape), x.stride(), grad_y.stride(), tuple(w_down.shape), w_gate is not None,
+                    grad_logits is not None, _scale_mode(scale), row_scale is not None, add_grad_y, compute_dx,
+                    activation, compute_dtype, grad_dtype)
+
+        chosen = _variant(variant, "backward", key, x.device, lambda v: time_cuda(lambda: run(plan(v))))
+        launches = plan(chosen)
+        run(launches)
+    partials = launches[2]
+    # One deterministic reduction over chunks for every parameter gradient (none with one chunk).
+    packed = partials[0] if partials.shape[0] == 1 else partials.sum(dim=0).to(grad_dtype)
+    return grad_x, packed, grad_weights
+
+
+def _unpack_param_grads(packed, w_gate, b_gate, w_down, b_down, w_up, b_up, scale):
+    """(dw_gate, db_gate, dw_down, db_down, dw_up, db_up, dscale), each in its parameter's dtype."""
+    experts, rank, dim = w_down.shape
+    columns = experts * rank
+    grad_w_up, grad_w_down, grad_b_up, grad_b_down, grad_scale, grad_w_gate, grad_b_gate = packed.split(
+        [columns * dim, columns * dim, experts * dim, columns, dim, experts * dim, experts]
+    )
+
+    def cast(grad, param, shape):
+        return None if param is None else grad.view(shape).to(param.dtype)
+
+    if scale is None:
+        grad_scale = None
+    elif scale.numel() == 1:
+        grad_scale = grad_scale.float().sum().reshape(scale.shape).to(scale.dtype)
+    else:
+        grad_scale = grad_scale.to(scale.dtype)
+    return (cast(grad_w_gate, w_gate, (experts, dim)), cast(grad_b_gate, b_gate, (experts,)),
+            cast(grad_w_down, w_down, (experts, rank, dim)), cast(grad_b_down, b_down, (experts, rank)),
+            cast(grad_w_up, w_up, (experts, dim, rank)), cast(grad_b_up, b_up, (experts, dim)), grad_scale)
+
+
+# --------------------------------------------------------------------------------------------
+# torch.library ops: one graph node each for torch.compile
+# --------------------------------------------------------------------------------------------
+
+
+def _forward_impl(
+    x: torch.Tensor, w_gate: Optional[torch.Tensor], b_gate: Optional[torch.Tensor],
+    expert_idx: Optional[torch.Tensor], expert_weight: Optional[torch.Tensor], w_down: torch.Tensor,
+    b_down: Optional[torch.Tensor], w_up: torch.Tensor, b_up: Optional[torch.Tensor], scale: Optional[torch.Tensor],
+    scale_value: float, residual: Optional[torch.Tensor], add_input: bool, row_scale: Optional[torch.Tensor],
+    top_k: int, activation: str, compute_dtype: torch.dtype, out_dtype: torch.dtype, save: bool,
+    return_logits: bool, variant: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """2-D x [M, D]. Returns y [M, D], and hidden [M, E*r] and weights [M, E] when saved (else 0
+    rows), logits [M, E] when asked (else 0 rows). Gated form when w_gate is given, routed form
+    (expert_idx, expert_weight [M, k]) otherwise."""
+    return _forward_triton(x, w_gate, b_gate, expert_idx, expert_weight, w_down, b_down, w_up, b_up, scale,
+                           scale_value, residual, add_input, row_scale, top_k, activation, compute_dtype, out_dtype,
+                           save, return_logits, variant)
+
+
+_forward_op = torch.library.custom_op("fused_adapters::sparse_forward", _forward_impl, mutates_args=())
+
+
+@_forward_op.register_fake
+def _forward_fake(x, w_gate, b_gate, expert_idx, expert_weight, w_down, b_down, w_up, b_up, scale, scale_value,
+                  residual, add_input, row_scale, top_k, activation, compute_dtype, out_dtype, save, return_logits,
+                  variant):
+    rows = x.shape[0]
+    experts, rank, _ = w_down.shape
+    return (x.new_empty(x.shape, dtype=out_dtype),
+            x.new_empty((rows if save else 0, experts * rank), dtype=compute_dtype),
+            x.new_empty((rows if save else 0, experts), dtype=torch.float32),
+            x.new_empty((rows if return_logits else 0, experts), dtype=torch.float32))
+
+
+def _backward_impl(
+    grad_y: torch.Tensor, grad_logits: Optional[torch.Tensor], x: torch.Tensor, hidden: torch.Tensor,
+    weights: torch.Tensor, w_gate: Optional[torch.Tensor], w_down: torch.Tensor, w_up: torch.Tensor,
+    b_up: Optional[torch.Tensor], scale: Optional[torch.Tensor], scale_value: float,
+    row_scale: Optional[torch.Tensor], activation: str, compute_dtype: torch.dtype, add_grad_y: bool,
+    compute_dx: bool, grad_dtype: torch.dtype, variant: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dx ([M, D] in x's dtype, or [0, D]; plus dy when add_grad_y), the packed parameter
+    gradients (partials_size, in grad_dtype) and grad_weights [M, E] fp32: d logits for the gated
+    form, d weights per expert for the routed form."""
+    return _backward_triton(grad_y, grad_logits, x, hidden, weights, w_gate, w_down, w_up, b_up, scale, scale_value,
+                            row_scale, activation, compute_dtype, add_grad_y, compute_dx, grad_dtype, variant)
+
+
+_backward_op = torch.library.custom_op("fused_adapters::sparse_backward", _backward_impl, mutates_args=())
+
+
+@_backward_op.register_fake
+def _backward_fake(grad_y, grad_logits, x, hidden, weights, w_gate, w_down, w_up, b_up, scale, scale_value,
+                   row_scale, activation, compute_dtype, add_grad_y, compute_dx, grad_dtype, variant):
+    experts, rank, dim = w_down.shape
+    return (x.new_empty((x.shape[0] if compute_dx else 0, dim)),
+            x.new_empty(partials_size(experts, rank, dim), dtype=grad_dtype),
+            x.new_empty((x.shape[0], experts), dtype=torch.float32))
+
+
+# Positions of the forward op's inputs, for needs_input_grad.
+(_X, _W_GATE, _B_GATE, _EXPERT_IDX, _EXPERT_WEIGHT, _W_DOWN, _B_DOWN, _W_UP, _B_UP, _SCALE, _SCALE_VALUE, _RESIDUAL,
+ _ADD_INPUT, _ROW_SCALE, _TOP_K, _ACTIVATION, _COMPUTE_DTYPE, _OUT_DTYPE, _SAVE, _RETURN_LOGITS,
+ _VARIANT) = range(21)
+_FORWARD_INPUTS = 21
+
+
+def _setup_context(ctx, inputs, output):
+    _, hidden, weights, _ = output
+    ctx.mark_non_differentiable(hidden, weights)
+    ctx.set_materialize_grads(False)
+    # x by reference, the parameters, and M x (E*r + E) of the forward's own: nothing M x D.
+    ctx.save_for_backward(inputs[_X], inputs[_W_GATE], inputs[_B_GATE], inputs[_EXPERT_IDX], inputs[_EXPERT_WEIGHT],
+                          inputs[_W_DOWN], inputs[_B_DOWN], inputs[_W_UP], inputs[_B_UP], inputs[_SCALE],
+                          inputs[_ROW_SCALE], hidden, weights)
+    ctx.scale_value = inputs[_SCALE_VALUE]
+    ctx.activation = inputs[_ACTIVATION]
+    ctx.compute_dtype = inputs[_COMPUTE_DTYPE]
+    ctx.out_dtype = inputs[_OUT_DTYPE]
+    ctx.add_input = inputs[_ADD_INPUT]
+    ctx.variant = inputs[_VARIANT]
+    ctx.residual_dtype = inputs[_RESIDUAL].dtype if inputs[_RESIDUAL] is not None else None
+
+
+def _backward(ctx, grad_y, grad_hidden, grad_weights, grad_logits):
+    (x, w_gate, b_gate, expert_idx, expert_weight, w_down, b_down, w_up, b_up, scale, row_scale, hidden,
+     weights) = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    if grad_y is None and grad_logits is None:
+        return (None,) * len(needs)
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "sparse_adapter / routed_adapter do not support double backward (create_graph=True / higher-order "
+            "gradients); run that computation with fused_adapters.kernels.reference"
         )
-    return y
+    if grad_y is None:  # only the logits were used (an auxiliary loss): dy is zero
+        grad_y = x.new_zeros(x.shape, dtype=ctx.out_dtype)
+    grad_dtype = _grad_dtype(x, w_gate, b_gate, w_down, b_down, w_up, b_up, scale)
+    grad_x, packed, grad_routing = torch.ops.fused_adapters.sparse_backward(
+        grad_y, grad_logits, x, hidden, weights, w_gate, w_down, w_up, b_up, scale, ctx.scale_value, row_scale,
+        ctx.activation, ctx.compute_dtype, ctx.add_input, needs[_X], grad_dtype, ctx.variant,
+    )
+    param_grads = _unpack_param_grads(packed, w_gate, b_gate, w_down, b_down, w_up, b_up, scale)
+    grads = [None] * _FORWARD_INPUTS
+    grads[_X] = grad_x if needs[_X] else None
+    for position, grad in zip((_W_GATE, _B_GATE, _W_DOWN, _B_DOWN, _W_UP, _B_UP, _SCALE), param_grads):
+        grads[position] = grad if needs[position] else None
+    if needs[_EXPERT_WEIGHT]:
+        # d weight of slot j = d weight of its expert (a repeated expert gets the same gradient).
+        grads[_EXPERT_WEIGHT] = grad_routing.gather(1, expert_idx.long()).to(expert_weight.dtype)
+    grads[_RESIDUAL] = grad_y.to(ctx.residual_dtype) if needs[_RESIDUAL] else None
+    return tuple(grads)
+
+
+_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------
+
+_warned_eager: set = set()
+
+
+def uses_dense_kernels(x: torch.Tensor, experts: int, rank: int) -> bool:
+    """Whether a sparse/routed call on x with E experts of rank r takes the Triton kernels here
+    (CUDA, or the interpreter; E*r up to MAX_DENSE_COLUMNS) rather than the eager expert loop."""
+    return experts * rank <= MAX_DENSE_COLUMNS and takes_triton(x.device.type, (x.dtype, reference.compute_dtype(x)))
+
+
+def _check_variant(variant) -> str:
+    if variant is None:
+        return ""
+    if not isinstance(variant, str) or variant not in _VARIANTS_BY_NAME:
+        raise ValueError(f"variant must be one of {sorted(_VARIANTS_BY_NAME)} or None, got {variant!r}")
+    return variant
+
+
+def _run(x, w_gate, b_gate, expert_idx, expert_weight, w_down, b_down, w_up, b_up, scale, top_k, activation,
+         residual, row_scale, return_logits, variant):
+    """Both public forms after their checks: the kernels, or the reference where they cannot run."""
+    scale_tensor, scale_value, terms = check_sparse_arguments(
+        x, w_gate, b_gate, expert_idx, expert_weight, w_down, b_down, w_up, b_up, scale, activation, residual,
+        row_scale, top_k, MAX_EXPERTS)
+    variant = _check_variant(variant)
+    experts, rank, dim = w_down.shape
+    compute_dtype = reference.compute_dtype(x)
+    autocast = x.dtype in reference.AUTOCAST_INPUT_DTYPES and torch.is_autocast_enabled(x.device.type)
+    out_dtype = reference.output_dtype(compute_dtype, autocast, scale_tensor, terms)
+    params = (w_gate, b_gate, expert_weight, w_down, b_down, w_up, b_up, scale_tensor)
+    dtypes = (x.dtype, compute_dtype, out_dtype) + tuple(p.dtype for p in params if p is not None)
+    dtypes += tuple(term.dtype for term in terms)
+    if experts * rank > MAX_DENSE_COLUMNS or not takes_triton(x.device.type, dtypes):
+        if x.device.type == "cuda" and experts * rank > MAX_DENSE_COLUMNS and (experts, rank) not in _warned_eager:
+            _warned_eager.add((experts, rank))
+            warnings.warn(f"sparse mixture with E*r = {experts * rank} > {MAX_DENSE_COLUMNS}: runs the eager "
+                          f"expert loop (the dense kernels hold E*r columns in registers)", stacklevel=3)
+        scale_arg = scale_tensor if scale_tensor is not None else (None if scale_value == 1.0 else scale_value)
+        if w_gate is not None:
+            return reference.sparse_adapter(x, w_gate, b_gate, w_down, b_down, w_up, b_up, scale_arg, top_k=top_k,
+                                            activation=activation, residual=residual, row_scale=row_scale,
+                                            return_logits=return_logits)
+        return reference.routed_adapter(x, expert_idx, expert_weight, w_down, b_down, w_up, b_up, scale_arg,
+                                        activation=activation, residual=residual, row_scale=row_scale)
+
+    scale_tensor, scale_value, add_input, skip2d = epilogue_arguments(x, scale_tensor, scale_value, terms)
+    x2d = x.reshape(-1, dim)
+    if row_scale is not None:
+        row_scale = row_scale.detach()
+    if expert_idx is not None:
+        top_k = expert_idx.shape[-1]
+        expert_idx = expert_idx.reshape(-1, top_k).contiguous()
+        expert_weight = expert_weight.reshape(-1, top_k).contiguous()
+    tensors = (x, w_gate, b_gate, expert_weight, w_down, b_down, w_up, b_up, scale_tensor, *terms)
+    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    y, _, _, logits = torch.ops.fused_adapters.sparse_forward(
+        x2d, w_gate, b_gate, expert_idx, expert_weight, w_down, b_down, w_up, b_up, scale_tensor, scale_value,
+        skip2d, add_input, row_scale, top_k, activation, compute_dtype, out_dtype, save, return_logits, variant,
+    )
+    y = y.view(x.shape)
+    return (y, logits) if return_logits else y
+
+
+def sparse_adapter(
+    x: torch.Tensor,
+    w_gate: torch.Tensor,
+    b_gate: Optional[torch.Tensor],
+    w_down: torch.Tensor,
+    b_down: Optional[torch.Tensor],
+    w_up: torch.Tensor,
+    b_up: Optional[torch.Tensor],
+    scale: Union[torch.Tensor, float, None] = None,
+    *,
+    top_k: int,
+    activation: str = "gelu",
+    residual=None,
+    row_scale: Optional[torch.Tensor] = None,
+    return_logits: bool = False,
+    variant: Optional[str] = None,
+):
+    """Sparse top-k gated mixture of E bottleneck adapters:
+    logits = x @ w_gate.T + b_gate (fp32), each row routed to its top_k experts (ties to the lower
+    expert index) with weights p = softmax over the chosen logits, and
+    y = residual + scale * (row_scale[:, None] * sum_j p_j * (act(x @ w_down[e_j].T + b_down[e_j])
+    @ w_up[e_j].T + b_up[e_j])).
+
+    x [..., D]; w_gate [E, D], b_gate [E] or None; w_down [E, r, D], b_down [E, r] or None,
+    w_up [E, D, r], b_up [E, D] or None; E from 1 to 64. scale, residual, row_scale and
+    activation as in bottleneck_adapter (shared by the experts). Returns y, or (y, logits) with
+    return_logits: logits [M, E] fp32, differentiable (for load_balancing_loss).
+
+    Gradients reach x, the gate (through the weights), every expert parameter, scale and the
+    residual. CUDA tensors run one Triton launch forward and two backward (the interpreter runs
+    the same kernels under TRITON_INTERPRET=1); elsewhere, and where E*r > 256, the eager expert
+    loop of kernels.reference runs. variant: one of list_variants("sparse_adapter") for this
+    call's forward and backward (default: the one in force, see use_variant).
+    """
+    return _run(x, w_gate, b_gate, None, None, w_down, b_down, w_up, b_up, scale, top_k, activation, residual,
+                row_scale, bool(return_logits), variant)
+
+
+def routed_adapter(
+    x: torch.Tensor,
+    expert_idx: torch.Tensor,
+    expert_weight: torch.Tensor,
+    w_down: torch.Tensor,
+    b_down: Optional[torch.Tensor],
+    w_up: torch.Tensor,
+    b_up: Optional[torch.Tensor],
+    scale: Union[torch.Tensor, float, None] = None,
+    *,
+    activation: str = "gelu",
+    residual=None,
+    row_scale: Optional[torch.Tensor] = None,
+    variant: Optional[str] = None,
+) -> torch.Tensor:
+    """The mixture with the routing given per row: expert_idx [M, k] (integers 0..E-1; a repeated
+    expert adds its weights) and expert_weight [M, k] (differentiable) instead of a gate;
+    otherwise as sparse_adapter. Multi-task batches pass each row's task adapter with weight 1
+    (k = 1); per-image routing passes the same experts for all of an image's tokens.
+
+    expert_idx is checked against E (one device sync on CUDA, skipped under torch.compile).
+    """
+    return _run(x, None, None, expert_idx, expert_weight, w_down, b_down, w_up, b_up, scale, 0, activation,
+                residual, row_scale, False, variant)
