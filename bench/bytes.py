@@ -1,12 +1,15 @@
-"""Bytes the bottleneck adapter moves against its floor, fused and eager, on any machine.
+"""Bytes the fused ops move against their floor, fused and eager, on any machine.
 
     python bench/bytes.py [--sms 132] [--shapes 768x768x8 6304x768x8 ...] [--residual x|skip+x]
+    python bench/bytes.py --op sparse [--experts 8] [--top-k 2] [--shapes 1576x768x16 ...]
 
 Runs the op forward and backward in Triton's interpreter (set here when CUDA is absent) with
 launches planned for a GPU of --sms SMs, and counts every load and store of its launches
 (distinct addresses within a launch) plus the PyTorch ops around them; eager PyTorch (the
 reference) is counted the same way. The floor: forward reads x (and any residual other than
 x) and writes y; backward reads dy and x and writes dx. fp16, row_scale and a channel scale on.
+The sparse mixture (--op sparse: gated by a learned top-k gate, or --op routed: the routing
+given, as in a multi-task batch) has the same floor; its gate and expert weights are small.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import torch
 if "TRITON_INTERPRET" not in os.environ:
     os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: bytes are counted there
 
-from fused_adapters.kernels import bottleneck_adapter, reference  # noqa: E402
+from fused_adapters.kernels import bottleneck_adapter, reference, routed_adapter, sparse_adapter  # noqa: E402
 from fused_adapters.kernels.byte_count import count_bytes  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script too
@@ -54,23 +57,70 @@ def measure(fn, rows, dim, rank, residual, sms):
     return forward.total() / forward_floor, backward.total() / backward_floor, forward, backward
 
 
+def measure_sparse(fn, rows, dim, rank, experts, top_k, residual, sms, routed=False):
+    """As measure, for sparse_adapter (or routed_adapter with routed=True: top_k experts per row,
+    drawn at random) with E experts of rank r; returns the same four values."""
+    generator = torch.Generator().manual_seed(0)
+
+    def randn(*shape, std=1.0):
+        return (torch.randn(*shape, generator=generator) * std).half().requires_grad_(True)
+
+    x, skip = randn(rows, dim), randn(rows, dim)
+    experts_params = [randn(experts, rank, dim, std=dim ** -0.5), randn(experts, rank, std=0.5),
+                      randn(experts, dim, rank, std=rank ** -0.5), randn(experts, dim, std=0.5)]
+    scale = randn(dim)
+    row_scale = torch.rand(rows, generator=generator) + 0.5
+    arg = x if residual == "x" else (skip, x)
+    if routed:
+        routing = [torch.rand(rows, experts, generator=generator).argsort(dim=1)[:, :top_k],
+                   torch.rand(rows, top_k, generator=generator).requires_grad_(True)]
+    else:
+        routing = [randn(experts, dim, std=0.3), randn(experts, std=0.5)]
+    kwargs = {} if routed else {"top_k": top_k}
+    with count_bytes(sm_count=sms) as forward:
+        y = fn(x, *routing, *experts_params, scale, residual=arg, row_scale=row_scale, **kwargs)
+    inputs = [x, *[t for t in routing if t.requires_grad], *experts_params, scale]
+    inputs += [skip] if residual != "x" else []
+    grad = torch.randn(y.shape, generator=generator).to(y.dtype)
+    with count_bytes(sm_count=sms) as backward:
+        torch.autograd.grad(y, inputs, grad)
+    kind = "x" if residual == "x" else "tensor"
+    forward_floor = floor_bytes("forward", rows, dim, 2, 2, kind)
+    backward_floor = floor_bytes("backward", rows, dim, 2, 2, kind)
+    return forward.total() / forward_floor, backward.total() / backward_floor, forward, backward
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sms", type=int, default=132, help="SM count the launches are planned for (H100: 132)")
     parser.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES, help="MxDxr, e.g. 6304x768x8")
     parser.add_argument("--residual", choices=["x", "skip+x"], default="x")
     parser.add_argument("--no-eager", action="store_true", help="skip the eager baseline (faster)")
+    parser.add_argument("--op", choices=["bottleneck", "sparse", "routed"], default="bottleneck")
+    parser.add_argument("--experts", type=int, default=8, help="sparse/routed: experts E")
+    parser.add_argument("--top-k", type=int, default=2, help="sparse/routed: experts per row k")
     args = parser.parse_args()
-    print(f"bytes moved / floor, fp16, residual {args.residual}, launches planned for {args.sms} SMs")
+    if args.op != "bottleneck" and args.shapes == DEFAULT_SHAPES:
+        args.shapes = ["768x768x16", "1576x768x16", "6304x768x16"]
+    mixture = "" if args.op == "bottleneck" else f", {args.op} E {args.experts} k {args.top_k}"
+    print(f"bytes moved / floor, fp16, residual {args.residual}{mixture}, launches planned for {args.sms} SMs")
     print(f"{'M':>6} {'D':>5} {'r':>3}  {'fwd':>6} {'bwd':>6}  {'eager fwd':>9} {'eager bwd':>9}  "
           f"{'programs per launch':<22} seconds")
     for shape in args.shapes:
         rows, dim, rank = (int(v) for v in shape.split("x"))
         start = time.time()
-        forward_ratio, backward_ratio, forward, backward = measure(bottleneck_adapter, rows, dim, rank,
-                                                                   args.residual, args.sms)
-        eager = ("-", "-") if args.no_eager else measure(reference.bottleneck_adapter, rows, dim, rank,
-                                                         args.residual, args.sms)[:2]
+        if args.op == "bottleneck":
+            def run(fn):
+                return measure(fn, rows, dim, rank, args.residual, args.sms)
+            fused_fn, eager_fn = bottleneck_adapter, reference.bottleneck_adapter
+        else:
+            def run(fn):
+                return measure_sparse(fn, rows, dim, rank, args.experts, args.top_k, args.residual, args.sms,
+                                      routed=args.op == "routed")
+            fused_fn = sparse_adapter if args.op == "sparse" else routed_adapter
+            eager_fn = reference.sparse_adapter if args.op == "sparse" else reference.routed_adapter
+        forward_ratio, backward_ratio, forward, backward = run(fused_fn)
+        eager = ("-", "-") if args.no_eager else run(eager_fn)[:2]
         programs = "/".join(str(launch.programs) for launch in forward.launches + backward.launches)
         eager_text = "  ".join(f"{v:>8.2f}x" if isinstance(v, float) else f"{v:>9}" for v in eager)
         print(f"{rows:>6} {dim:>5} {rank:>3}  {forward_ratio:>5.3f}x {backward_ratio:>5.3f}x  {eager_text}  "

@@ -203,18 +203,18 @@ def _sparse_forward_kernel(
 
 
 @triton.jit
-def _sparse_backward_hidden_kernel(
-    grad_y_ptr, grad_logits_ptr, hidden_ptr, weights_ptr, w_up_ptr, b_up_ptr, scale_ptr, row_scale_ptr,
-    grad_hidden_ptr, grad_weights_ptr, act_ptr,
+def _sparse_backward_input_kernel(
+    grad_y_ptr, grad_logits_ptr, hidden_ptr, weights_ptr, w_gate_ptr, w_down_ptr, w_up_ptr, b_up_ptr, scale_ptr,
+    row_scale_ptr, grad_hidden_ptr, grad_weights_ptr, act_ptr, grad_x_ptr,
     rows, dim, rank, experts, scale_value,
     stride_g_row, stride_g_col,
     GATED: tl.constexpr, HAS_GRAD_LOGITS: tl.constexpr, ACTIVATION: tl.constexpr, SCALE_MODE: tl.constexpr,
-    HAS_B_UP: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, STORE_ACT: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    HAS_B_UP: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, STORE_ACT: tl.constexpr, COMPUTE_DX: tl.constexpr,
+    ADD_GRAD_Y: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_ROWS: tl.constexpr, BLOCK_DIM: tl.constexpr, BLOCK_EXPERTS: tl.constexpr, BLOCK_COLUMNS: tl.constexpr,
 ):
-    # This program's tile: dh [rows, E*r] and d logits (or d weights) [rows, E] for rows
-    # [pid * BLOCK_ROWS, +BLOCK_ROWS).
+    # This program's tile: rows [pid * BLOCK_ROWS, +BLOCK_ROWS): their dh [rows, E*r], d logits
+    # (or d weights) [rows, E], and dx [rows, D].
     pid = tl.program_id(0)
     row_ids = pid * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     row_mask = row_ids < rows
@@ -269,8 +269,8 @@ def _sparse_backward_hidden_kernel(
     act = _activation(hidden, ACTIVATION)
     # d weight_e = sum over expert e's columns of d act * act (+ the b_up term above).
     grad_weights = tl.dot(grad_act * act, tl.trans(one_hot), grad_weights, input_precision="ieee")
-    grad_hidden = grad_act * column_weights * _activation_grad(hidden, ACTIVATION)
-    tl.store(grad_hidden_ptr + row_ids[:, None] * (experts * rank) + column_ids[None, :], grad_hidden.to(dtype),
+    grad_hidden = (grad_act * column_weights * _activation_grad(hidden, ACTIVATION)).to(dtype)
+    tl.store(grad_hidden_ptr + row_ids[:, None] * (experts * rank) + column_ids[None, :], grad_hidden,
              mask=hidden_mask)
     if STORE_ACT:
         tl.store(act_ptr + row_ids[:, None] * (experts * rank) + column_ids[None, :],
@@ -285,39 +285,55 @@ def _sparse_backward_hidden_kernel(
     tl.store(grad_weights_ptr + row_ids[:, None] * experts + expert_ids[None, :], grad_weights,
              mask=expert_tile_mask)
 
+    # dx = dh W_down_stacked + d logits W_gate (+ dy when x is a residual term), per D tile: a
+    # second walk over D while the rows' dh is in registers (its dy reads hit L2).
+    if COMPUTE_DX:
+        for col_start in range(0, dim, BLOCK_DIM):
+            col_ids = col_start + tl.arange(0, BLOCK_DIM)
+            col_mask = col_ids < dim
+            tile_mask = row_mask[:, None] & col_mask[None, :]
+            w_down_tile = tl.load(w_down_ptr + column_ids[:, None] * dim + col_ids[None, :],
+                                  mask=column_mask[:, None] & col_mask[None, :], other=0.0).to(dtype)
+            grad_x = tl.dot(grad_hidden, w_down_tile, input_precision=INPUT_PRECISION)
+            if GATED:  # the gate is fp32: its share of dx is exact fp32
+                w_gate_tile = tl.load(w_gate_ptr + expert_ids[:, None] * dim + col_ids[None, :],
+                                      mask=expert_mask[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
+                grad_x = tl.dot(grad_weights, w_gate_tile, grad_x, input_precision="ieee")
+            if ADD_GRAD_Y:  # x is a residual term: its gradient dy joins dx in this store
+                grad_x += tl.load(grad_y_ptr + row_ids[:, None] * stride_g_row + col_ids[None, :] * stride_g_col,
+                                  mask=tile_mask, other=0.0).to(tl.float32)
+            tl.store(grad_x_ptr + row_ids[:, None] * dim + col_ids[None, :], grad_x.to(grad_x_ptr.dtype.element_ty),
+                     mask=tile_mask)
+
 
 @triton.jit
-def _sparse_backward_input_and_weights_kernel(
-    grad_y_ptr, x_ptr, hidden_ptr, act_ptr, weights_ptr, grad_hidden_ptr, grad_logits_ptr, w_gate_ptr,
-    w_down_ptr, w_up_ptr, b_up_ptr, scale_ptr, row_scale_ptr, grad_x_ptr, partials_ptr,
+def _sparse_backward_weights_kernel(
+    grad_y_ptr, x_ptr, hidden_ptr, act_ptr, weights_ptr, grad_hidden_ptr, grad_logits_ptr,
+    w_up_ptr, b_up_ptr, scale_ptr, row_scale_ptr, partials_ptr,
     rows, dim, rank, experts, scale_value, tiles_per_chunk,
     stride_g_row, stride_g_col, stride_x_row, stride_x_col,
     GATED: tl.constexpr, ACTIVATION: tl.constexpr, RECOMPUTE_ACT: tl.constexpr, SCALE_MODE: tl.constexpr,
-    HAS_B_UP: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, COMPUTE_DX: tl.constexpr, ADD_GRAD_Y: tl.constexpr,
-    COMPUTE_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    HAS_B_UP: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
     BLOCK_ROWS: tl.constexpr, BLOCK_DIM: tl.constexpr, BLOCK_EXPERTS: tl.constexpr, BLOCK_COLUMNS: tl.constexpr,
 ):
-    # This program's tile: columns [pid_col * BLOCK_DIM, +BLOCK_DIM) of every parameter gradient,
-    # summed over the row tiles [pid_chunk * tiles_per_chunk, +tiles_per_chunk), and the same
-    # columns of dx for those rows.
+    # This program's tile: columns [pid_col * BLOCK_DIM, +BLOCK_DIM) and stacked columns
+    # [pid_block * BLOCK_COLUMNS, +BLOCK_COLUMNS) of the expert weights' gradients, summed over
+    # the row tiles [pid_chunk * tiles_per_chunk, +tiles_per_chunk); the per-expert gradients
+    # (b_up, and the gate's) in the pid_block == 0 programs.
     pid_chunk = tl.program_id(0)
     pid_col = tl.program_id(1)
+    pid_block = tl.program_id(2)
     col_ids = pid_col * BLOCK_DIM + tl.arange(0, BLOCK_DIM)
     col_mask = col_ids < dim
     expert_ids = tl.arange(0, BLOCK_EXPERTS)
     expert_mask = expert_ids < experts
-    column_ids = tl.arange(0, BLOCK_COLUMNS)
-    column_mask = column_ids < experts * rank
     columns = experts * rank
+    column_ids = pid_block * BLOCK_COLUMNS + tl.arange(0, BLOCK_COLUMNS)
+    column_mask = column_ids < columns
     up_columns = (column_ids // rank) * dim * rank + column_ids % rank
+    first_block = pid_block == 0
     dtype = COMPUTE_DTYPE
-
-    if COMPUTE_DX:
-        w_down_tile = tl.load(w_down_ptr + column_ids[:, None] * dim + col_ids[None, :],
-                              mask=column_mask[:, None] & col_mask[None, :], other=0.0).to(dtype)
-        if GATED:
-            w_gate_tile = tl.load(w_gate_ptr + expert_ids[:, None] * dim + col_ids[None, :],
-                                  mask=expert_mask[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
     if RECOMPUTE_ACT:
         one_hot = _expert_one_hot(column_ids, column_mask, expert_ids, rank, BLOCK_EXPERTS)
 
@@ -340,11 +356,10 @@ def _sparse_backward_input_and_weights_kernel(
         hidden_mask = row_mask[:, None] & column_mask[None, :]
         expert_tile_mask = row_mask[:, None] & expert_mask[None, :]
 
-        grad_y = tl.load(
+        grad_update = tl.load(
             grad_y_ptr + row_ids[:, None] * stride_g_row + col_ids[None, :] * stride_g_col,
             mask=tile_mask, other=0.0,
         ).to(tl.float32)
-        grad_update = grad_y
         if HAS_ROW_SCALE:
             row_scale = tl.load(row_scale_ptr + row_ids, mask=row_mask, other=0.0).to(dtype).to(tl.float32)
             grad_update = grad_update * row_scale[:, None]
@@ -359,9 +374,6 @@ def _sparse_backward_input_and_weights_kernel(
         else:
             act = tl.load(act_ptr + row_ids[:, None] * columns + column_ids[None, :], mask=hidden_mask, other=0.0)
         acc_ga = tl.dot(tl.trans(grad_update.to(dtype)), act, acc_ga, input_precision=INPUT_PRECISION)
-        if HAS_B_UP:
-            acc_gp = tl.dot(tl.trans(grad_update), weights, acc_gp, input_precision="ieee")
-
         grad_hidden = tl.load(grad_hidden_ptr + row_ids[:, None] * columns + column_ids[None, :],
                               mask=hidden_mask, other=0.0)
         acc_b_down += tl.sum(grad_hidden.to(tl.float32), axis=0)
@@ -369,21 +381,17 @@ def _sparse_backward_input_and_weights_kernel(
             x_ptr + row_ids[:, None] * stride_x_row + col_ids[None, :] * stride_x_col, mask=tile_mask, other=0.0
         )
         acc_w_down = tl.dot(tl.trans(grad_hidden), x_tile.to(dtype), acc_w_down, input_precision=INPUT_PRECISION)
-        if GATED:
-            grad_logits = tl.load(grad_logits_ptr + row_ids[:, None] * experts + expert_ids[None, :],
-                                  mask=expert_tile_mask, other=0.0)
-            acc_w_gate = tl.dot(tl.trans(grad_logits), x_tile.to(tl.float32), acc_w_gate, input_precision="ieee")
-            acc_b_gate += tl.sum(grad_logits, axis=0)
-        if COMPUTE_DX:
-            grad_x = tl.dot(grad_hidden, w_down_tile, input_precision=INPUT_PRECISION)
-            if GATED:  # the gate is fp32: its share of dx is exact fp32
-                grad_x = tl.dot(grad_logits, w_gate_tile, grad_x, input_precision="ieee")
-            if ADD_GRAD_Y:  # x is a residual term: its gradient dy joins dx in this store
-                grad_x += grad_y
-            tl.store(grad_x_ptr + row_ids[:, None] * dim + col_ids[None, :], grad_x.to(grad_x_ptr.dtype.element_ty),
-                     mask=tile_mask)
+        if first_block:
+            if HAS_B_UP:
+                acc_gp = tl.dot(tl.trans(grad_update), weights, acc_gp, input_precision="ieee")
+            if GATED:
+                grad_logits = tl.load(grad_logits_ptr + row_ids[:, None] * experts + expert_ids[None, :],
+                                      mask=expert_tile_mask, other=0.0)
+                acc_w_gate = tl.dot(tl.trans(grad_logits), x_tile.to(tl.float32), acc_w_gate,
+                                    input_precision="ieee")
+                acc_b_gate += tl.sum(grad_logits, axis=0)
 
-    # Epilogue: this chunk's share of every parameter gradient, for this D tile.
+    # Epilogue: this chunk's share of every parameter gradient, for this tile.
     if SCALE_MODE == "channel":
         col_scale = tl.load(scale_ptr + col_ids, mask=col_mask, other=0.0).to(tl.float32)
     elif SCALE_MODE == "tensor":
@@ -396,13 +404,15 @@ def _sparse_backward_input_and_weights_kernel(
     b_up_mask = col_mask[:, None] & expert_mask[None, :]
     if HAS_B_UP:
         b_up_t = tl.load(b_up_ptr + expert_ids[None, :] * dim + col_ids[:, None], mask=b_up_mask, other=0.0)
-        grad_scale += tl.sum(b_up_t.to(dtype).to(tl.float32) * acc_gp, axis=1)
+        grad_scale += tl.sum(b_up_t.to(dtype).to(tl.float32) * acc_gp, axis=1)  # zero outside block 0
 
     # Partials of chunk c, in the layout of partials_size (the gradients themselves, in their
-    # dtype, when there is one chunk):
-    # [dw_up (E x D x r) | dw_down (E*r x D) | db_up (E x D) | db_down (E*r) | dscale (D) | dw_gate (E x D) | db_gate (E)].
+    # dtype, when there is one chunk): [dw_up (E x D x r) | dw_down (E*r x D) | db_up (E x D) |
+    # db_down (E*r) | dw_gate (E x D) | db_gate (E) | dscale per stacked-column block (blocks x D)].
     out_dtype = partials_ptr.dtype.element_ty
-    partial = partials_ptr + pid_chunk.to(tl.int64) * (2 * columns * dim + 2 * experts * dim + columns + dim + experts)
+    blocks = tl.num_programs(2)
+    partial = partials_ptr + pid_chunk.to(tl.int64) * (2 * columns * dim + 2 * experts * dim + columns + experts
+                                                        + blocks * dim)
     tl.store(partial + up_columns[None, :] + col_ids[:, None] * rank, (acc_ga * col_scale[:, None]).to(out_dtype),
              mask=up_mask)
     partial += columns * dim
@@ -410,16 +420,16 @@ def _sparse_backward_input_and_weights_kernel(
              mask=column_mask[:, None] & col_mask[None, :])
     partial += columns * dim
     tl.store(partial + expert_ids[None, :] * dim + col_ids[:, None], (acc_gp * col_scale[:, None]).to(out_dtype),
-             mask=b_up_mask)
+             mask=b_up_mask & first_block)
     partial += experts * dim
     tl.store(partial + column_ids, acc_b_down.to(out_dtype), mask=column_mask & (pid_col == 0))
     partial += columns
-    tl.store(partial + col_ids, grad_scale.to(out_dtype), mask=col_mask)
-    partial += dim
     tl.store(partial + expert_ids[:, None] * dim + col_ids[None, :], acc_w_gate.to(out_dtype),
-             mask=expert_mask[:, None] & col_mask[None, :])
+             mask=expert_mask[:, None] & col_mask[None, :] & first_block)
     partial += experts * dim
-    tl.store(partial + expert_ids, acc_b_gate.to(out_dtype), mask=expert_mask & (pid_col == 0))
+    tl.store(partial + expert_ids, acc_b_gate.to(out_dtype), mask=expert_mask & (pid_col == 0) & first_block)
+    partial += experts
+    tl.store(partial + pid_block * dim + col_ids, grad_scale.to(out_dtype), mask=col_mask)
 
 
 # --------------------------------------------------------------------------------------------
@@ -440,29 +450,33 @@ FORWARD_CONFIGS = {
     (128, "fp32"): BlockConfig("sparse_fwd_c128_fp32", 64, 32, 8, 2),
     (256, "fp32"): BlockConfig("sparse_fwd_c256_fp32", 16, 16, 8, 2),
 }
-BACKWARD_HIDDEN_CONFIGS = {
-    (16, "half"): BlockConfig("sparse_bwd_hidden_c16_half", 64, 64, 8, 2, wide_dim=128),
-    (32, "half"): BlockConfig("sparse_bwd_hidden_c32_half", 64, 64, 8, 2, wide_dim=128),
-    (64, "half"): BlockConfig("sparse_bwd_hidden_c64_half", 64, 64, 8, 2, wide_dim=128),
-    (128, "half"): BlockConfig("sparse_bwd_hidden_c128_half", 64, 32, 8, 2, wide_dim=64),
-    (256, "half"): BlockConfig("sparse_bwd_hidden_c256_half", 32, 32, 8, 2),
-    (16, "fp32"): BlockConfig("sparse_bwd_hidden_c16_fp32", 32, 64, 8, 2),
-    (32, "fp32"): BlockConfig("sparse_bwd_hidden_c32_fp32", 32, 64, 8, 2),
-    (64, "fp32"): BlockConfig("sparse_bwd_hidden_c64_fp32", 32, 32, 8, 2),
-    (128, "fp32"): BlockConfig("sparse_bwd_hidden_c128_fp32", 32, 32, 8, 2),
-    (256, "fp32"): BlockConfig("sparse_bwd_hidden_c256_fp32", 16, 16, 8, 2),
+BACKWARD_INPUT_CONFIGS = {
+    (16, "half"): BlockConfig("sparse_bwd_input_c16_half", 64, 64, 8, 2, wide_dim=128),
+    (32, "half"): BlockConfig("sparse_bwd_input_c32_half", 64, 64, 8, 2, wide_dim=128),
+    (64, "half"): BlockConfig("sparse_bwd_input_c64_half", 64, 64, 8, 2, wide_dim=128),
+    (128, "half"): BlockConfig("sparse_bwd_input_c128_half", 64, 32, 8, 2, wide_dim=64),
+    (256, "half"): BlockConfig("sparse_bwd_input_c256_half", 32, 32, 8, 2),
+    (16, "fp32"): BlockConfig("sparse_bwd_input_c16_fp32", 32, 64, 8, 2),
+    (32, "fp32"): BlockConfig("sparse_bwd_input_c32_fp32", 32, 64, 8, 2),
+    (64, "fp32"): BlockConfig("sparse_bwd_input_c64_fp32", 32, 32, 8, 2),
+    (128, "fp32"): BlockConfig("sparse_bwd_input_c128_fp32", 32, 32, 8, 2),
+    (256, "fp32"): BlockConfig("sparse_bwd_input_c256_fp32", 16, 16, 8, 2),
 }
+# rank_tile: stacked columns per program. The weights launch has no M-sized axis to fill the
+# GPU with but its row chunks, and every chunk writes E*r x D x 2 fp32 partials (786 KB at
+# E = 8, r = 16, D = 768): splitting the stacked columns 4 ways gives 4x the programs per chunk,
+# so 4x fewer chunks (and partials) fill the same SMs.
 BACKWARD_WEIGHTS_CONFIGS = {
     (16, "half"): BlockConfig("sparse_bwd_weights_c16_half", 32, 32, 4, 2),
     (32, "half"): BlockConfig("sparse_bwd_weights_c32_half", 32, 32, 4, 2),
-    (64, "half"): BlockConfig("sparse_bwd_weights_c64_half", 32, 32, 4, 2),
-    (128, "half"): BlockConfig("sparse_bwd_weights_c128_half", 32, 32, 8, 2),
-    (256, "half"): BlockConfig("sparse_bwd_weights_c256_half", 32, 16, 8, 2),
+    (64, "half"): BlockConfig("sparse_bwd_weights_c64_half", 32, 32, 4, 2, rank_tile=32),
+    (128, "half"): BlockConfig("sparse_bwd_weights_c128_half", 32, 32, 4, 2, rank_tile=32),
+    (256, "half"): BlockConfig("sparse_bwd_weights_c256_half", 32, 32, 4, 2, rank_tile=32),
     (16, "fp32"): BlockConfig("sparse_bwd_weights_c16_fp32", 16, 32, 4, 2),
     (32, "fp32"): BlockConfig("sparse_bwd_weights_c32_fp32", 16, 32, 4, 2),
-    (64, "fp32"): BlockConfig("sparse_bwd_weights_c64_fp32", 16, 32, 8, 2),
-    (128, "fp32"): BlockConfig("sparse_bwd_weights_c128_fp32", 16, 16, 8, 2),
-    (256, "fp32"): BlockConfig("sparse_bwd_weights_c256_fp32", 16, 16, 8, 2),
+    (64, "fp32"): BlockConfig("sparse_bwd_weights_c64_fp32", 16, 32, 4, 2, rank_tile=32),
+    (128, "fp32"): BlockConfig("sparse_bwd_weights_c128_fp32", 16, 32, 4, 2, rank_tile=32),
+    (256, "fp32"): BlockConfig("sparse_bwd_weights_c256_fp32", 16, 32, 4, 2, rank_tile=32),
 }
 
 
@@ -497,11 +511,12 @@ def row_config(table: dict, experts: int, rank: int, dtype: torch.dtype, rows: i
     return next(v for v in row_variants(config) if v.block_rows <= max(variant.block_rows, MIN_BLOCK_ROWS))
 
 
-def partials_size(experts: int, rank: int, dim: int) -> int:
-    """One chunk's partials, and the packed gradients: [dw_up (E x D x r) | dw_down (E x r x D) |
-    db_up (E x D) | db_down (E x r) | dscale per channel (D) | dw_gate (E x D) | db_gate (E)]."""
+def partials_size(experts: int, rank: int, dim: int, blocks: int = 1) -> int:
+    """One chunk's partials [dw_up (E x D x r) | dw_down (E x r x D) | db_up (E x D) |
+    db_down (E x r) | dw_gate (E x D) | db_gate (E) | dscale per stacked-column block
+    (blocks x D)]; with blocks = 1, the packed gradients."""
     columns = experts * rank
-    return 2 * columns * dim + 2 * experts * dim + columns + dim + experts
+    return 2 * columns * dim + 2 * experts * dim + columns + experts + blocks * dim
 
 
 def _scale_mode(scale: Optional[torch.Tensor]) -> str:
@@ -553,61 +568,64 @@ def backward_launches(grad_y, grad_logits, x, hidden, weights, w_gate, w_down, w
                       grad_dtype=torch.float32, variant: Variant = DEFAULT_VARIANT):
     """The two backward launches and the partials buffer [chunks, partials_size] they fill.
 
-    grad_hidden [M, E*r] (compute dtype) and grad_weights [M, E] (fp32: d logits for the gated
-    form, d weights for the routed form) are written by the first launch; act [M, E*r] too when
-    it has M rows (store_act), else the second launch recomputes act(h) * weights. grad_logits:
-    the logits output's own gradient [M, E], or None. grad_x has M rows when dx is wanted."""
+    The first writes grad_hidden [M, E*r] (compute dtype), grad_weights [M, E] (fp32: d logits
+    for the gated form, d weights for the routed form) and grad_x when it has M rows (plus dy
+    with add_grad_y); act [M, E*r] too when it has M rows (store_act), else the second launch
+    recomputes act(h) * weights. grad_logits: the logits output's own gradient [M, E], or None."""
     rows, dim = x.shape
     experts, rank, _ = w_down.shape
     sms = sm_count(x.device)
-    hidden_config = row_config(BACKWARD_HIDDEN_CONFIGS, experts, rank, compute_dtype, rows, sms, variant)
+    input_config = row_config(BACKWARD_INPUT_CONFIGS, experts, rank, compute_dtype, rows, sms, variant)
     weights_config = block_config(BACKWARD_WEIGHTS_CONFIGS, experts, rank, compute_dtype)
     gated = w_gate is not None
     store_act = act.shape[0] == rows
+    compute_dx = grad_x.shape[0] == rows
     mode = _scale_mode(scale)
     precision = input_precision(compute_dtype)
     triton_dtype = TRITON_DTYPES[compute_dtype]
     scale_c, row_scale_c, b_up_c = optional(scale, x), optional(row_scale, x), optional(b_up, x)
     w_down, w_up = w_down.contiguous(), w_up.contiguous()
-    compute_dx = grad_x.shape[0] == rows
-    blocks = dict(BLOCK_EXPERTS=block_experts(experts), BLOCK_COLUMNS=block_columns(experts, rank))
+    padded_columns = block_columns(experts, rank)
+    column_tile = weights_config.rank_tile or padded_columns
 
     row_tiles = triton.cdiv(rows, weights_config.block_rows)
     col_tiles = triton.cdiv(dim, weights_config.block_dim)
-    chunks = plan_chunks(rows, dim, row_tiles, col_tiles, sms, x.element_size(),
-                         partials_size(experts, rank, dim))
+    blocks = triton.cdiv(experts * rank, column_tile)
+    chunks = plan_chunks(rows, dim, row_tiles, col_tiles * blocks, sms, x.element_size(),
+                         partials_size(experts, rank, dim, blocks))
     tiles_per_chunk = triton.cdiv(row_tiles, chunks)
     chunks = triton.cdiv(row_tiles, tiles_per_chunk)
-    partials = new_output((chunks, partials_size(experts, rank, dim)), grad_dtype if chunks == 1 else torch.float32,
-                          x.device)
+    partials = new_output((chunks, partials_size(experts, rank, dim, blocks)),
+                          grad_dtype if chunks == 1 else torch.float32, x.device)
 
-    hidden_launch = Launch(
-        _sparse_backward_hidden_kernel,
-        (triton.cdiv(rows, hidden_config.block_rows),),
+    input_launch = Launch(
+        _sparse_backward_input_kernel,
+        (triton.cdiv(rows, input_config.block_rows),),
         dict(
             grad_y_ptr=grad_y, grad_logits_ptr=grad_logits if grad_logits is not None else grad_weights,
-            hidden_ptr=hidden, weights_ptr=weights, w_up_ptr=w_up, b_up_ptr=b_up_c, scale_ptr=scale_c,
-            row_scale_ptr=row_scale_c, grad_hidden_ptr=grad_hidden, grad_weights_ptr=grad_weights,
-            act_ptr=act if store_act else grad_hidden,
+            hidden_ptr=hidden, weights_ptr=weights, w_gate_ptr=optional(w_gate, x), w_down_ptr=w_down,
+            w_up_ptr=w_up, b_up_ptr=b_up_c, scale_ptr=scale_c, row_scale_ptr=row_scale_c,
+            grad_hidden_ptr=grad_hidden, grad_weights_ptr=grad_weights, act_ptr=act if store_act else grad_hidden,
+            grad_x_ptr=grad_x if compute_dx else grad_hidden,
             rows=rows, dim=dim, rank=rank, experts=experts, scale_value=scale_value,
             stride_g_row=grad_y.stride(0), stride_g_col=grad_y.stride(1),
         ),
         dict(
             GATED=gated, HAS_GRAD_LOGITS=gated and grad_logits is not None, ACTIVATION=activation, SCALE_MODE=mode,
             HAS_B_UP=b_up is not None, HAS_ROW_SCALE=row_scale is not None, STORE_ACT=store_act,
-            COMPUTE_DTYPE=triton_dtype, INPUT_PRECISION=precision,
-            BLOCK_ROWS=hidden_config.block_rows, BLOCK_DIM=hidden_config.block_dim, **blocks,
+            COMPUTE_DX=compute_dx, ADD_GRAD_Y=compute_dx and add_grad_y, COMPUTE_DTYPE=triton_dtype,
+            INPUT_PRECISION=precision, BLOCK_ROWS=input_config.block_rows, BLOCK_DIM=input_config.block_dim,
+            BLOCK_EXPERTS=block_experts(experts), BLOCK_COLUMNS=padded_columns,
         ),
-        hidden_config,
+        input_config,
     )
     weights_launch = Launch(
-        _sparse_backward_input_and_weights_kernel,
-        (chunks, col_tiles),
+        _sparse_backward_weights_kernel,
+        (chunks, col_tiles, blocks),
         dict(
             grad_y_ptr=grad_y, x_ptr=x, hidden_ptr=hidden, act_ptr=act if store_act else hidden, weights_ptr=weights,
-            grad_hidden_ptr=grad_hidden, grad_logits_ptr=grad_weights, w_gate_ptr=optional(w_gate, x),
-            w_down_ptr=w_down, w_up_ptr=w_up, b_up_ptr=b_up_c, scale_ptr=scale_c, row_scale_ptr=row_scale_c,
-            grad_x_ptr=grad_x if compute_dx else grad_hidden, partials_ptr=partials,
+            grad_hidden_ptr=grad_hidden, grad_logits_ptr=grad_weights, w_up_ptr=w_up, b_up_ptr=b_up_c,
+            scale_ptr=scale_c, row_scale_ptr=row_scale_c, partials_ptr=partials,
             rows=rows, dim=dim, rank=rank, experts=experts, scale_value=scale_value,
             tiles_per_chunk=tiles_per_chunk,
             stride_g_row=grad_y.stride(0), stride_g_col=grad_y.stride(1),
@@ -615,13 +633,13 @@ def backward_launches(grad_y, grad_logits, x, hidden, weights, w_gate, w_down, w
         ),
         dict(
             GATED=gated, ACTIVATION=activation, RECOMPUTE_ACT=not store_act, SCALE_MODE=mode,
-            HAS_B_UP=b_up is not None, HAS_ROW_SCALE=row_scale is not None, COMPUTE_DX=compute_dx,
-            ADD_GRAD_Y=compute_dx and add_grad_y, COMPUTE_DTYPE=triton_dtype, INPUT_PRECISION=precision,
-            BLOCK_ROWS=weights_config.block_rows, BLOCK_DIM=weights_config.block_dim, **blocks,
+            HAS_B_UP=b_up is not None, HAS_ROW_SCALE=row_scale is not None, COMPUTE_DTYPE=triton_dtype,
+            INPUT_PRECISION=precision, BLOCK_ROWS=weights_config.block_rows, BLOCK_DIM=weights_config.block_dim,
+            BLOCK_EXPERTS=block_experts(experts), BLOCK_COLUMNS=column_tile,
         ),
         weights_config,
     )
-    return hidden_launch, weights_launch, partials
+    return input_launch, weights_launch, partials
 
 
 # --------------------------------------------------------------------------------------------
@@ -706,16 +724,20 @@ def _backward_triton(grad_y, grad_logits, x, hidden, weights, w_gate, w_down, w_
         run(launches)
     partials = launches[2]
     # One deterministic reduction over chunks for every parameter gradient (none with one chunk).
-    packed = partials[0] if partials.shape[0] == 1 else partials.sum(dim=0).to(grad_dtype)
-    return grad_x, packed, grad_weights
+    totals = partials[0] if partials.shape[0] == 1 else partials.sum(dim=0).to(grad_dtype)
+    blocks = launches[1].grid[2]
+    if blocks > 1:  # one dscale row per stacked-column block: fold them into the first
+        scale_rows = totals[partials_size(experts, rank, dim) - dim:].view(blocks, dim)
+        scale_rows[0] = scale_rows.float().sum(0).to(grad_dtype)
+    return grad_x, totals[:partials_size(experts, rank, dim)], grad_weights
 
 
 def _unpack_param_grads(packed, w_gate, b_gate, w_down, b_down, w_up, b_up, scale):
     """(dw_gate, db_gate, dw_down, db_down, dw_up, db_up, dscale), each in its parameter's dtype."""
     experts, rank, dim = w_down.shape
     columns = experts * rank
-    grad_w_up, grad_w_down, grad_b_up, grad_b_down, grad_scale, grad_w_gate, grad_b_gate = packed.split(
-        [columns * dim, columns * dim, experts * dim, columns, dim, experts * dim, experts]
+    grad_w_up, grad_w_down, grad_b_up, grad_b_down, grad_w_gate, grad_b_gate, grad_scale = packed.split(
+        [columns * dim, columns * dim, experts * dim, columns, experts * dim, experts, dim]
     )
 
     def cast(grad, param, shape):

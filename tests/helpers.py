@@ -177,10 +177,12 @@ class AtenRecorder(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func.namespace == "fused_adapters":
             # Our custom ops are one node to the dispatcher; record what their implementation runs.
-            from fused_adapters.kernels import bottleneck
+            from fused_adapters.kernels import bottleneck, sparse
 
             impl = {"bottleneck_forward": bottleneck._forward_impl,
-                    "bottleneck_backward": bottleneck._backward_impl}[func.overloadpacket.__name__]
+                    "bottleneck_backward": bottleneck._backward_impl,
+                    "sparse_forward": sparse._forward_impl,
+                    "sparse_backward": sparse._backward_impl}[func.overloadpacket.__name__]
             with self:
                 return impl(*args, **(kwargs or {}))
         out = func(*args, **(kwargs or {}))

@@ -1,31 +1,41 @@
-"""The dense-masked sparse forward kernel (work in progress: forward only, no autograd yet)
-against the float64 reference: odd shapes, k from 1 to E, deliberate ties, every epilogue
-option, outputs poisoned with NaN. Runs in Triton's interpreter on machines without CUDA."""
+"""sparse_adapter and routed_adapter (the fused sparse mixture of adapters) against the float64
+reference: forward and every gradient (the logits' own gradient included), fp32 and fp16, odd
+shapes, k = 1 and k = E, deliberate ties, repeated experts in the routed form, every epilogue
+option, every variant, outputs poisoned with NaN; and the structural facts: launch counts, no
+M x D aten op around the launches, bitwise determinism, what is saved for backward. Runs in
+Triton's interpreter on machines without CUDA."""
 
 import pytest
 import torch
 
-from fused_adapters.kernels import reference
-from fused_adapters.kernels.sparse import sparse_forward
-from helpers import DEVICE, TOLERANCE, relative_error
+from fused_adapters.kernels import list_variants, reference, routed_adapter, sparse, sparse_adapter, use_variant
+from fused_adapters.kernels.launch import launch_plan
+from helpers import DEVICE, TOLERANCE, AtenRecorder, LaunchCounter, relative_error
+
+PARAMS = ("w_down", "b_down", "w_up", "b_up")
 
 
 @pytest.fixture
 def poisoned(monkeypatch):
-    from fused_adapters.kernels import sparse
-
     monkeypatch.setattr(sparse, "new_output",
                         lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device))
 
 
-def make(rows, dim, rank, experts, dtype, seed, bias=True):
+def make(rows, dim, rank, experts, dtype, seed, bias=True, top_k=2):
+    """Leaf tensors for both forms: the gate, the routing (top_k experts per row, drawn at
+    random, with a repeated expert on row 0 when k > 1), the experts and the epilogue inputs."""
     generator = torch.Generator().manual_seed(seed)
 
-    def randn(*shape, std=1.0):
-        return (torch.randn(*shape, generator=generator) * std).to(DEVICE, dtype)
+    def randn(*shape, std=1.0, dt=dtype):
+        return (torch.randn(*shape, generator=generator) * std).to(DEVICE, dt).requires_grad_(True)
 
+    expert_idx = torch.randint(0, experts, (rows, top_k), generator=generator)
+    if rows and top_k > 1:
+        expert_idx[0, 1] = expert_idx[0, 0]
     return dict(
-        x=randn(rows, dim), w_gate=randn(experts, dim, std=0.3), b_gate=randn(experts) if bias else None,
+        x=randn(rows, dim), w_gate=randn(experts, dim, std=0.3, dt=torch.float32),
+        b_gate=randn(experts, dt=torch.float32) if bias else None,
+        expert_idx=expert_idx.to(DEVICE), expert_weight=randn(rows, top_k, dt=torch.float32),
         w_down=randn(experts, rank, dim, std=dim ** -0.5), b_down=randn(experts, rank, std=0.5) if bias else None,
         w_up=randn(experts, dim, rank, std=rank ** -0.5), b_up=randn(experts, dim, std=0.5) if bias else None,
         scale=randn(dim), residual=randn(rows, dim),
@@ -33,74 +43,256 @@ def make(rows, dim, rank, experts, dtype, seed, bias=True):
     )
 
 
-def check(case, top_k, dtype, activation="gelu", add_input=False, scale="channel", residual=True, row_scale=True):
-    scale_arg = {"channel": case["scale"], "float": 0.7, "none": None}[scale]
-    residual_arg = case["residual"] if residual else None
-    y = sparse_forward(case["x"], case["w_gate"], case["b_gate"], case["w_down"], case["b_down"], case["w_up"],
-                       case["b_up"], scale_arg, top_k=top_k, activation=activation, residual=residual_arg,
-                       add_input=add_input, row_scale=case["row_scale"] if row_scale else None)
+def call(fn, case, *, routed, top_k=2, scale="channel", residual="tensor", row_scale=True, activation="gelu",
+         **kwargs):
+    """One call of fn (the fused op or the reference) on case's tensors; returns (outputs, the
+    differentiable inputs by name)."""
+    scale_arg = {"channel": case["scale"], "float": 0.7, "none": None, "tensor": case["scale"][:1]}[scale]
+    residual_arg = {"tensor": case["residual"], "none": None, "x": case["x"],
+                    "skip+x": (case["residual"], case["x"])}[residual]
+    common = dict(activation=activation, residual=residual_arg,
+                  row_scale=case["row_scale"] if row_scale else None, **kwargs)
+    experts = [case[name] for name in PARAMS]
+    if routed:
+        out = fn(case["x"], case["expert_idx"], case["expert_weight"], *experts, scale_arg, **common)
+        names = ["x", "expert_weight", *PARAMS]
+    else:
+        out = fn(case["x"], case["w_gate"], case["b_gate"], *experts, scale_arg, top_k=top_k, return_logits=True,
+                 **common)
+        names = ["x", "w_gate", "b_gate", *PARAMS]
+    names += (["scale"] if scale in ("channel", "tensor") else []) + (["residual"] if residual in ("tensor", "skip+x")
+                                                                      else [])
+    return out, {name: case[name] for name in names if case[name] is not None}
 
-    def wide(t):
-        return t.double() if isinstance(t, torch.Tensor) else t
 
-    terms = ([wide(case["x"])] if add_input else []) + ([wide(residual_arg)] if residual else [])
-    expected = reference.sparse_adapter(
-        wide(case["x"]), case["w_gate"].float(), None if case["b_gate"] is None else case["b_gate"].float(),
-        wide(case["w_down"]), wide(case["b_down"]), wide(case["w_up"]), wide(case["b_up"]), wide(scale_arg),
-        top_k=top_k, activation=activation, residual=terms or None,
-        row_scale=wide(case["row_scale"]) if row_scale else None)
-    assert y.shape == case["x"].shape
-    error = relative_error(y, expected)
-    assert error <= TOLERANCE[dtype], error
-    return y
+def float64(case):
+    return {name: (t.detach().double().requires_grad_(t.requires_grad) if t is not None and t.is_floating_point()
+                   else t) for name, t in case.items()}
+
+
+def check(case, dtype, *, routed, top_k=2, **options):
+    """Forward and every gradient against float64; returns the fused forward output."""
+    variant = {"variant": options.pop("variant")} if "variant" in options else {}
+    out, inputs = call(routed_adapter if routed else sparse_adapter, case, routed=routed, top_k=top_k, **options,
+                       **variant)
+    wide = float64(case)
+    expected, wide_inputs = call(reference.routed_adapter if routed else reference.sparse_adapter, wide,
+                                 routed=routed, top_k=top_k, **options)
+    generator = torch.Generator().manual_seed(7)
+    if routed:
+        outs, refs = [out], [expected]
+    else:
+        outs, refs = list(out), list(expected)
+    assert outs[0].shape == case["x"].shape
+    grads_out = [torch.randn(o.shape, generator=generator).to(DEVICE) for o in refs]
+    tolerance = TOLERANCE[dtype]
+    for name, o, r in zip(("y", "logits"), outs, refs):
+        assert relative_error(o, r) <= tolerance, (name, relative_error(o, r))
+    got = torch.autograd.grad(outs, list(inputs.values()), [g.to(o.dtype) for g, o in zip(grads_out, outs)])
+    want = torch.autograd.grad(refs, list(wide_inputs.values()), [g.double() for g in grads_out])
+    for name, g, w in zip(inputs, got, want):
+        assert g.dtype == inputs[name].dtype, name
+        # fp16 gradients sum rounded products over rows: twice the forward's bound.
+        assert relative_error(g, w) <= 2 * tolerance, (name, relative_error(g, w))
+    return outs[0]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("experts, top_k", [(1, 1), (5, 1), (5, 2), (5, 5), (8, 2), (16, 3)])
-def test_against_float64(experts, top_k, dtype, poisoned):
+def test_gated_against_float64(experts, top_k, dtype, poisoned):
     case = make(37, 45, 3, experts, dtype, seed=experts * 10 + top_k)
-    check(case, top_k, dtype)
+    check(case, dtype, routed=False, top_k=top_k)
 
 
-@pytest.mark.parametrize("shape", [(1, 1, 1), (70, 33, 5), (40, 96, 16)])
-def test_odd_shapes(shape, poisoned):
-    rows, dim, rank = shape
-    case = make(rows, dim, rank, 4, torch.float32, seed=rows)
-    check(case, 2, torch.float32)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("experts, top_k", [(1, 1), (4, 1), (6, 3)])
+def test_routed_against_float64(experts, top_k, dtype, poisoned):
+    # Row 0 names one expert twice: its weights add up, and each slot gets that expert's gradient.
+    case = make(41, 36, 5, experts, dtype, seed=experts + top_k, top_k=top_k)
+    check(case, dtype, routed=True)
+
+
+@pytest.mark.parametrize("rows, dim, rank, experts", [(1, 1, 1, 2), (70, 33, 5, 4), (150, 70, 9, 8),
+                                                      (40, 96, 16, 16)])
+def test_odd_shapes_and_plans(rows, dim, rank, experts, poisoned):
+    # (150, 70, 9, 8): E*r = 72 splits the weights launch into 3 stacked-column blocks and M into
+    # several row chunks; (40, 96, 16, 16): E*r = 256, the largest dense tile.
+    case = make(rows, dim, rank, experts, torch.float32, seed=rows)
+    check(case, torch.float32, routed=False)
+    check(case, torch.float32, routed=True)
+
+
+def test_multi_chunk_backward_against_float64(poisoned):
+    # Planned for 8 SMs, M = 260 fills them: the weights launch splits M into row chunks whose
+    # fp32 partials torch sums, and E*r = 72 into 3 stacked-column blocks (dscale folded).
+    rows, dim, rank, experts = 260, 70, 9, 8
+    x = torch.empty(rows, dim)
+    w_down, w_up = torch.empty(experts, rank, dim), torch.empty(experts, dim, rank)
+    with launch_plan(8):
+        _, weights_launch, partials = sparse.backward_launches(
+            x, None, x, torch.empty(rows, 72), torch.empty(rows, experts), torch.empty(experts, dim), w_down, w_up,
+            None, None, 1.0, None, "gelu", torch.float32, False, torch.empty(rows, 72), torch.empty(rows, experts),
+            torch.empty(0, 72), x)
+        assert weights_launch.grid[0] > 1 and weights_launch.grid[2] == 3
+        assert partials.shape[0] == weights_launch.grid[0]
+        case = make(rows, dim, rank, experts, torch.float32, seed=12)
+        check(case, torch.float32, routed=False)
+        check(case, torch.float32, routed=True, scale="tensor")
 
 
 @pytest.mark.parametrize("activation", sorted(reference.ACTIVATIONS))
 def test_activations_and_epilogues(activation, poisoned):
     case = make(29, 40, 4, 6, torch.float32, seed=3, bias=activation != "relu")
-    check(case, 2, torch.float32, activation=activation, add_input=True, scale="float", residual=False,
-          row_scale=False)
-    check(case, 3, torch.float32, activation=activation, scale="none")
+    check(case, torch.float32, routed=False, activation=activation, scale="float", residual="x", row_scale=False)
+    check(case, torch.float32, routed=True, activation=activation, scale="none", residual="skip+x")
+    check(case, torch.float32, routed=False, top_k=3, activation=activation, scale="tensor", residual="none")
 
 
 def test_deliberate_ties_go_to_the_lower_expert(poisoned):
-    # Experts 1 and 3 share a gate row and bias, so every row ties them; expert 1 must win
-    # with k = 1, and both get half the weight with k = 2 when they lead.
-    case = make(25, 32, 4, 5, torch.float32, seed=11)
-    case["w_gate"][3] = case["w_gate"][1]
-    case["b_gate"][3] = case["b_gate"][1]
-    case["b_gate"][1] += 50.0
-    case["b_gate"][3] += 50.0  # 1 and 3 lead on every row
-    y1 = check(case, 1, torch.float32)
-    only_one = dict(case, w_up=case["w_up"].clone())
-    only_one["w_up"][3] = 0.0  # if expert 3 were picked, the output would change
-    torch.testing.assert_close(check(only_one, 1, torch.float32), y1)
-    check(case, 2, torch.float32)
+    # Experts 1 and 3 share a gate row and bias, so every row ties them, and they lead on every
+    # row: expert 1 must win with k = 1; both get half the weight with k = 2.
+    case = make(25, 32, 4, 5, torch.float32, seed=11, bias=True)
+    with torch.no_grad():
+        case["w_gate"][3] = case["w_gate"][1]
+        case["b_gate"][1] += 50.0
+        case["b_gate"][3] = case["b_gate"][1]
+    y1 = check(case, torch.float32, routed=False, top_k=1)
+    with torch.no_grad():
+        case["w_up"][3].zero_()  # had expert 3 been picked, the output would change
+    torch.testing.assert_close(check(case, torch.float32, routed=False, top_k=1), y1)
+    check(case, torch.float32, routed=False, top_k=2)
 
 
 def test_zero_rows():
     case = make(0, 16, 2, 3, torch.float32, seed=0)
-    assert sparse_forward(case["x"], case["w_gate"], None, case["w_down"], None, case["w_up"], None,
-                          top_k=2).shape == (0, 16)
+    y, logits = sparse_adapter(case["x"], case["w_gate"], None, case["w_down"], None, case["w_up"], None, top_k=2,
+                               return_logits=True)
+    assert y.shape == (0, 16) and logits.shape == (0, 3)
+    y.sum().backward()
+    assert case["w_down"].grad.abs().sum() == 0
 
 
 def test_fp16_autocast_reads_fp32_tensors_in_place(poisoned):
-    # fp32 x, parameters and residual under fp16 autocast: fp16 dots, fp32 gate, y promoted to fp32.
+    # fp32 x, parameters and residual under fp16 autocast: fp16 dots, fp32 gate, y promoted to
+    # fp32 (the residual is fp32), every gradient in its input's dtype.
     case = make(33, 40, 4, 6, torch.float32, seed=21)
     with torch.autocast(DEVICE, dtype=torch.float16):
-        y = check(case, 2, torch.float16, add_input=True)
-    assert y.dtype == torch.float32
+        y = check(case, torch.float16, routed=False, residual="skip+x")
+        assert y.dtype == torch.float32
+        y = check(case, torch.float16, routed=True, residual="none", scale="float")
+        assert y.dtype == torch.float16
+
+
+def test_aux_loss_gradient_reaches_the_gate():
+    # load_balancing_loss on the returned logits alone (no use of y): the gate still learns.
+    case = make(30, 24, 4, 6, torch.float32, seed=5)
+    _, logits = sparse_adapter(case["x"], case["w_gate"], case["b_gate"], *(case[n] for n in PARAMS), top_k=2,
+                               return_logits=True)
+    _, ref_logits = reference.sparse_adapter(case["x"], case["w_gate"], case["b_gate"],
+                                             *(case[n] for n in PARAMS), top_k=2, return_logits=True)
+    loss = reference.load_balancing_loss(logits, 2)
+    grads = torch.autograd.grad(loss, [case["w_gate"], case["x"]])
+    want = torch.autograd.grad(reference.load_balancing_loss(ref_logits, 2), [case["w_gate"], case["x"]])
+    for g, w in zip(grads, want):
+        assert relative_error(g, w) <= TOLERANCE[torch.float32]
+
+
+@pytest.mark.parametrize("variant", sorted(list_variants("sparse_adapter")))
+def test_every_variant_against_float64(variant, poisoned):
+    case = make(70, 40, 5, 6, torch.float32, seed=31)
+    with use_variant("sparse_adapter", variant):
+        check(case, torch.float32, routed=False)
+    check(case, torch.float32, routed=True, variant=variant)
+
+
+def test_variant_argument_is_used_by_the_backward(monkeypatch):
+    seen = []
+    original = sparse.backward_launches
+
+    def spy(*args, **kwargs):
+        seen.append(args[-1].name)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(sparse, "backward_launches", spy)
+    case = make(20, 16, 2, 4, torch.float32, seed=2)
+    y = sparse_adapter(case["x"], case["w_gate"], None, *(case[n] for n in PARAMS), top_k=2, variant="store_act")
+    y.sum().backward()
+    assert seen == ["store_act"]
+
+
+def test_large_expert_count_runs_the_expert_loop():
+    # E*r = 272 > 256: the dense tiles do not fit; the eager loop gives the same answer.
+    case = make(9, 20, 17, 16, torch.float32, seed=4)
+    check(case, torch.float32, routed=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Structure: launches, aten ops, determinism, saved tensors
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("routed", [False, True])
+def test_one_forward_launch_and_two_backward(routed, monkeypatch):
+    rows, dim = 64, 48
+    case = make(rows, dim, 4, 8, torch.float32, seed=9)
+    counter = LaunchCounter()
+    with counter.patch(monkeypatch), AtenRecorder(counter) as recorder:
+        out, inputs = call(routed_adapter if routed else sparse_adapter, case, routed=routed, residual="x")
+        forward_launches = list(counter.names)
+        y = out if routed else out[0]
+        torch.autograd.grad(y, list(inputs.values()), torch.ones_like(y))
+    assert forward_launches == ["_sparse_forward_kernel"]
+    assert counter.names[1:] == ["_sparse_backward_input_kernel", "_sparse_backward_weights_kernel"]
+    big = [(op, shapes) for op, shapes in recorder.ops if any(len(s) == 2 and s == (rows, dim) for s in shapes)]
+    # The only M x D tensors are the op's outputs and dy (ones_like): no copy, cast or add.
+    assert all(op in ("ones_like", "empty", "view", "reshape", "_reshape_alias") for op, _ in big), big
+
+
+def test_backward_is_bitwise_deterministic():
+    case = make(150, 70, 9, 8, torch.float32, seed=8)
+    results = []
+    for _ in range(2):
+        out, inputs = call(sparse_adapter, case, routed=False)
+        results.append(torch.autograd.grad(out[0], list(inputs.values()), torch.ones_like(out[0])))
+    for first, second in zip(*results):
+        assert torch.equal(first, second)
+
+
+def test_saves_no_m_by_d_tensor_besides_x():
+    rows, dim, rank, experts = 50, 64, 4, 8
+    case = make(rows, dim, rank, experts, torch.float16, seed=6)
+    saved = []
+
+    def pack(tensor):
+        saved.append(tensor)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        call(sparse_adapter, case, routed=False, residual="x")
+    inputs = {case["x"].data_ptr(), case["row_scale"].data_ptr()}
+    big = [t for t in saved if t.numel() >= rows * dim]
+    assert len(big) == 1 and big[0].data_ptr() == case["x"].data_ptr()  # x by reference, no copy
+    # Besides the inputs: the hidden layer [M, E*r] (compute dtype) and the routing weights [M, E] (fp32).
+    own = [t for t in saved if t.dim() > 0 and t.shape[0] == rows and t.data_ptr() not in inputs]
+    assert sorted((tuple(t.shape), t.dtype) for t in own) == [((rows, experts), torch.float32),
+                                                              ((rows, experts * rank), torch.float16)]
+
+
+def test_launches_plan_for_the_gpu():
+    # ViT-B/16 batch 32 (M = 6304, D = 768), E = 8, r = 16 on 132 SMs: every launch gets at least
+    # one program per SM. Plans only: nothing is launched.
+    rows, dim, experts, rank = 6304, 768, 8, 16
+    x = torch.empty(rows, dim, dtype=torch.float16)
+    w_down, w_up = torch.empty(experts, rank, dim, dtype=torch.float16), torch.empty(experts, dim, rank,
+                                                                                     dtype=torch.float16)
+    hidden = torch.empty(rows, experts * rank, dtype=torch.float16)
+    weights = torch.empty(rows, experts)
+    with launch_plan(132):
+        forward = sparse.forward_launch(x, torch.empty(experts, dim), None, None, None, w_down, None, w_up, None,
+                                        None, 1.0, None, True, None, 2, "gelu", torch.float16, x, hidden, weights,
+                                        torch.empty(0, experts))
+        input_launch, weights_launch, _ = sparse.backward_launches(
+            x, None, x, hidden, weights, torch.empty(experts, dim), w_down, w_up, None, None, 1.0, None, "gelu",
+            torch.float16, True, hidden, weights, torch.empty(0, experts * rank, dtype=torch.float16), x)
+    for launch in (forward, input_launch, weights_launch):
+        assert launch.programs >= 132, (launch.kernel.__name__, launch.grid)

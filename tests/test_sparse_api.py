@@ -1,0 +1,146 @@
+"""sparse_adapter / routed_adapter at the API edge: bad input raises a TypeError or ValueError
+naming the argument (before any kernel runs), the torch.library registration passes opcheck,
+torch.compile traces the ops with no graph break, and the reference path (no kernels here)
+gives the reference's answer."""
+
+import pytest
+import torch
+
+from fused_adapters.kernels import reference, routed_adapter, sparse, sparse_adapter
+from helpers import DEVICE, TOLERANCE, relative_error
+
+
+def tensors(rows=6, dim=8, rank=2, experts=3, top_k=2, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator).to(DEVICE).requires_grad_(True)
+
+    return dict(x=randn(rows, dim), w_gate=randn(experts, dim), b_gate=randn(experts),
+                w_down=randn(experts, rank, dim), b_down=randn(experts, rank), w_up=randn(experts, dim, rank),
+                b_up=randn(experts, dim), expert_idx=torch.randint(0, experts, (rows, top_k), generator=generator),
+                expert_weight=randn(rows, top_k))
+
+
+def gated(t, **overrides):
+    args = dict(t, **overrides)
+    top_k = args.pop("top_k", 2)
+    return sparse_adapter(args["x"], args["w_gate"], args["b_gate"], args["w_down"], args["b_down"], args["w_up"],
+                          args["b_up"], args.get("scale"), top_k=top_k, activation=args.get("activation", "gelu"),
+                          variant=args.get("variant"))
+
+
+def routed(t, **overrides):
+    args = dict(t, **overrides)
+    return routed_adapter(args["x"], args["expert_idx"], args["expert_weight"], args["w_down"], args["b_down"],
+                          args["w_up"], args["b_up"], activation=args.get("activation", "gelu"))
+
+
+@pytest.mark.parametrize("overrides, error, words", [
+    (dict(top_k=0), ValueError, "top_k"),
+    (dict(top_k=4), ValueError, "top_k"),
+    (dict(top_k=2.0), ValueError, "top_k"),
+    (dict(w_gate=torch.randn(4, 8)), ValueError, "w_gate"),
+    (dict(b_gate=torch.randn(2)), ValueError, "b_gate"),
+    (dict(w_down=torch.randn(3, 2, 9)), ValueError, "w_down"),
+    (dict(w_down=torch.randn(2, 8)), ValueError, "w_down"),
+    (dict(w_up=torch.randn(3, 8, 3)), ValueError, "w_up"),
+    (dict(w_up=torch.randn(4, 8, 2)), ValueError, "w_up"),
+    (dict(b_down=torch.randn(3, 3)), ValueError, "b_down"),
+    (dict(b_up=torch.randn(3, 7)), ValueError, "b_up"),
+    (dict(w_down=torch.randn(65, 1, 8), w_up=torch.randn(65, 8, 1), b_down=None, b_up=None,
+          w_gate=torch.randn(65, 8), b_gate=None), ValueError, "experts"),
+    (dict(activation="tanh"), ValueError, "activation"),
+    (dict(variant="grouped?"), ValueError, "variant"),
+    (dict(x=torch.ones(6, 8, dtype=torch.int32)), TypeError, "x"),
+    (dict(scale="big"), TypeError, "scale"),
+])
+def test_gated_errors_name_the_argument(overrides, error, words):
+    with pytest.raises(error, match=words):
+        gated(tensors(), **overrides)
+
+
+@pytest.mark.parametrize("overrides, error, words", [
+    (dict(expert_idx=torch.tensor([[0, 3]] * 6)), ValueError, "expert_idx must hold expert indices from 0 to 2"),
+    (dict(expert_idx=torch.tensor([[0, -1]] * 6)), ValueError, "expert_idx"),
+    (dict(expert_idx=torch.zeros(6, 2)), TypeError, "expert_idx must be an integer tensor"),
+    (dict(expert_idx=[[0, 1]] * 6), TypeError, "expert_idx"),
+    (dict(expert_idx=torch.zeros(5, 2, dtype=torch.long)), ValueError, "expert_idx must have shape"),
+    (dict(expert_weight=torch.ones(6, 3)), ValueError, "expert_weight must have expert_idx's shape"),
+    (dict(expert_weight=torch.ones(6, 2, dtype=torch.long)), TypeError, "expert_weight"),
+    (dict(activation=None), ValueError, "activation"),
+])
+def test_routed_errors_name_the_argument(overrides, error, words):
+    with pytest.raises(error, match=words):
+        routed(tensors(), **overrides)
+
+
+def test_routed_accepts_leading_dims_like_x():
+    t = tensors(rows=6)
+    x3 = t["x"].reshape(2, 3, 8)
+    y = routed_adapter(x3, t["expert_idx"].reshape(2, 3, 2), t["expert_weight"].reshape(2, 3, 2), t["w_down"],
+                       t["b_down"], t["w_up"], t["b_up"])
+    assert y.shape == (2, 3, 8)
+    torch.testing.assert_close(y.reshape(6, 8), routed(t))
+
+
+def test_reference_path_matches_the_reference(monkeypatch):
+    # Where the kernels cannot run (a CPU without the interpreter, bf16 in the interpreter), the
+    # ops run the eager expert loop, with autograd through it.
+    monkeypatch.setattr(sparse, "takes_triton", lambda device_type, dtypes: False)
+    t = tensors(rows=10, dim=12, rank=3, experts=4)
+    y, logits = sparse_adapter(t["x"], t["w_gate"], t["b_gate"], t["w_down"], t["b_down"], t["w_up"], t["b_up"],
+                               0.5, top_k=2, residual=t["x"], return_logits=True)
+    want, want_logits = reference.sparse_adapter(t["x"], t["w_gate"], t["b_gate"], t["w_down"], t["b_down"],
+                                                 t["w_up"], t["b_up"], 0.5, top_k=2, residual=t["x"],
+                                                 return_logits=True)
+    torch.testing.assert_close(y, want)
+    torch.testing.assert_close(logits, want_logits)
+    y.sum().backward()
+    assert t["w_gate"].grad is not None and t["w_up"].grad is not None
+
+
+def forward_args(t, gated_form=True, save=True, return_logits=True):
+    return (t["x"].detach(), t["w_gate"].detach() if gated_form else None, t["b_gate"].detach() if gated_form else None,
+            None if gated_form else t["expert_idx"], None if gated_form else t["expert_weight"].detach(),
+            t["w_down"].detach(), t["b_down"].detach(), t["w_up"].detach(), t["b_up"].detach(), None, 0.5,
+            t["x"].detach(), True, None, 2, "gelu", torch.float32, torch.float32, save,
+            return_logits and gated_form, "")
+
+
+@pytest.mark.skipif(not sparse.uses_dense_kernels(torch.empty(1, device=DEVICE), 3, 2),
+                    reason="the sparse kernels do not run on this device")
+@pytest.mark.parametrize("gated_form", [True, False])
+def test_opcheck(gated_form):
+    t = tensors(rows=9, dim=20, rank=3, experts=4)
+    op = torch.ops.fused_adapters.sparse_forward.default
+    torch.library.opcheck(op, forward_args(t, gated_form), test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(op, forward_args(t, gated_form, save=False, return_logits=False),
+                          test_utils=("test_schema", "test_faketensor"))
+    y, hidden, weights, logits = op(*forward_args(t, gated_form))
+    backward_args = (torch.randn_like(y), torch.randn_like(logits) if gated_form else None, t["x"].detach(), hidden,
+                     weights, t["w_gate"].detach() if gated_form else None, t["w_down"].detach(), t["w_up"].detach(),
+                     t["b_up"].detach(), None, 0.5, None, "gelu", torch.float32, True, True, torch.float32, "")
+    torch.library.opcheck(torch.ops.fused_adapters.sparse_backward.default, backward_args,
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sparse.uses_dense_kernels(torch.empty(1, device=DEVICE), 3, 2),
+                    reason="the sparse kernels do not run on this device")
+def test_compile_fullgraph_forward_and_backward():
+    torch._dynamo.reset()
+    t = tensors(rows=12, dim=16, rank=3, experts=4)
+
+    def block(x, w_gate, b_gate, w_down, b_down, w_up, b_up):
+        y, logits = sparse_adapter(torch.nn.functional.layer_norm(x, x.shape[-1:]), w_gate, b_gate, w_down, b_down,
+                                   w_up, b_up, 0.5, top_k=2, residual=x, return_logits=True)
+        return (y * 2).sum(-1).sum() + reference.load_balancing_loss(logits, 2)
+
+    args = [t[name] for name in ("x", "w_gate", "b_gate", "w_down", "b_down", "w_up", "b_up")]
+    compiled = torch.compile(block, fullgraph=True)
+    out = compiled(*args)
+    expected = block(*args)
+    assert relative_error(out, expected) < TOLERANCE[torch.float32]
+    for got, want in zip(torch.autograd.grad(out, args), torch.autograd.grad(expected, args)):
+        assert relative_error(got, want) < TOLERANCE[torch.float32]
