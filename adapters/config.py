@@ -15,6 +15,8 @@ from ..kernels.reference import ACTIVATIONS
 POSITIONS = ("post", "pre", "intermediate", "parallel", "pfeiffer", "houlsby")
 INITS = ("houlsby", "lora", "bert")
 SCALINGS = ("channel", "layer")
+ROUTINGS = ("token", "sample")
+MAX_EXPERTS = 64
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,14 @@ class AdapterConfig:
     LayerNorm on the adapter's input. bias: biases in both projections. train_head: keep the
     classifier head trainable (and save it with the adapters).
 
+    Mixture of adapters (experts > 1): each adapter becomes E experts of rank r and a learned
+    gate that routes to top_k of them (SparseAdapter). routing: "token" gates every token on its
+    own; "sample" gates each image on its class token (its mean token when the model has none)
+    and routes all its tokens the same way. aux_loss_weight: the weight of the Switch
+    load-balancing loss each sparse adapter records in training (model_aux_loss sums them).
+    noisy_gating: in training, Gaussian noise with a learned softplus std is added to the logits
+    before the top-k (as in MoE-Adapters4CL). dropout must be 0 with experts > 1.
+
     Frozen: an injected model keeps the config it was built from; derive variants with
     dataclasses.replace or the presets' keyword overrides.
     """
@@ -44,6 +54,11 @@ class AdapterConfig:
     norm: bool = False
     bias: bool = True
     train_head: bool = True
+    experts: int = 1
+    top_k: int = 1
+    routing: str = "token"
+    aux_loss_weight: float = 0.01
+    noisy_gating: bool = False
 
     def __post_init__(self):
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
@@ -65,6 +80,31 @@ class AdapterConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value < 1.0:
                 raise ValueError(f"AdapterConfig.{name} must be a float in [0, 1), got {value!r}")
+        for name in ("experts", "top_k"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"AdapterConfig.{name} must be a positive int, got {value!r}")
+        if self.experts > MAX_EXPERTS:
+            raise ValueError(f"AdapterConfig.experts must be from 1 to {MAX_EXPERTS}, got {self.experts}")
+        if self.top_k > self.experts:
+            raise ValueError(f"AdapterConfig.top_k must be from 1 to experts ({self.experts}), got {self.top_k}")
+        if self.routing not in ROUTINGS:
+            raise ValueError(f"AdapterConfig.routing must be one of {ROUTINGS}, got {self.routing!r}")
+        weight = self.aux_loss_weight
+        if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not (math.isfinite(weight)
+                                                                                    and weight >= 0):
+            raise ValueError(f"AdapterConfig.aux_loss_weight must be a finite float >= 0, got {weight!r}")
+        object.__setattr__(self, "aux_loss_weight", float(weight))
+        if not isinstance(self.noisy_gating, bool):
+            raise ValueError(f"AdapterConfig.noisy_gating must be a bool, got {self.noisy_gating!r}")
+        if self.experts > 1 and self.dropout > 0.0:
+            raise ValueError("AdapterConfig.dropout must be 0 with experts > 1 (the mixture has no unfused path "
+                             f"with dropout inside the experts), got {self.dropout}")
+
+    @property
+    def sparse(self) -> bool:
+        """Whether the adapters are mixtures of experts (experts > 1)."""
+        return self.experts > 1
 
     @classmethod
     def adapter_plus(cls, **overrides) -> "AdapterConfig":

@@ -1,4 +1,6 @@
-"""BottleneckAdapter: one adapter as an nn.Module, computed by the fused op."""
+"""Adapters as nn.Modules, each computed by one fused op call: BottleneckAdapter (one
+bottleneck), SparseAdapter (a gated mixture of bottleneck experts), and mixed_task_forward
+(several named bottleneck adapters applied to one batch, each image with its own)."""
 
 from __future__ import annotations
 
@@ -8,8 +10,57 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from ..kernels import bottleneck_adapter, reference
+from ..kernels import bottleneck_adapter, reference, routed_adapter, sparse_adapter
 from .config import AdapterConfig
+
+
+def init_projections(init: str, w_down: torch.Tensor, b_down: Optional[torch.Tensor], w_up: torch.Tensor,
+                     b_up: Optional[torch.Tensor]) -> None:
+    """One bottleneck's weights (w_down [r, D], w_up [D, r]) initialized in place by `init`."""
+    with torch.no_grad():
+        if init == "houlsby":  # Houlsby et al. 2019, as Adapter+ uses it (std 0.01, cut at 2 std)
+            for weight in (w_down, w_up):
+                nn.init.trunc_normal_(weight, std=0.01, a=-0.02, b=0.02)
+        elif init == "lora":  # down as nn.Linear's default, up zero: the adapter starts as identity
+            nn.init.kaiming_uniform_(w_down, a=math.sqrt(5))
+            if b_down is not None:
+                bound = 1 / math.sqrt(w_down.shape[1])
+                nn.init.uniform_(b_down, -bound, bound)
+            nn.init.zeros_(w_up)
+        else:  # bert
+            for weight in (w_down, w_up):
+                nn.init.normal_(weight, std=0.02)
+        if b_down is not None and init != "lora":
+            nn.init.zeros_(b_down)
+        if b_up is not None:
+            nn.init.zeros_(b_up)
+
+
+def drop_path_scale(x: torch.Tensor, drop_path: float, training: bool) -> Optional[torch.Tensor]:
+    """The per-row DropPath factor [M] for x [batch, ..., D] (one keep/drop draw per sample,
+    divided by the keep probability), or None outside training."""
+    if not training or drop_path == 0.0 or x.numel() == 0:
+        return None
+    keep = 1.0 - drop_path
+    samples = x.shape[0] if x.dim() > 1 else 1
+    rows_per_sample = x[0].numel() // x.shape[-1] if x.dim() > 1 else 1
+    mask = torch.empty(samples, device=x.device, dtype=torch.float32).bernoulli_(keep).div_(keep)
+    return mask.repeat_interleave(rows_per_sample)
+
+
+def make_scale(scaling, dim: int, factory: dict):
+    """The scale a config's `scaling` asks for: a [D] or [1] Parameter (init 1), a float, or None."""
+    if scaling == "channel":
+        return nn.Parameter(torch.ones(dim, **factory))
+    if scaling == "layer":
+        return nn.Parameter(torch.ones(1, **factory))
+    return None if scaling is None else float(scaling)
+
+
+def describe_scale(scale) -> str:
+    if isinstance(scale, nn.Parameter):
+        return "channel" if scale.numel() > 1 else "layer"
+    return str(scale)
 
 
 class BottleneckAdapter(nn.Module):
@@ -59,52 +110,22 @@ class BottleneckAdapter(nn.Module):
         self.norm = nn.LayerNorm(dim, eps=norm_eps, **factory) if norm else None
         self.down = nn.Linear(dim, rank, bias=bias, **factory)
         self.up = nn.Linear(rank, dim, bias=bias, **factory)
-        if config.scaling == "channel":
-            self.scale = nn.Parameter(torch.ones(dim, **factory))
-        elif config.scaling == "layer":
-            self.scale = nn.Parameter(torch.ones(1, **factory))
-        else:
-            self.scale = None if config.scaling is None else float(config.scaling)
+        self.scale = make_scale(config.scaling, dim, factory)
         self.init = init
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        if self.init == "houlsby":  # Houlsby et al. 2019, as Adapter+ uses it (std 0.01, cut at 2 std)
-            for linear in (self.down, self.up):
-                nn.init.trunc_normal_(linear.weight, std=0.01, a=-0.02, b=0.02)
-                if linear.bias is not None:
-                    nn.init.zeros_(linear.bias)
-        elif self.init == "lora":  # down as nn.Linear's default, up zero: the adapter starts as identity
-            nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
-            if self.down.bias is not None:
-                bound = 1 / math.sqrt(self.dim)
-                nn.init.uniform_(self.down.bias, -bound, bound)
-            nn.init.zeros_(self.up.weight)
-            if self.up.bias is not None:
-                nn.init.zeros_(self.up.bias)
-        else:  # bert
-            for linear in (self.down, self.up):
-                nn.init.normal_(linear.weight, std=0.02)
-                if linear.bias is not None:
-                    nn.init.zeros_(linear.bias)
+        init_projections(self.init, self.down.weight, self.down.bias, self.up.weight, self.up.bias)
         if isinstance(self.scale, nn.Parameter):
             nn.init.ones_(self.scale)
 
     def extra_repr(self) -> str:
-        scale = "channel" if isinstance(self.scale, nn.Parameter) and self.scale.numel() > 1 else (
-            "layer" if isinstance(self.scale, nn.Parameter) else self.scale)
-        return (f"dim={self.dim}, rank={self.rank}, activation={self.activation}, scale={scale}, "
+        return (f"dim={self.dim}, rank={self.rank}, activation={self.activation}, scale={describe_scale(self.scale)}, "
                 f"drop_path={self.drop_path}, dropout={self.dropout}")
 
     def drop_path_scale(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         """The per-row DropPath factor [M] for x [batch, ..., D], or None outside training."""
-        if not self.training or self.drop_path == 0.0 or x.numel() == 0:
-            return None
-        keep = 1.0 - self.drop_path
-        samples = x.shape[0] if x.dim() > 1 else 1
-        rows_per_sample = x[0].numel() // x.shape[-1] if x.dim() > 1 else 1
-        mask = torch.empty(samples, device=x.device, dtype=torch.float32).bernoulli_(keep).div_(keep)
-        return mask.repeat_interleave(rows_per_sample)
+        return drop_path_scale(x, self.drop_path, self.training)
 
     def forward(self, x: torch.Tensor, residual=None) -> torch.Tensor:
         """residual: None, a tensor shaped like x, or a sequence of such tensors (their sum); x
@@ -135,3 +156,181 @@ class BottleneckAdapter(nn.Module):
         for term in reference.residual_terms(residual):
             update = term + update
         return update
+
+
+class SparseAdapter(nn.Module):
+    """out = residual + scale * drop_path(sum_j p_j * expert_{e_j}(norm(x))): a gated mixture of E
+    bottleneck experts of rank r, top_k of them per token (routing="token") or per image
+    (routing="sample", gated on its class token, or its mean token when class_token is False).
+    One fused launch forward (sparse_adapter, or routed_adapter for sample routing and noisy
+    gating, whose gate runs as small [rows, E] PyTorch ops first).
+
+    Parameters: `gate` (nn.Linear dim -> experts; its logits are computed in fp32),
+    `down_weight` [E, r, D], `down_bias` [E, r], `up_weight` [E, D, r], `up_bias` [E, D] (each
+    expert initialized as a BottleneckAdapter with the same init), `scale` shared by the
+    experts, `noise` (nn.Linear dim -> experts, zero init, only with noisy_gating), `norm`.
+
+    In training with aux_loss_weight > 0, each forward records `aux_loss`, aux_loss_weight times
+    the Switch load-balancing loss of its routing (fused_adapters.adapters.model_aux_loss sums
+    them over a model).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        rank: int = 8,
+        experts: int = 4,
+        top_k: int = 1,
+        *,
+        routing: str = "token",
+        class_token: bool = True,
+        activation: str = "gelu",
+        scaling: Union[str, float, None] = "channel",
+        init: str = "houlsby",
+        drop_path: float = 0.0,
+        norm: bool = False,
+        norm_eps: float = 1e-6,
+        bias: bool = True,
+        aux_loss_weight: float = 0.01,
+        noisy_gating: bool = False,
+        fused: bool = True,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        # The config validates every argument with a message naming it.
+        config = AdapterConfig(rank=rank, activation=activation, scaling=scaling, init=init, drop_path=drop_path,
+                               norm=norm, bias=bias, experts=experts, top_k=top_k, routing=routing,
+                               aux_loss_weight=aux_loss_weight, noisy_gating=noisy_gating)
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+            raise ValueError(f"SparseAdapter dim must be a positive int, got {dim!r}")
+        factory = {"device": device, "dtype": dtype}
+        self.dim, self.rank, self.experts, self.top_k = dim, rank, experts, top_k
+        self.routing, self.class_token = routing, bool(class_token)
+        self.activation, self.init = activation, init
+        self.drop_path = float(drop_path)
+        self.aux_loss_weight = config.aux_loss_weight
+        self.fused = fused
+        self.norm = nn.LayerNorm(dim, eps=norm_eps, **factory) if norm else None
+        self.gate = nn.Linear(dim, experts, **factory)
+        self.noise = nn.Linear(dim, experts, bias=False, **factory) if noisy_gating else None
+        self.down_weight = nn.Parameter(torch.empty(experts, rank, dim, **factory))
+        self.down_bias = nn.Parameter(torch.empty(experts, rank, **factory)) if bias else None
+        self.up_weight = nn.Parameter(torch.empty(experts, dim, rank, **factory))
+        self.up_bias = nn.Parameter(torch.empty(experts, dim, **factory)) if bias else None
+        self.scale = make_scale(config.scaling, dim, factory)
+        self.aux_loss: Optional[torch.Tensor] = None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for expert in range(self.experts):
+            init_projections(self.init, self.down_weight[expert],
+                             None if self.down_bias is None else self.down_bias[expert], self.up_weight[expert],
+                             None if self.up_bias is None else self.up_bias[expert])
+        with torch.no_grad():
+            # Small random gate: near-uniform weights, no exact ties to pile tokens on expert 0.
+            nn.init.normal_(self.gate.weight, std=0.02)
+            nn.init.zeros_(self.gate.bias)
+            if self.noise is not None:
+                nn.init.zeros_(self.noise.weight)  # noise std starts at softplus(0) = 0.69
+        if isinstance(self.scale, nn.Parameter):
+            nn.init.ones_(self.scale)
+
+    def extra_repr(self) -> str:
+        return (f"dim={self.dim}, rank={self.rank}, experts={self.experts}, top_k={self.top_k}, "
+                f"routing={self.routing}, activation={self.activation}, scale={describe_scale(self.scale)}, "
+                f"drop_path={self.drop_path}, noisy_gating={self.noise is not None}")
+
+    def _routing_inputs(self, inputs: torch.Tensor) -> torch.Tensor:
+        """The rows the gate reads: every token, or one per image (class or mean token)."""
+        if self.routing == "token" or inputs.dim() < 3:
+            return inputs.reshape(-1, self.dim)
+        pooled = inputs[:, 0] if self.class_token else inputs.mean(dim=1)
+        return pooled.reshape(-1, self.dim)
+
+    def forward(self, x: torch.Tensor, residual=None) -> torch.Tensor:
+        if x.shape[-1] != self.dim:
+            raise ValueError(f"SparseAdapter(dim={self.dim}) got input of width {x.shape[-1]}")
+        row_scale = drop_path_scale(x, self.drop_path, self.training)
+        inputs = self.norm(x) if self.norm is not None else x
+        experts = (self.down_weight, self.down_bias, self.up_weight, self.up_bias)
+        common = dict(activation=self.activation, residual=residual, row_scale=row_scale)
+        want_loss = self.training and self.aux_loss_weight > 0 and torch.is_grad_enabled()
+        noisy = self.noise is not None and self.training
+        if self.routing == "token" and not noisy:
+            fn = sparse_adapter if self.fused else reference.sparse_adapter
+            out = fn(inputs, self.gate.weight, self.gate.bias, *experts, self.scale, top_k=self.top_k,
+                     return_logits=want_loss, **common)
+            out, logits = out if want_loss else (out, None)
+        else:
+            gate_rows = self._routing_inputs(inputs)
+            logits = reference.gate_logits(gate_rows, self.gate.weight, self.gate.bias)
+            if noisy:
+                with torch.autocast(gate_rows.device.type, enabled=False):
+                    std = nn.functional.softplus(nn.functional.linear(gate_rows.float(), self.noise.weight.float()))
+                logits = logits + torch.randn_like(logits) * (std + 1e-2)
+            expert_idx, expert_weight = reference.topk_routing(logits, self.top_k)
+            if self.routing == "sample" and inputs.dim() >= 3:
+                tokens = inputs[0].numel() // self.dim
+                expert_idx = expert_idx.repeat_interleave(tokens, dim=0)
+                expert_weight = expert_weight.repeat_interleave(tokens, dim=0)
+            fn = routed_adapter if self.fused else reference.routed_adapter
+            out = fn(inputs, expert_idx, expert_weight, *experts, self.scale, **common)
+        self.aux_loss = self.aux_loss_weight * reference.load_balancing_loss(logits, self.top_k) if want_loss else None
+        return out
+
+
+def _folded_weights(adapter: "BottleneckAdapter"):
+    """(w_down, b_down, w_up, b_up) of one adapter with its LayerNorm affine and scale folded in."""
+    down_w, down_b = adapter.down.weight, adapter.down.bias
+    if adapter.norm is not None:
+        gamma, beta = adapter.norm.weight, adapter.norm.bias
+        shift = down_w @ beta if beta is not None else None
+        down_w = down_w * gamma[None, :] if gamma is not None else down_w
+        if shift is not None:
+            down_b = shift if down_b is None else down_b + shift
+    up_w, up_b = adapter.up.weight, adapter.up.bias
+    if isinstance(adapter.scale, torch.Tensor):
+        up_w = up_w * adapter.scale.reshape(-1, 1)
+        up_b = None if up_b is None else up_b * adapter.scale.reshape(-1)
+    elif adapter.scale is not None:
+        up_w = up_w * adapter.scale
+        up_b = None if up_b is None else up_b * adapter.scale
+    return down_w, down_b, up_w, up_b
+
+
+def mixed_task_forward(adapters: list, task_of_sample: torch.Tensor, x: torch.Tensor, residual=None) -> torch.Tensor:
+    """Each image of x [batch, ..., D] through its own task's BottleneckAdapter: row m of image b
+    uses adapters[task_of_sample[b]], in one routed_adapter launch over the whole batch.
+
+    The adapters must agree on dim, rank, activation, norm and bias (inject's named adapters of
+    one kind do). Their scales and LayerNorm affines are folded into the stacked weights
+    (scale_t * W_up_t, W_down_t * gamma_t, W_down_t beta_t + b_down_t): the same function,
+    differentiable into every adapter's own parameters, rounded at other points than one
+    adapter alone (the scale multiplies before the dot's rounding instead of after)."""
+    first = adapters[0]
+    dim = first.dim
+    tokens = x[0].numel() // dim if x.dim() > 1 else 1
+    norm = first.norm
+    if norm is not None:  # the normalization is shared; each task's affine goes into its weights
+        inputs = nn.functional.layer_norm(x, (dim,), None, None, norm.eps)
+    else:
+        inputs = x
+    with torch.autocast(x.device.type, enabled=False):  # folded weights in their own dtype
+        folded = [_folded_weights(adapter) for adapter in adapters]
+    w_down, b_down, w_up, b_up = (list(column) for column in zip(*folded))
+    if any(b is None for b in b_down) and not all(b is None for b in b_down):
+        b_down = [torch.zeros(first.rank, device=x.device, dtype=w_down[0].dtype) if b is None else b for b in b_down]
+    stacked_b_down = None if b_down[0] is None else torch.stack(b_down)
+    stacked_b_up = None if b_up[0] is None else torch.stack(b_up)
+    expert_idx = task_of_sample.to(x.device).repeat_interleave(tokens).reshape(-1, 1)
+    expert_weight = torch.ones(expert_idx.shape, device=x.device, dtype=torch.float32)
+    row_scale = None
+    rates = torch.tensor([adapter.drop_path for adapter in adapters], dtype=torch.float32)
+    if first.training and bool((rates > 0).any()) and x.numel() > 0:
+        # Each image's DropPath draw at its own task's rate.
+        keep = (1.0 - rates)[task_of_sample.cpu()].to(x.device)
+        row_scale = (torch.bernoulli(keep) / keep).repeat_interleave(tokens)
+    fn = routed_adapter if first.fused else reference.routed_adapter
+    return fn(inputs, expert_idx, expert_weight, torch.stack(w_down), stacked_b_down, torch.stack(w_up),
+              stacked_b_up, None, activation=first.activation, residual=residual, row_scale=row_scale)

@@ -17,9 +17,10 @@ import torch
 from torch import nn
 
 from .config import AdapterConfig
-from .modules import BottleneckAdapter
+from .modules import BottleneckAdapter, SparseAdapter, mixed_task_forward
 
-__all__ = ["inject", "set_adapter", "disable_adapters", "param_groups", "trainable_parameters", "adapter_configs"]
+__all__ = ["inject", "set_adapter", "disable_adapters", "param_groups", "trainable_parameters", "adapter_configs",
+           "model_aux_loss", "task_routing"]
 
 # Branch modules the positions other than "post" rebuild the block from.
 BLOCK_PARTS = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
@@ -43,7 +44,8 @@ class AdaptedBlockMixin:
         if name is None:
             return super().forward(x, *args, **kwargs)
         position = self.adapter_positions[name]
-        adapter = self.adapters[name]
+        routing = getattr(self, "_task_routing", None)
+        adapter = _TaskMix(self, *routing) if routing is not None else self.adapters[name]
         if position in ("post", "pfeiffer"):
             # x = block(x); x = x + A(x). The original forward, whatever its timm version.
             x = super().forward(x, *args, **kwargs)
@@ -68,6 +70,25 @@ class AdaptedBlockMixin:
         y = x + attn
         z = y + self.drop_path2(self.ls2(self.mlp(self.norm2(y))))
         return adapter["block"](y, residual=z)
+
+
+class _TaskMix:
+    """Stands in for a block's adapters under task_routing: slot -> a callable that runs each
+    image through its own task's adapter of that slot (mixed_task_forward)."""
+
+    def __init__(self, block, names, task_of_sample):
+        self.block, self.names, self.task_of_sample = block, names, task_of_sample
+
+    def __getitem__(self, slot):
+        adapters = [self.block.adapters[name][slot] for name in self.names]
+
+        def run(x, residual=None):
+            if x.shape[0] != self.task_of_sample.shape[0]:
+                raise ValueError(f"task_routing was given {self.task_of_sample.shape[0]} task names but the batch "
+                                 f"has {x.shape[0]} images")
+            return mixed_task_forward(adapters, self.task_of_sample, x, residual=residual)
+
+        return run
 
 
 def _attention_kwargs(args, kwargs) -> dict:
@@ -162,8 +183,16 @@ def inject(model: nn.Module, config: Optional[AdapterConfig] = None, name: str =
         factory = {"device": reference_param.device, "dtype": reference_param.dtype}
 
         norm_eps = getattr(block.norm1, "eps", 1e-6)
+        class_token = getattr(model, "cls_token", None) is not None
 
         def make():
+            if config.sparse:
+                return SparseAdapter(
+                    dim, config.rank, config.experts, config.top_k, routing=config.routing, class_token=class_token,
+                    activation=config.activation, scaling=config.scaling, init=config.init,
+                    drop_path=config.drop_path, norm=config.norm, norm_eps=norm_eps, bias=config.bias,
+                    aux_loss_weight=config.aux_loss_weight, noisy_gating=config.noisy_gating, **factory,
+                )
             return BottleneckAdapter(
                 dim, config.rank, activation=config.activation, scaling=config.scaling, init=config.init,
                 drop_path=config.drop_path, dropout=config.dropout, norm=config.norm, norm_eps=norm_eps,
@@ -183,7 +212,8 @@ def inject(model: nn.Module, config: Optional[AdapterConfig] = None, name: str =
     set_adapter(model, name)
     if verbose:
         trainable, total = trainable_parameters(model)
-        print(f"fused_adapters: injected {name!r} ({config.position}, rank {config.rank}): "
+        mixture = f", {config.experts} experts top-{config.top_k} by {config.routing}" if config.sparse else ""
+        print(f"fused_adapters: injected {name!r} ({config.position}, rank {config.rank}{mixture}): "
               f"trainable params {trainable:,} || all params {total:,} || trainable {100 * trainable / total:.3f}%")
     return model
 
@@ -243,3 +273,67 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float) -> list[dict]
         {"params": decay, "lr": lr, "weight_decay": weight_decay},
         {"params": no_decay, "lr": lr, "weight_decay": 0.0},
     ]
+
+
+def model_aux_loss(model: nn.Module) -> torch.Tensor:
+    """The sum of the auxiliary (load-balancing) losses the active sparse adapters recorded in
+    the model's last training forward, each already times its aux_loss_weight: add it to the
+    task loss. A zero tensor when there are none (no sparse adapters, eval mode, no grad)."""
+    losses = [module.aux_loss for module in model.modules()
+              if isinstance(module, SparseAdapter) and module.aux_loss is not None]
+    if not losses:
+        parameter = next(model.parameters(), None)
+        return torch.zeros((), device=parameter.device if parameter is not None else None)
+    return torch.stack([loss.float() for loss in losses]).sum()
+
+
+@contextlib.contextmanager
+def task_routing(model: nn.Module, names_per_image) -> Iterator[nn.Module]:
+    """Run a batch in which each image uses its own named adapters, all in one launch per adapter
+    slot: `with task_routing(model, ["cars", "birds", "cars", ...]): logits = model(images)`.
+
+    names_per_image: one adapter name per image of the batch (or a tensor of indices into the
+    sorted distinct names). The named adapters must be plain bottleneck adapters (experts = 1)
+    of one position, rank, activation, norm and bias; their scales may differ. Inside the block
+    every named adapter's parameters train (gradients reach each image's own adapter); their
+    previous requires_grad flags come back on exit. The classifier head is the model's one.
+    """
+    configs = adapter_configs(model)
+    if isinstance(names_per_image, str) or not hasattr(names_per_image, "__len__") or len(names_per_image) == 0:
+        raise ValueError("names_per_image must be a non-empty sequence of adapter names, one per image")
+    names = sorted(set(names_per_image))
+    unknown = [name for name in names if name not in configs]
+    if unknown:
+        raise ValueError(f"no adapters named {unknown}; injected: {sorted(configs)}")
+    first = configs[names[0]]
+    for name in names:
+        config = configs[name]
+        if config.sparse:
+            raise ValueError(f"task_routing mixes plain bottleneck adapters; {name!r} is a mixture of experts "
+                             f"(experts = {config.experts}), which routes itself")
+        if config.dropout > 0:
+            raise ValueError(f"task_routing runs the fused op, which has no dropout inside the bottleneck; "
+                             f"{name!r} has dropout {config.dropout}")
+        for field in ("position", "rank", "activation", "norm", "bias"):
+            if getattr(config, field) != getattr(first, field):
+                raise ValueError(f"task_routing needs adapters of one {field}: {names[0]!r} has "
+                                 f"{getattr(first, field)!r}, {name!r} has {getattr(config, field)!r}")
+    index = {name: i for i, name in enumerate(names)}
+    task_of_sample = torch.tensor([index[name] for name in names_per_image], dtype=torch.long)
+    blocks = _blocks(model)
+    parameters = [p for block in blocks for name in names for p in block.adapters[name].parameters()]
+    flags = [p.requires_grad for p in parameters]
+    previous = [(getattr(block, "active_adapter", None), getattr(block, "_task_routing", None)) for block in blocks]
+    for block in blocks:
+        block.active_adapter = names[0]
+        block._task_routing = (names, task_of_sample)
+    for parameter in parameters:
+        parameter.requires_grad_(True)
+    try:
+        yield model
+    finally:
+        for block, (active, routing) in zip(blocks, previous):
+            block.active_adapter = active
+            block._task_routing = routing
+        for parameter, flag in zip(parameters, flags):
+            parameter.requires_grad_(flag)
