@@ -92,7 +92,8 @@ def _sparse_forward_kernel(
     x_ptr, w_gate_ptr, b_gate_ptr, expert_idx_ptr, expert_weight_ptr, w_down_ptr, b_down_ptr, w_up_ptr, b_up_ptr,
     scale_ptr, residual_ptr, row_scale_ptr, y_ptr, hidden_ptr, weights_ptr, logits_ptr,
     rows, dim, rank, experts, scale_value,
-    stride_x_row, stride_x_col, stride_res_row, stride_res_col,
+    stride_x_row, stride_x_col, stride_res_row, stride_res_col, stride_idx_row, stride_idx_col, stride_w_row,
+    stride_w_col,
     TOP_K: tl.constexpr, GATED: tl.constexpr, ACTIVATION: tl.constexpr, SCALE_MODE: tl.constexpr,
     HAS_B_GATE: tl.constexpr, HAS_B_DOWN: tl.constexpr, HAS_B_UP: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     ADD_INPUT: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, SAVE: tl.constexpr, STORE_LOGITS: tl.constexpr,
@@ -156,8 +157,10 @@ def _sparse_forward_kernel(
         # an index outside 0..E-1, which the Python side rejects, would match no expert).
         weights = tl.zeros((BLOCK_ROWS, BLOCK_EXPERTS), dtype=tl.float32)
         for slot in tl.static_range(TOP_K):
-            slot_expert = tl.load(expert_idx_ptr + row_ids * TOP_K + slot, mask=row_mask, other=-1)
-            slot_weight = tl.load(expert_weight_ptr + row_ids * TOP_K + slot, mask=row_mask, other=0.0)
+            slot_expert = tl.load(expert_idx_ptr + row_ids * stride_idx_row + slot * stride_idx_col, mask=row_mask,
+                                  other=-1)
+            slot_weight = tl.load(expert_weight_ptr + row_ids * stride_w_row + slot * stride_w_col, mask=row_mask,
+                                  other=0.0)
             weights += tl.where(expert_ids[None, :] == slot_expert[:, None].to(tl.int32),
                                 slot_weight.to(tl.float32)[:, None], 0.0)
     if SAVE:
@@ -542,7 +545,8 @@ def forward_launch(x, w_gate, b_gate, expert_idx, expert_weight, w_down, b_down,
     save = hidden.shape[0] == rows
     args = dict(
         x_ptr=x, w_gate_ptr=optional(w_gate, x), b_gate_ptr=optional(b_gate, x),
-        expert_idx_ptr=optional(expert_idx, x), expert_weight_ptr=optional(expert_weight, x),
+        expert_idx_ptr=x if expert_idx is None else expert_idx,
+        expert_weight_ptr=x if expert_weight is None else expert_weight,
         w_down_ptr=w_down.contiguous(), b_down_ptr=optional(b_down, x), w_up_ptr=w_up.contiguous(),
         b_up_ptr=optional(b_up, x), scale_ptr=optional(scale, x), residual_ptr=x if residual is None else residual,
         row_scale_ptr=optional(row_scale, x), y_ptr=y, hidden_ptr=hidden if save else y,
@@ -551,6 +555,10 @@ def forward_launch(x, w_gate, b_gate, expert_idx, expert_weight, w_down, b_down,
         stride_x_row=x.stride(0), stride_x_col=x.stride(1),
         stride_res_row=residual.stride(0) if residual is not None else 0,
         stride_res_col=residual.stride(1) if residual is not None else 0,
+        stride_idx_row=expert_idx.stride(0) if expert_idx is not None else 0,
+        stride_idx_col=expert_idx.stride(1) if expert_idx is not None else 0,
+        stride_w_row=expert_weight.stride(0) if expert_weight is not None else 0,
+        stride_w_col=expert_weight.stride(1) if expert_weight is not None else 0,
     )
     constexprs = dict(
         TOP_K=top_k, GATED=gated, ACTIVATION=activation, SCALE_MODE=_scale_mode(scale),
@@ -927,8 +935,9 @@ def _run(x, w_gate, b_gate, expert_idx, expert_weight, w_down, b_down, w_up, b_u
         row_scale = row_scale.detach()
     if expert_idx is not None:
         top_k = expert_idx.shape[-1]
-        expert_idx = expert_idx.reshape(-1, top_k).contiguous()
-        expert_weight = expert_weight.reshape(-1, top_k).contiguous()
+        # [M, k] views, read through their strides (the kernel takes any layout: no copy).
+        expert_idx = expert_idx.reshape(-1, top_k)
+        expert_weight = expert_weight.reshape(-1, top_k)
     tensors = (x, w_gate, b_gate, expert_weight, w_down, b_down, w_up, b_up, scale_tensor, *terms)
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     y, _, _, logits = torch.ops.fused_adapters.sparse_forward(
