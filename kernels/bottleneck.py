@@ -51,7 +51,7 @@ from .epilogue import epilogue, epilogue_scalars
 from .activations import activation_grad as _activation_grad
 from .checks import MAX_RANK, check_bottleneck_arguments, epilogue_arguments
 from .launch import (
-    KERNEL_DTYPES, MIN_BLOCK_ROWS, PROGRAMS_PER_SM, TRITON_DTYPES, BlockConfig, Launch, device_context, dtype_group,
+    KERNEL_DTYPES, MIN_BLOCK_ROWS, TRITON_DTYPES, BlockConfig, Launch, device_context, dtype_group,
     input_precision, int32_columns, new_output, optional, padded_rank, plan_block_rows, plan_chunks, row_variants,
     sm_count, takes_triton,
 )

@@ -20,7 +20,6 @@ def check_bottleneck_arguments(x, w_down, b_down, w_up, b_up, scale, activation,
     if x.dim() < 1 or x.shape[-1] == 0:
         raise ValueError(f"x must have shape [..., D] with D >= 1, got {tuple(x.shape)}")
     dim = x.shape[-1]
-    rows = x.numel() // dim
     check_float_tensor("w_down", w_down)
     if w_down.dim() != 2:
         raise ValueError(f"w_down must have shape [rank, D] = [rank, {dim}], got {tuple(w_down.shape)}")

@@ -10,8 +10,9 @@ W_down [E*r, D] and W_up [D, E*r] (read from the [E, r, D] and [E, D, r] paramet
 so a row's hidden layer is h = x W_down^T + b_down over all E*r columns at once (tensor cores),
 and the routing weights, spread over each expert's r columns, zero the unselected experts after
 the activation: u = (act(h) * p_columns) W_up^T + p B_up. That costs E/k times the FLOPs of the
-chosen experts alone, free while E*r is small (the op is memory-bound: at E = 8, r = 16,
-D = 768 it does 2 * 128 MACs per byte of x it reads).
+chosen experts alone, free while E*r is small (the op stays memory-bound: at E = 8, r = 16,
+D = 768 a row costs 2 x 128 x 768 multiply-adds for its 1536 bytes of fp16 x, 128 per byte,
+below an H100's ~300 fp16 tensor-core FLOP per byte of DRAM bandwidth).
 
 Forward: one launch, one program per tile of rows.
   1. One pass over D accumulates h for every expert and, for the gated form, the gate logits
@@ -29,10 +30,14 @@ Backward: two launches, deterministic (no float atomics).
      over D; from it dh (through the weights and act'), the gradient of each row's expert
      weights (d act . act summed per expert, plus the b_up term), and for the gated form the
      softmax backward to the logits (plus the logits' own gradient when the caller used them,
-     e.g. in load_balancing_loss). Writes dh [M, E*r] and d logits (or d weights) [M, E].
-  2. A grid of (row chunk, D tile): dx = dh W_down_stacked + d logits W_gate (+ dy when x is a
-     residual term) and fp32 partial sums of every parameter gradient over its chunk, reduced
-     by torch afterwards (none to reduce with one chunk).
+     e.g. in load_balancing_loss). Writes dh [M, E*r] and d logits (or d weights) [M, E], then
+     walks D again for dx = dh W_down_stacked + d logits W_gate (+ dy when x is a residual
+     term; those dy reads hit L2).
+  2. A grid of (row chunk, D tile, block of stacked columns): fp32 partial sums of every
+     parameter gradient over its chunk, reduced by torch afterwards (none to reduce with one
+     chunk). Doing dx in launch 1 leaves this one free to split the E*r columns, so one chunk
+     has enough programs where the partials (E*r x D x 2 fp32 per chunk, E times the
+     bottleneck op's) would make more chunks expensive.
 
 E*r above 256 does not fit the dense design's register tiles; those shapes run the eager
 expert loop (kernels.reference) until the grouped design lands.
@@ -53,11 +58,11 @@ from .activations import activation_grad as _activation_grad
 from .checks import check_sparse_arguments, epilogue_arguments
 from .epilogue import epilogue, epilogue_scalars
 from .launch import (
-    KERNEL_DTYPES, MIN_BLOCK_ROWS, PROGRAMS_PER_SM, TRITON_DTYPES, BlockConfig, Launch, device_context, dtype_group,
+    KERNEL_DTYPES, MIN_BLOCK_ROWS, TRITON_DTYPES, BlockConfig, Launch, device_context, dtype_group,
     input_precision, int32_columns, new_output, optional, plan_block_rows, plan_chunks, row_variants, sm_count,
     takes_triton,
 )
-from .variants import Variant, current_variant, pick, register_variants, time_cuda
+from .variants import Variant, pick, register_variants, time_cuda
 
 __all__ = ["sparse_adapter", "routed_adapter", "MAX_EXPERTS", "MAX_DENSE_COLUMNS", "VARIANTS", "uses_dense_kernels"]
 
