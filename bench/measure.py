@@ -77,6 +77,60 @@ def bottleneck_inputs(rows: int, dim: int, rank: int, dtype: torch.dtype, device
                 w_up=randn(dim, rank, std=rank ** -0.5), b_up=randn(dim, std=0.1), scale=randn(dim))
 
 
+# The sparse mixture's two forms: gated by a learned top-k gate, or routed by the caller.
+SPARSE_OPS = ("sparse_adapter", "routed_adapter")
+
+
+def sparse_inputs(rows: int, dim: int, rank: int, experts: int, top_k: int, dtype: torch.dtype, device,
+                  requires_grad: bool, routed: bool = False, generator: Optional[torch.Generator] = None) -> dict:
+    """One set of sparse mixture inputs, as bottleneck_inputs for E experts: x, the routing, each
+    expert's projections stacked (w_down [E, r, D], b_down [E, r], w_up [E, D, r], b_up [E, D])
+    and a channel scale shared by the experts; the residual is x itself.
+
+    The routing, gated (routed=False): w_gate [E, D] and b_gate [E], fp32 whatever the experts'
+    dtype (a router kept in fp32), scaled so that the logits are about N(0, 1) and the experts
+    get about equal shares. Routed: expert_idx [M, k] int64, k distinct experts per row drawn at
+    random, and expert_weight [M, k] fp32, random positive, each row summing to 1 (no gradient
+    for expert_idx). Draws from `generator` when given (a fixed seed gives a fixed routing)."""
+
+    def randn(*shape, std=1.0, grad=requires_grad, dt=dtype):
+        t = torch.randn(*shape, generator=generator) * std
+        return t.to(device=device, dtype=dt).requires_grad_(grad)
+
+    inputs = dict(x=randn(rows, dim))
+    if routed:
+        expert_idx = torch.rand(rows, experts, generator=generator).argsort(dim=1)[:, :top_k]
+        expert_weight = torch.rand(rows, top_k, generator=generator) + 0.25
+        expert_weight = expert_weight / expert_weight.sum(dim=1, keepdim=True)
+        inputs.update(expert_idx=expert_idx.to(device),
+                      expert_weight=expert_weight.to(device).requires_grad_(requires_grad))
+    else:
+        inputs.update(w_gate=randn(experts, dim, std=dim ** -0.5, dt=torch.float32),
+                      b_gate=randn(experts, std=0.1, dt=torch.float32))
+    inputs.update(w_down=randn(experts, rank, dim, std=dim ** -0.5), b_down=randn(experts, rank, std=0.1),
+                  w_up=randn(experts, dim, rank, std=rank ** -0.5), b_up=randn(experts, dim, std=0.1),
+                  scale=randn(dim))
+    return inputs
+
+
+def sparse_call(op: str, fn: Callable, inputs: dict, top_k: int, **kwargs):
+    """fn (the fused op, its reference, or a compiled reference) of form `op` on sparse_inputs:
+    residual x, the channel scale; kwargs go to fn (e.g. the fused op's variant=)."""
+    experts = (inputs["w_down"], inputs["b_down"], inputs["w_up"], inputs["b_up"], inputs["scale"])
+    if op == "sparse_adapter":
+        return fn(inputs["x"], inputs["w_gate"], inputs["b_gate"], *experts, top_k=top_k, residual=inputs["x"],
+                  **kwargs)
+    if op == "routed_adapter":
+        return fn(inputs["x"], inputs["expert_idx"], inputs["expert_weight"], *experts, residual=inputs["x"],
+                  **kwargs)
+    raise ValueError(f"op must be one of {SPARSE_OPS}, got {op!r}")
+
+
+def differentiable(inputs: dict) -> list:
+    """The inputs a backward differentiates: every tensor that requires grad (not expert_idx)."""
+    return [t for t in inputs.values() if t.requires_grad]
+
+
 def rotation_count(set_bytes: int, device: torch.device, memory_cap: int = 4 << 30) -> int:
     """How many input sets to rotate through so that no set is still in the cache when it
     comes round again: twice the last-level cache (L2 on a GPU), within memory_cap."""
@@ -200,26 +254,45 @@ def count_case(case: dict) -> dict:
     """Triton launches, aten kernels and bytes moved by one forward and one backward of a
     provider ("eager" or "fused" with case["variant"]), counted in the interpreter with launches
     planned for case["sms"] SMs. The interpreter has no bf16: bf16 cases are counted in fp16
-    (same element size, same plans)."""
-    from fused_adapters.kernels import bottleneck_adapter, reference, use_variant
+    (same element size, same plans). case["op"] "sparse_adapter" or "routed_adapter" (with
+    case["experts"] and case["top_k"]) counts that op on sparse_inputs; otherwise the
+    bottleneck op."""
+    from fused_adapters.kernels import bottleneck_adapter, reference, routed_adapter, sparse_adapter, use_variant
     from fused_adapters.kernels.byte_count import count_bytes
 
     dtype, autocast = DTYPES[case["dtype"]]
     dtype = torch.float16 if dtype == torch.bfloat16 else dtype
     autocast = torch.float16 if autocast == torch.bfloat16 else autocast
     generator = torch.Generator().manual_seed(0)
-    inputs = bottleneck_inputs(case["rows"], case["dim"], case["rank"], dtype, "cpu", True, generator)
-    fn = bottleneck_adapter if case["provider"] == "fused" else reference.bottleneck_adapter
+    fused = case["provider"] == "fused"
     variant = case.get("variant") or "default"
+    op = case.get("op")
+    if op in SPARSE_OPS:
+        inputs = sparse_inputs(case["rows"], case["dim"], case["rank"], case["experts"], case["top_k"], dtype, "cpu",
+                               True, op == "routed_adapter", generator)
+        fused_fn = sparse_adapter if op == "sparse_adapter" else routed_adapter
+        fn = fused_fn if fused else getattr(reference, op)
+
+        def forward_call():
+            return sparse_call(op, fn, inputs, case["top_k"], **({"variant": variant} if fused else {}))
+    else:
+        op = "bottleneck_adapter"
+        inputs = bottleneck_inputs(case["rows"], case["dim"], case["rank"], dtype, "cpu", True, generator)
+        fn = bottleneck_adapter if fused else reference.bottleneck_adapter
+
+        def forward_call():
+            return fn(inputs["x"], inputs["w_down"], inputs["b_down"], inputs["w_up"], inputs["b_up"], inputs["scale"],
+                      residual=inputs["x"])
     autocast_context = (torch.autocast("cpu", dtype=autocast) if autocast is not None
                         else torch.autocast("cpu", enabled=False))
-    with use_variant("bottleneck_adapter", variant if case["provider"] == "fused" else "default"), autocast_context:
+    # The sparse ops share the "sparse_adapter" variants (their variant= argument is passed too).
+    family = "sparse_adapter" if op in SPARSE_OPS else op
+    with use_variant(family, variant if fused else "default"), autocast_context:
         with count_bytes(sm_count=case["sms"]) as forward:
-            y = fn(inputs["x"], inputs["w_down"], inputs["b_down"], inputs["w_up"], inputs["b_up"], inputs["scale"],
-                   residual=inputs["x"])
+            y = forward_call()
         grad = torch.randn(y.shape, generator=generator).to(y.dtype)
         with count_bytes(sm_count=case["sms"]) as backward:
-            torch.autograd.grad(y, list(inputs.values()), grad)
+            torch.autograd.grad(y, differentiable(inputs), grad)
     return {
         "forward": {"triton_launches": forward.triton_launches, "aten_kernels": len(forward.aten),
                     "moved_bytes": forward.total()},
@@ -261,6 +334,8 @@ def in_subprocess(mode: str, cases: list[dict], jobs: int = 1, timeout: float = 
 def fused_launches(case: dict) -> list:
     """The Launch records the fused op makes for a row (x, the residual and y of the row's
     dtypes; backward launches too for forward+backward), planned for case["sms"] SMs."""
+    if case.get("op") in SPARSE_OPS:
+        return _sparse_launches(case)
     from fused_adapters.kernels import bottleneck
     from fused_adapters.kernels.launch import launch_plan
 
@@ -282,6 +357,43 @@ def fused_launches(case: dict) -> list:
                 torch.empty(rows, rank, dtype=compute), torch.empty(rows if store_act else 0, rank, dtype=compute),
                 torch.empty_like(x), dtype, variant)
             launches += [hidden_launch, weights_launch]
+    return launches
+
+
+def _sparse_launches(case: dict) -> list:
+    """fused_launches for the sparse ops: the forward launch (gated top-k, or the routing given)
+    and for forward+backward the two backward launches, as sparse_call's arguments make them
+    (residual x, channel scale, no row_scale, the logits not returned)."""
+    from fused_adapters.kernels import sparse
+    from fused_adapters.kernels.launch import launch_plan
+
+    dtype, autocast = DTYPES[case["dtype"]]
+    compute = autocast or dtype
+    rows, dim, rank, experts, top_k = case["rows"], case["dim"], case["rank"], case["experts"], case["top_k"]
+    routed = case["op"] == "routed_adapter"
+    variant = next(v for v in sparse.VARIANTS if v.name == case["variant"])
+    params = sparse_inputs(1, dim, rank, experts, top_k, dtype, "cpu", False, routed)
+    w_gate, b_gate = params.get("w_gate"), params.get("b_gate")
+    w_down, b_down, w_up, b_up, scale = (params[k] for k in ("w_down", "b_down", "w_up", "b_up", "scale"))
+    expert_idx = torch.empty(rows, top_k, dtype=torch.int64) if routed else None
+    expert_weight = torch.empty(rows, top_k, dtype=torch.float32) if routed else None
+    x = torch.empty(rows, dim, dtype=dtype)
+    columns = experts * rank
+    hidden = torch.empty(rows, columns, dtype=compute)
+    weights = torch.empty(rows, experts, dtype=torch.float32)
+    with launch_plan(case["sms"]):
+        launches = [sparse.forward_launch(x, w_gate, b_gate, expert_idx, expert_weight, w_down, b_down, w_up, b_up,
+                                          scale, 1.0, None, True, None, top_k, "gelu", compute, torch.empty_like(x),
+                                          hidden, weights, torch.empty(0, experts, dtype=torch.float32), variant)]
+        if case["pass"] != "forward":
+            grad_dtype = sparse._grad_dtype(x, w_gate, b_gate, w_down, b_down, w_up, b_up, scale)
+            input_launch, weights_launch, _ = sparse.backward_launches(
+                torch.empty_like(x), None, x, hidden, weights, w_gate, w_down, w_up, b_up, scale, 1.0, None, "gelu",
+                compute, True, torch.empty(rows, columns, dtype=compute),
+                torch.empty(rows, experts, dtype=torch.float32),
+                torch.empty(rows if variant.store_act else 0, columns, dtype=compute), torch.empty_like(x), grad_dtype,
+                variant)
+            launches += [input_launch, weights_launch]
     return launches
 
 

@@ -3,7 +3,8 @@
     python -m bench.report RESULTS.json --out DIR
 
 RESULTS.json is what `pytest --benchmark --benchmark-json RESULTS.json` writes. The report
-(DIR/report.md) has one table per op, pass, dtype, dim and rank: a row per shape, a column per
+(DIR/report.md) has one table per op, pass, dtype, dim and rank (and for the sparse mixture's
+rows, experts and top_k): a row per shape, a column per
 provider (and kernel variant), each cell the median time and the speedup over eager on the same
 shape, then tables of bandwidth, peak memory, bytes moved, bytes saved for backward and launch
 counts. Fused rows that could not be timed (no CUDA) appear in the same tables as "needs CUDA".
@@ -67,7 +68,17 @@ class Row:
 
     @property
     def group_key(self) -> tuple:
-        return (self.op, self.pass_name, self.dtype, self.dim, self.rank)
+        return (self.op, self.pass_name, self.dtype, self.dim, self.rank, self.experts, self.top_k)
+
+    @property
+    def experts(self) -> int | None:
+        """The sparse mixture's expert count E (None for rows of other ops)."""
+        return _as_int(self.info.get("experts"))
+
+    @property
+    def top_k(self) -> int | None:
+        """The sparse mixture's experts per row k (None for rows of other ops)."""
+        return _as_int(self.info.get("top_k"))
 
     @property
     def shape_key(self) -> tuple:
@@ -91,7 +102,7 @@ class Row:
 
 @dataclass
 class Group:
-    """The rows of one table: same op, pass, dtype, dim and rank."""
+    """The rows of one table: same op, pass, dtype, dim and rank (and experts and top_k)."""
 
     key: tuple
     rows: list[Row]
@@ -99,12 +110,16 @@ class Group:
 
     @property
     def title(self) -> str:
-        op, pass_name, dtype, dim, rank = self.key
+        op, pass_name, dtype, dim, rank, experts, top_k = self.key
         parts = [op, pass_name, dtype]
         if dim is not None:
             parts.append(f"D={dim}")
         if rank is not None:
             parts.append(f"r={rank}")
+        if experts is not None:
+            parts.append(f"E={experts}")
+        if top_k is not None:
+            parts.append(f"k={top_k}")
         return " ".join(parts)
 
     @property
@@ -154,9 +169,9 @@ def _column_order(row: Row) -> tuple:
 
 
 def _group_order(group: Group) -> tuple:
-    op, pass_name, dtype, dim, rank = group.key
+    op, pass_name, dtype, dim, rank, experts, top_k = group.key
     return (group.is_model, op, PASS_ORDER.get(pass_name, len(PASS_ORDER)), pass_name, dtype,
-            dim is None, dim or 0, rank is None, rank or 0)
+            dim is None, dim or 0, rank is None, rank or 0, experts is None, experts or 0, top_k is None, top_k or 0)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -74,7 +74,7 @@ def test_plain_pytest_collects_no_benchmark():
 def test_benchmark_collects_only_bench(args):
     files = collected(*args)
     assert files and all(path.startswith("bench/") for path in files)
-    assert {"bench/test_bottleneck.py", "bench/test_vit.py"} <= set(files)
+    assert {"bench/test_bottleneck.py", "bench/test_sparse.py", "bench/test_vit.py"} <= set(files)
 
 
 @pytest.mark.slow
@@ -118,3 +118,62 @@ def test_a_small_run_fills_every_key(tmp_path):
                               capture_output=True, text=True, timeout=120)
     assert rendered.returncode == 0, rendered.stderr
     assert f"bottleneck forward {dtype} D=768 r=8" in (report / "report.md").read_text()
+
+
+def sparse_quick_shape(cuda: bool) -> tuple:
+    """(dtype, element size, rows) of the sparse suite's quick shape with D = 768, r = 16, E = 8, k = 2."""
+    return ("bf16", 2, 32 * 197) if cuda else ("fp32", 4, 197)
+
+
+@pytest.mark.slow
+def test_a_small_sparse_run_fills_every_key(tmp_path):
+    # Both sparse ops at the quick shape, forward: eager timed, the default fused variant timed on
+    # CUDA, device-free without it (the bytes it saves; the quick run counts the eager rows only).
+    import torch
+
+    cuda = torch.cuda.is_available()
+    dtype, size, rows = sparse_quick_shape(cuda)
+    experts, rank = 8, 16
+    out = tmp_path / "run.json"
+    # On CUDA the quick shape has M = 6304: no interpreter counts (they would take many minutes).
+    count_rows = ["--benchmark-count-rows=0"] if cuda else []
+    done = pytest_run("--benchmark", "--benchmark-quick", "-q", "-p", "no:cacheprovider", *count_rows, "-k",
+                      f"test_sparse and forward-{dtype}-D768-M{rows}-r16-E8-k2- and (eager or fused[default])",
+                      "--benchmark-json", str(out))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = json.loads(out.read_text())
+    block = results["fused_adapters"]
+    rows_seen = [b["extra_info"] for b in results["benchmarks"]] + block["untimed"]
+    assert sorted((row["op"], row["provider"]) for row in rows_seen) == [
+        ("routed_adapter", "eager"), ("routed_adapter", "fused"), ("sparse_adapter", "eager"),
+        ("sparse_adapter", "fused")]
+    for row in rows_seen:
+        assert ROW_KEYS | {"experts", "top_k"} <= set(row), ROW_KEYS - set(row)
+        assert (row["rows"], row["dim"], row["rank"], row["experts"], row["top_k"]) == (rows, 768, rank, experts, 2)
+        assert row["floor_bytes"] == rows * 768 * size * 2  # read x, write y
+        assert row["saved_bytes"] > 0
+    for op in ("sparse_adapter", "routed_adapter"):
+        eager = next(row for row in rows_seen if row["op"] == op and row["provider"] == "eager")
+        fused = next(row for row in rows_seen if row["op"] == op and row["provider"] == "fused")
+        assert eager["triton_launches"] == 0 and eager["aten_kernels"] > 0
+        # The fused forward keeps h [M, E*r] in the compute dtype and the weights [M, E] in fp32,
+        # x by reference (CUDA's allocator rounds blocks up to 512 bytes); eager far more.
+        kept = rows * (experts * rank * size + experts * 4)
+        assert kept <= fused["saved_bytes"] < kept + 1024 < eager["saved_bytes"]
+        if cuda:
+            assert fused["triton_launches"] == 1
+            for row in (eager, fused):
+                assert row["gbps"] > 0 and row["host_us"] > 0 and row["peak_mem_bytes"] > 0
+        else:
+            # The expert loop moves many times the floor; the quick run counts the eager rows only.
+            assert eager["moved_bytes"] > 4 * eager["floor_bytes"]
+            assert fused["moved_bytes"] is None and fused["triton_launches"] is None
+    if not block["timed_fused"]:
+        assert "fused timings need CUDA" in done.stdout
+    report = tmp_path / "report"
+    rendered = subprocess.run([sys.executable, "-m", "bench.report", str(out), "--out", str(report)], cwd=ROOT,
+                              capture_output=True, text=True, timeout=120)
+    assert rendered.returncode == 0, rendered.stderr
+    text = (report / "report.md").read_text()
+    for op in ("sparse_adapter", "routed_adapter"):
+        assert f"## {op} forward {dtype} D=768 r=16 E=8 k=2" in text

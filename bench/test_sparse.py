@@ -1,0 +1,209 @@
+"""Op-level benchmark of the sparse mixture of adapters: forward, and forward+backward, of
+sparse_adapter (each row routed to its top-k of E experts by a learned fp32 gate) and
+routed_adapter (the routing given: k experts per row drawn at random with a fixed seed, random
+positive weights), every expert an Adapter+ post adapter (residual x, channel scale, biases),
+against eager PyTorch (kernels/reference.py's expert loop, the code the tests trust) and
+torch.compile of it, with every kernel variant of the fused ops side by side. The rows carry the
+bottleneck rows' keys (bench/conftest.py's ROW_KEYS) plus experts and top_k; the byte floor is
+the bottleneck op's (forward: read x, write y; backward: read dy and x, write dx).
+
+Shapes: E = 8 and 16 experts, k = 1 and 2 per row, ranks 16 and 8; on a GPU D = 384, 768 and
+1024, M = batch x 197 tokens for batch 8 to 256, bf16, fp16 and fp32 activations under bf16
+autocast (quick: D = 768, batch 32, rank 16, bf16 and fp32 under autocast). On the CPU: fp32
+at small sizes, eager and compiled timed, fused rows device-free (see bench/conftest.py). The
+quick run on the CPU keeps one small shape and leaves out what takes minutes there: torch.compile
+of the expert loop, and the fused rows' interpreter counts (launches, bytes moved, registers);
+its fused rows keep the bytes they save for backward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+import time
+
+import pytest
+import torch
+
+from bench.measure import (
+    DTYPES, TOKENS, differentiable, floor_bytes, host_us, kernel_counts, peak_memory, rotation_count, saved_bytes,
+    sparse_call, sparse_inputs, synchronize,
+)
+from fused_adapters.kernels import list_variants, reference, routed_adapter, sparse, sparse_adapter
+
+OPS = ("sparse_adapter", "routed_adapter")
+FUSED = {"sparse_adapter": sparse_adapter, "routed_adapter": routed_adapter}
+# Both forms run the same kernels and take the same variants.
+VARIANT_FAMILY = "sparse_adapter"
+PASSES = ("forward", "forward+backward")
+
+
+def shapes(cuda: bool, quick: bool):
+    """(dtype name, D, batch, rank, experts, top_k) for this device and mode."""
+    if cuda and quick:
+        return itertools.product(("bf16", "fp32 (bf16 autocast)"), (768,), (32,), (16,), (8, 16), (1, 2))
+    if cuda:
+        return itertools.product(("bf16", "fp16", "fp32 (bf16 autocast)"), (384, 768, 1024), (8, 32, 64, 128, 256),
+                                 (8, 16), (8, 16), (1, 2))
+    if quick:
+        # One image (M = 197): the eager expert loop and the interpreter are slow on a few cores.
+        return itertools.product(("fp32",), (768,), (1,), (16,), (8,), (2,))
+    return itertools.product(("fp32",), (384, 768), (2, 8), (8, 16), (8, 16), (1, 2))
+
+
+def providers():
+    return [("eager", "-"), ("compile", "-")] + [("fused", name) for name in list_variants(VARIANT_FAMILY)]
+
+
+def pytest_generate_tests(metafunc):
+    if "case" not in metafunc.fixturenames:
+        return
+    config = metafunc.config
+    cuda = torch.cuda.is_available()
+    cases, ids = [], []
+    for dtype, dim, batch, rank, experts, top_k in shapes(cuda, config.getoption("--benchmark-quick")):
+        rows = batch * TOKENS
+        for op in OPS:
+            for pass_name in PASSES:
+                for provider, variant in providers():
+                    cases.append((op, pass_name, dtype, dim, rows, rank, experts, top_k, provider, variant))
+                    label = provider if variant == "-" else f"{provider}[{variant}]"
+                    ids.append(f"{op}-{pass_name}-{dtype.replace(' ', '')}-D{dim}-M{rows}-r{rank}-E{experts}-k{top_k}-"
+                               f"{label}")
+    metafunc.parametrize("case", cases, ids=ids)
+
+
+_COMPILED = {}
+
+
+def _function(op: str, provider: str):
+    if provider == "fused":
+        return FUSED[op]
+    if provider == "eager":
+        return getattr(reference, op)
+    if op not in _COMPILED:
+        # Automatic dynamic shapes (torch.compile's default), not the bottleneck rows' dynamic=False:
+        # how many rows each expert gets depends on the routing, so graphs specialized to those
+        # counts would recompile for every input set (and in a user's loop for every batch). A
+        # size that changes is made dynamic on its first recompile; the warm-up runs every input
+        # set once, so that those recompiles all happen before the timing.
+        _COMPILED[op] = torch.compile(getattr(reference, op))
+    return _COMPILED[op]
+
+
+KERNEL_NAMES = {name for name in vars(sparse) if name.endswith("_kernel")}
+
+# Bytes the fused forward saves for backward, per shape (CPU: measured once in the interpreter).
+_SAVED: dict = {}
+
+
+def test_sparse(benchmark, suite, case):
+    op, pass_name, dtype_name, dim, rows, rank, experts, top_k, provider, variant = case
+    device = suite.device
+    dtype, autocast_dtype = DTYPES[dtype_name]
+    routed = op == "routed_adapter"
+    x_size = torch.empty((), dtype=dtype).element_size()
+    # y has x's dtype (under autocast the fp32 residual promotes y to fp32, x's dtype too). The
+    # floor is the bottleneck op's: the gate, the routing and the experts' weights are small.
+    floor = floor_bytes(pass_name, rows, dim, x_size, x_size)
+    row = suite.row(op=op, shape=f"M={rows} D={dim} r={rank} E={experts} k={top_k}", rows=rows, dim=dim, rank=rank,
+                    experts=experts, top_k=top_k, dtype=dtype_name, provider=provider, variant=variant,
+                    floor_bytes=floor, **{"pass": pass_name})
+    count_case = dict(op=op, provider=provider, variant=variant if provider == "fused" else "default", rows=rows,
+                      dim=dim, rank=rank, experts=experts, top_k=top_k, dtype=dtype_name, **{"pass": pass_name})
+
+    if provider == "fused" and not suite.cuda:
+        # Nothing to time: the interpreter's speed means nothing. The row keeps what needs no GPU.
+        # The variants tile the launches differently but save the same tensors (h [M, E*r] and the
+        # weights [M, E]): one interpreter forward per shape serves every variant's rows.
+        key = (op, rows, dim, rank, experts, top_k, dtype_name)
+        if key not in _SAVED:
+            inputs = sparse_inputs(rows, dim, rank, experts, top_k, dtype, device, True, routed,
+                                   torch.Generator().manual_seed(0))
+            _SAVED[key] = saved_bytes(lambda: _call(op, FUSED[op], inputs, top_k, autocast_dtype, device, variant),
+                                      inputs.values(), device)
+        row["saved_bytes"] = _SAVED[key]
+        suite.untimed.append(row)
+        if suite.quick:
+            # The interpreter needs minutes for one sparse forward and backward on a few cores.
+            pytest.skip("fused timings need CUDA: bytes saved for backward for this row are in the summary and in "
+                        "the JSON; launches, bytes moved and registers are counted without --benchmark-quick")
+        suite.count_later(row, count_case)
+        suite.compile_rows.append(row)
+        pytest.skip("fused timings need CUDA: device-free counts for this row are in the summary and in the JSON")
+    if provider == "compile" and not suite.cuda and suite.quick:
+        pytest.skip("torch.compile of the expert loop takes tens of seconds on a few CPU cores: run without "
+                    "--benchmark-quick")
+
+    benchmark.group = f"{op} {pass_name} {dtype_name} D={dim} r={rank} E={experts} k={top_k}"
+    benchmark.extra_info.update(row)
+    row = benchmark.extra_info  # filled in below, and by the session (device-free counts) at the end
+    fn = _function(op, provider)
+    # What each call reads that the previous calls did not: x, and dy for the backward (the
+    # outputs reuse the allocator's blocks). The routing is drawn from a fixed seed.
+    set_bytes = rows * dim * x_size * (1 if pass_name == "forward" else 2)
+    generator = torch.Generator().manual_seed(0)
+    sets = [sparse_inputs(rows, dim, rank, experts, top_k, dtype, device, True, routed, generator)
+            for _ in range(rotation_count(set_bytes, device))]
+    grads = [torch.randn(rows, dim, generator=generator).to(device=device, dtype=dtype) for _ in sets]
+    order = itertools.cycle(range(len(sets)))
+
+    def run(index):
+        # The fused op's variant= holds for its backward too.
+        inputs = sets[index]
+        y = _call(op, fn, inputs, top_k, autocast_dtype, device, variant)
+        if pass_name == "forward+backward":
+            torch.autograd.grad(y, differentiable(inputs), grads[index])
+        return y
+
+    def run_synchronized(index):
+        run(index)
+        synchronize(device)
+
+    # Compile (torch.compile, Triton's JIT) and any autotuning happen here, outside the timed region:
+    # for torch.compile on every set (each routing may recompile until its sizes are dynamic).
+    for index in range(len(sets) if provider == "compile" else min(len(sets), 2)):
+        run_synchronized(index)
+    # Each round times `iterations` calls queued back to back and one synchronize at the end (as
+    # the bottleneck rows do): about 2 ms a round on a GPU.
+    iterations = 1
+    if suite.cuda:
+        start = time.perf_counter()
+        run_synchronized(0)
+        iterations = max(1, min(100, math.ceil(2e-3 / (time.perf_counter() - start))))
+    calls = itertools.count(1)
+
+    def timed():
+        run(next(order))
+        if next(calls) % iterations == 0:
+            synchronize(device)
+
+    if suite.quick:
+        rounds, warmup = (5, 1) if not suite.cuda else (20, 3)
+    else:
+        rounds, warmup = (20, 2) if not suite.cuda else (100, 10)
+    synchronize(device)
+    benchmark.pedantic(timed, rounds=rounds, iterations=iterations, warmup_rounds=warmup)
+    row["iterations"] = iterations
+    if benchmark.disabled:
+        return
+    if suite.cuda:
+        row["gbps"] = round(floor / benchmark.stats.stats.median / 1e9, 2)
+    if suite.cuda or provider != "compile":
+        # On the CPU the saved-tensor hooks cannot vouch for what a compiled graph keeps.
+        row["saved_bytes"] = saved_bytes(lambda: _call(op, fn, sets[0], top_k, autocast_dtype, device, variant),
+                                         sets[0].values(), device)
+    row["peak_mem_bytes"] = peak_memory(lambda: run(0), device)
+    row["host_us"] = host_us(lambda: run(0), device)
+    row["triton_launches"], row["aten_kernels"] = kernel_counts(lambda: run(0), device, KERNEL_NAMES)
+    if provider != "compile":  # the interpreter cannot count inside a compiled graph
+        suite.count_later(row, count_case)
+
+
+def _call(op, fn, inputs, top_k, autocast_dtype, device, variant):
+    autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
+                else contextlib.nullcontext())
+    kwargs = {"variant": variant} if fn is FUSED[op] else {}
+    with autocast:
+        return sparse_call(op, fn, inputs, top_k, **kwargs)
