@@ -3,7 +3,6 @@ planned for a 132-SM GPU; see test_bottleneck_bytes.py for the counting rules). 
 bottleneck op's: forward reads x and writes y, backward reads dy and x and writes dx; the gate
 and the expert weights are small next to them at ViT sizes."""
 
-
 from bench.bytes import measure_sparse
 from fused_adapters.kernels import reference, routed_adapter, sparse_adapter
 
