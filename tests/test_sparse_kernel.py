@@ -10,7 +10,7 @@ import torch
 
 from fused_adapters.kernels import list_variants, reference, routed_adapter, sparse, sparse_adapter, use_variant
 from fused_adapters.kernels.launch import launch_plan
-from helpers import DEVICE, TOLERANCE, AtenRecorder, LaunchCounter, relative_error
+from helpers import DEVICE, NO_CUDA_REASON, TOLERANCE, AtenRecorder, LaunchCounter, relative_error
 
 PARAMS = ("w_down", "b_down", "w_up", "b_up")
 
@@ -161,6 +161,17 @@ def test_deliberate_ties_go_to_the_lower_expert(poisoned):
         case["w_up"][3].zero_()  # had expert 3 been picked, the output would change
     torch.testing.assert_close(check(case, torch.float32, routed=False, top_k=1), y1)
     check(case, torch.float32, routed=False, top_k=2)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason=NO_CUDA_REASON)
+@pytest.mark.parametrize("autocast", [False, True])
+def test_bf16_on_cuda(autocast):
+    # bf16 tensors, and fp32 tensors under bf16 autocast (y fp32: the fp32 residual promotes).
+    dtype = torch.float32 if autocast else torch.bfloat16
+    case = make(300, 200, 12, 8, dtype, seed=13)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        check(case, torch.bfloat16, routed=False)
+        check(case, torch.bfloat16, routed=True, residual="x")
 
 
 def test_zero_rows():
