@@ -1,6 +1,8 @@
 """Compile every kernel at every block configuration for real GPUs, no GPU needed.
 
     python -m fused_adapters.kernels.compile_check [--arch 80 90] [--dtype bfloat16 float32]
+    python -m fused_adapters.kernels.compile_check --kernel sparse_forward sparse_backward_input \
+        sparse_backward_weights        (only the sparse mixture's kernels; --config c128 narrows more)
 
 For each kernel, each block configuration the package can choose (one per padded rank and
 compute dtype group, and for the row-tile kernels every smaller block-rows variant the launch
@@ -14,11 +16,20 @@ cuobjdump that ships in triton/backends/nvidia/bin. It also checks the PTX for t
 instructions (mma.sync on sm_80, wgmma or mma.sync on sm_90) wherever the dots run in
 fp16/bf16 or tf32 (the "tf32" dtype: float32 with allow_tf32 on), and for vectorized global loads.
 
+Kernels: the bottleneck adapter's (forward, backward_hidden, backward_weights) and the sparse
+mixture of adapters' (sparse_forward, sparse_backward_input, sparse_backward_weights; see
+kernels/sparse.py), whose configurations are keyed by the padded E*r instead of the padded rank:
+each is compiled at one representative (experts, rank) per key (SPARSE_SHAPES). The sparse
+forward is compiled in both forms, gated (top-2 over a fp32 gate) and routed (the "+routed"
+configs: top-2 experts and weights given per row); the sparse backward in the gated form, with
+the logits' own gradient, both recomputing act(h) (the default) and storing it ("+store_act").
+
 Two shape scenarios:
   aligned    ViT-like: D, rank, rows and strides multiples of 16, aligned pointers. Must have
              0 spill bytes, MMA and vectorized (64- or 128-bit) loads (reported only for the
              smaller block-rows variants), or the check fails.
-  unaligned  odd D, rank and rows, misaligned x. Must not spill; loads and MMA are reported.
+  unaligned  odd D, rank and rows, misaligned x (sparse: an odd rank with E*r in the same
+             padded block). Must not spill; loads and MMA are reported.
 
 Prints a table; exits 1 on any failure. Needs TRITON_INTERPRET unset (it compiles the real
 kernels, not the interpreter's stand-ins).
@@ -54,10 +65,17 @@ def _dtypes(name: str) -> tuple[torch.dtype, torch.dtype]:
 
 
 SCENARIOS = ("aligned", "unaligned")
-KERNELS = ("forward", "backward_hidden", "backward_weights")
+BOTTLENECK_KERNELS = ("forward", "backward_hidden", "backward_weights")
+SPARSE_KERNELS = ("sparse_forward", "sparse_backward_input", "sparse_backward_weights")
+KERNELS = BOTTLENECK_KERNELS + SPARSE_KERNELS
+# The sparse kernels' configurations are keyed by the padded E*r: one (experts, rank) per key.
+# The unaligned scenario keeps the experts and takes an odd rank whose E*r pads to the same block.
+SPARSE_SHAPES = {16: (4, 4), 32: (4, 8), 64: (8, 8), 128: (8, 16), 256: (16, 16)}
+SPARSE_TOP_K = 2
 # Shared memory one block may opt in to: A100 (sm_80) 163 KiB, H100 (sm_90) 227 KiB.
 SHARED_MEMORY_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
-TORCH_TO_TRITON = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
+TORCH_TO_TRITON = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64",
+                   torch.int32: "i32", torch.int64: "i64"}  # the routed form's expert_idx
 
 
 @dataclass
@@ -90,12 +108,33 @@ def _scenario_shapes(block_rank: int, scenario: str):
     return 3151, 771, max(1, block_rank // 2 + 1), True
 
 
+def _sparse_shape(block_columns: int, scenario: str) -> tuple[int, int]:
+    """(experts, rank) of the sparse case whose E*r pads to block_columns in this scenario."""
+    experts, rank = SPARSE_SHAPES[block_columns]
+    return (experts, rank) if scenario == "aligned" else (experts, rank - 1)
+
+
 def build_launches(kernel: str, block_rank: int, dtype_name: str, scenario: str, variant=None,
-                   store_act: bool = False):
+                   store_act: bool = False, routed: bool = False):
     """The Launch the package makes for this case, with every optional input present (the
     heaviest variant of each kernel: all biases, channel scale, x and another tensor as residual
     terms, row_scale, gelu), at the block configuration `variant` (default: the plan's), and for
-    the backward with act(h) stored at every rank when store_act (the store_act op variant)."""
+    the backward with act(h) stored at every rank when store_act (the store_act op variant).
+
+    For the sparse kernels block_rank is the padded E*r (their tables' key) and the heaviest
+    variant is the gated form with b_gate, the logits returned and, in the backward, their own
+    gradient; routed: the sparse forward's routed form instead (expert_idx and expert_weight)."""
+    if kernel in SPARSE_KERNELS:
+        launch = _sparse_launch(kernel, block_rank, dtype_name, scenario, store_act, routed)
+        if variant is not None:
+            launch.config = variant
+            constexprs = dict(launch.constexprs, BLOCK_ROWS=variant.block_rows, BLOCK_DIM=variant.block_dim)
+            if kernel == "sparse_backward_weights":
+                constexprs["BLOCK_COLUMNS"] = variant.rank_tile or block_rank
+            launch.constexprs = constexprs
+        return launch
+    if routed:
+        raise ValueError(f"{kernel}: only sparse_forward has a routed form")
     from . import bottleneck as bn
 
     rows, dim, rank, misaligned = _scenario_shapes(block_rank, scenario)
@@ -126,6 +165,50 @@ def build_launches(kernel: str, block_rank: int, dtype_name: str, scenario: str,
         launch.config = variant
         launch.constexprs = dict(launch.constexprs, BLOCK_ROWS=variant.block_rows, BLOCK_DIM=variant.block_dim)
     return launch
+
+
+def _sparse_launch(kernel: str, block_columns: int, dtype_name: str, scenario: str, store_act: bool,
+                   routed: bool):
+    from . import sparse as sp
+
+    if routed and kernel != "sparse_forward":
+        raise ValueError(f"{kernel}: the routed form is compiled for sparse_forward only")
+    rows, dim, _, misaligned = _scenario_shapes(16, scenario)
+    experts, rank = _sparse_shape(block_columns, scenario)
+    if sp.block_columns(experts, rank) != block_columns:
+        raise ValueError(f"E = {experts}, r = {rank} does not pad to {block_columns} columns")
+    dtype, compute = _dtypes(dtype_name)
+    columns = experts * rank
+
+    def tensor(*shape, dt=dtype):
+        return torch.empty(*shape, dtype=dt)
+
+    x = tensor(rows * dim + 1)[1:].view(rows, dim) if misaligned else tensor(rows, dim)
+    # The gate is fp32 whatever the experts' dtype (its logits are fp32 ieee dots).
+    w_gate, b_gate = tensor(experts, dim, dt=torch.float32), tensor(experts, dt=torch.float32)
+    w_down, w_up = tensor(experts, rank, dim), tensor(experts, dim, rank)
+    b_down, b_up, scale = tensor(experts, rank), tensor(experts, dim), tensor(dim)
+    residual, row_scale = tensor(rows, dim), tensor(rows, dt=torch.float32)
+    hidden = tensor(rows, columns, dt=compute)
+    weights = tensor(rows, experts, dt=torch.float32)
+    if kernel == "sparse_forward":
+        expert_idx = tensor(rows, SPARSE_TOP_K, dt=torch.int64) if routed else None
+        expert_weight = tensor(rows, SPARSE_TOP_K) if routed else None
+        return sp.forward_launch(
+            x, None if routed else w_gate, None if routed else b_gate, expert_idx, expert_weight, w_down, b_down,
+            w_up, b_up, scale, 1.0, residual, True, row_scale, SPARSE_TOP_K, "gelu", compute, tensor(rows, dim),
+            hidden, weights, tensor(0 if routed else rows, experts, dt=torch.float32),
+        )
+    variant = next(v for v in sp.VARIANTS if v.store_act) if store_act else sp.DEFAULT_VARIANT
+    input_launch, weights_launch, _ = sp.backward_launches(
+        tensor(rows, dim), tensor(rows, experts, dt=torch.float32), x, hidden, weights, w_gate, w_down, w_up, b_up,
+        scale, 1.0, row_scale, "gelu", compute, True, tensor(rows, columns, dt=compute),
+        tensor(rows, experts, dt=torch.float32), tensor(rows if store_act else 0, columns, dt=compute),
+        tensor(rows, dim),
+        dtype,  # one chunk here: the gradients stored in the parameters' dtype (fp32 for autocast_*)
+        variant,
+    )
+    return input_launch if kernel == "sparse_backward_input" else weights_launch
 
 
 def specialize(launch):
@@ -194,15 +277,16 @@ def launch_usage(launch, arch: int) -> dict:
 
 
 def check_one(kernel: str, block_rank: int, dtype_name: str, arch: int, scenario: str, variant=None,
-              store_act: bool = False) -> Result:
+              store_act: bool = False, routed: bool = False) -> Result:
     dtype = _dtypes(dtype_name)[1]
     previous = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = dtype_name == "tf32"  # the launchers read it
     try:
-        launch = build_launches(kernel, block_rank, dtype_name, scenario, variant, store_act)
+        launch = build_launches(kernel, block_rank, dtype_name, scenario, variant, store_act, routed)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = previous
-    result = Result(kernel, launch.config.name + ("+store_act" if store_act else ""), dtype_name, arch, scenario)
+    suffix = ("+store_act" if store_act else "") + ("+routed" if routed else "")
+    result = Result(kernel, launch.config.name + suffix, dtype_name, arch, scenario)
     try:
         compiled = compile_launch(launch, arch)
     except Exception as error:  # report and fail, do not crash the table
@@ -238,26 +322,47 @@ def check_one(kernel: str, block_rank: int, dtype_name: str, arch: int, scenario
     return result
 
 
-def _cases(archs, dtypes, scenarios, kernels):
+def config_tables() -> dict:
+    """Each kernel's table of block configurations, {(padded rank or E*r, dtype group): config}."""
     from . import bottleneck as bn
+    from . import sparse as sp
 
-    tables = {"forward": bn.FORWARD_CONFIGS, "backward_hidden": bn.BACKWARD_HIDDEN_CONFIGS,
-              "backward_weights": bn.BACKWARD_WEIGHTS_CONFIGS}
+    return {"forward": bn.FORWARD_CONFIGS, "backward_hidden": bn.BACKWARD_HIDDEN_CONFIGS,
+            "backward_weights": bn.BACKWARD_WEIGHTS_CONFIGS, "sparse_forward": sp.FORWARD_CONFIGS,
+            "sparse_backward_input": sp.BACKWARD_INPUT_CONFIGS,
+            "sparse_backward_weights": sp.BACKWARD_WEIGHTS_CONFIGS}
+
+
+def _cases(archs, dtypes, scenarios, kernels, configs=None):
+    """Every case of these kernels; configs: only the block configurations (row variants
+    included) whose name contains one of these strings ("c128_half" takes a configuration and
+    its `_rowsN` variants, "c128_half_rows16" one variant)."""
+    from .launch import dtype_group, row_variants
+
+    tables = config_tables()
     for kernel in kernels:
+        sparse = kernel in SPARSE_KERNELS
         for (block_rank, group), config in tables[kernel].items():
             # The row-tile kernels pick their block rows from M: every variant is compiled.
-            variants = [config] if kernel == "backward_weights" else bn.row_variants(config)
-            # The store_act op variant changes the backward kernels' flags at ranks up to 32
-            # (above that they always store act).
-            store_acts = (False, True) if kernel != "forward" and block_rank <= 32 else (False,)
+            variants = [config] if kernel.endswith("backward_weights") else row_variants(config)
+            # The store_act op variant changes the bottleneck backward kernels' flags at ranks up
+            # to 32 (above that they always store act), the sparse backward's at every E*r.
+            backward = kernel not in ("forward", "sparse_forward")
+            store_acts = (False, True) if backward and (sparse or block_rank <= 32) else (False,)
+            # The sparse forward's two forms, gated and routed, are different kernels.
+            forms = (False, True) if kernel == "sparse_forward" else (False,)
             for variant in variants:
+                if configs and not any(part in variant.name for part in configs):
+                    continue
                 for store_act in store_acts:
-                    for dtype_name in dtypes:
-                        if bn.dtype_group(_dtypes(dtype_name)[1]) != group:
-                            continue
-                        for arch in archs:
-                            for scenario in scenarios:
-                                yield kernel, block_rank, dtype_name, arch, scenario, variant, store_act
+                    for routed in forms:
+                        for dtype_name in dtypes:
+                            if dtype_group(_dtypes(dtype_name)[1]) != group:
+                                continue
+                            for arch in archs:
+                                for scenario in scenarios:
+                                    case = (kernel, block_rank, dtype_name, arch, scenario, variant, store_act)
+                                    yield (case + (routed,)) if sparse else case
 
 
 def _run_case(case) -> Result:
@@ -265,13 +370,15 @@ def _run_case(case) -> Result:
 
 
 def format_table(results) -> str:
-    header = f"{'kernel':<17} {'config':<22} {'dtype':<9} {'arch':<5} {'scenario':<10} {'regs':>4} " \
+    kw = max([17] + [len(r.kernel) for r in results])
+    cw = max([22] + [len(r.config) for r in results])
+    header = f"{'kernel':<{kw}} {'config':<{cw}} {'dtype':<9} {'arch':<5} {'scenario':<10} {'regs':>4} " \
              f"{'stack':>5} {'local':>5} {'smem':>6} {'mma':<9} {'ld bits':>7}  status"
     lines = [header, "-" * len(header)]
     for r in results:
         status = "ok" if not r.failures else "FAIL: " + ", ".join(r.failures) + (f" ({r.error})" if r.error else "")
         lines.append(
-            f"{r.kernel:<17} {r.config:<22} {r.dtype:<9} sm_{r.arch:<2} {r.scenario:<10} {r.registers:>4} "
+            f"{r.kernel:<{kw}} {r.config:<{cw}} {r.dtype:<9} sm_{r.arch:<2} {r.scenario:<10} {r.registers:>4} "
             f"{r.stack_bytes:>5} {r.local_bytes:>5} {r.shared_bytes:>6} {r.mma:<9} {r.widest_load_bits:>7}  {status}"
         )
     return "\n".join(lines)
@@ -283,6 +390,9 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", nargs="+", default=list(DTYPES), choices=DTYPES)
     parser.add_argument("--scenario", nargs="+", default=list(SCENARIOS), choices=SCENARIOS)
     parser.add_argument("--kernel", nargs="+", default=list(KERNELS), choices=KERNELS)
+    parser.add_argument("--config", nargs="+", default=None, metavar="PART",
+                        help="only the block configurations whose name contains one of these (c128_half: "
+                             "that configuration and its _rowsN variants)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args(argv)
 
@@ -291,7 +401,10 @@ def main(argv=None) -> int:
     if is_interpreted():
         print("compile_check: TRITON_INTERPRET=1 is set; unset it to compile the real kernels", file=sys.stderr)
         return 2
-    cases = list(_cases(args.arch, args.dtype, args.scenario, args.kernel))
+    cases = list(_cases(args.arch, args.dtype, args.scenario, args.kernel, args.config))
+    if not cases:
+        print("compile_check: no case matches these options", file=sys.stderr)
+        return 2
     if args.jobs > 1:
         with ProcessPoolExecutor(args.jobs) as pool:
             results = list(pool.map(_run_case, cases))
