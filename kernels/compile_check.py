@@ -14,7 +14,8 @@ integers equal to 1 become constants), compiles with triton.compile for GPUTarge
 arch, 32), and reads registers and stack/local (spill) bytes from the cubin with the
 cuobjdump that ships in triton/backends/nvidia/bin. It also checks the PTX for tensor-core
 instructions (mma.sync on sm_80, wgmma or mma.sync on sm_90) wherever the dots run in
-fp16/bf16 or tf32 (the "tf32" dtype: float32 with allow_tf32 on), and for vectorized global loads.
+fp16/bf16 or tf32 (the "tf32" dtype: float32 with allow_tf32 on), and for vectorized global loads
+(ld.global.v2/v4, or the 8- and 16-byte cp.async copies a pipelined loop, num_stages > 1, issues).
 
 Kernels: the bottleneck adapter's (forward, backward_hidden, backward_weights) and the sparse
 mixture of adapters' (sparse_forward, sparse_backward_input, sparse_backward_weights; see
@@ -299,8 +300,11 @@ def check_one(kernel: str, block_rank: int, dtype_name: str, arch: int, scenario
     result.shared_bytes = compiled.metadata.shared  # dynamic shared memory; cuobjdump shows only static
     ptx = compiled.asm["ptx"]
     result.mma = "wgmma" if "wgmma.mma_async" in ptx else ("mma.sync" if re.search(r"\bmma\.sync", ptx) else "none")
-    widths = [int(w) for w in re.findall(r"ld\.global(?:\.\w+)*\.v(\d)\.(?:b|u|f)32", ptx)]
-    result.widest_load_bits = 32 * max(widths, default=1)
+    widths = [32 * int(w) for w in re.findall(r"ld\.global(?:\.\w+)*\.v(\d)\.(?:b|u|f)32", ptx)]
+    # Loads the software pipeline (num_stages > 1) issues as global-to-shared copies: bytes per copy.
+    copies = re.findall(r"cp\.async\.c[ag]\.shared\.global[^;]*?,\s*(0x[0-9a-fA-F]+|\d+)\s*[,;]", ptx)
+    widths += [8 * int(size, 0) for size in copies]
+    result.widest_load_bits = max(widths, default=32)
 
     failures = []
     if result.stack_bytes != 0 or result.local_bytes != 0:

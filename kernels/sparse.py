@@ -81,8 +81,8 @@ def block_experts(experts: int) -> int:
 # Block configurations, keyed by (padded E*r, dtype group of the compute dtype): the largest tiles
 # the compile check found with 0 spill bytes on sm_80 and sm_90, aligned and unaligned, for the
 # configuration and every smaller block-rows variant (kernels/compile_check.py, --kernel
-# sparse_forward sparse_backward_input sparse_backward_weights). Marked "spills": no tile tried
-# was spill-free; those kernels keep too much live state across their second walk over D.
+# sparse_forward sparse_backward_input sparse_backward_weights); num_stages 1 was what removed
+# most spills. Many entries sit at 255 registers: recheck after any kernel change.
 # --------------------------------------------------------------------------------------------
 
 FORWARD_CONFIGS = {
@@ -90,7 +90,7 @@ FORWARD_CONFIGS = {
     (32, "half"): BlockConfig("sparse_fwd_c32_half", 64, 32, 8, 2),
     (64, "half"): BlockConfig("sparse_fwd_c64_half", 64, 32, 8, 2),
     (128, "half"): BlockConfig("sparse_fwd_c128_half", 64, 32, 8, 1),
-    (256, "half"): BlockConfig("sparse_fwd_c256_half", 32, 32, 8, 2),  # spills (sm_80 unaligned, rows16)
+    (256, "half"): BlockConfig("sparse_fwd_c256_half", 16, 32, 8, 1),
     (16, "fp32"): BlockConfig("sparse_fwd_c16_fp32", 32, 32, 8, 1),
     (32, "fp32"): BlockConfig("sparse_fwd_c32_fp32", 32, 32, 8, 1),
     (64, "fp32"): BlockConfig("sparse_fwd_c64_fp32", 32, 32, 8, 1),
@@ -101,13 +101,14 @@ BACKWARD_INPUT_CONFIGS = {
     (16, "half"): BlockConfig("sparse_bwd_input_c16_half", 64, 32, 8, 1),
     (32, "half"): BlockConfig("sparse_bwd_input_c32_half", 32, 32, 8, 2),
     (64, "half"): BlockConfig("sparse_bwd_input_c64_half", 16, 64, 8, 1),
-    (128, "half"): BlockConfig("sparse_bwd_input_c128_half", 16, 64, 8, 1),  # spills
+    (128, "half"): BlockConfig("sparse_bwd_input_c128_half", 16, 32, 8, 1),
     (256, "half"): BlockConfig("sparse_bwd_input_c256_half", 16, 32, 16, 2),
     (16, "fp32"): BlockConfig("sparse_bwd_input_c16_fp32", 32, 64, 8, 2),
     (32, "fp32"): BlockConfig("sparse_bwd_input_c32_fp32", 32, 64, 8, 2),
     (64, "fp32"): BlockConfig("sparse_bwd_input_c64_fp32", 16, 64, 8, 1),
-    (128, "fp32"): BlockConfig("sparse_bwd_input_c128_fp32", 16, 32, 8, 1),  # spills
-    (256, "fp32"): BlockConfig("sparse_bwd_input_c256_fp32", 16, 16, 8, 2),  # spills
+    (128, "fp32"): BlockConfig("sparse_bwd_input_c128_fp32", 16, 16, 8, 2),
+    # Spills 8-16 bytes with store_act (fp32 sm_80, sm_90 unaligned); no tile tried is spill-free.
+    (256, "fp32"): BlockConfig("sparse_bwd_input_c256_fp32", 16, 16, 8, 2),
 }
 # rank_tile: stacked columns per program. The weights launch has no M-sized axis to fill the
 # GPU with but its row chunks, and every chunk writes E*r x D x 2 fp32 partials (786 KB at
