@@ -236,6 +236,12 @@ class SparseAdapter(nn.Module):
         if isinstance(self.scale, nn.Parameter):
             nn.init.ones_(self.scale)
 
+    def __getstate__(self):
+        # The last forward's aux loss is part of that forward's graph: a copy (deepcopy for an
+        # EMA model, pickling) must not carry it (deepcopy refuses non-leaf tensors).
+        state = super().__getstate__()
+        return {**state, "aux_loss": None}
+
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, rank={self.rank}, experts={self.experts}, top_k={self.top_k}, "
                 f"routing={self.routing}, activation={self.activation}, scale={describe_scale(self.scale)}, "

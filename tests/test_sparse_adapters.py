@@ -4,6 +4,8 @@ AdapterConfig(experts=...), the auxiliary loss, save/load, and task_routing (eac
 batch through its own named adapter, equal to running it alone). Small timm ViTs; the kernels
 run in Triton's interpreter without CUDA."""
 
+import copy
+
 import pytest
 import timm
 import torch
@@ -86,6 +88,8 @@ def test_sparse_adapter_trains_every_parameter_and_records_the_aux_loss():
     (out.square().mean() + adapter.aux_loss).backward()
     for name, parameter in adapter.named_parameters():
         assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+    ema = copy.deepcopy(adapter)  # an EMA copy after a training forward
+    assert ema.aux_loss is None and adapter.aux_loss is not None
     adapter.eval()
     with torch.no_grad():
         first, second = adapter(x), adapter(x)
