@@ -11,12 +11,12 @@ from dataclasses import dataclass
 from typing import Union
 
 from ..kernels.reference import ACTIVATIONS
+from ..kernels.sparse import MAX_EXPERTS
 
 POSITIONS = ("post", "pre", "intermediate", "parallel", "pfeiffer", "houlsby")
 INITS = ("houlsby", "lora", "bert")
 SCALINGS = ("channel", "layer")
 ROUTINGS = ("token", "sample")
-MAX_EXPERTS = 64
 
 
 @dataclass(frozen=True)

@@ -12,4 +12,4 @@ from .sparse import routed_adapter, sparse_adapter
 from .variants import autotune, list_variants, tuned_variants, use_variant
 
 __all__ = ["bottleneck_adapter", "reference", "uses_triton", "list_variants", "use_variant", "autotune",
-           "tuned_variants", "load_balancing_loss", "sparse_adapter", "routed_adapter"]
+           "tuned_variants", "load_balancing_loss", "sparse_adapter", "routed_adapter", "sparse"]
