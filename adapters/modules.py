@@ -10,7 +10,8 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from ..kernels import bottleneck_adapter, reference, routed_adapter, sparse_adapter
+from ..kernels import bottleneck_adapter, reference, sparse_adapter
+from ..kernels.sparse import routed_adapter_unchecked
 from .config import AdapterConfig
 
 
@@ -162,7 +163,7 @@ class SparseAdapter(nn.Module):
     """out = residual + scale * drop_path(sum_j p_j * expert_{e_j}(norm(x))): a gated mixture of E
     bottleneck experts of rank r, top_k of them per token (routing="token") or per image
     (routing="sample", gated on its class token, or its mean token when class_token is False).
-    One fused launch forward (sparse_adapter, or routed_adapter for sample routing and noisy
+    One fused launch forward (sparse_adapter, or the routed form for sample routing and noisy
     gating, whose gate runs as small [rows, E] PyTorch ops first).
 
     Parameters: `gate` (nn.Linear dim -> experts; its logits are computed in fp32),
@@ -280,7 +281,7 @@ class SparseAdapter(nn.Module):
                 tokens = inputs[0].numel() // self.dim
                 expert_idx = expert_idx.repeat_interleave(tokens, dim=0)
                 expert_weight = expert_weight.repeat_interleave(tokens, dim=0)
-            fn = routed_adapter if self.fused else reference.routed_adapter
+            fn = routed_adapter_unchecked if self.fused else reference.routed_adapter
             out = fn(inputs, expert_idx, expert_weight, *experts, self.scale, **common)
         self.aux_loss = self.aux_loss_weight * reference.load_balancing_loss(logits, self.top_k) if want_loss else None
         return out
@@ -337,6 +338,6 @@ def mixed_task_forward(adapters: list, task_of_sample: torch.Tensor, x: torch.Te
         # Each image's DropPath draw at its own task's rate.
         keep = (1.0 - rates)[task_of_sample.cpu()].to(x.device)
         row_scale = (torch.bernoulli(keep) / keep).repeat_interleave(tokens)
-    fn = routed_adapter if first.fused else reference.routed_adapter
+    fn = routed_adapter_unchecked if first.fused else reference.routed_adapter
     return fn(inputs, expert_idx, expert_weight, torch.stack(w_down), stacked_b_down, torch.stack(w_up),
               stacked_b_up, None, activation=first.activation, residual=residual, row_scale=row_scale)

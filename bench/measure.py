@@ -365,7 +365,7 @@ def _sparse_launches(case: dict) -> list:
     and for forward+backward the two backward launches, as sparse_call's arguments make them
     (residual x, channel scale, no row_scale, the logits not returned)."""
     from fused_adapters.kernels import sparse
-    from fused_adapters.kernels.launch import launch_plan
+    from fused_adapters.kernels.launch import launch_plan, packed_grad_dtype
 
     dtype, autocast = DTYPES[case["dtype"]]
     compute = autocast or dtype
@@ -386,7 +386,7 @@ def _sparse_launches(case: dict) -> list:
                                           scale, 1.0, None, True, None, top_k, "gelu", compute, torch.empty_like(x),
                                           hidden, weights, torch.empty(0, experts, dtype=torch.float32), variant)]
         if case["pass"] != "forward":
-            grad_dtype = sparse._grad_dtype(x, w_gate, b_gate, w_down, b_down, w_up, b_up, scale)
+            grad_dtype = packed_grad_dtype(x, w_gate, b_gate, w_down, b_down, w_up, b_up, scale)
             input_launch, weights_launch, _ = sparse.backward_launches(
                 torch.empty_like(x), None, x, hidden, weights, w_gate, w_down, w_up, b_up, scale, 1.0, None, "gelu",
                 compute, True, torch.empty(rows, columns, dtype=compute),

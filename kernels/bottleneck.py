@@ -51,9 +51,8 @@ from .epilogue import epilogue, epilogue_scalars
 from .activations import activation_grad as _activation_grad
 from .checks import MAX_RANK, check_bottleneck_arguments, epilogue_arguments
 from .launch import (
-    KERNEL_DTYPES, MIN_BLOCK_ROWS, TRITON_DTYPES, BlockConfig, Launch, device_context, dtype_group,
-    input_precision, int32_columns, new_output, optional, padded_rank, plan_block_rows, plan_chunks, row_variants,
-    sm_count, takes_triton,
+    TRITON_DTYPES, BlockConfig, Launch, device_context, dtype_group, input_precision, int32_columns, new_output,
+    optional, packed_grad_dtype, padded_rank, plan_chunks, scale_mode, sm_count, takes_triton, variant_config,
 )
 from .variants import Variant, pick, register_variants, time_cuda
 
@@ -416,10 +415,7 @@ DEFAULT_VARIANT = VARIANTS[0]
 
 def row_config(table: dict, rank: int, dtype: torch.dtype, rows: int, sms: int, variant: Variant) -> BlockConfig:
     """A row-tile kernel's configuration: planned from M and the SM count, or the variant's rows."""
-    config = block_config(table, rank, dtype)
-    if not variant.block_rows:
-        return plan_block_rows(config, rows, sms)
-    return next(v for v in row_variants(config) if v.block_rows <= max(variant.block_rows, MIN_BLOCK_ROWS))
+    return variant_config(block_config(table, rank, dtype), rows, sms, variant.block_rows)
 
 
 # --------------------------------------------------------------------------------------------
@@ -443,11 +439,6 @@ def uses_triton(x: torch.Tensor) -> bool:
     return takes_triton(x.device.type, (x.dtype, reference.compute_dtype(x)))
 
 
-def _scale_mode(scale: Optional[torch.Tensor]) -> str:
-    if scale is None:
-        return "value"
-    return "tensor" if scale.numel() == 1 else "channel"
-
 
 def forward_launch(x, w_down, b_down, w_up, b_up, scale, scale_value, residual, add_input, row_scale, activation,
                    compute_dtype, y, hidden, variant: Variant = DEFAULT_VARIANT):
@@ -466,7 +457,7 @@ def forward_launch(x, w_down, b_down, w_up, b_up, scale, scale_value, residual, 
         stride_res_col=residual.stride(1) if residual is not None else 0,
     )
     constexprs = dict(
-        ACTIVATION=activation, SCALE_MODE=_scale_mode(scale), HAS_B_DOWN=b_down is not None,
+        ACTIVATION=activation, SCALE_MODE=scale_mode(scale), HAS_B_DOWN=b_down is not None,
         HAS_B_UP=b_up is not None, HAS_RESIDUAL=residual is not None, ADD_INPUT=add_input,
         HAS_ROW_SCALE=row_scale is not None, STORE_HIDDEN=store_hidden,
         COMPUTE_DTYPE=TRITON_DTYPES[compute_dtype], INPUT_PRECISION=input_precision(compute_dtype),
@@ -493,7 +484,7 @@ def backward_launches(grad_y, x, hidden, w_down, w_up, b_up, scale, scale_value,
     hidden_config = row_config(BACKWARD_HIDDEN_CONFIGS, rank, compute_dtype, rows, sms, variant)
     weights_config = block_config(BACKWARD_WEIGHTS_CONFIGS, rank, compute_dtype)
     rank_tile = weights_config.rank_tile or block_rank
-    mode = _scale_mode(scale)
+    mode = scale_mode(scale)
     precision = input_precision(compute_dtype)
     triton_dtype = TRITON_DTYPES[compute_dtype]
     scale_c = optional(scale, x)
@@ -584,7 +575,7 @@ def _forward_triton(x, w_down, b_down, w_up, b_up, scale, scale_value, residual,
 
 def _shape_key(x, w_down, scale, residual, row_scale) -> tuple:
     """What an autotuned choice is keyed by: shapes, strides, dtypes and which inputs exist."""
-    return (tuple(x.shape), x.stride(), x.dtype, w_down.shape[0], _scale_mode(scale),
+    return (tuple(x.shape), x.stride(), x.dtype, w_down.shape[0], scale_mode(scale),
             None if residual is None else (residual.dtype, residual.stride()), row_scale is not None)
 
 
@@ -592,7 +583,7 @@ def _backward_triton(grad_y, x, hidden, w_down, b_down, w_up, b_up, scale, scale
                      compute_dtype, add_grad_y, compute_dx):
     rows, dim = x.shape
     rank = w_down.shape[0]
-    grad_dtype = _grad_dtype(x, w_down, b_down, w_up, b_up, scale)
+    grad_dtype = packed_grad_dtype(x, w_down, b_down, w_up, b_up, scale)
     grad_x = new_output((rows if compute_dx else 0, dim), x.dtype, x.device)
     if rows == 0:
         return grad_x, torch.zeros(_packed_size(dim, rank), dtype=grad_dtype, device=x.device)
@@ -635,14 +626,6 @@ def _backward_triton(grad_y, x, hidden, w_down, b_down, w_up, b_up, scale, scale
         scale_rows[0] = scale_rows.float().sum(0).to(grad_dtype)
     return grad_x, totals[:_packed_size(dim, rank)]
 
-
-def _grad_dtype(x, *params) -> torch.dtype:
-    """The packed parameter gradients' dtype: the parameters' own when they share one (so no cast
-    pass follows the kernels), else fp32; float64 input (reference path) keeps float64."""
-    if x.dtype == torch.float64:
-        return torch.float64
-    dtypes = {p.dtype for p in params if p is not None}
-    return dtypes.pop() if len(dtypes) == 1 and dtypes <= set(KERNEL_DTYPES) else torch.float32
 
 
 def _packed_size(dim: int, rank: int) -> int:
@@ -745,7 +728,7 @@ def _backward_impl(
         grad_x = grad_x.to(x.dtype)
     else:
         grad_x = x.new_empty((0, x.shape[1]))
-    return grad_x, packed.to(_grad_dtype(x, w_down, b_down, w_up, b_up, scale))
+    return grad_x, packed.to(packed_grad_dtype(x, w_down, b_down, w_up, b_up, scale))
 
 
 _backward_op = torch.library.custom_op("fused_adapters::bottleneck_backward", _backward_impl, mutates_args=())
@@ -757,7 +740,7 @@ def _backward_fake(grad_y, x, hidden, w_down, b_down, w_up, b_up, scale, scale_v
     rank, dim = w_down.shape
     return (
         x.new_empty((x.shape[0] if compute_dx else 0, dim)),
-        x.new_empty(_packed_size(dim, rank), dtype=_grad_dtype(x, w_down, b_down, w_up, b_up, scale)),
+        x.new_empty(_packed_size(dim, rank), dtype=packed_grad_dtype(x, w_down, b_down, w_up, b_up, scale)),
     )
 
 

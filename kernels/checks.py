@@ -163,9 +163,10 @@ def check_experts(x, w_down, b_down, w_up, b_up) -> tuple[int, int]:
 
 
 def check_sparse_arguments(x, w_gate, b_gate, expert_idx, expert_weight, w_down, b_down, w_up, b_up, scale,
-                           activation, residual, row_scale, top_k, max_experts):
+                           activation, residual, row_scale, top_k, max_experts, check_range=True):
     """The gated form (w_gate given, top_k an int) or the routed form (expert_idx and
-    expert_weight given). Raise a TypeError/ValueError naming the argument; return
+    expert_weight given; check_range=False skips reading expert_idx's values, for callers whose
+    indices are in range by construction). Raise a TypeError/ValueError naming the argument; return
     (scale tensor or None, scale value, residual terms)."""
     check_float_tensor("x", x)
     if x.dim() < 1 or x.shape[-1] == 0:
@@ -203,7 +204,7 @@ def check_sparse_arguments(x, w_gate, b_gate, expert_idx, expert_weight, w_down,
             raise ValueError(f"expert_weight must have expert_idx's shape {tuple(expert_idx.shape)}, got "
                              f"{tuple(expert_weight.shape)}")
         named += [("expert_idx", expert_idx), ("expert_weight", expert_weight)]
-        if expert_idx.numel() > 0 and not torch.compiler.is_compiling():
+        if check_range and expert_idx.numel() > 0 and not torch.compiler.is_compiling():
             # One device sync on CUDA: the price of an error instead of silently dropped rows.
             low, high = torch.aminmax(expert_idx)
             if int(low) < 0 or int(high) >= experts:

@@ -15,7 +15,8 @@ import triton.language as tl
 
 __all__ = [
     "BlockConfig", "Launch", "launch_plan", "sm_count", "is_interpreted", "new_output", "device_context",
-    "padded_rank", "dtype_group", "row_variants", "plan_block_rows", "plan_chunks", "takes_triton", "input_precision",
+    "padded_rank", "dtype_group", "row_variants", "plan_block_rows", "plan_chunks", "variant_config", "scale_mode",
+    "packed_grad_dtype", "takes_triton", "input_precision",
     "int32_columns", "KERNEL_DTYPES", "TRITON_DTYPES",
 ]
 
@@ -197,6 +198,31 @@ def plan_chunks(rows: int, dim: int, row_tiles: int, programs_per_chunk: int, sm
     chunk_bytes = 2 * chunk_elements * 4
     budget = int(PARTIALS_BUDGET * rows * dim * itemsize // chunk_bytes)
     return max(1, min(row_tiles, fill, budget))
+
+
+def variant_config(config: BlockConfig, rows: int, sms: int, block_rows: int) -> BlockConfig:
+    """A row-tile kernel's configuration: planned from M and the SM count (block_rows 0), or the
+    block-rows variant of a kernel variant's block_rows (the config's own rows where fewer)."""
+    if not block_rows:
+        return plan_block_rows(config, rows, sms)
+    return next(v for v in row_variants(config) if v.block_rows <= max(block_rows, MIN_BLOCK_ROWS))
+
+
+def scale_mode(scale: Optional[torch.Tensor]) -> str:
+    """The epilogue's SCALE_MODE: a Python number ("value"), a one-element tensor ("tensor"), or
+    a [D] tensor ("channel")."""
+    if scale is None:
+        return "value"
+    return "tensor" if scale.numel() == 1 else "channel"
+
+
+def packed_grad_dtype(x: torch.Tensor, *params) -> torch.dtype:
+    """Packed parameter gradients' dtype: the parameters' own when they share one (so no cast
+    pass follows the kernels), else fp32; float64 input (reference path) keeps float64."""
+    if x.dtype == torch.float64:
+        return torch.float64
+    dtypes = {p.dtype for p in params if p is not None}
+    return dtypes.pop() if len(dtypes) == 1 and dtypes <= set(KERNEL_DTYPES) else torch.float32
 
 
 def takes_triton(device_type: str, dtypes) -> bool:

@@ -54,14 +54,13 @@ import triton
 from . import reference
 from .checks import check_sparse_arguments, epilogue_arguments
 from .launch import (
-    KERNEL_DTYPES, MIN_BLOCK_ROWS, TRITON_DTYPES, BlockConfig, Launch, device_context, dtype_group,
-    input_precision, int32_columns, new_output, optional, plan_block_rows, plan_chunks, row_variants, sm_count,
-    takes_triton,
+    TRITON_DTYPES, BlockConfig, Launch, device_context, dtype_group, input_precision, int32_columns, new_output,
+    optional, packed_grad_dtype, plan_chunks, scale_mode, sm_count, takes_triton, variant_config,
 )
 from .sparse_kernels import _sparse_backward_input_kernel, _sparse_backward_weights_kernel, _sparse_forward_kernel
 from .variants import Variant, pick, register_variants, time_cuda
 
-__all__ = ["sparse_adapter", "routed_adapter", "MAX_EXPERTS", "MAX_DENSE_COLUMNS", "VARIANTS", "uses_dense_kernels"]
+__all__ = ["sparse_adapter", "routed_adapter", "routed_adapter_unchecked", "MAX_EXPERTS", "MAX_DENSE_COLUMNS", "VARIANTS", "uses_dense_kernels"]
 
 MAX_EXPERTS = 64
 # The dense design keeps [rows, E*r] tiles and [D tile, E*r] accumulators in registers.
@@ -153,10 +152,7 @@ _VARIANTS_BY_NAME = {variant.name: variant for variant in VARIANTS}
 
 def row_config(table: dict, experts: int, rank: int, dtype: torch.dtype, rows: int, sms: int,
                variant: Variant) -> BlockConfig:
-    config = block_config(table, experts, rank, dtype)
-    if not variant.block_rows:
-        return plan_block_rows(config, rows, sms)
-    return next(v for v in row_variants(config) if v.block_rows <= max(variant.block_rows, MIN_BLOCK_ROWS))
+    return variant_config(block_config(table, experts, rank, dtype), rows, sms, variant.block_rows)
 
 
 def partials_size(experts: int, rank: int, dim: int, blocks: int = 1) -> int:
@@ -166,11 +162,6 @@ def partials_size(experts: int, rank: int, dim: int, blocks: int = 1) -> int:
     columns = experts * rank
     return 2 * columns * dim + 2 * experts * dim + columns + experts + blocks * dim
 
-
-def _scale_mode(scale: Optional[torch.Tensor]) -> str:
-    if scale is None:
-        return "value"
-    return "tensor" if scale.numel() == 1 else "channel"
 
 
 # --------------------------------------------------------------------------------------------
@@ -206,7 +197,7 @@ def forward_launch(x, w_gate, b_gate, expert_idx, expert_weight, w_down, b_down,
         stride_w_col=expert_weight.stride(1) if expert_weight is not None else 0,
     )
     constexprs = dict(
-        TOP_K=top_k, GATED=gated, ACTIVATION=activation, SCALE_MODE=_scale_mode(scale),
+        TOP_K=top_k, GATED=gated, ACTIVATION=activation, SCALE_MODE=scale_mode(scale),
         HAS_B_GATE=gated and b_gate is not None, HAS_B_DOWN=b_down is not None, HAS_B_UP=b_up is not None,
         HAS_RESIDUAL=residual is not None, ADD_INPUT=add_input, HAS_ROW_SCALE=row_scale is not None, SAVE=save,
         STORE_LOGITS=gated and logits.shape[0] == rows, COMPUTE_DTYPE=TRITON_DTYPES[compute_dtype],
@@ -233,7 +224,7 @@ def backward_launches(grad_y, grad_logits, x, hidden, weights, w_gate, w_down, w
     gated = w_gate is not None
     store_act = act.shape[0] == rows
     compute_dx = grad_x.shape[0] == rows
-    mode = _scale_mode(scale)
+    mode = scale_mode(scale)
     precision = input_precision(compute_dtype)
     triton_dtype = TRITON_DTYPES[compute_dtype]
     scale_c, row_scale_c, b_up_c = optional(scale, x), optional(row_scale, x), optional(b_up, x)
@@ -307,11 +298,6 @@ def _variant(name: str, pass_name: str, key, device, time_variant) -> Variant:
     return pick("sparse_adapter", pass_name, key, device, time_variant)
 
 
-def _grad_dtype(x, *params) -> torch.dtype:
-    """The packed parameter gradients' dtype: the parameters' own when they share one, else fp32."""
-    dtypes = {p.dtype for p in params if p is not None}
-    return dtypes.pop() if len(dtypes) == 1 and dtypes <= set(KERNEL_DTYPES) else torch.float32
-
 
 def _forward_triton(x, w_gate, b_gate, expert_idx, expert_weight, w_down, b_down, w_up, b_up, scale, scale_value,
                     residual, add_input, row_scale, top_k, activation, compute_dtype, out_dtype, save, return_logits,
@@ -335,7 +321,7 @@ def _forward_triton(x, w_gate, b_gate, expert_idx, expert_weight, w_down, b_down
     with device_context(x):
         def key():
             return (tuple(x.shape), x.stride(), x.dtype, tuple(w_down.shape), w_gate is not None, top_k,
-                    _scale_mode(scale), None if residual is None else (residual.dtype, residual.stride()),
+                    scale_mode(scale), None if residual is None else (residual.dtype, residual.stride()),
                     row_scale is not None, add_input, activation, compute_dtype, out_dtype, save, return_logits)
 
         chosen = _variant(variant, "forward", key, x.device, lambda v: time_cuda(plan(v)))
@@ -369,7 +355,7 @@ def _backward_triton(grad_y, grad_logits, x, hidden, weights, w_gate, w_down, w_
     with device_context(x):
         def key():
             return (tuple(x.shape), x.stride(), grad_y.stride(), tuple(w_down.shape), w_gate is not None,
-                    grad_logits is not None, _scale_mode(scale), row_scale is not None, add_grad_y, compute_dx,
+                    grad_logits is not None, scale_mode(scale), row_scale is not None, add_grad_y, compute_dx,
                     activation, compute_dtype, grad_dtype)
 
         chosen = _variant(variant, "backward", key, x.device, lambda v: time_cuda(lambda: run(plan(v))))
@@ -506,7 +492,7 @@ def _backward(ctx, grad_y, grad_hidden, grad_weights, grad_logits):
         )
     if grad_y is None:  # only the logits were used (an auxiliary loss): dy is zero
         grad_y = x.new_zeros(x.shape, dtype=ctx.out_dtype)
-    grad_dtype = _grad_dtype(x, w_gate, b_gate, w_down, b_down, w_up, b_up, scale)
+    grad_dtype = packed_grad_dtype(x, w_gate, b_gate, w_down, b_down, w_up, b_up, scale)
     grad_x, packed, grad_routing = torch.ops.fused_adapters.sparse_backward(
         grad_y, grad_logits, x, hidden, weights, w_gate, w_down, w_up, b_up, scale, ctx.scale_value, row_scale,
         ctx.activation, ctx.compute_dtype, ctx.add_input, needs[_X], grad_dtype, ctx.variant,
@@ -548,11 +534,11 @@ def _check_variant(variant) -> str:
 
 
 def _run(x, w_gate, b_gate, expert_idx, expert_weight, w_down, b_down, w_up, b_up, scale, top_k, activation,
-         residual, row_scale, return_logits, variant):
+         residual, row_scale, return_logits, variant, check_range=True):
     """Both public forms after their checks: the kernels, or the reference where they cannot run."""
     scale_tensor, scale_value, terms = check_sparse_arguments(
         x, w_gate, b_gate, expert_idx, expert_weight, w_down, b_down, w_up, b_up, scale, activation, residual,
-        row_scale, top_k, MAX_EXPERTS)
+        row_scale, top_k, MAX_EXPERTS, check_range)
     variant = _check_variant(variant)
     experts, rank, dim = w_down.shape
     compute_dtype = reference.compute_dtype(x)
@@ -655,3 +641,12 @@ def routed_adapter(
     """
     return _run(x, None, None, expert_idx, expert_weight, w_down, b_down, w_up, b_up, scale, 0, activation,
                 residual, row_scale, False, variant)
+
+
+def routed_adapter_unchecked(x, expert_idx, expert_weight, w_down, b_down, w_up, b_up, scale=None, *,
+                             activation="gelu", residual=None, row_scale=None, variant=None) -> torch.Tensor:
+    """routed_adapter for indices that are in range by construction (the package's modules: a
+    top-k of the gate, a task index): every check but the one that reads expert_idx's values,
+    so no device sync inside a model's forward."""
+    return _run(x, None, None, expert_idx, expert_weight, w_down, b_down, w_up, b_up, scale, 0, activation,
+                residual, row_scale, False, variant, check_range=False)

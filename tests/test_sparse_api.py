@@ -144,3 +144,23 @@ def test_compile_fullgraph_forward_and_backward():
     assert relative_error(out, expected) < TOLERANCE[torch.float32]
     for got, want in zip(torch.autograd.grad(out, args), torch.autograd.grad(expected, args)):
         assert relative_error(got, want) < TOLERANCE[torch.float32]
+
+
+def test_unchecked_routing_reads_no_index_values(monkeypatch):
+    # The package's modules route with indices they made (top-k of a gate, task ids): the
+    # unchecked entry runs every other check but never reads expert_idx (no device sync).
+    t = tensors(rows=6, dim=8, rank=2, experts=3)
+    expected = routed(t)
+
+    def no_read(*args, **kwargs):
+        raise AssertionError("expert_idx was read on the host")
+
+    monkeypatch.setattr(torch, "aminmax", no_read)
+    got = sparse.routed_adapter_unchecked(t["x"], t["expert_idx"], t["expert_weight"], t["w_down"], t["b_down"],
+                                          t["w_up"], t["b_up"])
+    torch.testing.assert_close(got, expected)
+    with pytest.raises(AssertionError, match="read on the host"):
+        routed(t)
+    with pytest.raises(ValueError, match="expert_weight"):
+        sparse.routed_adapter_unchecked(t["x"], t["expert_idx"], t["expert_weight"][:, :1], t["w_down"],
+                                        t["b_down"], t["w_up"], t["b_up"])
