@@ -39,8 +39,8 @@ Backward: two launches, deterministic (no float atomics).
      has enough programs where the partials (E*r x D x 2 fp32 per chunk, E times the
      bottleneck op's) would make more chunks expensive.
 
-E*r above 256 does not fit the dense design's register tiles; those shapes run the eager
-expert loop (kernels.reference) until the grouped design lands.
+Grouped design (the `grouped` variant, sparse_grouped.py): assignments sorted by expert, FLOPs
+proportional to k, more launches and bytes. choose_design picks between the two by shape.
 """
 
 from __future__ import annotations
@@ -57,10 +57,12 @@ from .launch import (
     TRITON_DTYPES, BlockConfig, Launch, device_context, dtype_group, input_precision, int32_columns, new_output,
     optional, packed_grad_dtype, plan_chunks, scale_mode, sm_count, takes_triton, variant_config,
 )
+from .sparse_grouped import MAX_GROUPED_RANK, grouped_backward, grouped_forward
 from .sparse_kernels import _sparse_backward_input_kernel, _sparse_backward_weights_kernel, _sparse_forward_kernel
-from .variants import Variant, pick, register_variants, time_cuda
+from .variants import Variant, current_variant, pick, register_variants, time_cuda
 
-__all__ = ["sparse_adapter", "routed_adapter", "routed_adapter_unchecked", "MAX_EXPERTS", "MAX_DENSE_COLUMNS", "VARIANTS", "uses_dense_kernels"]
+__all__ = ["sparse_adapter", "routed_adapter", "routed_adapter_unchecked", "MAX_EXPERTS", "MAX_DENSE_COLUMNS",
+           "VARIANTS", "uses_dense_kernels", "uses_kernels", "choose_design"]
 
 MAX_EXPERTS = 64
 # The dense design keeps [rows, E*r] tiles and [D tile, E*r] accumulators in registers.
@@ -144,6 +146,9 @@ VARIANTS = (
                       "where fewer)", block_rows=64),
     Variant("store_act", "dense-masked; the backward's first launch also writes act(h) * weights [M, E*r] for "
                          "the second to read, instead of recomputing it", store_act=True),
+    Variant("grouped", "grouped: assignments sorted by expert, each program one expert's tile (FLOPs "
+                       "proportional to k); gate, grouped and combine launches forward, three backward; the "
+                       "design for E*r > 256", grouped=True),
 )
 register_variants("sparse_adapter", VARIANTS)
 DEFAULT_VARIANT = VARIANTS[0]
@@ -292,10 +297,11 @@ def backward_launches(grad_y, grad_logits, x, hidden, weights, w_gate, w_down, w
 
 
 def _variant(name: str, pass_name: str, key, device, time_variant) -> Variant:
-    """The op's variant= argument when given, else the one in force (use_variant / autotune)."""
-    if name:
-        return _VARIANTS_BY_NAME[name]
-    return pick("sparse_adapter", pass_name, key, device, time_variant)
+    """The dense design's variant: the op's variant= argument when given, else the one in force
+    (use_variant / autotune, which times the dense variants only)."""
+    chosen = _VARIANTS_BY_NAME[name] if name else pick("sparse_adapter", pass_name, key, device, time_variant,
+                                                        among=lambda variant: not variant.grouped)
+    return DEFAULT_VARIANT if chosen.grouped else chosen
 
 
 
@@ -512,6 +518,122 @@ def _backward(ctx, grad_y, grad_hidden, grad_weights, grad_logits):
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+# The grouped design's ops: the same inputs; the routing ([M, k] experts and weights), the sort
+# and the hidden layer by sorted position are what it saves.
+
+
+def _grouped_forward_impl(
+    x: torch.Tensor, w_gate: Optional[torch.Tensor], b_gate: Optional[torch.Tensor],
+    expert_idx: Optional[torch.Tensor], expert_weight: Optional[torch.Tensor], w_down: torch.Tensor,
+    b_down: Optional[torch.Tensor], w_up: torch.Tensor, b_up: Optional[torch.Tensor], scale: Optional[torch.Tensor],
+    scale_value: float, residual: Optional[torch.Tensor], add_input: bool, row_scale: Optional[torch.Tensor],
+    top_k: int, activation: str, compute_dtype: torch.dtype, out_dtype: torch.dtype, save: bool,
+    return_logits: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """y [M, D], hidden [M*k, r] (0 rows unless save), idx [M, k] int32, weights [M, k] fp32,
+    order [M*k] int64, counts [E] int64, logits [M, E] (0 rows unless asked)."""
+    return grouped_forward(x, w_gate, b_gate, expert_idx, expert_weight, w_down, b_down, w_up, b_up, scale,
+                           scale_value, residual, add_input, row_scale, top_k, activation, compute_dtype, out_dtype,
+                           save, return_logits, sm_count(x.device))
+
+
+_grouped_forward_op = torch.library.custom_op("fused_adapters::sparse_grouped_forward", _grouped_forward_impl,
+                                              mutates_args=())
+
+
+@_grouped_forward_op.register_fake
+def _grouped_forward_fake(x, w_gate, b_gate, expert_idx, expert_weight, w_down, b_down, w_up, b_up, scale,
+                          scale_value, residual, add_input, row_scale, top_k, activation, compute_dtype, out_dtype,
+                          save, return_logits):
+    rows = x.shape[0]
+    experts, rank, _ = w_down.shape
+    if expert_idx is not None:
+        top_k = expert_idx.shape[1]
+    return (x.new_empty(x.shape, dtype=out_dtype),
+            x.new_empty((rows * top_k if save else 0, rank), dtype=compute_dtype),
+            x.new_empty((rows, top_k), dtype=torch.int32), x.new_empty((rows, top_k), dtype=torch.float32),
+            x.new_empty((rows * top_k,), dtype=torch.int64), x.new_empty((experts,), dtype=torch.int64),
+            x.new_empty((rows if return_logits else 0, experts), dtype=torch.float32))
+
+
+def _grouped_backward_impl(
+    grad_y: torch.Tensor, grad_logits: Optional[torch.Tensor], x: torch.Tensor, hidden: torch.Tensor,
+    idx: torch.Tensor, weights: torch.Tensor, order: torch.Tensor, counts: torch.Tensor,
+    w_gate: Optional[torch.Tensor], w_down: torch.Tensor, w_up: torch.Tensor, b_up: Optional[torch.Tensor],
+    scale: Optional[torch.Tensor], scale_value: float, row_scale: Optional[torch.Tensor], activation: str,
+    compute_dtype: torch.dtype, add_grad_y: bool, compute_dx: bool, grad_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dx ([M, D] or [0, D]), the packed parameter gradients (partials_size, grad_dtype) and
+    d weights [M, k] fp32 (the routed form's expert_weight gradient)."""
+    if hidden.shape[0] != x.shape[0] * idx.shape[1]:
+        raise RuntimeError("sparse_adapter: backward without the saved hidden layer (the forward ran with save=False)")
+    return grouped_backward(grad_y, grad_logits, x, hidden, idx, weights, order, counts, w_gate, w_down, w_up, b_up,
+                            scale, scale_value, row_scale, activation, compute_dtype, add_grad_y, compute_dx,
+                            grad_dtype, sm_count(x.device))
+
+
+_grouped_backward_op = torch.library.custom_op("fused_adapters::sparse_grouped_backward", _grouped_backward_impl,
+                                               mutates_args=())
+
+
+@_grouped_backward_op.register_fake
+def _grouped_backward_fake(grad_y, grad_logits, x, hidden, idx, weights, order, counts, w_gate, w_down, w_up, b_up,
+                           scale, scale_value, row_scale, activation, compute_dtype, add_grad_y, compute_dx,
+                           grad_dtype):
+    experts, rank, dim = w_down.shape
+    return (x.new_empty((x.shape[0] if compute_dx else 0, dim)),
+            x.new_empty(partials_size(experts, rank, dim), dtype=grad_dtype),
+            x.new_empty(idx.shape, dtype=torch.float32))
+
+
+def _grouped_setup_context(ctx, inputs, output):
+    _, hidden, idx, weights, order, counts, _ = output
+    ctx.mark_non_differentiable(hidden, idx, weights, order, counts)
+    ctx.set_materialize_grads(False)
+    # x by reference, the parameters, M*k x (r + 3) + E of the forward's own: nothing M x D.
+    ctx.save_for_backward(inputs[_X], inputs[_W_GATE], inputs[_B_GATE], inputs[_EXPERT_WEIGHT], inputs[_W_DOWN],
+                          inputs[_B_DOWN], inputs[_W_UP], inputs[_B_UP], inputs[_SCALE], inputs[_ROW_SCALE], hidden,
+                          idx, weights, order, counts)
+    ctx.scale_value = inputs[_SCALE_VALUE]
+    ctx.activation = inputs[_ACTIVATION]
+    ctx.compute_dtype = inputs[_COMPUTE_DTYPE]
+    ctx.out_dtype = inputs[_OUT_DTYPE]
+    ctx.add_input = inputs[_ADD_INPUT]
+    ctx.residual_dtype = inputs[_RESIDUAL].dtype if inputs[_RESIDUAL] is not None else None
+
+
+def _grouped_backward(ctx, grad_y, grad_hidden, grad_idx, grad_weights, grad_order, grad_counts, grad_logits):
+    (x, w_gate, b_gate, expert_weight, w_down, b_down, w_up, b_up, scale, row_scale, hidden, idx, weights, order,
+     counts) = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    if grad_y is None and grad_logits is None:
+        return (None,) * len(needs)
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "sparse_adapter / routed_adapter do not support double backward (create_graph=True / higher-order "
+            "gradients); run that computation with fused_adapters.kernels.reference"
+        )
+    if grad_y is None:  # only the logits were used (an auxiliary loss): dy is zero
+        grad_y = x.new_zeros(x.shape, dtype=ctx.out_dtype)
+    grad_dtype = packed_grad_dtype(x, w_gate, b_gate, w_down, b_down, w_up, b_up, scale)
+    grad_x, packed, grad_routing = torch.ops.fused_adapters.sparse_grouped_backward(
+        grad_y, grad_logits, x, hidden, idx, weights, order, counts, w_gate, w_down, w_up, b_up, scale,
+        ctx.scale_value, row_scale, ctx.activation, ctx.compute_dtype, ctx.add_input, needs[_X], grad_dtype,
+    )
+    param_grads = _unpack_param_grads(packed, w_gate, b_gate, w_down, b_down, w_up, b_up, scale)
+    grads = [None] * (_FORWARD_INPUTS - 1)
+    grads[_X] = grad_x if needs[_X] else None
+    for position, grad in zip((_W_GATE, _B_GATE, _W_DOWN, _B_DOWN, _W_UP, _B_UP, _SCALE), param_grads):
+        grads[position] = grad if needs[position] else None
+    if needs[_EXPERT_WEIGHT]:
+        grads[_EXPERT_WEIGHT] = grad_routing.to(expert_weight.dtype)
+    grads[_RESIDUAL] = grad_y.to(ctx.residual_dtype) if needs[_RESIDUAL] else None
+    return tuple(grads)
+
+
+_grouped_forward_op.register_autograd(_grouped_backward, setup_context=_grouped_setup_context)
+
+
 # --------------------------------------------------------------------------------------------
 # Public API
 # --------------------------------------------------------------------------------------------
@@ -519,10 +641,33 @@ _forward_op.register_autograd(_backward, setup_context=_setup_context)
 _warned_eager: set = set()
 
 
-def uses_dense_kernels(x: torch.Tensor, experts: int, rank: int) -> bool:
+def choose_design(experts: int, rank: int, variant: str = "") -> str:
+    """"dense" or "grouped": the design a call with E experts of rank r runs.
+
+    A variant given (variant=, or use_variant) decides, except that the dense design holds
+    [rows, E*r] tiles in registers and so runs only where E*r <= MAX_DENSE_COLUMNS. Otherwise the
+    rule is by shape: dense where it fits, grouped above. Counted bytes (fp16, D = 768,
+    M = 1576, E = 8, r = 16, k = 2, 132 SMs): dense 1.18x the floor forward and 1.73x backward,
+    grouped 4.3x and 4.4x (k gathers of x and an [M*k, D] round trip), while the dense design's
+    extra FLOPs (E/k times the chosen experts') stay below the bytes' time up to E*r ~ 256 on an
+    H100 (E*r multiply-adds per byte of x against ~300 fp16 tensor-core FLOP per byte of DRAM
+    bandwidth). So the dense design wins wherever it fits.
+    """
+    name = variant or current_variant("sparse_adapter")
+    grouped = name in _VARIANTS_BY_NAME and _VARIANTS_BY_NAME[name].grouped
+    return "grouped" if grouped or experts * rank > MAX_DENSE_COLUMNS else "dense"
+
+
+def uses_kernels(x: torch.Tensor, experts: int, rank: int) -> bool:
     """Whether a sparse/routed call on x with E experts of rank r takes the Triton kernels here
-    (CUDA, or the interpreter; E*r up to MAX_DENSE_COLUMNS) rather than the eager expert loop."""
-    return experts * rank <= MAX_DENSE_COLUMNS and takes_triton(x.device.type, (x.dtype, reference.compute_dtype(x)))
+    (CUDA, or the interpreter; rank up to 256) rather than the eager expert loop."""
+    return rank <= MAX_GROUPED_RANK and takes_triton(x.device.type, (x.dtype, reference.compute_dtype(x)))
+
+
+def uses_dense_kernels(x: torch.Tensor, experts: int, rank: int) -> bool:
+    """Whether such a call takes the dense design's kernels (uses_kernels, and E*r up to
+    MAX_DENSE_COLUMNS, without a grouped variant in force)."""
+    return uses_kernels(x, experts, rank) and choose_design(experts, rank) == "dense"
 
 
 def _check_variant(variant) -> str:
@@ -547,11 +692,11 @@ def _run(x, w_gate, b_gate, expert_idx, expert_weight, w_down, b_down, w_up, b_u
     params = (w_gate, b_gate, expert_weight, w_down, b_down, w_up, b_up, scale_tensor)
     dtypes = (x.dtype, compute_dtype, out_dtype) + tuple(p.dtype for p in params if p is not None)
     dtypes += tuple(term.dtype for term in terms)
-    if experts * rank > MAX_DENSE_COLUMNS or not takes_triton(x.device.type, dtypes):
-        if x.device.type == "cuda" and experts * rank > MAX_DENSE_COLUMNS and (experts, rank) not in _warned_eager:
+    if rank > MAX_GROUPED_RANK or not takes_triton(x.device.type, dtypes):
+        if x.device.type == "cuda" and rank > MAX_GROUPED_RANK and (experts, rank) not in _warned_eager:
             _warned_eager.add((experts, rank))
-            warnings.warn(f"sparse mixture with E*r = {experts * rank} > {MAX_DENSE_COLUMNS}: runs the eager "
-                          f"expert loop (the dense kernels hold E*r columns in registers)", stacklevel=3)
+            warnings.warn(f"sparse mixture with rank {rank} > {MAX_GROUPED_RANK}: runs the eager expert loop (the "
+                          f"kernels hold a rank tile in registers)", stacklevel=3)
         scale_arg = scale_tensor if scale_tensor is not None else (None if scale_value == 1.0 else scale_value)
         if w_gate is not None:
             return reference.sparse_adapter(x, w_gate, b_gate, w_down, b_down, w_up, b_up, scale_arg, top_k=top_k,
@@ -571,10 +716,16 @@ def _run(x, w_gate, b_gate, expert_idx, expert_weight, w_down, b_down, w_up, b_u
         expert_weight = expert_weight.reshape(-1, top_k)
     tensors = (x, w_gate, b_gate, expert_weight, w_down, b_down, w_up, b_up, scale_tensor, *terms)
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    y, _, _, logits = torch.ops.fused_adapters.sparse_forward(
-        x2d, w_gate, b_gate, expert_idx, expert_weight, w_down, b_down, w_up, b_up, scale_tensor, scale_value,
-        skip2d, add_input, row_scale, top_k, activation, compute_dtype, out_dtype, save, return_logits, variant,
-    )
+    if choose_design(experts, rank, variant) == "grouped":
+        y, *_, logits = torch.ops.fused_adapters.sparse_grouped_forward(
+            x2d, w_gate, b_gate, expert_idx, expert_weight, w_down, b_down, w_up, b_up, scale_tensor, scale_value,
+            skip2d, add_input, row_scale, top_k, activation, compute_dtype, out_dtype, save, return_logits,
+        )
+    else:
+        y, _, _, logits = torch.ops.fused_adapters.sparse_forward(
+            x2d, w_gate, b_gate, expert_idx, expert_weight, w_down, b_down, w_up, b_up, scale_tensor, scale_value,
+            skip2d, add_input, row_scale, top_k, activation, compute_dtype, out_dtype, save, return_logits, variant,
+        )
     y = y.view(x.shape)
     return (y, logits) if return_logits else y
 

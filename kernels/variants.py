@@ -42,6 +42,9 @@ class Variant:
     # Backward at ranks up to 32: the first launch also writes act(h) [M, r] for the second to
     # read, instead of the second recomputing it from h (what ranks above 32 always do).
     store_act: bool = False
+    # Sparse mixture only: the grouped design (assignments sorted by expert) instead of the
+    # dense-masked one.
+    grouped: bool = False
 
 
 _REGISTRY: dict[str, dict[str, Variant]] = {}
@@ -99,11 +102,11 @@ def tuned_variants() -> dict:
 
 
 def pick(op: str, pass_name: str, key: Callable[[], tuple], device: torch.device,
-         time_variant: Callable[[Variant], float]) -> Variant:
+         time_variant: Callable[[Variant], float], among: Callable[[Variant], bool] = lambda variant: True) -> Variant:
     """The variant to run for this call. Under autotune, the first call with a new key (built
-    by `key()` only then: no per-call host cost otherwise) times every variant with
-    `time_variant` (seconds per run, CUDA only) and keeps the fastest; the interpreter and the
-    CPU have nothing to tune and run the default."""
+    by `key()` only then: no per-call host cost otherwise) times every variant that `among`
+    accepts with `time_variant` (seconds per run, CUDA only) and keeps the fastest; the
+    interpreter and the CPU have nothing to tune and run the default."""
     name = current_variant(op)
     variants = _variants(op)
     if name != AUTOTUNE:
@@ -112,7 +115,7 @@ def pick(op: str, pass_name: str, key: Callable[[], tuple], device: torch.device
         return variants["default"]
     tuned_key = (op, pass_name, key())
     if tuned_key not in _TUNED:
-        timings = {variant.name: time_variant(variant) for variant in variants.values()}
+        timings = {variant.name: time_variant(variant) for variant in variants.values() if among(variant)}
         _TUNED[tuned_key] = min(timings, key=timings.get)
     return variants[_TUNED[tuned_key]]
 
