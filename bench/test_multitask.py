@@ -29,7 +29,9 @@ PASSES = ("inference", "train_step")
 MODEL = "vit_base_patch16_224"
 TASKS = tuple(f"task{index}" for index in range(8))
 KERNEL_NAMES = {"_bottleneck_forward_kernel", "_backward_hidden_kernel", "_backward_input_and_weights_kernel",
-                "_sparse_forward_kernel", "_sparse_backward_input_kernel", "_sparse_backward_weights_kernel"}
+                "_sparse_forward_kernel", "_sparse_backward_input_kernel", "_sparse_backward_weights_kernel",
+                "_grouped_forward_kernel", "_grouped_combine_kernel", "_grouped_backward_input_kernel",
+                "_grouped_backward_combine_kernel", "_grouped_backward_weights_kernel"}
 
 
 def pytest_generate_tests(metafunc):

@@ -182,7 +182,9 @@ class AtenRecorder(TorchDispatchMode):
             impl = {"bottleneck_forward": bottleneck._forward_impl,
                     "bottleneck_backward": bottleneck._backward_impl,
                     "sparse_forward": sparse._forward_impl,
-                    "sparse_backward": sparse._backward_impl}[func.overloadpacket.__name__]
+                    "sparse_backward": sparse._backward_impl,
+                    "sparse_grouped_forward": sparse._grouped_forward_impl,
+                    "sparse_grouped_backward": sparse._grouped_backward_impl}[func.overloadpacket.__name__]
             with self:
                 return impl(*args, **(kwargs or {}))
         out = func(*args, **(kwargs or {}))

@@ -3,22 +3,37 @@ reference: forward and every gradient (the logits' own gradient included), fp32 
 shapes, k = 1 and k = E, deliberate ties, repeated experts in the routed form, every epilogue
 option, every variant, outputs poisoned with NaN; and the structural facts: launch counts, no
 M x D aten op around the launches, bitwise determinism, what is saved for backward. Runs in
-Triton's interpreter on machines without CUDA."""
+Triton's interpreter on machines without CUDA. The numerics tests run both designs: the dense-masked
+default and the grouped variant (assignments sorted by expert)."""
 
 import pytest
 import torch
 
-from fused_adapters.kernels import list_variants, reference, routed_adapter, sparse, sparse_adapter, use_variant
+from fused_adapters.kernels import (
+    list_variants, reference, routed_adapter, sparse, sparse_adapter, sparse_grouped, use_variant,
+)
 from fused_adapters.kernels.launch import launch_plan
 from helpers import DEVICE, NO_CUDA_REASON, TOLERANCE, AtenRecorder, LaunchCounter, relative_error
 
 PARAMS = ("w_down", "b_down", "w_up", "b_up")
 
 
+def poison(shape, dtype, device):
+    """A buffer whose every element is wrong until written: NaN, or for integers an expert index
+    far out of range."""
+    return torch.full(shape, float("nan") if dtype.is_floating_point else 2**30, dtype=dtype, device=device)
+
+
 @pytest.fixture
 def poisoned(monkeypatch):
-    monkeypatch.setattr(sparse, "new_output",
-                        lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device))
+    monkeypatch.setattr(sparse, "new_output", poison)
+    monkeypatch.setattr(sparse_grouped, "new_output", poison)
+
+
+@pytest.fixture(params=["default", "grouped"])
+def design(request):
+    """The variant naming each design: dense-masked ("default") and grouped."""
+    return request.param
 
 
 def make(rows, dim, rank, experts, dtype, seed, bias=True, top_k=2):
@@ -99,27 +114,28 @@ def check(case, dtype, *, routed, top_k=2, **options):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("experts, top_k", [(1, 1), (5, 1), (5, 2), (5, 5), (8, 2), (16, 3)])
-def test_gated_against_float64(experts, top_k, dtype, poisoned):
+def test_gated_against_float64(experts, top_k, dtype, design, poisoned):
     case = make(37, 45, 3, experts, dtype, seed=experts * 10 + top_k)
-    check(case, dtype, routed=False, top_k=top_k)
+    check(case, dtype, routed=False, top_k=top_k, variant=design)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("experts, top_k", [(1, 1), (4, 1), (6, 3)])
-def test_routed_against_float64(experts, top_k, dtype, poisoned):
+def test_routed_against_float64(experts, top_k, dtype, design, poisoned):
     # Row 0 names one expert twice: its weights add up, and each slot gets that expert's gradient.
     case = make(41, 36, 5, experts, dtype, seed=experts + top_k, top_k=top_k)
-    check(case, dtype, routed=True)
+    check(case, dtype, routed=True, variant=design)
 
 
 @pytest.mark.parametrize("rows, dim, rank, experts", [(1, 1, 1, 2), (70, 33, 5, 4), (150, 70, 9, 8),
                                                       (40, 96, 16, 16)])
-def test_odd_shapes_and_plans(rows, dim, rank, experts, poisoned):
+def test_odd_shapes_and_plans(rows, dim, rank, experts, design, poisoned):
     # (150, 70, 9, 8): E*r = 72 splits the weights launch into 3 stacked-column blocks and M into
-    # several row chunks; (40, 96, 16, 16): E*r = 256, the largest dense tile.
+    # several row chunks; (40, 96, 16, 16): E*r = 256, the largest dense tile. Grouped: experts
+    # with several tiles of assignments, and experts with none.
     case = make(rows, dim, rank, experts, torch.float32, seed=rows)
-    check(case, torch.float32, routed=False)
-    check(case, torch.float32, routed=True)
+    check(case, torch.float32, routed=False, variant=design)
+    check(case, torch.float32, routed=True, variant=design)
 
 
 def test_multi_chunk_backward_against_float64(poisoned):
@@ -141,14 +157,16 @@ def test_multi_chunk_backward_against_float64(poisoned):
 
 
 @pytest.mark.parametrize("activation", sorted(reference.ACTIVATIONS))
-def test_activations_and_epilogues(activation, poisoned):
+def test_activations_and_epilogues(activation, design, poisoned):
     case = make(29, 40, 4, 6, torch.float32, seed=3, bias=activation != "relu")
-    check(case, torch.float32, routed=False, activation=activation, scale="float", residual="x", row_scale=False)
-    check(case, torch.float32, routed=True, activation=activation, scale="none", residual="skip+x")
-    check(case, torch.float32, routed=False, top_k=3, activation=activation, scale="tensor", residual="none")
+    check(case, torch.float32, routed=False, activation=activation, scale="float", residual="x", row_scale=False,
+          variant=design)
+    check(case, torch.float32, routed=True, activation=activation, scale="none", residual="skip+x", variant=design)
+    check(case, torch.float32, routed=False, top_k=3, activation=activation, scale="tensor", residual="none",
+          variant=design)
 
 
-def test_deliberate_ties_go_to_the_lower_expert(poisoned):
+def test_deliberate_ties_go_to_the_lower_expert(design, poisoned):
     # Experts 1 and 3 share a gate row and bias, so every row ties them, and they lead on every
     # row: expert 1 must win with k = 1; both get half the weight with k = 2.
     case = make(25, 32, 4, 5, torch.float32, seed=11, bias=True)
@@ -156,49 +174,49 @@ def test_deliberate_ties_go_to_the_lower_expert(poisoned):
         case["w_gate"][3] = case["w_gate"][1]
         case["b_gate"][1] += 50.0
         case["b_gate"][3] = case["b_gate"][1]
-    y1 = check(case, torch.float32, routed=False, top_k=1)
+    y1 = check(case, torch.float32, routed=False, top_k=1, variant=design)
     with torch.no_grad():
         case["w_up"][3].zero_()  # had expert 3 been picked, the output would change
-    torch.testing.assert_close(check(case, torch.float32, routed=False, top_k=1), y1)
-    check(case, torch.float32, routed=False, top_k=2)
+    torch.testing.assert_close(check(case, torch.float32, routed=False, top_k=1, variant=design), y1)
+    check(case, torch.float32, routed=False, top_k=2, variant=design)
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason=NO_CUDA_REASON)
 @pytest.mark.parametrize("autocast", [False, True])
-def test_bf16_on_cuda(autocast):
+def test_bf16_on_cuda(autocast, design):
     # bf16 tensors, and fp32 tensors under bf16 autocast (y fp32: the fp32 residual promotes).
     dtype = torch.float32 if autocast else torch.bfloat16
     case = make(300, 200, 12, 8, dtype, seed=13)
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-        check(case, torch.bfloat16, routed=False)
-        check(case, torch.bfloat16, routed=True, residual="x")
+        check(case, torch.bfloat16, routed=False, variant=design)
+        check(case, torch.bfloat16, routed=True, residual="x", variant=design)
 
 
-def test_zero_rows():
+def test_zero_rows(design):
     case = make(0, 16, 2, 3, torch.float32, seed=0)
     y, logits = sparse_adapter(case["x"], case["w_gate"], None, case["w_down"], None, case["w_up"], None, top_k=2,
-                               return_logits=True)
+                               return_logits=True, variant=design)
     assert y.shape == (0, 16) and logits.shape == (0, 3)
     y.sum().backward()
     assert case["w_down"].grad.abs().sum() == 0
 
 
-def test_fp16_autocast_reads_fp32_tensors_in_place(poisoned):
+def test_fp16_autocast_reads_fp32_tensors_in_place(design, poisoned):
     # fp32 x, parameters and residual under fp16 autocast: fp16 dots, fp32 gate, y promoted to
     # fp32 (the residual is fp32), every gradient in its input's dtype.
     case = make(33, 40, 4, 6, torch.float32, seed=21)
     with torch.autocast(DEVICE, dtype=torch.float16):
-        y = check(case, torch.float16, routed=False, residual="skip+x")
+        y = check(case, torch.float16, routed=False, residual="skip+x", variant=design)
         assert y.dtype == torch.float32
-        y = check(case, torch.float16, routed=True, residual="none", scale="float")
+        y = check(case, torch.float16, routed=True, residual="none", scale="float", variant=design)
         assert y.dtype == torch.float16
 
 
-def test_aux_loss_gradient_reaches_the_gate():
+def test_aux_loss_gradient_reaches_the_gate(design):
     # load_balancing_loss on the returned logits alone (no use of y): the gate still learns.
     case = make(30, 24, 4, 6, torch.float32, seed=5)
     _, logits = sparse_adapter(case["x"], case["w_gate"], case["b_gate"], *(case[n] for n in PARAMS), top_k=2,
-                               return_logits=True)
+                               return_logits=True, variant=design)
     _, ref_logits = reference.sparse_adapter(case["x"], case["w_gate"], case["b_gate"],
                                              *(case[n] for n in PARAMS), top_k=2, return_logits=True)
     loss = reference.load_balancing_loss(logits, 2)
@@ -231,10 +249,14 @@ def test_variant_argument_is_used_by_the_backward(monkeypatch):
     assert seen == ["store_act"]
 
 
-def test_large_expert_count_runs_the_expert_loop():
-    # E*r = 272 > 256: the dense tiles do not fit; the eager loop gives the same answer.
+def test_large_expert_count_runs_the_grouped_kernels(monkeypatch):
+    # E*r = 272 > 256: the dense tiles do not fit; every variant runs the grouped design.
     case = make(9, 20, 17, 16, torch.float32, seed=4)
-    check(case, torch.float32, routed=False)
+    counter = LaunchCounter()
+    with counter.patch(monkeypatch):
+        check(case, torch.float32, routed=False, variant="rows16")
+    assert "_grouped_forward_kernel" in counter.names and "_sparse_forward_kernel" not in counter.names
+    assert sparse.choose_design(16, 17, "rows16") == "grouped" and sparse.choose_design(16, 16) == "dense"
 
 
 # --------------------------------------------------------------------------------------------
@@ -259,11 +281,42 @@ def test_one_forward_launch_and_two_backward(routed, monkeypatch):
     assert all(op in ("ones_like", "empty", "view", "reshape", "_reshape_alias") for op, _ in big), big
 
 
-def test_backward_is_bitwise_deterministic():
+GROUPED_LAUNCHES = {
+    # (routed, k): (forward launches, backward launches)
+    (False, 2): (["_sparse_gate_kernel", "_grouped_forward_kernel", "_grouped_combine_kernel"],
+                 ["_grouped_backward_input_kernel", "_grouped_backward_combine_kernel",
+                  "_grouped_backward_weights_kernel"]),
+    (True, 2): (["_grouped_forward_kernel", "_grouped_combine_kernel"],
+                ["_grouped_backward_input_kernel", "_grouped_backward_combine_kernel",
+                 "_grouped_backward_weights_kernel"]),
+    # One expert per row (multi-task batches): the grouped launches write y and dx themselves.
+    (True, 1): (["_grouped_forward_kernel"], ["_grouped_backward_input_kernel", "_grouped_backward_weights_kernel"]),
+}
+
+
+@pytest.mark.parametrize("routed, top_k", sorted(GROUPED_LAUNCHES))
+def test_grouped_launches(routed, top_k, monkeypatch):
+    rows, dim = 64, 48
+    case = make(rows, dim, 4, 8, torch.float32, seed=9, top_k=top_k)
+    counter = LaunchCounter()
+    with counter.patch(monkeypatch), AtenRecorder(counter) as recorder:
+        out, inputs = call(routed_adapter if routed else sparse_adapter, case, routed=routed, top_k=top_k,
+                           residual="x", variant="grouped")
+        forward_launches = list(counter.names)
+        y = out if routed else out[0]
+        torch.autograd.grad(y, list(inputs.values()), torch.ones_like(y))
+    forward, backward = GROUPED_LAUNCHES[(routed, top_k)]
+    assert forward_launches == forward
+    assert counter.names[len(forward):] == backward
+    big = [(op, shapes) for op, shapes in recorder.ops if any(len(s) == 2 and s == (rows, dim) for s in shapes)]
+    assert all(op in ("ones_like", "empty", "view", "reshape", "_reshape_alias") for op, _ in big), big
+
+
+def test_backward_is_bitwise_deterministic(design):
     case = make(150, 70, 9, 8, torch.float32, seed=8)
     results = []
     for _ in range(2):
-        out, inputs = call(sparse_adapter, case, routed=False)
+        out, inputs = call(sparse_adapter, case, routed=False, variant=design)
         results.append(torch.autograd.grad(out[0], list(inputs.values()), torch.ones_like(out[0])))
     for first, second in zip(*results):
         assert torch.equal(first, second)
@@ -287,6 +340,60 @@ def test_saves_no_m_by_d_tensor_besides_x():
     own = [t for t in saved if t.dim() > 0 and t.shape[0] == rows and t.data_ptr() not in inputs]
     assert sorted((tuple(t.shape), t.dtype) for t in own) == [((rows, experts), torch.float32),
                                                               ((rows, experts * rank), torch.float16)]
+
+
+def test_grouped_saves_no_m_by_d_tensor_besides_x():
+    rows, dim, rank, experts, top_k = 50, 64, 4, 8, 2
+    case = make(rows, dim, rank, experts, torch.float16, seed=6)
+    saved = []
+
+    def pack(tensor):
+        saved.append(tensor)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        call(sparse_adapter, case, routed=False, residual="x", variant="grouped")
+    inputs = {case["x"].data_ptr(), case["row_scale"].data_ptr()}
+    big = [t for t in saved if t.numel() >= rows * dim]
+    assert len(big) == 1 and big[0].data_ptr() == case["x"].data_ptr()
+    # Besides the inputs: h by sorted position [M*k, r], the routing [M, k] (int32 experts, fp32
+    # weights), the sort (order [M*k], counts [E]).
+    own = [t for t in saved if t.dim() > 0 and t.data_ptr() not in inputs and t.shape[0] in (rows, rows * top_k)]
+    assert sorted((tuple(t.shape), str(t.dtype)) for t in own) == sorted([
+        ((rows * top_k, rank), "torch.float16"), ((rows, top_k), "torch.int32"), ((rows, top_k), "torch.float32"),
+        ((rows * top_k,), "torch.int64")])
+
+
+def test_grouped_gate_partials_over_several_chunks(monkeypatch, poisoned):
+    # The gate's weight gradient summed over 3 row chunks of fp32 partials (big M plans more).
+    monkeypatch.setattr(sparse_grouped, "gate_chunks", lambda *args: 3)
+    case = make(70, 40, 5, 6, torch.float32, seed=17)
+    check(case, torch.float32, routed=False, variant="grouped")
+
+
+def test_grouped_launches_plan_for_the_gpu():
+    # ViT-B/16 batch 32 (M = 6304, D = 768), E = 16, r = 32 (E*r = 512: grouped only), k = 2 on
+    # 132 SMs: every launch gets at least one program per SM. Plans only.
+    rows, dim, experts, rank, top_k = 6304, 768, 16, 32, 2
+    half = torch.float16
+    x = torch.empty(rows, dim, dtype=half)
+    w_gate = torch.empty(experts, dim)
+    w_down, w_up = torch.empty(experts, rank, dim, dtype=half), torch.empty(experts, dim, rank, dtype=half)
+    idx, weights = torch.empty(rows, top_k, dtype=torch.int32), torch.empty(rows, top_k)
+    order, counts = torch.empty(rows * top_k, dtype=torch.int64), torch.empty(experts, dtype=torch.int64)
+    hidden, parts = torch.empty(rows * top_k, rank, dtype=half), torch.empty(rows * top_k, dim, dtype=half)
+    chunks = sparse_grouped.gate_chunks(rows, dim, experts, top_k, 2, 32)
+    with launch_plan(132):
+        launches = [sparse_grouped.gate_launch(x, w_gate, None, top_k, torch.empty(0, experts), idx, weights, 132)]
+        launches += sparse_grouped.grouped_forward_launches(x, idx, weights, order, counts, w_down, None, w_up, None,
+                                                            None, 1.0, None, True, None, "gelu", half, x, hidden,
+                                                            parts)
+        launches += sparse_grouped.grouped_backward_launches(
+            x, None, x, hidden, idx, weights, order, counts, w_gate, w_down, w_up, None, None, 1.0, None, "gelu", half,
+            True, x, weights, hidden, parts, torch.empty(rows, experts), torch.empty(1),
+            torch.empty(chunks, experts * dim + experts))
+    for launch in launches:
+        assert launch.programs >= 132, (launch.kernel.__name__, launch.grid)
 
 
 def test_launches_plan_for_the_gpu():
