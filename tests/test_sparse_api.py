@@ -125,16 +125,37 @@ def test_opcheck(gated_form):
                           test_utils=("test_schema", "test_faketensor"))
 
 
+@pytest.mark.skipif(not sparse.uses_kernels(torch.empty(1, device=DEVICE), 3, 2),
+                    reason="the sparse kernels do not run on this device")
+@pytest.mark.parametrize("gated_form", [True, False])
+def test_grouped_opcheck(gated_form):
+    t = tensors(rows=9, dim=20, rank=3, experts=4)
+    op = torch.ops.fused_adapters.sparse_grouped_forward.default
+    args = forward_args(t, gated_form)[:-1]  # the grouped op takes no variant
+    torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(op, forward_args(t, gated_form, save=False, return_logits=False)[:-1],
+                          test_utils=("test_schema", "test_faketensor"))
+    y, hidden, idx, weights, order, counts, logits = op(*args)
+    backward_args = (torch.randn_like(y), torch.randn_like(logits) if gated_form else None, t["x"].detach(), hidden,
+                     idx, weights, order, counts, t["w_gate"].detach() if gated_form else None, t["w_down"].detach(),
+                     t["w_up"].detach(), t["b_up"].detach(), None, 0.5, None, "gelu", torch.float32, True, True,
+                     torch.float32)
+    torch.library.opcheck(torch.ops.fused_adapters.sparse_grouped_backward.default, backward_args,
+                          test_utils=("test_schema", "test_faketensor"))
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not sparse.uses_dense_kernels(torch.empty(1, device=DEVICE), 3, 2),
                     reason="the sparse kernels do not run on this device")
-def test_compile_fullgraph_forward_and_backward():
+@pytest.mark.parametrize("variant", ["default", "grouped"])
+def test_compile_fullgraph_forward_and_backward(variant):
     torch._dynamo.reset()
     t = tensors(rows=12, dim=16, rank=3, experts=4)
 
     def block(x, w_gate, b_gate, w_down, b_down, w_up, b_up):
         y, logits = sparse_adapter(torch.nn.functional.layer_norm(x, x.shape[-1:]), w_gate, b_gate, w_down, b_down,
-                                   w_up, b_up, 0.5, top_k=2, residual=x, return_logits=True)
+                                   w_up, b_up, 0.5, top_k=2, residual=x, return_logits=True,
+                                   variant=variant)
         return (y * 2).sum(-1).sum() + reference.load_balancing_loss(logits, 2)
 
     args = [t[name] for name in ("x", "w_gate", "b_gate", "w_down", "b_down", "w_up", "b_up")]
