@@ -2,6 +2,7 @@
 
     python bench/bytes.py [--sms 132] [--shapes 768x768x8 6304x768x8 ...] [--residual x|skip+x]
     python bench/bytes.py --op sparse [--experts 8] [--top-k 2] [--shapes 1576x768x16 ...]
+    python bench/bytes.py --op sparse --variant grouped [--experts 16] [--shapes 1576x768x32 ...]
 
 Runs the op forward and backward in Triton's interpreter (set here when CUDA is absent) with
 launches planned for a GPU of --sms SMs, and counts every load and store of its launches
@@ -10,11 +11,14 @@ reference) is counted the same way. The floor: forward reads x (and any residual
 x) and writes y; backward reads dy and x and writes dx. fp16, row_scale and a channel scale on.
 The sparse mixture (--op sparse: gated by a learned top-k gate, or --op routed: the routing
 given, as in a multi-task batch) has the same floor; its gate and expert weights are small.
+--variant runs the fused op with one of its kernel variants (kernels.list_variants), e.g. the
+sparse mixture's grouped design; where E*r > 256 every sparse variant runs the grouped design.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -24,7 +28,9 @@ import torch
 if "TRITON_INTERPRET" not in os.environ:
     os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: bytes are counted there
 
-from fused_adapters.kernels import bottleneck_adapter, reference, routed_adapter, sparse_adapter  # noqa: E402
+from fused_adapters.kernels import (  # noqa: E402
+    bottleneck_adapter, list_variants, reference, routed_adapter, sparse_adapter, use_variant,
+)
 from fused_adapters.kernels.byte_count import count_bytes  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script too
@@ -99,10 +105,16 @@ def main() -> None:
     parser.add_argument("--op", choices=["bottleneck", "sparse", "routed"], default="bottleneck")
     parser.add_argument("--experts", type=int, default=8, help="sparse/routed: experts E")
     parser.add_argument("--top-k", type=int, default=2, help="sparse/routed: experts per row k")
+    parser.add_argument("--variant", help="the fused op's kernel variant (default: the one in force); sparse/routed: "
+                                          + ", ".join(list_variants("sparse_adapter")))
     args = parser.parse_args()
+    family = "bottleneck_adapter" if args.op == "bottleneck" else "sparse_adapter"
+    if args.variant is not None and args.variant not in list_variants(family):
+        parser.error(f"--variant for --op {args.op} must be one of {', '.join(list_variants(family))}")
     if args.op != "bottleneck" and args.shapes == DEFAULT_SHAPES:
         args.shapes = ["768x768x16", "1576x768x16", "6304x768x16"]
     mixture = "" if args.op == "bottleneck" else f", {args.op} E {args.experts} k {args.top_k}"
+    mixture += f", variant {args.variant}" if args.variant else ""
     print(f"bytes moved / floor, fp16, residual {args.residual}{mixture}, launches planned for {args.sms} SMs")
     print(f"{'M':>6} {'D':>5} {'r':>3}  {'fwd':>6} {'bwd':>6}  {'eager fwd':>9} {'eager bwd':>9}  "
           f"{'programs per launch':<22} seconds")
@@ -119,7 +131,8 @@ def main() -> None:
                                       routed=args.op == "routed")
             fused_fn = sparse_adapter if args.op == "sparse" else routed_adapter
             eager_fn = reference.sparse_adapter if args.op == "sparse" else reference.routed_adapter
-        forward_ratio, backward_ratio, forward, backward = run(fused_fn)
+        with use_variant(family, args.variant) if args.variant else contextlib.nullcontext():
+            forward_ratio, backward_ratio, forward, backward = run(fused_fn)
         eager = ("-", "-") if args.no_eager else run(eager_fn)[:2]
         programs = "/".join(str(launch.programs) for launch in forward.launches + backward.launches)
         eager_text = "  ".join(f"{v:>8.2f}x" if isinstance(v, float) else f"{v:>9}" for v in eager)

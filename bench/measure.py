@@ -361,9 +361,13 @@ def fused_launches(case: dict) -> list:
 
 
 def _sparse_launches(case: dict) -> list:
-    """fused_launches for the sparse ops: the forward launch (gated top-k, or the routing given)
-    and for forward+backward the two backward launches, as sparse_call's arguments make them
-    (residual x, channel scale, no row_scale, the logits not returned)."""
+    """fused_launches for the sparse ops, as sparse_call's arguments make them (residual x,
+    channel scale, no row_scale, the logits not returned), for the design the row's variant runs
+    at its E and r (sparse.choose_design). Dense: the forward launch (gated top-k, or the
+    routing given) and for forward+backward the two backward launches. Grouped: the gate launch
+    (gated form), the grouped launch and the combine launch (k > 1), and for forward+backward
+    the grouped input launch, the combine launch (not for the routed form with k = 1) and the
+    weights launch."""
     from fused_adapters.kernels import sparse
     from fused_adapters.kernels.launch import launch_plan, packed_grad_dtype
 
@@ -375,9 +379,12 @@ def _sparse_launches(case: dict) -> list:
     params = sparse_inputs(1, dim, rank, experts, top_k, dtype, "cpu", False, routed)
     w_gate, b_gate = params.get("w_gate"), params.get("b_gate")
     w_down, b_down, w_up, b_up, scale = (params[k] for k in ("w_down", "b_down", "w_up", "b_up", "scale"))
+    x = torch.empty(rows, dim, dtype=dtype)
+    grad_dtype = packed_grad_dtype(x, w_gate, b_gate, w_down, b_down, w_up, b_up, scale)
+    if sparse.choose_design(experts, rank, variant.name) == "grouped":
+        return _grouped_launches(case, x, w_gate, b_gate, w_down, b_down, w_up, b_up, scale, compute, grad_dtype)
     expert_idx = torch.empty(rows, top_k, dtype=torch.int64) if routed else None
     expert_weight = torch.empty(rows, top_k, dtype=torch.float32) if routed else None
-    x = torch.empty(rows, dim, dtype=dtype)
     columns = experts * rank
     hidden = torch.empty(rows, columns, dtype=compute)
     weights = torch.empty(rows, experts, dtype=torch.float32)
@@ -386,7 +393,6 @@ def _sparse_launches(case: dict) -> list:
                                           scale, 1.0, None, True, None, top_k, "gelu", compute, torch.empty_like(x),
                                           hidden, weights, torch.empty(0, experts, dtype=torch.float32), variant)]
         if case["pass"] != "forward":
-            grad_dtype = packed_grad_dtype(x, w_gate, b_gate, w_down, b_down, w_up, b_up, scale)
             input_launch, weights_launch, _ = sparse.backward_launches(
                 torch.empty_like(x), None, x, hidden, weights, w_gate, w_down, w_up, b_up, scale, 1.0, None, "gelu",
                 compute, True, torch.empty(rows, columns, dtype=compute),
@@ -395,6 +401,46 @@ def _sparse_launches(case: dict) -> list:
                 variant)
             launches += [input_launch, weights_launch]
     return launches
+
+
+def _grouped_launches(case, x, w_gate, b_gate, w_down, b_down, w_up, b_up, scale, compute, grad_dtype) -> list:
+    """_sparse_launches for the grouped design, with the buffers shaped as sparse_grouped's
+    grouped_forward and grouped_backward allocate them (the saved hidden layer, the backward's
+    dx, parts and partials all present: the rows' inputs require grad)."""
+    from fused_adapters.kernels import sparse_grouped as grouped
+    from fused_adapters.kernels.launch import launch_plan
+
+    rows, dim = x.shape
+    experts, rank, _ = w_down.shape
+    top_k = case["top_k"]
+    gated = w_gate is not None
+    # A valid routing (k distinct experts per row, k <= E) and its sort, so that the launches
+    # could run as planned; the gate launch would overwrite idx and weights.
+    idx = (torch.arange(rows * top_k) % experts).to(torch.int32).view(rows, top_k)
+    weights = torch.full((rows, top_k), 1.0 / top_k)
+    order, counts = grouped.sort_assignments(idx, experts)
+    hidden = torch.empty(rows * top_k, rank, dtype=compute)
+    launches = []
+    with launch_plan(case["sms"]):
+        if gated:
+            launches.append(grouped.gate_launch(x, w_gate, b_gate, top_k, torch.empty(0, experts), idx, weights,
+                                                case["sms"]))
+        launches += grouped.grouped_forward_launches(
+            x, idx, weights, order, counts, w_down, b_down, w_up, b_up, scale, 1.0, None, True, None, "gelu", compute,
+            torch.empty_like(x), hidden, torch.empty(rows * top_k if top_k > 1 else 0, dim, dtype=compute))
+        if case["pass"] != "forward":
+            single = top_k == 1 and not gated
+            block_rows = grouped.grouped_config(grouped.GROUPED_BACKWARD_WEIGHTS_CONFIGS, rank, compute).block_rows
+            chunks = grouped.gate_chunks(rows, dim, experts, top_k, x.element_size(), block_rows) if gated else 0
+            launches += grouped.grouped_backward_launches(
+                torch.empty_like(x), None, x, hidden, idx, weights, order, counts, w_gate, w_down, w_up, b_up, scale,
+                1.0, None, "gelu", compute, True, torch.empty_like(x), torch.empty(rows, top_k),
+                torch.empty(rows * top_k, rank, dtype=compute),
+                torch.empty(0 if single else rows * top_k, dim, dtype=compute),
+                torch.empty(rows if gated else 0, experts),
+                torch.empty(grouped.packed_size(experts, rank, dim), dtype=grad_dtype),
+                torch.empty(chunks, experts * dim + experts))
+    return [launch for launch in launches if launch is not None]
 
 
 def register_usage(cases: list[dict], arch: int = 90) -> list[dict]:

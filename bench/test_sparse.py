@@ -3,17 +3,24 @@ sparse_adapter (each row routed to its top-k of E experts by a learned fp32 gate
 routed_adapter (the routing given: k experts per row drawn at random with a fixed seed, random
 positive weights), every expert an Adapter+ post adapter (residual x, channel scale, biases),
 against eager PyTorch (kernels/reference.py's expert loop, the code the tests trust) and
-torch.compile of it, with every kernel variant of the fused ops side by side. The rows carry the
-bottleneck rows' keys (bench/conftest.py's ROW_KEYS) plus experts and top_k; the byte floor is
-the bottleneck op's (forward: read x, write y; backward: read dy and x, write dx).
+torch.compile of it, with every kernel variant of the fused ops side by side: the dense-masked
+ones (default, rows16, rows64, store_act) and grouped (assignments sorted by expert,
+kernels/sparse_grouped.py). The rows carry the bottleneck rows' keys (bench/conftest.py's
+ROW_KEYS) plus experts and top_k; the byte floor is the bottleneck op's (forward: read x, write
+y; backward: read dy and x, write dx).
 
-Shapes: E = 8 and 16 experts, k = 1 and 2 per row, ranks 16 and 8; on a GPU D = 384, 768 and
-1024, M = batch x 197 tokens for batch 8 to 256, bf16, fp16 and fp32 activations under bf16
-autocast (quick: D = 768, batch 32, rank 16, bf16 and fp32 under autocast). On the CPU: fp32
-at small sizes, eager and compiled timed, fused rows device-free (see bench/conftest.py). The
-quick run on the CPU keeps one small shape and leaves out what takes minutes there: torch.compile
-of the expert loop, and the fused rows' interpreter counts (launches, bytes moved, registers);
-its fused rows keep the bytes they save for backward.
+Shapes: E = 8 and 16 experts with ranks 16 and 8 (E*r up to 256: both designs run), and on the
+full runs also E = 16 with r = 32 and E = 64 with r = 16 (E*r = 512 and 1024: the dense design
+does not fit, so sparse.choose_design gives every variant the grouped kernels there, and the
+dense variants' rows are skipped as repeats of the grouped row); k = 1 and 2 per row. On a GPU
+D = 384, 768 and 1024, M = batch x 197 tokens for batch 8 to 256, bf16, fp16 and fp32
+activations under bf16 autocast (quick: D = 768, batch 32, rank 16, E = 8 and 16, bf16 and fp32
+under autocast). On the CPU: fp32 at small sizes (D = 384 and 768, batch 2 and 8), eager and
+compiled timed, fused rows device-free (see bench/conftest.py). The quick run on the CPU keeps
+one small shape (D = 768, M = 197, r = 16, E = 8, k = 2) and leaves out what takes minutes
+there: torch.compile of the expert loop, and the fused rows' interpreter counts (launches, bytes
+moved, registers); its fused rows keep the bytes they save for backward (the dense design's h
+[M, E*r] and weights [M, E]; the grouped design's hidden [M*k, r], routing [M, k] and sort).
 """
 
 from __future__ import annotations
@@ -30,26 +37,44 @@ from bench.measure import (
     DTYPES, TOKENS, differentiable, floor_bytes, host_us, kernel_counts, peak_memory, rotation_count, saved_bytes,
     sparse_call, sparse_inputs, synchronize,
 )
-from fused_adapters.kernels import list_variants, reference, routed_adapter, sparse, sparse_adapter
+from fused_adapters.kernels import (
+    list_variants, reference, routed_adapter, sparse, sparse_adapter, sparse_grouped_kernels,
+)
 
 OPS = ("sparse_adapter", "routed_adapter")
 FUSED = {"sparse_adapter": sparse_adapter, "routed_adapter": routed_adapter}
 # Both forms run the same kernels and take the same variants.
 VARIANT_FAMILY = "sparse_adapter"
 PASSES = ("forward", "forward+backward")
+# (rank, experts) with E*r up to sparse.MAX_DENSE_COLUMNS (256), where both designs run, and past
+# it, where the grouped design is the only one (full runs only).
+BOTH_DESIGNS = tuple(itertools.product((8, 16), (8, 16)))
+GROUPED_ONLY = ((32, 16), (16, 64))
 
 
 def shapes(cuda: bool, quick: bool):
     """(dtype name, D, batch, rank, experts, top_k) for this device and mode."""
     if cuda and quick:
         return itertools.product(("bf16", "fp32 (bf16 autocast)"), (768,), (32,), (16,), (8, 16), (1, 2))
-    if cuda:
-        return itertools.product(("bf16", "fp16", "fp32 (bf16 autocast)"), (384, 768, 1024), (8, 32, 64, 128, 256),
-                                 (8, 16), (8, 16), (1, 2))
     if quick:
         # One image (M = 197): the eager expert loop and the interpreter are slow on a few cores.
         return itertools.product(("fp32",), (768,), (1,), (16,), (8,), (2,))
-    return itertools.product(("fp32",), (384, 768), (2, 8), (8, 16), (8, 16), (1, 2))
+    if cuda:
+        dtypes, dims, batches = ("bf16", "fp16", "fp32 (bf16 autocast)"), (384, 768, 1024), (8, 32, 64, 128, 256)
+    else:
+        # The grouped-only shapes add one fused variant each: about a tenth more interpreter time.
+        dtypes, dims, batches = ("fp32",), (384, 768), (2, 8)
+    return ((dtype, dim, batch, rank, experts, top_k) for dtype, dim, batch, (rank, experts), top_k
+            in itertools.product(dtypes, dims, batches, BOTH_DESIGNS + GROUPED_ONLY, (1, 2)))
+
+
+GROUPED_VARIANTS = {variant.name for variant in sparse.VARIANTS if variant.grouped}
+
+
+def repeats_grouped(experts: int, rank: int, variant: str) -> bool:
+    """Whether a fused row of a dense variant would run the grouped kernels (E*r past the dense
+    design's limit: sparse.choose_design) and so repeat the grouped variant's row."""
+    return variant not in GROUPED_VARIANTS and sparse.choose_design(experts, rank, variant) == "grouped"
 
 
 def providers():
@@ -92,14 +117,20 @@ def _function(op: str, provider: str):
     return _COMPILED[op]
 
 
-KERNEL_NAMES = {name for name in vars(sparse) if name.endswith("_kernel")}
+# The Triton kernels of both designs, as the profiler names them on CUDA.
+KERNEL_NAMES = {name for module in (sparse, sparse_grouped_kernels) for name in vars(module)
+                if name.endswith("_kernel")}
 
-# Bytes the fused forward saves for backward, per shape (CPU: measured once in the interpreter).
+# Bytes the fused forward saves for backward, per shape and design (CPU: measured once in the
+# interpreter).
 _SAVED: dict = {}
 
 
 def test_sparse(benchmark, suite, case):
     op, pass_name, dtype_name, dim, rows, rank, experts, top_k, provider, variant = case
+    if provider == "fused" and repeats_grouped(experts, rank, variant):
+        pytest.skip(f"E*r = {experts * rank} > {sparse.MAX_DENSE_COLUMNS}: the dense design does not fit, so "
+                    f"variant {variant!r} runs the grouped kernels; see the fused[grouped] row")
     device = suite.device
     dtype, autocast_dtype = DTYPES[dtype_name]
     routed = op == "routed_adapter"
@@ -115,9 +146,11 @@ def test_sparse(benchmark, suite, case):
 
     if provider == "fused" and not suite.cuda:
         # Nothing to time: the interpreter's speed means nothing. The row keeps what needs no GPU.
-        # The variants tile the launches differently but save the same tensors (h [M, E*r] and the
-        # weights [M, E]): one interpreter forward per shape serves every variant's rows.
-        key = (op, rows, dim, rank, experts, top_k, dtype_name)
+        # The dense variants tile the launches differently but save the same tensors (h [M, E*r]
+        # and the weights [M, E]); the grouped design saves its own (hidden [M*k, r], the routing
+        # idx [M, k] int32 and weights [M, k] fp32, the sort's order [M*k] and counts [E]): one
+        # interpreter forward per shape and design serves every variant's rows.
+        key = (op, rows, dim, rank, experts, top_k, dtype_name, sparse.choose_design(experts, rank, variant))
         if key not in _SAVED:
             inputs = sparse_inputs(rows, dim, rank, experts, top_k, dtype, device, True, routed,
                                    torch.Generator().manual_seed(0))

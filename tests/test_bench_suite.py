@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from bench.measure import floor_bytes, rotation_count
+from fused_adapters.kernels import launch
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 ROW_KEYS = {"op", "pass", "device", "dtype", "shape", "rows", "dim", "rank", "provider", "variant",
@@ -56,6 +57,74 @@ def test_rotation_covers_twice_the_cache():
     assert rotation_count(1 << 20, cpu) == 64  # capped: 128 MiB / 1 MiB would be 128 sets
     assert rotation_count(16 << 20, cpu) == 8
     assert rotation_count(1 << 30, cpu) == 1
+
+
+DENSE_KERNELS = ["_sparse_forward_kernel", "_sparse_backward_input_kernel", "_sparse_backward_weights_kernel"]
+GROUPED_FORWARD = ["_grouped_forward_kernel", "_grouped_combine_kernel"]
+GROUPED_BACKWARD = ["_grouped_backward_input_kernel", "_grouped_backward_combine_kernel",
+                    "_grouped_backward_weights_kernel"]
+
+
+def sparse_case(op="sparse_adapter", variant="default", experts=8, rank=16, top_k=2, pass_name="forward+backward",
+                rows=1576, dim=768, dtype="fp16"):
+    return {"op": op, "variant": variant, "experts": experts, "rank": rank, "top_k": top_k, "rows": rows, "dim": dim,
+            "dtype": dtype, "sms": 132, "pass": pass_name}
+
+
+@pytest.mark.parametrize("case, kernels", [
+    (sparse_case(), DENSE_KERNELS),
+    (sparse_case(variant="store_act", pass_name="forward"), DENSE_KERNELS[:1]),
+    (sparse_case(op="routed_adapter", variant="rows16"), DENSE_KERNELS),
+    (sparse_case(variant="grouped"), ["_sparse_gate_kernel"] + GROUPED_FORWARD + GROUPED_BACKWARD),
+    (sparse_case(variant="grouped", pass_name="forward"), ["_sparse_gate_kernel"] + GROUPED_FORWARD),
+    # The routed form has no gate launch; with k = 1 the grouped launch writes y and dx itself.
+    (sparse_case(op="routed_adapter", variant="grouped"), GROUPED_FORWARD + GROUPED_BACKWARD),
+    (sparse_case(op="routed_adapter", variant="grouped", top_k=1), GROUPED_FORWARD[:1] + GROUPED_BACKWARD[::2]),
+    # E*r > 256: the dense design does not fit, every variant runs the grouped kernels.
+    (sparse_case(experts=16, rank=32), ["_sparse_gate_kernel"] + GROUPED_FORWARD + GROUPED_BACKWARD),
+    (sparse_case(op="routed_adapter", variant="store_act", experts=64, top_k=1, dtype="fp32"),
+     GROUPED_FORWARD[:1] + GROUPED_BACKWARD[::2]),
+], ids=lambda value: "-".join(f"{value[k]}" for k in ("op", "variant", "experts", "rank", "top_k", "pass"))
+    if isinstance(value, dict) else f"{len(value)}launches")
+def test_sparse_launches_follow_the_design(case, kernels):
+    # The launches the compile check sees for a row (registers, spills): the design's own.
+    from bench.measure import fused_launches
+
+    launches = fused_launches(case)
+    assert [launch.kernel.__name__ for launch in launches] == kernels
+    if "_grouped_forward_kernel" in kernels:
+        # The grouped buffers: the saved hidden layer [M*k, r] by sorted position.
+        grouped = next(launch for launch in launches if launch.kernel.__name__ == "_grouped_forward_kernel")
+        assert tuple(grouped.args["hidden_ptr"].shape) == (case["rows"] * case["top_k"], case["rank"])
+        assert tuple(grouped.args["order_ptr"].shape) == (case["rows"] * case["top_k"],)
+
+
+def test_sparse_suite_rows():
+    # The sparse suite's kernel names (CUDA launch counts), its shapes and the rows it skips.
+    import bench.test_sparse as suite
+
+    assert set(DENSE_KERNELS + GROUPED_FORWARD + GROUPED_BACKWARD + ["_sparse_gate_kernel"]) <= suite.KERNEL_NAMES
+    assert list(suite.shapes(False, True)) == [("fp32", 768, 1, 16, 8, 2)]  # the CPU quick run: one shape
+    for cuda in (False, True):
+        pairs = {(rank, experts) for _, _, _, rank, experts, _ in suite.shapes(cuda, False)}
+        assert {(32, 16), (16, 64)} <= pairs
+    assert not any(rank * experts > 256 for _, _, _, rank, experts, _ in suite.shapes(True, True))
+    assert not suite.repeats_grouped(8, 16, "default") and not suite.repeats_grouped(16, 32, "grouped")
+    assert all(suite.repeats_grouped(16, 32, name) for name in ("default", "rows16", "rows64", "store_act"))
+
+
+@pytest.mark.skipif(not launch.is_interpreted(), reason="counts launches in Triton's interpreter")
+@pytest.mark.parametrize("variant, experts, rank", [("default", 4, 16), ("grouped", 4, 16), ("default", 16, 32)])
+def test_sparse_counts_match_the_planned_launches(variant, experts, rank):
+    # count_case runs the public op with the row's variant; it launches what fused_launches plans.
+    from bench.measure import count_case, fused_launches
+
+    for op in ("sparse_adapter", "routed_adapter"):
+        case = sparse_case(op=op, variant=variant, experts=experts, rank=rank, rows=24, dim=32, dtype="fp32")
+        counts = count_case(dict(case, provider="fused"))
+        forward = len(fused_launches(dict(case, **{"pass": "forward"})))
+        assert counts["forward"]["triton_launches"] == forward
+        assert counts["backward"]["triton_launches"] == len(fused_launches(case)) - forward
 
 
 @pytest.mark.slow
