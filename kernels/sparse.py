@@ -648,7 +648,7 @@ def choose_design(experts: int, rank: int, variant: str = "") -> str:
     [rows, E*r] tiles in registers and so runs only where E*r <= MAX_DENSE_COLUMNS. Otherwise the
     rule is by shape: dense where it fits, grouped above. Counted bytes (fp16, D = 768,
     M = 1576, E = 8, r = 16, k = 2, 132 SMs): dense 1.18x the floor forward and 1.73x backward,
-    grouped 4.3x and 4.4x (k gathers of x and an [M*k, D] round trip), while the dense design's
+    grouped 4.13x and 3.26x (k gathers of x and an [M*k, D] round trip), while the dense design's
     extra FLOPs (E/k times the chosen experts') stay below the bytes' time up to E*r ~ 256 on an
     H100 (E*r multiply-adds per byte of x against ~300 fp16 tensor-core FLOP per byte of DRAM
     bandwidth). So the dense design wins wherever it fits.

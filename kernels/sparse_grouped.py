@@ -26,9 +26,10 @@ Backward (three launches; two for the routed form with k = 1):
      gated form, programs that sum d logits^T x over row chunks into fp32 partials.
 
 What it costs against the dense design, counted with the byte counter (fp16, D = 768, M = 1576,
-E = 8, r = 16, 132 SMs): the gather reads x k times and the [M*k, D] parts are written and read
-once each, so the forward moves about 4.3x the floor at k = 2 (dense: 1.18x) and the backward
-about 4.4x (dense: 1.73x); see the crossover rule in sparse.py (choose_design).
+k = 2, 132 SMs): the gather reads x k times and the [M*k, D] parts are written and read once
+each, so at E = 8, r = 16 the forward moves 4.13x the floor (dense: 1.18x) and the backward
+3.26x (dense: 1.73x); at E = 16, r = 32, where only this design runs, 4.40x and 3.75x, against
+37.4x and 66.6x for the eager expert loop. See the crossover rule in sparse.py (choose_design).
 """
 
 from __future__ import annotations
