@@ -3,6 +3,10 @@
     python -m fused_adapters.kernels.compile_check [--arch 80 90] [--dtype bfloat16 float32]
     python -m fused_adapters.kernels.compile_check --kernel sparse_forward sparse_backward_input \
         sparse_backward_weights        (only the sparse mixture's kernels; --config c128 narrows more)
+    python -m fused_adapters.kernels.compile_check --kernel grouped_gate grouped_forward grouped_combine \
+        grouped_backward_input grouped_backward_combine grouped_backward_weights
+                                       (the sparse mixture's grouped design; --config r16 gate combine
+                                        takes rank 16 and the rank-free kernels)
 
 For each kernel, each block configuration the package can choose (one per padded rank and
 compute dtype group, and for the row-tile kernels every smaller block-rows variant the launch
@@ -25,12 +29,26 @@ forward is compiled in both forms, gated (top-2 over a fp32 gate) and routed (th
 configs: top-2 experts and weights given per row); the sparse backward in the gated form, with
 the logits' own gradient, both recomputing act(h) (the default) and storing it ("+store_act").
 
+The sparse mixture's grouped design (kernels/sparse_grouped.py): grouped_gate (logits, top-k and
+weights), grouped_forward and grouped_combine, grouped_backward_input, grouped_backward_combine
+and grouped_backward_weights. The grouped launches' configurations are keyed by the padded rank
+(one case per key: GROUPED_EXPERTS experts of that rank, an odd rank in the same padded block in
+the unaligned scenario); the gate's and the combines' by the dtype group alone (the gate's by
+x's storage dtype, the others' by the compute dtype), and their dots, where they have any, are
+the fp32 gate's ieee dots: no MMA is expected of them. The grouped kernels' block rows are fixed
+by their configuration, except the gate's, which the launch plan picks from M: the gate's smaller
+block-rows variants are compiled too. Every case is the gated form with top-2, b_gate and the
+logits stored (and their own gradient in the backward); the "+k1" configs add the k = 1 forms
+where the kernel changes: grouped_forward applying the epilogue and writing y itself, and
+grouped_backward_input in the routed form writing dx (plus dy) itself.
+
 Two shape scenarios:
   aligned    ViT-like: D, rank, rows and strides multiples of 16, aligned pointers. Must have
              0 spill bytes, MMA and vectorized (64- or 128-bit) loads (reported only for the
              smaller block-rows variants), or the check fails.
   unaligned  odd D, rank and rows, misaligned x (sparse: an odd rank with E*r in the same
-             padded block). Must not spill; loads and MMA are reported.
+             padded block; grouped: an odd rank in the same padded block). Must not spill; loads
+             and MMA are reported.
 
 Prints a table; exits 1 on any failure. Needs TRITON_INTERPRET unset (it compiles the real
 kernels, not the interpreter's stand-ins).
@@ -68,11 +86,22 @@ def _dtypes(name: str) -> tuple[torch.dtype, torch.dtype]:
 SCENARIOS = ("aligned", "unaligned")
 BOTTLENECK_KERNELS = ("forward", "backward_hidden", "backward_weights")
 SPARSE_KERNELS = ("sparse_forward", "sparse_backward_input", "sparse_backward_weights")
-KERNELS = BOTTLENECK_KERNELS + SPARSE_KERNELS
+GROUPED_KERNELS = ("grouped_gate", "grouped_forward", "grouped_combine", "grouped_backward_input",
+                   "grouped_backward_combine", "grouped_backward_weights")
+KERNELS = BOTTLENECK_KERNELS + SPARSE_KERNELS + GROUPED_KERNELS
 # The sparse kernels' configurations are keyed by the padded E*r: one (experts, rank) per key.
 # The unaligned scenario keeps the experts and takes an odd rank whose E*r pads to the same block.
 SPARSE_SHAPES = {16: (4, 4), 32: (4, 8), 64: (8, 8), 128: (8, 16), 256: (16, 16)}
 SPARSE_TOP_K = 2
+# The grouped design's kernels without a rank axis: their tables are keyed by the dtype group alone
+# (config_tables lists them under padded rank 0), and their dots, where they have any, are the
+# fp32 gate's ieee dots (no MMA expected).
+GROUPED_RANKLESS_KERNELS = ("grouped_gate", "grouped_combine", "grouped_backward_combine")
+# The grouped kernels whose k = 1 form is a different kernel (the "+k1" configs).
+GROUPED_K1_KERNELS = ("grouped_forward", "grouped_backward_input")
+GROUPED_EXPERTS = 8
+# The gate's block rows are planned from M as for an H100's SM count.
+GROUPED_PLAN_SMS = 132
 # Shared memory one block may opt in to: A100 (sm_80) 163 KiB, H100 (sm_90) 227 KiB.
 SHARED_MEMORY_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 TORCH_TO_TRITON = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64",
@@ -116,7 +145,7 @@ def _sparse_shape(block_columns: int, scenario: str) -> tuple[int, int]:
 
 
 def build_launches(kernel: str, block_rank: int, dtype_name: str, scenario: str, variant=None,
-                   store_act: bool = False, routed: bool = False):
+                   store_act: bool = False, routed: bool = False, single: bool = False):
     """The Launch the package makes for this case, with every optional input present (the
     heaviest variant of each kernel: all biases, channel scale, x and another tensor as residual
     terms, row_scale, gelu), at the block configuration `variant` (default: the plan's), and for
@@ -124,7 +153,22 @@ def build_launches(kernel: str, block_rank: int, dtype_name: str, scenario: str,
 
     For the sparse kernels block_rank is the padded E*r (their tables' key) and the heaviest
     variant is the gated form with b_gate, the logits returned and, in the backward, their own
-    gradient; routed: the sparse forward's routed form instead (expert_idx and expert_weight)."""
+    gradient; routed: the sparse forward's routed form instead (expert_idx and expert_weight).
+
+    For the grouped kernels block_rank is the padded rank (0 for the gate and the combines, whose
+    tables have no rank axis); the heaviest variant is the gated form with top-2, b_gate and the
+    logits stored (and their own gradient in the backward); single: the k = 1 form instead (the
+    routed form with top-1: grouped_forward writes y, grouped_backward_input writes dx)."""
+    if kernel in GROUPED_KERNELS:
+        if routed or store_act:
+            raise ValueError(f"{kernel}: the grouped kernels have no routed or store_act case (see single)")
+        launch = _grouped_launch(kernel, block_rank, dtype_name, scenario, single)
+        if variant is not None:
+            launch.config = variant
+            launch.constexprs = dict(launch.constexprs, BLOCK_ROWS=variant.block_rows, BLOCK_DIM=variant.block_dim)
+        return launch
+    if single:
+        raise ValueError(f"{kernel}: the k = 1 form is compiled for the grouped kernels only")
     if kernel in SPARSE_KERNELS:
         launch = _sparse_launch(kernel, block_rank, dtype_name, scenario, store_act, routed)
         if variant is not None:
@@ -212,6 +256,57 @@ def _sparse_launch(kernel: str, block_columns: int, dtype_name: str, scenario: s
     return input_launch if kernel == "sparse_backward_input" else weights_launch
 
 
+def _grouped_launch(kernel: str, block_rank: int, dtype_name: str, scenario: str, single: bool):
+    from . import sparse_grouped as sg
+
+    rows, dim, rank, misaligned = _scenario_shapes(block_rank or 16, scenario)
+    if block_rank and sg.padded_rank(rank) != block_rank:
+        raise ValueError(f"r = {rank} does not pad to {block_rank}")
+    dtype, compute = _dtypes(dtype_name)
+    experts, top_k = GROUPED_EXPERTS, 1 if single else SPARSE_TOP_K
+    gated = not single
+    assignments = rows * top_k
+
+    def tensor(*shape, dt=dtype):
+        return torch.empty(*shape, dtype=dt)
+
+    # The buffers grouped_forward / grouped_backward allocate, in their dtypes.
+    x = tensor(rows * dim + 1)[1:].view(rows, dim) if misaligned else tensor(rows, dim)
+    idx, weights = tensor(rows, top_k, dt=torch.int32), tensor(rows, top_k, dt=torch.float32)
+    order, counts = tensor(assignments, dt=torch.int64), tensor(experts, dt=torch.int64)
+    w_gate, b_gate = tensor(experts, dim, dt=torch.float32), tensor(experts, dt=torch.float32)
+    w_down, w_up = tensor(experts, rank, dim), tensor(experts, dim, rank)
+    b_down, b_up, scale = tensor(experts, rank), tensor(experts, dim), tensor(dim)
+    residual, row_scale = tensor(rows, dim), tensor(rows, dt=torch.float32)
+    hidden = tensor(assignments, rank, dt=compute)
+    if kernel == "grouped_gate":
+        return sg.gate_launch(x, w_gate, b_gate, top_k, tensor(rows, experts, dt=torch.float32), idx, weights,
+                              GROUPED_PLAN_SMS)
+    if kernel in ("grouped_forward", "grouped_combine"):
+        launches = sg.grouped_forward_launches(
+            x, idx, weights, order, counts, w_down, b_down, w_up, b_up, scale, 1.0, residual, True, row_scale, "gelu",
+            compute, tensor(rows, dim), hidden, tensor(assignments if top_k > 1 else 0, dim, dt=compute),
+        )
+        launch = launches[0] if kernel == "grouped_forward" else launches[1]
+    else:
+        weights_rows = sg.grouped_config(sg.GROUPED_BACKWARD_WEIGHTS_CONFIGS, rank, compute).block_rows
+        chunks = sg.gate_chunks(rows, dim, experts, top_k, x.element_size(), weights_rows) if gated else 0
+        launches = sg.grouped_backward_launches(
+            tensor(rows, dim), tensor(rows, experts, dt=torch.float32) if gated else None, x, hidden, idx, weights,
+            order, counts, w_gate if gated else None, w_down, w_up, b_up, scale, 1.0, row_scale, "gelu", compute,
+            True, tensor(rows, dim), tensor(rows, top_k, dt=torch.float32), tensor(assignments, rank, dt=compute),
+            tensor(assignments if gated else 0, dim, dt=compute),
+            tensor(rows if gated else 0, experts, dt=torch.float32),
+            tensor(sg.packed_size(experts, rank, dim)),  # the parameters' dtype (fp32 for autocast_*)
+            tensor(chunks, experts * dim + experts, dt=torch.float32),
+        )
+        launch = launches[("grouped_backward_input", "grouped_backward_combine",
+                           "grouped_backward_weights").index(kernel)]
+    if launch is None:
+        raise ValueError(f"{kernel}: no such launch with k = {top_k}")
+    return launch
+
+
 def specialize(launch):
     """signature, constexprs and attrs as Triton's JIT would build them for these arguments."""
     fn = launch.kernel
@@ -278,15 +373,15 @@ def launch_usage(launch, arch: int) -> dict:
 
 
 def check_one(kernel: str, block_rank: int, dtype_name: str, arch: int, scenario: str, variant=None,
-              store_act: bool = False, routed: bool = False) -> Result:
+              store_act: bool = False, routed: bool = False, single: bool = False) -> Result:
     dtype = _dtypes(dtype_name)[1]
     previous = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = dtype_name == "tf32"  # the launchers read it
     try:
-        launch = build_launches(kernel, block_rank, dtype_name, scenario, variant, store_act, routed)
+        launch = build_launches(kernel, block_rank, dtype_name, scenario, variant, store_act, routed, single)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = previous
-    suffix = ("+store_act" if store_act else "") + ("+routed" if routed else "")
+    suffix = ("+store_act" if store_act else "") + ("+routed" if routed else "") + ("+k1" if single else "")
     result = Result(kernel, launch.config.name + suffix, dtype_name, arch, scenario)
     try:
         compiled = compile_launch(launch, arch)
@@ -311,7 +406,8 @@ def check_one(kernel: str, block_rank: int, dtype_name: str, arch: int, scenario
         failures.append("spills")
     if result.shared_bytes > SHARED_MEMORY_LIMIT[arch]:
         failures.append("shared memory")
-    wants_mma = dtype != torch.float32 or launch.constexprs.get("INPUT_PRECISION") == "tf32"
+    wants_mma = kernel not in GROUPED_RANKLESS_KERNELS and (
+        dtype != torch.float32 or launch.constexprs.get("INPUT_PRECISION") == "tf32")
     if scenario == "aligned":
         if wants_mma and result.mma == "none":
             failures.append("no MMA")
@@ -327,14 +423,24 @@ def check_one(kernel: str, block_rank: int, dtype_name: str, arch: int, scenario
 
 
 def config_tables() -> dict:
-    """Each kernel's table of block configurations, {(padded rank or E*r, dtype group): config}."""
+    """Each kernel's table of block configurations, {(padded rank or E*r, dtype group): config};
+    the grouped gate's and combines' (keyed by the dtype group alone) under padded rank 0."""
     from . import bottleneck as bn
     from . import sparse as sp
+    from . import sparse_grouped as sg
+
+    def rankless(table):
+        return {(0, group): config for group, config in table.items()}
 
     return {"forward": bn.FORWARD_CONFIGS, "backward_hidden": bn.BACKWARD_HIDDEN_CONFIGS,
             "backward_weights": bn.BACKWARD_WEIGHTS_CONFIGS, "sparse_forward": sp.FORWARD_CONFIGS,
             "sparse_backward_input": sp.BACKWARD_INPUT_CONFIGS,
-            "sparse_backward_weights": sp.BACKWARD_WEIGHTS_CONFIGS}
+            "sparse_backward_weights": sp.BACKWARD_WEIGHTS_CONFIGS,
+            "grouped_gate": rankless(sg.GATE_CONFIGS), "grouped_forward": sg.GROUPED_FORWARD_CONFIGS,
+            "grouped_combine": rankless(sg.COMBINE_CONFIGS),
+            "grouped_backward_input": sg.GROUPED_BACKWARD_INPUT_CONFIGS,
+            "grouped_backward_combine": rankless(sg.BACKWARD_COMBINE_CONFIGS),
+            "grouped_backward_weights": sg.GROUPED_BACKWARD_WEIGHTS_CONFIGS}
 
 
 def _cases(archs, dtypes, scenarios, kernels, configs=None):
@@ -346,27 +452,36 @@ def _cases(archs, dtypes, scenarios, kernels, configs=None):
     tables = config_tables()
     for kernel in kernels:
         sparse = kernel in SPARSE_KERNELS
+        grouped = kernel in GROUPED_KERNELS
         for (block_rank, group), config in tables[kernel].items():
-            # The row-tile kernels pick their block rows from M: every variant is compiled.
-            variants = [config] if kernel.endswith("backward_weights") else row_variants(config)
+            # The row-tile kernels pick their block rows from M: every variant is compiled. The
+            # grouped kernels' block rows are fixed by the configuration, except the gate's.
+            fixed_rows = kernel.endswith("backward_weights") or (grouped and kernel != "grouped_gate")
+            variants = [config] if fixed_rows else row_variants(config)
             # The store_act op variant changes the bottleneck backward kernels' flags at ranks up
             # to 32 (above that they always store act), the sparse backward's at every E*r.
-            backward = kernel not in ("forward", "sparse_forward")
+            backward = kernel not in ("forward", "sparse_forward") and not grouped
             store_acts = (False, True) if backward and (sparse or block_rank <= 32) else (False,)
-            # The sparse forward's two forms, gated and routed, are different kernels.
-            forms = (False, True) if kernel == "sparse_forward" else (False,)
+            # The trailing arguments of each form: the sparse forward's two forms, gated and
+            # routed, are different kernels; so are two grouped kernels' k = 1 forms.
+            if sparse:
+                forms = [(False,), (True,)] if kernel == "sparse_forward" else [(False,)]
+            elif grouped:
+                forms = [(False, False), (False, True)] if kernel in GROUPED_K1_KERNELS else [(False, False)]
+            else:
+                forms = [()]
             for variant in variants:
                 if configs and not any(part in variant.name for part in configs):
                     continue
                 for store_act in store_acts:
-                    for routed in forms:
+                    for form in forms:
                         for dtype_name in dtypes:
-                            if dtype_group(_dtypes(dtype_name)[1]) != group:
+                            # The gate's table is keyed by x's dtype, the others' by the compute dtype.
+                            if dtype_group(_dtypes(dtype_name)[0 if kernel == "grouped_gate" else 1]) != group:
                                 continue
                             for arch in archs:
                                 for scenario in scenarios:
-                                    case = (kernel, block_rank, dtype_name, arch, scenario, variant, store_act)
-                                    yield (case + (routed,)) if sparse else case
+                                    yield (kernel, block_rank, dtype_name, arch, scenario, variant, store_act) + form
 
 
 def _run_case(case) -> Result:

@@ -55,8 +55,14 @@ MIN_BLOCK = 16
 
 # --------------------------------------------------------------------------------------------
 # Block configurations. The grouped launches are keyed by (padded r, dtype group of the compute
-# dtype); the gate and the combines (no rank axis) by the dtype group. Checked for spills on
-# sm_80 and sm_90 by kernels/compile_check.py (--kernel grouped_*).
+# dtype); the gate and the combines (no rank axis) by the dtype group. Chosen with the compile
+# check (kernels/compile_check.py --kernel grouped_...): 0 spill bytes on sm_80 and sm_90, every
+# dtype, aligned and unaligned, except the weights launch at padded rank 128 and 256, where the
+# two fp32 [D tile, rank] accumulators do not fit at any tile tried (least spilling entries
+# below: r128 half up to 128 bytes on sm_80; r256 half up to 1.9 KB on sm_80; r256 fp32 16
+# bytes, 1.2-1.5 KB with tf32 on sm_80; r128 fp32 32 bytes with tf32 on sm_80). Splitting the
+# rank axis over the grid, as the dense design's weights launch does, is what would fix them.
+# 8 warps: the gathered, unaligned x and dy tiles spill at 4.
 # --------------------------------------------------------------------------------------------
 
 GATE_CONFIGS = {
@@ -72,39 +78,39 @@ BACKWARD_COMBINE_CONFIGS = {
     "fp32": BlockConfig("grouped_bwd_combine_fp32", 16, 64, 4, 1),
 }
 GROUPED_FORWARD_CONFIGS = {
-    (16, "half"): BlockConfig("grouped_fwd_r16_half", 64, 64, 4, 2),
-    (32, "half"): BlockConfig("grouped_fwd_r32_half", 64, 64, 4, 2),
-    (64, "half"): BlockConfig("grouped_fwd_r64_half", 64, 64, 4, 2),
-    (128, "half"): BlockConfig("grouped_fwd_r128_half", 32, 64, 4, 2),
-    (256, "half"): BlockConfig("grouped_fwd_r256_half", 16, 64, 4, 1),
-    (16, "fp32"): BlockConfig("grouped_fwd_r16_fp32", 32, 32, 4, 1),
+    (16, "half"): BlockConfig("grouped_fwd_r16_half", 64, 64, 8, 2),
+    (32, "half"): BlockConfig("grouped_fwd_r32_half", 64, 64, 8, 2),
+    (64, "half"): BlockConfig("grouped_fwd_r64_half", 64, 32, 8, 2),
+    (128, "half"): BlockConfig("grouped_fwd_r128_half", 32, 32, 8, 2),
+    (256, "half"): BlockConfig("grouped_fwd_r256_half", 32, 16, 8, 1),
+    (16, "fp32"): BlockConfig("grouped_fwd_r16_fp32", 64, 64, 8, 1),
     (32, "fp32"): BlockConfig("grouped_fwd_r32_fp32", 32, 32, 4, 1),
     (64, "fp32"): BlockConfig("grouped_fwd_r64_fp32", 32, 32, 4, 1),
-    (128, "fp32"): BlockConfig("grouped_fwd_r128_fp32", 16, 32, 4, 1),
+    (128, "fp32"): BlockConfig("grouped_fwd_r128_fp32", 32, 32, 8, 2),
     (256, "fp32"): BlockConfig("grouped_fwd_r256_fp32", 16, 16, 4, 1),
 }
 GROUPED_BACKWARD_INPUT_CONFIGS = {
-    (16, "half"): BlockConfig("grouped_bwd_input_r16_half", 64, 64, 4, 2),
-    (32, "half"): BlockConfig("grouped_bwd_input_r32_half", 64, 64, 4, 2),
-    (64, "half"): BlockConfig("grouped_bwd_input_r64_half", 64, 64, 4, 2),
-    (128, "half"): BlockConfig("grouped_bwd_input_r128_half", 32, 64, 4, 2),
-    (256, "half"): BlockConfig("grouped_bwd_input_r256_half", 16, 64, 4, 1),
+    (16, "half"): BlockConfig("grouped_bwd_input_r16_half", 64, 64, 8, 2),
+    (32, "half"): BlockConfig("grouped_bwd_input_r32_half", 64, 64, 8, 2),
+    (64, "half"): BlockConfig("grouped_bwd_input_r64_half", 64, 32, 8, 2),
+    (128, "half"): BlockConfig("grouped_bwd_input_r128_half", 32, 32, 8, 2),
+    (256, "half"): BlockConfig("grouped_bwd_input_r256_half", 16, 64, 8, 1),
     (16, "fp32"): BlockConfig("grouped_bwd_input_r16_fp32", 32, 32, 4, 1),
     (32, "fp32"): BlockConfig("grouped_bwd_input_r32_fp32", 32, 32, 4, 1),
     (64, "fp32"): BlockConfig("grouped_bwd_input_r64_fp32", 32, 32, 4, 1),
-    (128, "fp32"): BlockConfig("grouped_bwd_input_r128_fp32", 16, 32, 4, 1),
+    (128, "fp32"): BlockConfig("grouped_bwd_input_r128_fp32", 32, 32, 8, 1),
     (256, "fp32"): BlockConfig("grouped_bwd_input_r256_fp32", 16, 16, 4, 1),
 }
 GROUPED_BACKWARD_WEIGHTS_CONFIGS = {
-    (16, "half"): BlockConfig("grouped_bwd_weights_r16_half", 32, 64, 4, 2),
-    (32, "half"): BlockConfig("grouped_bwd_weights_r32_half", 32, 64, 4, 2),
-    (64, "half"): BlockConfig("grouped_bwd_weights_r64_half", 32, 64, 4, 2),
-    (128, "half"): BlockConfig("grouped_bwd_weights_r128_half", 32, 32, 4, 1),
-    (256, "half"): BlockConfig("grouped_bwd_weights_r256_half", 32, 16, 4, 1),
+    (16, "half"): BlockConfig("grouped_bwd_weights_r16_half", 32, 64, 8, 2),
+    (32, "half"): BlockConfig("grouped_bwd_weights_r32_half", 32, 64, 8, 2),
+    (64, "half"): BlockConfig("grouped_bwd_weights_r64_half", 16, 64, 4, 2),
+    (128, "half"): BlockConfig("grouped_bwd_weights_r128_half", 16, 64, 8, 2),
+    (256, "half"): BlockConfig("grouped_bwd_weights_r256_half", 16, 16, 8, 2),
     (16, "fp32"): BlockConfig("grouped_bwd_weights_r16_fp32", 16, 32, 4, 1),
     (32, "fp32"): BlockConfig("grouped_bwd_weights_r32_fp32", 16, 32, 4, 1),
     (64, "fp32"): BlockConfig("grouped_bwd_weights_r64_fp32", 16, 32, 4, 1),
-    (128, "fp32"): BlockConfig("grouped_bwd_weights_r128_fp32", 16, 16, 4, 1),
+    (128, "fp32"): BlockConfig("grouped_bwd_weights_r128_fp32", 16, 16, 8, 2),
     (256, "fp32"): BlockConfig("grouped_bwd_weights_r256_fp32", 16, 16, 4, 1),
 }
 

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from fused_adapters.kernels import bottleneck, sparse
+from fused_adapters.kernels import bottleneck, sparse, sparse_grouped
 
 
 def _environment_without_interpreter():
@@ -20,7 +20,8 @@ def _environment_without_interpreter():
 @pytest.mark.slow
 def test_compile_check_passes_for_every_configuration():
     # The bottleneck kernels; the sparse ones (a run of their own, as long again) are compiled
-    # one case per kernel by the test below.
+    # one case per kernel by the test below, and the grouped design's (--kernel grouped_...)
+    # one kernel's two forms.
     from fused_adapters.kernels.compile_check import BOTTLENECK_KERNELS
 
     result = subprocess.run(
@@ -59,20 +60,22 @@ def test_specialization_follows_the_jit():
 
 def test_compile_check_compiles_a_sparse_case_per_kernel():
     # The smallest sparse configurations, fp16 on sm_90, aligned: the gated and routed forward
-    # and both backward kernels with act recomputed and stored, through the CLI (6 compiles).
+    # and both backward kernels with act recomputed and stored, and the grouped forward with
+    # k = 2 and k = 1 (the "+k1" form, which applies the epilogue), through the CLI (8 compiles).
     # Each must build and compile to a cubin with tensor-core dots; the spill and load rules are
-    # the full run's (python -m fused_adapters.kernels.compile_check --kernel sparse_...).
+    # the full runs' (python -m fused_adapters.kernels.compile_check --kernel sparse_... / grouped_...).
     result = subprocess.run(
         [sys.executable, "-m", "fused_adapters.kernels.compile_check",
-         "--kernel", "sparse_forward", "sparse_backward_input", "sparse_backward_weights",
+         "--kernel", "sparse_forward", "sparse_backward_input", "sparse_backward_weights", "grouped_forward",
          "--config", "sparse_fwd_c16_half_rows16", "sparse_bwd_input_c16_half_rows16", "sparse_bwd_weights_c16_half",
+         "grouped_fwd_r16_half",
          "--dtype", "float16", "--arch", "90", "--scenario", "aligned", "--jobs", "2"],
         capture_output=True, text=True, env=_environment_without_interpreter(), timeout=300,
     )
     table = result.stdout
     assert result.returncode in (0, 1), f"compile check did not run:\n{table[-6000:]}\n{result.stderr[-3000:]}"
     assert "compile error" not in table, table
-    rows = [line.split() for line in table.splitlines() if line.startswith("sparse_")]
+    rows = [line.split() for line in table.splitlines() if line.startswith(("sparse_", "grouped_"))]
     configs = {(row[0], row[1]) for row in rows}
     assert configs == {
         ("sparse_forward", "sparse_fwd_c16_half_rows16"), ("sparse_forward", "sparse_fwd_c16_half_rows16+routed"),
@@ -80,6 +83,7 @@ def test_compile_check_compiles_a_sparse_case_per_kernel():
         ("sparse_backward_input", "sparse_bwd_input_c16_half_rows16+store_act"),
         ("sparse_backward_weights", "sparse_bwd_weights_c16_half"),
         ("sparse_backward_weights", "sparse_bwd_weights_c16_half+store_act"),
+        ("grouped_forward", "grouped_fwd_r16_half"), ("grouped_forward", "grouped_fwd_r16_half+k1"),
     }, table
     for row in rows:
         assert int(row[5]) > 0 and row[9] in ("mma.sync", "wgmma"), row  # registers read from the cubin
@@ -121,6 +125,64 @@ def test_sparse_cases_cover_every_configuration_at_its_padded_columns():
     config = sparse.BACKWARD_WEIGHTS_CONFIGS[(256, "half")]
     launch = build_launches("sparse_backward_weights", 256, "float16", "aligned", config)
     assert launch.constexprs["BLOCK_COLUMNS"] == (config.rank_tile or 256) and launch.config is config
+
+
+def test_grouped_cases_cover_every_configuration():
+    # The grouped design's cases, built without a compiler: every configuration of the six
+    # tables (the gate's block-rows variants included), the "+k1" forms of the two kernels that
+    # change with k = 1, the gate's table picked by x's dtype (autocast: fp32 storage), and the
+    # heaviest flags through the runtime's launch builders.
+    from fused_adapters.kernels.compile_check import (
+        ARCHS, DTYPES, GROUPED_EXPERTS, GROUPED_KERNELS, SCENARIOS, _cases, build_launches,
+    )
+    from fused_adapters.kernels.launch import padded_rank, row_variants
+
+    cases = list(_cases(ARCHS, DTYPES, SCENARIOS, GROUPED_KERNELS))
+    for kernel, table in (("grouped_gate", sparse_grouped.GATE_CONFIGS),
+                          ("grouped_forward", sparse_grouped.GROUPED_FORWARD_CONFIGS),
+                          ("grouped_combine", sparse_grouped.COMBINE_CONFIGS),
+                          ("grouped_backward_input", sparse_grouped.GROUPED_BACKWARD_INPUT_CONFIGS),
+                          ("grouped_backward_combine", sparse_grouped.BACKWARD_COMBINE_CONFIGS),
+                          ("grouped_backward_weights", sparse_grouped.GROUPED_BACKWARD_WEIGHTS_CONFIGS)):
+        names = {case[5].name for case in cases if case[0] == kernel}
+        expected = {variant.name for config in table.values()
+                    for variant in (row_variants(config) if kernel == "grouped_gate" else [config])}
+        assert names == expected, kernel
+    singles = {(case[0], case[8]) for case in cases}
+    assert {kernel for kernel, single in singles if single} == {"grouped_forward", "grouped_backward_input"}
+    groups = {(case[2], case[5].name) for case in cases}
+    assert ("autocast_bf16", "grouped_gate_fp32") in groups and ("float16", "grouped_gate_half") in groups
+    assert ("autocast_bf16", "grouped_gate_half") not in groups
+    assert ("autocast_bf16", "grouped_combine_half") in groups and ("autocast_bf16", "grouped_fwd_r16_half") in groups
+
+    for scenario in SCENARIOS:
+        for block_rank in (16, 32, 64, 128, 256):
+            launch = build_launches("grouped_forward", block_rank, "float16", scenario)
+            assert launch.constexprs["BLOCK_RANK"] == block_rank == padded_rank(launch.args["rank"])
+            assert launch.args["experts"] == GROUPED_EXPERTS
+            assert launch.args["rank"] % 2 == (scenario == "unaligned")
+        flags = build_launches("grouped_gate", 0, "float16", scenario).constexprs
+        assert flags["HAS_B_GATE"] and flags["STORE_LOGITS"] and flags["TOP_K"] == 2
+        for kernel in ("grouped_forward", "grouped_combine"):
+            flags = build_launches(kernel, 16, "float16", scenario).constexprs
+            assert flags["HAS_RESIDUAL"] and flags["ADD_INPUT"] and flags["HAS_ROW_SCALE"] and flags["TOP_K"] == 2
+            assert flags["SCALE_MODE"] == "channel"
+        flags = build_launches("grouped_forward", 16, "float16", scenario).constexprs
+        assert flags["HAS_B_DOWN"] and flags["HAS_B_UP"] and flags["SAVE"] and not flags["SINGLE"]
+        assert flags["ACTIVATION"] == "gelu"
+        assert build_launches("grouped_forward", 16, "float16", scenario, single=True).constexprs["SINGLE"]
+        flags = build_launches("grouped_backward_input", 16, "float16", scenario).constexprs
+        assert flags["COMPUTE_DX"] and not flags["SINGLE"] and flags["HAS_B_UP"] and flags["HAS_ROW_SCALE"]
+        flags = build_launches("grouped_backward_input", 16, "float16", scenario, single=True).constexprs
+        assert flags["SINGLE"] and flags["ADD_GRAD_Y"] and flags["TOP_K"] == 1
+        flags = build_launches("grouped_backward_combine", 0, "float16", scenario).constexprs
+        assert flags["GATED"] and flags["HAS_GRAD_LOGITS"] and flags["COMPUTE_DX"] and flags["ADD_GRAD_Y"]
+        launch = build_launches("grouped_backward_weights", 16, "float16", scenario)
+        assert launch.grid[0] > GROUPED_EXPERTS and launch.args["rows_per_gate_chunk"] > 0  # the gate's chunks
+    # A gate variant given sets the tiles (the block rows the plan may pick from M).
+    variant = row_variants(sparse_grouped.GATE_CONFIGS["half"])[-1]
+    launch = build_launches("grouped_gate", 0, "float16", "aligned", variant)
+    assert launch.constexprs["BLOCK_ROWS"] == variant.block_rows and launch.config is variant
 
 
 def _jit_view(kernel):
