@@ -438,7 +438,8 @@ def _grouped_launches(case, x, w_gate, b_gate, w_down, b_down, w_up, b_up, scale
                 torch.empty(rows * top_k, rank, dtype=compute),
                 torch.empty(0 if single else rows * top_k, dim, dtype=compute),
                 torch.empty(rows if gated else 0, experts),
-                torch.empty(grouped.packed_size(experts, rank, dim), dtype=grad_dtype),
+                torch.empty(grouped.packed_size(experts, rank, dim, grouped.weights_rank_blocks(rank, compute)),
+                            dtype=grad_dtype),
                 torch.empty(chunks, experts * dim + experts))
     return [launch for launch in launches if launch is not None]
 

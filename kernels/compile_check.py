@@ -297,7 +297,8 @@ def _grouped_launch(kernel: str, block_rank: int, dtype_name: str, scenario: str
             True, tensor(rows, dim), tensor(rows, top_k, dt=torch.float32), tensor(assignments, rank, dt=compute),
             tensor(assignments if gated else 0, dim, dt=compute),
             tensor(rows if gated else 0, experts, dt=torch.float32),
-            tensor(sg.packed_size(experts, rank, dim)),  # the parameters' dtype (fp32 for autocast_*)
+            # the parameters' dtype (fp32 for autocast_*)
+            tensor(sg.packed_size(experts, rank, dim, sg.weights_rank_blocks(rank, compute))),
             tensor(chunks, experts * dim + experts, dt=torch.float32),
         )
         launch = launches[("grouped_backward_input", "grouped_backward_combine",

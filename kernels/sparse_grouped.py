@@ -21,8 +21,8 @@ Backward (three launches; two for the routed form with k = 1):
      dh W_down[e] (dx itself with k = 1).
   2. Combine: d logits through the softmax (gated form), and dx = the sum of the k shares +
      d logits W_gate (+ dy when x is a residual term).
-  3. Weights: one program per (expert, D tile) sums its expert's gradients over the expert's
-     sorted assignments in order and writes them (deterministic, no partials), plus, for the
+  3. Weights: one program per (expert, D tile, rank block) sums its expert's gradients over the
+     expert's sorted assignments in order and writes them (deterministic, no partials), plus, for the
      gated form, programs that sum d logits^T x over row chunks into fp32 partials.
 
 What it costs against the dense design, counted with the byte counter (fp16, D = 768, M = 1576,
@@ -57,11 +57,9 @@ MIN_BLOCK = 16
 # Block configurations. The grouped launches are keyed by (padded r, dtype group of the compute
 # dtype); the gate and the combines (no rank axis) by the dtype group. Chosen with the compile
 # check (kernels/compile_check.py --kernel grouped_...): 0 spill bytes on sm_80 and sm_90, every
-# dtype, aligned and unaligned, except the weights launch at padded rank 128 and 256, where the
-# two fp32 [D tile, rank] accumulators do not fit at any tile tried (least spilling entries
-# below: r128 half up to 128 bytes on sm_80; r256 half up to 1.9 KB on sm_80; r256 fp32 16
-# bytes, 1.2-1.5 KB with tf32 on sm_80; r128 fp32 32 bytes with tf32 on sm_80). Splitting the
-# rank axis over the grid, as the dense design's weights launch does, is what would fix them.
+# dtype, aligned and unaligned. rank_tile: at padded rank 128 and 256 the weights launch splits
+# the rank axis over a third grid axis (its two fp32 [D tile, rank] accumulators spilled up to
+# 6 KB at every whole-rank tile tried).
 # 8 warps: the gathered, unaligned x and dy tiles spill at 4.
 # --------------------------------------------------------------------------------------------
 
@@ -104,14 +102,14 @@ GROUPED_BACKWARD_INPUT_CONFIGS = {
 GROUPED_BACKWARD_WEIGHTS_CONFIGS = {
     (16, "half"): BlockConfig("grouped_bwd_weights_r16_half", 32, 64, 8, 2),
     (32, "half"): BlockConfig("grouped_bwd_weights_r32_half", 32, 64, 8, 2),
-    (64, "half"): BlockConfig("grouped_bwd_weights_r64_half", 16, 64, 4, 2),
-    (128, "half"): BlockConfig("grouped_bwd_weights_r128_half", 16, 64, 8, 2),
-    (256, "half"): BlockConfig("grouped_bwd_weights_r256_half", 16, 16, 8, 2),
+    (64, "half"): BlockConfig("grouped_bwd_weights_r64_half", 16, 64, 8, 2),
+    (128, "half"): BlockConfig("grouped_bwd_weights_r128_half", 16, 64, 8, 2, rank_tile=64),
+    (256, "half"): BlockConfig("grouped_bwd_weights_r256_half", 16, 64, 8, 2, rank_tile=64),
     (16, "fp32"): BlockConfig("grouped_bwd_weights_r16_fp32", 16, 32, 4, 1),
     (32, "fp32"): BlockConfig("grouped_bwd_weights_r32_fp32", 16, 32, 4, 1),
     (64, "fp32"): BlockConfig("grouped_bwd_weights_r64_fp32", 16, 32, 4, 1),
-    (128, "fp32"): BlockConfig("grouped_bwd_weights_r128_fp32", 16, 16, 8, 2),
-    (256, "fp32"): BlockConfig("grouped_bwd_weights_r256_fp32", 16, 16, 4, 1),
+    (128, "fp32"): BlockConfig("grouped_bwd_weights_r128_fp32", 16, 32, 4, 1, rank_tile=64),
+    (256, "fp32"): BlockConfig("grouped_bwd_weights_r256_fp32", 16, 32, 4, 1, rank_tile=64),
 }
 
 
@@ -128,10 +126,18 @@ def grouped_tiles(assignments: int, experts: int, block_rows: int) -> int:
     return triton.cdiv(assignments, block_rows) + experts if assignments else 0
 
 
-def packed_size(experts: int, rank: int, dim: int) -> int:
-    """The grouped backward's packed gradients: sparse.partials_size with one dscale row per expert."""
+def packed_size(experts: int, rank: int, dim: int, rank_blocks: int = 1) -> int:
+    """The grouped backward's packed gradients: sparse.partials_size with one dscale row per
+    (expert, rank block) of the weights launch."""
     columns = experts * rank
-    return 2 * columns * dim + 2 * experts * dim + columns + experts + experts * dim
+    return 2 * columns * dim + 2 * experts * dim + columns + experts + experts * rank_blocks * dim
+
+
+def weights_rank_blocks(rank: int, dtype: torch.dtype) -> int:
+    """The weights launch's rank blocks: its configuration's rank tile splits the rank axis over
+    the grid where two fp32 [D tile, rank] accumulators would not fit in registers."""
+    config = grouped_config(GROUPED_BACKWARD_WEIGHTS_CONFIGS, rank, dtype)
+    return triton.cdiv(padded_rank(rank), config.rank_tile or padded_rank(rank))
 
 
 # --------------------------------------------------------------------------------------------
@@ -267,8 +273,10 @@ def grouped_backward_launches(grad_y, grad_logits, x, hidden, idx, weights, orde
         )
     weights_config = grouped_config(GROUPED_BACKWARD_WEIGHTS_CONFIGS, rank, compute_dtype)
     chunks = gate_partials.shape[0] if gated else 0
+    rank_tile = weights_config.rank_tile or padded_rank(rank)
     weights_launch = Launch(
-        _grouped_backward_weights_kernel, (experts + chunks, triton.cdiv(dim, weights_config.block_dim)),
+        _grouped_backward_weights_kernel,
+        (experts + chunks, triton.cdiv(dim, weights_config.block_dim), weights_rank_blocks(rank, compute_dtype)),
         dict(grad_y_ptr=grad_y, x_ptr=x, order_ptr=order, counts_ptr=counts, weights_ptr=weights,
              hidden_ptr=hidden, grad_hidden_ptr=grad_hidden, grad_gate_ptr=grad_gate, w_up_ptr=w_up, b_up_ptr=b_up_c,
              scale_ptr=scale_c, row_scale_ptr=row_scale_c, packed_ptr=packed, gate_partials_ptr=gate_partials,
@@ -279,7 +287,7 @@ def grouped_backward_launches(grad_y, grad_logits, x, hidden, idx, weights, orde
         dict(TOP_K=top_k, ACTIVATION=activation, SCALE_MODE=mode, HAS_B_UP=b_up is not None,
              HAS_ROW_SCALE=row_scale is not None, COMPUTE_DTYPE=triton_dtype, INPUT_PRECISION=precision,
              BLOCK_ROWS=weights_config.block_rows, BLOCK_DIM=weights_config.block_dim,
-             BLOCK_RANK=padded_rank(rank), BLOCK_EXPERTS=block_experts(experts)),
+             BLOCK_RANK=rank_tile, BLOCK_EXPERTS=block_experts(experts)),
         weights_config,
     )
     return grouped, combine, weights_launch
@@ -340,10 +348,14 @@ def grouped_backward(grad_y, grad_logits, x, hidden, idx, weights, order, counts
     gated = w_gate is not None
     grad_x = new_output((rows if compute_dx else 0, dim), x.dtype, x.device)
     grad_weights = new_output((rows, top_k), torch.float32, x.device)
-    packed = new_output((packed_size(experts, rank, dim),), grad_dtype, x.device)
+    rank_blocks = weights_rank_blocks(rank, compute_dtype)
+    packed = new_output((packed_size(experts, rank, dim, rank_blocks),), grad_dtype, x.device)
+    columns = experts * rank
+    gate_start = 2 * columns * dim + experts * dim + columns
+    scale_start = gate_start + experts * dim + experts
     if rows == 0:
         packed.zero_()
-        return grad_x, packed[:packed.numel() - (experts - 1) * dim], grad_weights
+        return grad_x, packed[:scale_start + dim], grad_weights
     grad_y, x = int32_columns(grad_y), int32_columns(x)
     single = top_k == 1 and not gated
     grad_hidden = new_output((rows * top_k, rank), compute_dtype, x.device)
@@ -359,14 +371,11 @@ def grouped_backward(grad_y, grad_logits, x, hidden, idx, weights, order, counts
                                                 grad_gate, packed, gate_partials):
             if launch is not None:
                 launch()
-    columns = experts * rank
-    gate_start = 2 * columns * dim + experts * dim + columns
-    scale_start = gate_start + experts * dim + experts
     if gated:  # the gate's partials, summed over chunks in order (deterministic)
         packed[gate_start:scale_start] = gate_partials.sum(dim=0).to(grad_dtype)
     else:
         packed[gate_start:scale_start] = 0
-    # One dscale row per expert: folded into the first, which ends the packed layout.
-    scale_rows = packed[scale_start:].view(experts, dim)
+    # One dscale row per (expert, rank block): folded into the first, which ends the packed layout.
+    scale_rows = packed[scale_start:].view(experts * rank_blocks, dim)
     scale_rows[0] = scale_rows.float().sum(0).to(grad_dtype)
     return grad_x, packed[:scale_start + dim], grad_weights

@@ -344,12 +344,15 @@ def _grouped_backward_weights_kernel(
     HAS_ROW_SCALE: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_ROWS: tl.constexpr, BLOCK_DIM: tl.constexpr, BLOCK_RANK: tl.constexpr, BLOCK_EXPERTS: tl.constexpr,
 ):
-    # Programs (e < E, D tile): expert e's gradients for columns [pid_col * BLOCK_DIM, +BLOCK_DIM),
-    # summed in order over its sorted assignments: each is owned by one program, so they are
-    # written to the packed gradients directly (no partials, deterministic). Programs (E + c,
-    # D tile), gated form only: the gate's gradients d logits^T x over row chunk c, as fp32
-    # partials that torch sums.
+    # Programs (e < E, D tile, rank block): expert e's gradients for columns [pid_col *
+    # BLOCK_DIM, +BLOCK_DIM) and ranks [pid_rank * BLOCK_RANK, +BLOCK_RANK), summed in order over
+    # its sorted assignments: each is owned by one program, so they are written to the packed
+    # gradients directly (no partials, deterministic); its share of dscale goes to its own row.
+    # Programs (E + c, D tile, rank block 0), gated form only: the gate's gradients
+    # d logits^T x over row chunk c, as fp32 partials that torch sums.
     pid_group = tl.program_id(0)
+    pid_rank = tl.program_id(2)
+    first_rank_block = pid_rank == 0
     col_ids = tl.program_id(1) * BLOCK_DIM + tl.arange(0, BLOCK_DIM)
     col_mask = col_ids < dim
     first_col_tile = tl.program_id(1) == 0
@@ -357,7 +360,7 @@ def _grouped_backward_weights_kernel(
     if pid_group < experts:
         expert = pid_group.to(tl.int64)
         group_start, group_count = _expert_group(pid_group, counts_ptr, experts, BLOCK_EXPERTS)
-        rank_ids = tl.arange(0, BLOCK_RANK)
+        rank_ids = pid_rank * BLOCK_RANK + tl.arange(0, BLOCK_RANK)
         rank_mask = rank_ids < rank
         # With g = dy * row_scale and the expert's weighted output p (act W_up^T + b_up):
         # ga = g^T (p act) and gp = g^T p give dw_up = scale * ga, db_up = scale * gp and this
@@ -404,12 +407,13 @@ def _grouped_backward_weights_kernel(
                             mask=up_mask, other=0.0)
         grad_scale = tl.sum(w_up_tile.to(dtype).to(tl.float32) * acc_ga, axis=1)
         if HAS_B_UP:
-            b_up_tile = tl.load(b_up_ptr + expert * dim + col_ids, mask=col_mask, other=0.0)
+            b_up_tile = tl.load(b_up_ptr + expert * dim + col_ids, mask=col_mask & first_rank_block, other=0.0)
             grad_scale += b_up_tile.to(dtype).to(tl.float32) * acc_gp
 
-        # The packed layout of sparse.partials_size with one dscale row per expert:
+        # The packed layout of sparse.partials_size with one dscale row per (expert, rank block):
         # [dw_up (E x D x r) | dw_down (E x r x D) | db_up (E x D) | db_down (E x r) |
-        #  dw_gate (E x D) | db_gate (E) | dscale (E x D)]; the gate's two are filled from its partials.
+        #  dw_gate (E x D) | db_gate (E) | dscale (E x blocks x D)]; the gate's two are filled
+        # from its partials.
         out_dtype = packed_ptr.dtype.element_ty
         columns = experts * rank
         packed = packed_ptr
@@ -419,12 +423,14 @@ def _grouped_backward_weights_kernel(
         tl.store(packed + expert * rank * dim + rank_ids[:, None] * dim + col_ids[None, :], acc_w_down.to(out_dtype),
                  mask=rank_mask[:, None] & col_mask[None, :])
         packed += columns * dim
-        tl.store(packed + expert * dim + col_ids, (acc_gp * col_scale).to(out_dtype), mask=col_mask)
+        tl.store(packed + expert * dim + col_ids, (acc_gp * col_scale).to(out_dtype),
+                 mask=col_mask & first_rank_block)
         packed += experts * dim
         tl.store(packed + expert * rank + rank_ids, acc_b_down.to(out_dtype), mask=rank_mask & first_col_tile)
         packed += columns + experts * dim + experts
-        tl.store(packed + expert * dim + col_ids, grad_scale.to(out_dtype), mask=col_mask)
-    else:
+        tl.store(packed + (expert * tl.num_programs(2) + pid_rank) * dim + col_ids, grad_scale.to(out_dtype),
+                 mask=col_mask)
+    elif first_rank_block:
         chunk = pid_group - experts
         expert_ids = tl.arange(0, BLOCK_EXPERTS)
         expert_mask = expert_ids < experts

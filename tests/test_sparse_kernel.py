@@ -371,6 +371,16 @@ def test_grouped_gate_partials_over_several_chunks(monkeypatch, poisoned):
     check(case, torch.float32, routed=False, variant="grouped")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_grouped_weights_launch_splits_large_ranks(dtype, poisoned):
+    # Rank 100 pads to 128: the weights launch splits it into two rank blocks (their dscale rows
+    # folded); E*r = 300, so every variant runs the grouped design.
+    assert sparse_grouped.weights_rank_blocks(100, dtype) == 2
+    case = make(40, 24, 100, 3, dtype, seed=5)
+    check(case, dtype, routed=False)
+    check(case, dtype, routed=True, scale="tensor")
+
+
 def test_grouped_launches_plan_for_the_gpu():
     # ViT-B/16 batch 32 (M = 6304, D = 768), E = 16, r = 32 (E*r = 512: grouped only), k = 2 on
     # 132 SMs: every launch gets at least one program per SM. Plans only.
