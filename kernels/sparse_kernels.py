@@ -201,14 +201,14 @@ def _sparse_backward_input_kernel(
     one_hot = _expert_one_hot(column_ids, column_mask, expert_ids, rank, BLOCK_EXPERTS)
     column_weights = tl.dot(weights.to(dtype).to(tl.float32), one_hot, input_precision="ieee")
     act = _activation(hidden, ACTIVATION)
+    if STORE_ACT:  # stored first, so that act(h) is not live across dh (fp32 E*r = 256 spilled)
+        tl.store(act_ptr + row_ids[:, None] * (experts * rank) + column_ids[None, :],
+                 (act * column_weights).to(dtype), mask=hidden_mask)
     # d weight_e = sum over expert e's columns of d act * act (+ the b_up term above).
     grad_weights = tl.dot(grad_act * act, tl.trans(one_hot), grad_weights, input_precision="ieee")
     grad_hidden = (grad_act * column_weights * _activation_grad(hidden, ACTIVATION)).to(dtype)
     tl.store(grad_hidden_ptr + row_ids[:, None] * (experts * rank) + column_ids[None, :], grad_hidden,
              mask=hidden_mask)
-    if STORE_ACT:
-        tl.store(act_ptr + row_ids[:, None] * (experts * rank) + column_ids[None, :],
-                 (act * column_weights).to(dtype), mask=hidden_mask)
     if GATED:
         # Softmax over the chosen logits: d logit_e = p_e (d p_e - sum_j p_j d p_j); zero for the
         # unchosen experts, whose weight is 0 (the choice itself has no gradient).

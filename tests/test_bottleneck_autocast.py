@@ -8,7 +8,7 @@ import torch
 
 from fused_adapters.kernels import bottleneck_adapter, launch, reference, uses_triton
 from helpers import (
-    DEVICE, NO_CUDA_REASON, TOLERANCE, AtenRecorder, LaunchCounter, make_case, poisoned_outputs, reference_grads,
+    DEVICE, NO_CUDA_REASON, TOLERANCE, LaunchCounter, make_case, poisoned_outputs, reference_grads,
     relative_error,
 )
 

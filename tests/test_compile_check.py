@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from fused_adapters.kernels import bottleneck, sparse, sparse_grouped
 

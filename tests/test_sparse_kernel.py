@@ -227,8 +227,9 @@ def test_aux_loss_gradient_reaches_the_gate(design):
 
 
 @pytest.mark.parametrize("variant", sorted(list_variants("sparse_adapter")))
-def test_every_variant_against_float64(variant, poisoned):
-    case = make(70, 40, 5, 6, torch.float32, seed=31)
+@pytest.mark.parametrize("rank,experts", [(5, 6), (30, 8)])  # E*r pads to 32 and to 256
+def test_every_variant_against_float64(variant, rank, experts, poisoned):
+    case = make(70, 40, rank, experts, torch.float32, seed=31)
     with use_variant("sparse_adapter", variant):
         check(case, torch.float32, routed=False)
     check(case, torch.float32, routed=True, variant=variant)
