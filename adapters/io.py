@@ -1,5 +1,7 @@
-"""Save and load just the adapters (and the head when it is trained): safetensors for tensors,
-JSON for the config, never pickle. Writes are atomic: a temporary file, then a rename."""
+"""Save and load just the adapters, with the modules they own (their own head when the config
+trains it, their own LayerNorms with train_norms) under those modules' usual keys ("head.weight",
+"blocks.0.norm1.weight"): safetensors for tensors, JSON for the config, never pickle. Writes are
+atomic: a temporary file, then a rename."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import torch
 from torch import nn
 
 from .config import AdapterConfig
+from .owned import owned_modules
 from .timm_vit import _block_dim, _blocks, active_adapter, adapter_configs, head_parameters, inject, set_adapter
 
 CONFIG_FILE = "adapter_config.json"
@@ -23,14 +26,16 @@ FORMAT_VERSION = 1
 __all__ = ["save_adapters", "load_adapters", "CONFIG_FILE", "WEIGHTS_FILE"]
 
 
-def _adapter_state(model: nn.Module, name: str, with_head: bool) -> dict[str, torch.Tensor]:
+def _adapter_state(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
     state = {}
     for index, block in enumerate(_blocks(model)):
         for key, tensor in block.adapters[name].state_dict().items():
             state[f"blocks.{index}.{key}"] = tensor
-    if with_head:
-        for key, parameter in head_parameters(model).items():
-            state[key] = parameter.detach()
+    for path, module in owned_modules(model, name).items():
+        for key, tensor in module.state_dict().items():
+            if f"{path}.{key}" in state:
+                raise RuntimeError(f"adapter {name!r}: its own module {path} and its adapters both have {key}")
+            state[f"{path}.{key}"] = tensor
     return state
 
 
@@ -62,7 +67,8 @@ def _atomic_write(path: Path, write) -> None:
 
 def save_adapters(model: nn.Module, path: Union[str, os.PathLike], name: Optional[str] = None) -> Path:
     """Write the adapters named `name` (default: the active ones) to the folder `path`:
-    adapter_config.json and adapter_model.safetensors (with the head when the config trains it)."""
+    adapter_config.json and adapter_model.safetensors (with that adapter's own head when its
+    config trains it, and its own LayerNorms with train_norms)."""
     from safetensors.torch import save_file
 
     configs = adapter_configs(model)
@@ -72,7 +78,7 @@ def save_adapters(model: nn.Module, path: Union[str, os.PathLike], name: Optiona
     config = configs[name]
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in _adapter_state(model, name, config.train_head).items()}
+    state = {k: v.detach().contiguous().cpu() for k, v in _adapter_state(model, name).items()}
     meta = {"format_version": FORMAT_VERSION, "name": name, "config": config.to_dict(), "model": _model_info(model)}
     text = json.dumps(meta, indent=2, sort_keys=True, allow_nan=False)  # fails before anything is written
     _atomic_write(folder / WEIGHTS_FILE, lambda tmp: save_file(state, tmp, metadata={"name": name}))
@@ -83,7 +89,8 @@ def save_adapters(model: nn.Module, path: Union[str, os.PathLike], name: Optiona
 def load_adapters(model: nn.Module, path: Union[str, os.PathLike], name: Optional[str] = None,
                   verbose: bool = False) -> nn.Module:
     """Inject adapters per the saved config (if the model has none of that name) and load their
-    weights (and the head's, if saved); they become the active adapters. Returns the model.
+    weights (and their own head's and LayerNorms', if saved) into that adapter only; they become
+    the active adapters. Returns the model.
 
     Raises ValueError, naming what differs, for a model of another width or depth, a head of
     another shape, or a file with missing or unexpected tensors.
@@ -115,7 +122,7 @@ def load_adapters(model: nn.Module, path: Union[str, os.PathLike], name: Optiona
         raise ValueError(f"the model's adapters {name!r} were built from {existing}, but {folder} holds "
                          f"{config}; load into a model without them, or under another name")
     state = load_file(str(weights_path))
-    expected = _adapter_state(model, name, config.train_head)
+    expected = _adapter_state(model, name)
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
         raise ValueError(f"{weights_path}: missing tensors {missing[:8]}{'...' if len(missing) > 8 else ''}, "

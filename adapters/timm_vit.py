@@ -16,6 +16,7 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
+from . import owned
 from .config import AdapterConfig
 from .modules import BottleneckAdapter, SparseAdapter, mixed_task_forward
 
@@ -163,7 +164,11 @@ def adapter_configs(model: nn.Module) -> dict[str, AdapterConfig]:
 def inject(model: nn.Module, config: Optional[AdapterConfig] = None, name: str = "default",
            verbose: bool = True) -> nn.Module:
     """Add adapters named `name` to every block of a timm ViT, make them the active ones, freeze
-    everything else (the head stays trainable when config.train_head), and return the model.
+    everything else, and return the model.
+
+    With config.train_head the adapter gets its own trainable copy of the classifier head (and
+    with config.train_norms of every backbone LayerNorm), copied from the model's original:
+    `set_adapter` switches those copies with the adapters, `disable_adapters` runs the originals.
 
     With verbose, prints the trainable parameter count. Raises TypeError for models whose blocks
     are not timm Blocks, ValueError for a name already injected.
@@ -207,6 +212,7 @@ def inject(model: nn.Module, config: Optional[AdapterConfig] = None, name: str =
             block.adapter_positions = {}
         block.adapters[name] = nn.ModuleDict(slots)
         block.adapter_positions[name] = config.position
+    owned.add_owner(model, name, _paths_to_own(model, config))
     configs[name] = config
     model._fused_adapter_configs = configs
     set_adapter(model, name)
@@ -218,20 +224,27 @@ def inject(model: nn.Module, config: Optional[AdapterConfig] = None, name: str =
     return model
 
 
+def _paths_to_own(model: nn.Module, config: AdapterConfig) -> list[str]:
+    paths = owned.head_paths(model) if config.train_head else []
+    if getattr(config, "train_norms", False):
+        paths += owned.norm_paths(model)
+    return paths
+
+
 def set_adapter(model: nn.Module, name: str) -> None:
-    """Make the adapters named `name` the active, trainable ones; all other parameters are frozen
-    except the head when that adapter's config trains it."""
+    """Make the adapters named `name` the active, trainable ones, with their own head (and
+    LayerNorms) in place where their config trains them; all other parameters are frozen."""
     configs = adapter_configs(model)
     if name not in configs:
         raise ValueError(f"no adapters named {name!r}; injected: {sorted(configs)}")
+    owned.install(model, name)
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     for block in _blocks(model):
         block.active_adapter = name
         block.adapters[name].requires_grad_(True)
-    if configs[name].train_head:
-        for parameter in head_parameters(model).values():
-            parameter.requires_grad_(True)
+    for module in owned.owned_modules(model, name).values():
+        module.requires_grad_(True)
     model._fused_active_adapter = name
 
 
@@ -241,15 +254,18 @@ def active_adapter(model: nn.Module) -> Optional[str]:
 
 @contextlib.contextmanager
 def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
-    """Run the bare backbone inside the block: `with disable_adapters(model): base = model(x)`."""
+    """Run the original model inside the block (no adapters, the original head and LayerNorms):
+    `with disable_adapters(model): base = model(x)`."""
     blocks = _blocks(model)
     previous = [getattr(block, "active_adapter", None) for block in blocks]
     for block in blocks:
         if isinstance(block, AdaptedBlockMixin):
             block.active_adapter = None
+    modules = owned.install(model, None)
     try:
         yield model
     finally:
+        owned.restore(model, modules)
         for block, name in zip(blocks, previous):
             if isinstance(block, AdaptedBlockMixin):
                 block.active_adapter = name
@@ -294,9 +310,12 @@ def task_routing(model: nn.Module, names_per_image) -> Iterator[nn.Module]:
 
     names_per_image: one adapter name per image of the batch (or a tensor of indices into the
     sorted distinct names). The named adapters must be plain bottleneck adapters (experts = 1)
-    of one position, rank, activation, norm and bias; their scales may differ. Inside the block
-    every named adapter's parameters train (gradients reach each image's own adapter); their
-    previous requires_grad flags come back on exit. The classifier head is the model's one.
+    of one position, rank, activation, norm and bias; their scales may differ. Each image is
+    classified by its own task's head where that task owns one (train_head; the heads must give
+    outputs of one shape), by the original head otherwise, and likewise for the LayerNorms of
+    tasks with train_norms. Inside the block every named adapter's parameters and own modules
+    train (gradients reach each image's own ones); their previous requires_grad flags come back
+    on exit.
     """
     configs = adapter_configs(model)
     if isinstance(names_per_image, str) or not hasattr(names_per_image, "__len__") or len(names_per_image) == 0:
@@ -322,8 +341,15 @@ def task_routing(model: nn.Module, names_per_image) -> Iterator[nn.Module]:
     task_of_sample = torch.tensor([index[name] for name in names_per_image], dtype=torch.long)
     blocks = _blocks(model)
     parameters = [p for block in blocks for name in names for p in block.adapters[name].parameters()]
+    copies = [owned.owned_modules(model, name) for name in names]
+    parameters += [p for own in copies for module in own.values() for p in module.parameters()]
     flags = [p.requires_grad for p in parameters]
     previous = [(getattr(block, "active_adapter", None), getattr(block, "_task_routing", None)) for block in blocks]
+    modules = owned.install(model, None)
+    for key, path in owned.owned_paths(model).items():
+        if any(path in own for own in copies):
+            per_task = [own.get(path, getattr(model, owned.BASE)[key]) for own in copies]
+            owned.set_module(model, path, owned.PerImage(per_task, task_of_sample, path))
     for block in blocks:
         block.active_adapter = names[0]
         block._task_routing = (names, task_of_sample)
@@ -332,6 +358,7 @@ def task_routing(model: nn.Module, names_per_image) -> Iterator[nn.Module]:
     try:
         yield model
     finally:
+        owned.restore(model, modules)
         for block, (active, routing) in zip(blocks, previous):
             block.active_adapter = active
             block._task_routing = routing
