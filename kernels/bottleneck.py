@@ -49,14 +49,16 @@ from . import reference
 from .activations import activation as _activation
 from .epilogue import epilogue, epilogue_scalars
 from .activations import activation_grad as _activation_grad
-from .checks import MAX_RANK, check_bottleneck_arguments, epilogue_arguments
+from .checks import MAX_RANK, check_bottleneck_arguments, check_float_tensor, epilogue_arguments
 from .launch import (
     TRITON_DTYPES, BlockConfig, Launch, device_context, dtype_group, input_precision, int32_columns, new_output,
-    optional, packed_grad_dtype, padded_rank, plan_chunks, scale_mode, sm_count, takes_triton, variant_config,
+    kernel_path, optional, packed_grad_dtype, padded_rank, plan_chunks, scale_mode, sm_count, takes_triton,
+    variant_config, warn_reference,
 )
 from .variants import Variant, pick, register_variants, time_cuda
 
 __all__ = [
+    "backend",
     "bottleneck_adapter",
     "BlockConfig",
     "FORWARD_CONFIGS",
@@ -433,10 +435,31 @@ def partials_size(dim: int, rank: int, rank_blocks: int) -> int:
 # --------------------------------------------------------------------------------------------
 
 
+def backend(tensor: torch.Tensor) -> str:
+    """Which path the fused ops take, here and now, for `tensor` as their x argument
+    (bottleneck_adapter, sparse_adapter, routed_adapter) at the ambient torch.autocast state:
+
+    - "triton": the compiled Triton kernels (CUDA tensors in fp16, bf16 or fp32);
+    - "interpreter": the same kernels in Triton's interpreter (TRITON_INTERPRET=1 was set before
+      triton was imported; CPU or CUDA tensors in fp16 or fp32: the interpreter has no bf16);
+    - "reference": the plain-PyTorch reference in kernels.reference (a CPU tensor without the
+      interpreter; float64 anywhere; bf16, or a bf16 autocast, under the interpreter).
+
+    The ops choose their path with the same rule (launch.reference_reason), given x's device, x's
+    dtype and the compute dtype (autocast's, else x's); the call's other tensors count too, so a
+    float64 parameter or residual (or, under the interpreter, a bf16 one) sends a call to the
+    reference whatever this says, as does a sparse mixture's rank above 256 (see
+    sparse.uses_kernels). A CUDA call that falls back to the reference warns once.
+    Raises TypeError unless `tensor` is a floating-point torch.Tensor.
+    """
+    check_float_tensor("tensor", tensor)
+    return kernel_path(tensor.device.type, (tensor.dtype, reference.compute_dtype(tensor)))
+
+
 def uses_triton(x: torch.Tensor) -> bool:
     """Whether x takes the Triton kernels here (CUDA, or the interpreter under TRITON_INTERPRET=1),
-    at the ambient autocast state, or the plain-PyTorch reference."""
-    return takes_triton(x.device.type, (x.dtype, reference.compute_dtype(x)))
+    at the ambient autocast state, or the plain-PyTorch reference: backend(x) != "reference"."""
+    return backend(x) != "reference"
 
 
 
@@ -662,12 +685,15 @@ def _scale_arg(scale: Optional[torch.Tensor], scale_value: float):
     return scale if scale is not None else (None if scale_value == 1.0 else scale_value)
 
 
-def _forward_takes_triton(x, residual, compute_dtype, out_dtype, params) -> bool:
+def _forward_dtypes(x, residual, compute_dtype, out_dtype, params) -> tuple:
     # The parameters' dtypes count too: the weights kernel stores gradients in their dtype (no
     # bf16 stores in the interpreter: it truncates rather than rounds).
     dtypes = (x.dtype, compute_dtype, out_dtype) + tuple(p.dtype for p in params if p is not None)
-    dtypes += (residual.dtype,) if residual is not None else ()
-    return takes_triton(x.device.type, dtypes)
+    return dtypes + ((residual.dtype,) if residual is not None else ())
+
+
+def _forward_takes_triton(x, residual, compute_dtype, out_dtype, params) -> bool:
+    return takes_triton(x.device.type, _forward_dtypes(x, residual, compute_dtype, out_dtype, params))
 
 
 def _forward_impl(
@@ -678,9 +704,11 @@ def _forward_impl(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """2-D x [M, D]. Returns y [M, D] in out_dtype and the pre-activation [M, r] in the compute
     dtype (or [0, r] when not saved). add_input: x itself is a residual term besides `residual`."""
-    if _forward_takes_triton(x, residual, compute_dtype, out_dtype, (w_down, b_down, w_up, b_up, scale)):
+    dtypes = _forward_dtypes(x, residual, compute_dtype, out_dtype, (w_down, b_down, w_up, b_up, scale))
+    if takes_triton(x.device.type, dtypes):
         return _forward_triton(x, w_down, b_down, w_up, b_up, scale, scale_value, residual, add_input, row_scale,
                                activation, compute_dtype, out_dtype, save_hidden)
+    warn_reference("bottleneck_adapter", x.device.type, dtypes)
     terms = ([x] if add_input else []) + ([residual] if residual is not None else [])
     y = reference.bottleneck_in_dtype(x, w_down, b_down, w_up, b_up, _scale_arg(scale, scale_value),
                                       activation=activation, residual=terms, row_scale=row_scale,

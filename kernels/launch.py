@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
+import sys
+import warnings
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
@@ -16,7 +19,7 @@ import triton.language as tl
 __all__ = [
     "BlockConfig", "Launch", "launch_plan", "sm_count", "is_interpreted", "new_output", "device_context",
     "padded_rank", "dtype_group", "row_variants", "plan_block_rows", "plan_chunks", "variant_config", "scale_mode",
-    "packed_grad_dtype", "takes_triton", "input_precision",
+    "packed_grad_dtype", "takes_triton", "kernel_path", "reference_reason", "warn_reference", "input_precision",
     "int32_columns", "KERNEL_DTYPES", "TRITON_DTYPES",
 ]
 
@@ -225,16 +228,81 @@ def packed_grad_dtype(x: torch.Tensor, *params) -> torch.dtype:
     return dtypes.pop() if len(dtypes) == 1 and dtypes <= set(KERNEL_DTYPES) else torch.float32
 
 
-def takes_triton(device_type: str, dtypes) -> bool:
-    """Whether tensors on this device with these dtypes (x, compute, output, residual) take the
-    Triton kernels (CUDA, or anywhere under TRITON_INTERPRET=1) or the reference."""
-    if any(dtype not in KERNEL_DTYPES for dtype in dtypes):
-        return False
+def reference_reason(device_type: str, dtypes) -> Optional[str]:
+    """Why tensors on this device with these dtypes (x, compute, output, residual, parameters)
+    take the plain-PyTorch reference, in words; None when they take the Triton kernels. The one
+    place the ops' choice of path is made (takes_triton, kernel_path and backend ask it)."""
+    others = [dtype for dtype in dtypes if dtype not in KERNEL_DTYPES]
+    if others:
+        return f"a {_dtype_name(others[0])} input (the kernels take float16, bfloat16 or float32)"
     if is_interpreted():
         # The interpreter has no bf16 (tl.dot multiplies the raw bit patterns): bf16 anywhere
         # takes the reference, CUDA tensors included, rather than a silently wrong answer.
-        return device_type in ("cpu", "cuda") and torch.bfloat16 not in dtypes
-    return device_type == "cuda"
+        if torch.bfloat16 in dtypes:
+            return "bfloat16 under TRITON_INTERPRET=1 (Triton's interpreter has no bf16)"
+        if device_type not in ("cpu", "cuda"):
+            return f"{device_type} tensors (Triton's interpreter runs CPU and CUDA tensors)"
+        return None
+    if device_type != "cuda":
+        return f"{device_type} tensors without TRITON_INTERPRET=1 (the kernels need CUDA or the interpreter)"
+    return None
+
+
+def kernel_path(device_type: str, dtypes) -> str:
+    """The path tensors on this device with these dtypes take: "triton" (the compiled kernels on
+    CUDA), "interpreter" (the same kernels in Triton's interpreter, TRITON_INTERPRET=1 set before
+    triton was imported; CPU and CUDA tensors) or "reference" (plain PyTorch)."""
+    if reference_reason(device_type, dtypes) is not None:
+        return "reference"
+    return "interpreter" if is_interpreted() else "triton"
+
+
+def takes_triton(device_type: str, dtypes) -> bool:
+    """Whether tensors on this device with these dtypes (x, compute, output, residual) take the
+    Triton kernels (CUDA, or anywhere under TRITON_INTERPRET=1) or the reference."""
+    return kernel_path(device_type, dtypes) != "reference"
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+# The messages warn_reference has given: each once per process.
+_warned: set = set()
+_KERNELS_DIR = os.path.dirname(os.path.abspath(__file__))
+# Frames in these folders are skipped when warn_reference names the caller: the kernels, their
+# sibling fused_adapters.adapters, and torch (torch.library's dispatch, nn.Module.__call__).
+_INTERNAL_DIRS = tuple(os.path.join(folder, "") for folder in (
+    _KERNELS_DIR, os.path.join(os.path.dirname(_KERNELS_DIR), "adapters"),
+    os.path.dirname(os.path.abspath(torch.__file__)),
+))
+
+
+def _caller_stacklevel() -> int:
+    """warn_reference's stacklevel for the first frame outside the package and torch: the
+    user's call, not torch.library's dispatch into an op's implementation."""
+    frame, level = sys._getframe(2), 2  # frame 1 is warn_reference; stacklevel 2 its caller
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_INTERNAL_DIRS):
+        frame, level = frame.f_back, level + 1
+    return level if frame is not None else 2
+
+
+def warn_reference(op: str, device_type: str, dtypes=(), reason: Optional[str] = None) -> None:
+    """Called where `op` falls back to the plain-PyTorch reference: on CUDA, warn (once per op and
+    reason) that the reference runs instead of the fused kernels, slower. Elsewhere nothing: the
+    reference is the normal path of a CPU without the interpreter. reason: the words for it,
+    default reference_reason(device_type, dtypes). Skipped while torch.compile traces (dynamo
+    cannot trace warnings.warn in a fullgraph compile)."""
+    if device_type != "cuda" or torch.compiler.is_compiling():
+        return
+    if reason is None:
+        reason = reference_reason(device_type, dtypes) or f"dtypes {sorted({_dtype_name(d) for d in dtypes})}"
+    message = (f"{op} on CUDA: {reason}, so the plain-PyTorch reference runs instead of the fused Triton "
+               f"kernels (slower, more memory)")
+    if message in _warned:
+        return
+    _warned.add(message)
+    warnings.warn(message, stacklevel=_caller_stacklevel())
 
 
 def input_precision(dtype: torch.dtype) -> str:

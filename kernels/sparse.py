@@ -45,7 +45,6 @@ proportional to k, more launches and bytes. choose_design picks between the two 
 
 from __future__ import annotations
 
-import warnings
 from typing import Optional, Union
 
 import torch
@@ -55,7 +54,7 @@ from . import reference
 from .checks import check_sparse_arguments, epilogue_arguments
 from .launch import (
     TRITON_DTYPES, BlockConfig, Launch, device_context, dtype_group, input_precision, int32_columns, new_output,
-    optional, packed_grad_dtype, plan_chunks, scale_mode, sm_count, takes_triton, variant_config,
+    optional, packed_grad_dtype, plan_chunks, scale_mode, sm_count, takes_triton, variant_config, warn_reference,
 )
 from .sparse_grouped import MAX_GROUPED_RANK, grouped_backward, grouped_forward
 from .sparse_kernels import _sparse_backward_input_kernel, _sparse_backward_weights_kernel, _sparse_forward_kernel
@@ -638,9 +637,6 @@ _grouped_forward_op.register_autograd(_grouped_backward, setup_context=_grouped_
 # Public API
 # --------------------------------------------------------------------------------------------
 
-_warned_eager: set = set()
-
-
 def choose_design(experts: int, rank: int, variant: str = "") -> str:
     """"dense" or "grouped": the design a call with E experts of rank r runs.
 
@@ -693,10 +689,9 @@ def _run(x, w_gate, b_gate, expert_idx, expert_weight, w_down, b_down, w_up, b_u
     dtypes = (x.dtype, compute_dtype, out_dtype) + tuple(p.dtype for p in params if p is not None)
     dtypes += tuple(term.dtype for term in terms)
     if rank > MAX_GROUPED_RANK or not takes_triton(x.device.type, dtypes):
-        if x.device.type == "cuda" and rank > MAX_GROUPED_RANK and (experts, rank) not in _warned_eager:
-            _warned_eager.add((experts, rank))
-            warnings.warn(f"sparse mixture with rank {rank} > {MAX_GROUPED_RANK}: runs the eager expert loop (the "
-                          f"kernels hold a rank tile in registers)", stacklevel=3)
+        too_large = f"rank {rank} > {MAX_GROUPED_RANK} (the kernels hold a rank tile in registers)"
+        warn_reference("sparse_adapter" if w_gate is not None else "routed_adapter", x.device.type, dtypes,
+                       reason=too_large if rank > MAX_GROUPED_RANK else None)
         scale_arg = scale_tensor if scale_tensor is not None else (None if scale_value == 1.0 else scale_value)
         if w_gate is not None:
             return reference.sparse_adapter(x, w_gate, b_gate, w_down, b_down, w_up, b_up, scale_arg, top_k=top_k,
@@ -759,10 +754,12 @@ def sparse_adapter(
     return_logits: logits [M, E] fp32, differentiable (for load_balancing_loss).
 
     Gradients reach x, the gate (through the weights), every expert parameter, scale and the
-    residual. CUDA tensors run one Triton launch forward and two backward (the interpreter runs
-    the same kernels under TRITON_INTERPRET=1); elsewhere, and where E*r > 256, the eager expert
-    loop of kernels.reference runs. variant: one of list_variants("sparse_adapter") for this
-    call's forward and backward (default: the one in force, see use_variant).
+    residual. CUDA tensors run the Triton kernels (the dense design, one launch forward and two
+    backward, for E*r up to 256; the grouped design above), as does the interpreter under
+    TRITON_INTERPRET=1; elsewhere, and where r > 256, the eager expert loop of kernels.reference
+    runs (kernels.backend(x) names the path; a CUDA call that falls back warns once). variant:
+    one of list_variants("sparse_adapter") for this call's forward and backward (default: the
+    one in force, see use_variant).
     """
     return _run(x, w_gate, b_gate, None, None, w_down, b_down, w_up, b_up, scale, top_k, activation, residual,
                 row_scale, bool(return_logits), variant)
