@@ -10,6 +10,7 @@ import numbers
 from dataclasses import dataclass
 from typing import Union
 
+from ..kernels.checks import MAX_RANK
 from ..kernels.reference import ACTIVATIONS
 from ..kernels.sparse import MAX_EXPERTS
 
@@ -17,20 +18,24 @@ POSITIONS = ("post", "pre", "intermediate", "parallel", "pfeiffer", "houlsby")
 INITS = ("houlsby", "lora", "bert")
 SCALINGS = ("channel", "layer")
 ROUTINGS = ("token", "sample")
+BOOL_FIELDS = ("norm", "bias", "train_head", "train_norms", "noisy_gating")
 
 
 @dataclass(frozen=True)
 class AdapterConfig:
     """How to build and place bottleneck adapters in a ViT.
 
-    rank: bottleneck width r. position: post | pre | intermediate | parallel | pfeiffer |
-    houlsby (formulas in the README). activation: gelu | gelu_tanh | relu | silu | identity.
+    rank: bottleneck width r, an int from 1 to MAX_RANK (256, the fused kernels' limit).
+    position: post | pre | intermediate | parallel | pfeiffer | houlsby (formulas in the
+    README). activation: gelu | gelu_tanh | relu | silu | identity.
     scaling: "channel" (a learned [D] scale, init 1), "layer" (one learned scalar, init 1),
     a float (a constant), or None (no scale). init: houlsby | lora | bert. drop_path:
     stochastic depth on the adapter branch (per sample, training only). dropout: inside the
     bottleneck, after the activation (runs the plain-PyTorch path when > 0). norm: a
     LayerNorm on the adapter's input. bias: biases in both projections. train_head: keep the
-    classifier head trainable (and save it with the adapters).
+    classifier head trainable (and save it with the adapters). train_norms: when true, the
+    backbone's LayerNorms train too (the official Houlsby experiment does this); they are saved
+    and loaded with the adapter.
 
     Mixture of adapters (experts > 1): each adapter becomes E experts of rank r and a learned
     gate that routes to top_k of them (SparseAdapter). routing: "token" gates every token on its
@@ -40,8 +45,15 @@ class AdapterConfig:
     noisy_gating: in training, Gaussian noise with a learned softplus std is added to the logits
     before the top-k (as in MoE-Adapters4CL). dropout must be 0 with experts > 1.
 
+    Every field is checked at construction: a bad value raises a ValueError naming the field.
     Frozen: an injected model keeps the config it was built from; derive variants with
     dataclasses.replace or the presets' keyword overrides.
+
+    Presets (classmethods, keyword overrides win) follow the configs of the official Adapter+
+    code: adapter_plus, houlsby, pfeiffer, parallel, adaptformer. Their official keys map as
+    dim -> rank, config -> position, act_layer: true -> "gelu" (the ViT's own nn.GELU),
+    norm_layer -> norm, scaling: learned -> "layer", train.train_ln -> train_norms. The backbone's
+    stochastic depth (vit.drop_path: 0.1 there) is the timm model's drop_path_rate, not a field.
     """
 
     rank: int = 8
@@ -54,6 +66,7 @@ class AdapterConfig:
     norm: bool = False
     bias: bool = True
     train_head: bool = True
+    train_norms: bool = False
     experts: int = 1
     top_k: int = 1
     routing: str = "token"
@@ -61,18 +74,21 @@ class AdapterConfig:
     noisy_gating: bool = False
 
     def __post_init__(self):
-        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
-            raise ValueError(f"AdapterConfig.rank must be a positive int, got {self.rank!r}")
-        if self.position not in POSITIONS:
+        rank = self.rank
+        if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or not 1 <= rank <= MAX_RANK:
+            raise ValueError(f"AdapterConfig.rank must be an int from 1 to {MAX_RANK} (the fused kernels' limit), "
+                             f"got {rank!r}")
+        object.__setattr__(self, "rank", int(rank))  # plain int: JSON-safe
+        if not isinstance(self.position, str) or self.position not in POSITIONS:
             raise ValueError(f"AdapterConfig.position must be one of {POSITIONS}, got {self.position!r}")
-        if self.activation not in ACTIVATIONS:
+        if not isinstance(self.activation, str) or self.activation not in ACTIVATIONS:
             raise ValueError(f"AdapterConfig.activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
-        if self.init not in INITS:
+        if not isinstance(self.init, str) or self.init not in INITS:
             raise ValueError(f"AdapterConfig.init must be one of {INITS}, got {self.init!r}")
         number = isinstance(self.scaling, numbers.Real) and not isinstance(self.scaling, bool)
         if number and math.isfinite(self.scaling):
             object.__setattr__(self, "scaling", float(self.scaling))  # plain float: JSON-safe
-        elif not (self.scaling is None or self.scaling in SCALINGS):
+        elif not (self.scaling is None or (isinstance(self.scaling, str) and self.scaling in SCALINGS)):
             raise ValueError(
                 f"AdapterConfig.scaling must be 'channel', 'layer', a finite float or None, got {self.scaling!r}"
             )
@@ -80,23 +96,27 @@ class AdapterConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value < 1.0:
                 raise ValueError(f"AdapterConfig.{name} must be a float in [0, 1), got {value!r}")
+            object.__setattr__(self, name, float(value))
+        for name in BOOL_FIELDS:
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise ValueError(f"AdapterConfig.{name} must be a bool (True or False), got {value!r}")
         for name in ("experts", "top_k"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
                 raise ValueError(f"AdapterConfig.{name} must be a positive int, got {value!r}")
+            object.__setattr__(self, name, int(value))
         if self.experts > MAX_EXPERTS:
             raise ValueError(f"AdapterConfig.experts must be from 1 to {MAX_EXPERTS}, got {self.experts}")
         if self.top_k > self.experts:
             raise ValueError(f"AdapterConfig.top_k must be from 1 to experts ({self.experts}), got {self.top_k}")
-        if self.routing not in ROUTINGS:
+        if not isinstance(self.routing, str) or self.routing not in ROUTINGS:
             raise ValueError(f"AdapterConfig.routing must be one of {ROUTINGS}, got {self.routing!r}")
         weight = self.aux_loss_weight
         if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not (math.isfinite(weight)
                                                                                     and weight >= 0):
             raise ValueError(f"AdapterConfig.aux_loss_weight must be a finite float >= 0, got {weight!r}")
         object.__setattr__(self, "aux_loss_weight", float(weight))
-        if not isinstance(self.noisy_gating, bool):
-            raise ValueError(f"AdapterConfig.noisy_gating must be a bool, got {self.noisy_gating!r}")
         if self.experts > 1 and self.dropout > 0.0:
             raise ValueError("AdapterConfig.dropout must be 0 with experts > 1 (the mixture has no unfused path "
                              f"with dropout inside the experts), got {self.dropout}")
@@ -108,29 +128,63 @@ class AdapterConfig:
 
     @classmethod
     def adapter_plus(cls, **overrides) -> "AdapterConfig":
-        """Adapter+: the defaults."""
-        return cls(**overrides)
+        """Adapter+ (Steitz & Roth 2024), the defaults: follows conf/adapter/adapter_plus.yaml (on
+        conf/adapter/base_adapter.yaml) of the official Adapter+ code: rank 8 after the block
+        (config: post), the ViT's GELU, a learned channel-wise scale, Houlsby init, no LayerNorm,
+        biases, adapter drop path 0.1, no dropout."""
+        return cls(**{"rank": 8, "position": "post", "activation": "gelu", "scaling": "channel", "init": "houlsby",
+                      "drop_path": 0.1, "dropout": 0.0, "norm": False, "bias": True, **overrides})
 
     @classmethod
     def houlsby(cls, **overrides) -> "AdapterConfig":
-        """Houlsby et al. 2019: adapters on both the attention and the MLP branch, no scale."""
-        return cls(**{"position": "houlsby", "scaling": 1.0, **overrides})
+        """Houlsby et al. 2019: follows conf/adapter/houlsby.yaml and the ablation config
+        conf/experiment/ablations/other_configs/houlsby_dim8.yaml of the official Adapter+ code:
+        adapters on both the attention and the MLP branch (config: houlsby, attn_adapter: true),
+        rank 8, the ViT's GELU, no scale (scaling: 1.0), Houlsby init, no LayerNorm, biases,
+        adapter drop path 0.1, and the backbone's LayerNorms trained too (train.train_ln: true,
+        here train_norms=True). houlsby_dim4.yaml is houlsby(rank=4)."""
+        return cls(**{"rank": 8, "position": "houlsby", "activation": "gelu", "scaling": 1.0, "init": "houlsby",
+                      "drop_path": 0.1, "dropout": 0.0, "norm": False, "bias": True, "train_norms": True,
+                      **overrides})
 
     @classmethod
     def pfeiffer(cls, **overrides) -> "AdapterConfig":
-        """Pfeiffer et al. 2021: after the block, LayerNorm inside the adapter, ReLU, no scale."""
-        return cls(**{"position": "pfeiffer", "norm": True, "activation": "relu", "scaling": 1.0, **overrides})
+        """Pfeiffer et al. 2021: follows the ablation config
+        conf/experiment/ablations/other_configs/pfeiffer.yaml of the official Adapter+ code: after
+        the block with a LayerNorm on the adapter's input (config: pfeiffer, norm_layer: true),
+        rank 8, the ViT's GELU (not ReLU), no scale (scaling: 1.0), BERT init, biases, adapter drop
+        path 0.1. (conf/adapter/pfeiffer.yaml alone is the same but keeps base_adapter.yaml's
+        Houlsby init: pfeiffer(init="houlsby").)"""
+        return cls(**{"rank": 8, "position": "pfeiffer", "activation": "gelu", "scaling": 1.0, "init": "bert",
+                      "drop_path": 0.1, "dropout": 0.0, "norm": True, "bias": True, **overrides})
 
     @classmethod
     def parallel(cls, **overrides) -> "AdapterConfig":
-        """He et al. 2022: the adapter reads the MLP's input and adds to its output."""
-        return cls(**{"position": "parallel", **overrides})
+        """He et al. 2022: follows conf/adapter/parallel.yaml and the ablation config
+        conf/experiment/ablations/position/parallel-adapter.yaml of the official Adapter+ code: the
+        adapter reads the MLP's input and adds to the block's output (config: parallel), rank 8,
+        the ViT's GELU, no scale (scaling: 1.0, no learned channel scale), Houlsby init, no
+        LayerNorm, biases, adapter drop path 0.1."""
+        return cls(**{"rank": 8, "position": "parallel", "activation": "gelu", "scaling": 1.0, "init": "houlsby",
+                      "drop_path": 0.1, "dropout": 0.0, "norm": False, "bias": True, **overrides})
+
+    @classmethod
+    def adaptformer(cls, **overrides) -> "AdapterConfig":
+        """AdaptFormer (Chen et al. 2022): follows the ablation config
+        conf/experiment/ablations/other_configs/adaptformer.yaml of the official Adapter+ code:
+        parallel to the MLP (config: parallel), rank 8, a constant scale 0.1, LoRA init (the up
+        projection zero), no LayerNorm, and from the defaults it extends (adapter_plus.yaml on
+        base_adapter.yaml) the ViT's GELU, biases and adapter drop path 0.1."""
+        return cls(**{"rank": 8, "position": "parallel", "activation": "gelu", "scaling": 0.1, "init": "lora",
+                      "drop_path": 0.1, "dropout": 0.0, "norm": False, "bias": True, **overrides})
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> "AdapterConfig":
+        """The config to_dict wrote. Fields missing from data (e.g. train_norms in configs saved
+        before it existed) take their defaults; unknown ones raise a ValueError."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

@@ -347,7 +347,12 @@ def test_named_adapters_switch_and_disable():
     model.eval()
     with torch.no_grad():
         out_b = model(images())
-        assert all(p.requires_grad == (".taskB." in n or n.startswith("head")) for n, p in model.named_parameters())
+        # houlsby() trains the backbone's LayerNorms too (train_norms): taskB's own copies sit at their paths.
+        own_norm = [isinstance(model.get_submodule(n.rpartition(".")[0]), nn.LayerNorm) and ".adapters." not in n
+                    and not n.startswith(("adapter_modules.", "base_modules.")) for n, _ in model.named_parameters()]
+        assert any(own_norm)
+        assert all(p.requires_grad == (".taskB." in n or n.startswith("head") or own)
+                   for (n, p), own in zip(model.named_parameters(), own_norm))
         set_adapter(model, "default")
         assert all(p.requires_grad == (".default." in n or n.startswith("head")) for n, p in model.named_parameters())
         out_default = model(images())
