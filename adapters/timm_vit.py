@@ -16,6 +16,7 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
+from ..kernels import backend
 from . import owned
 from .config import AdapterConfig
 from .modules import BottleneckAdapter, SparseAdapter, mixed_task_forward
@@ -170,8 +171,10 @@ def inject(model: nn.Module, config: Optional[AdapterConfig] = None, name: str =
     with config.train_norms of every backbone LayerNorm), copied from the model's original:
     `set_adapter` switches those copies with the adapters, `disable_adapters` runs the originals.
 
-    With verbose, prints the trainable parameter count. Raises TypeError for models whose blocks
-    are not timm Blocks, ValueError for a name already injected.
+    With verbose, prints the trainable parameter count and the path the adapters' kernels take
+    for the model's parameters outside autocast (kernels.backend: "triton", "interpreter" or
+    "reference"). Raises TypeError for models whose blocks are not timm Blocks, ValueError for
+    a name already injected.
     """
     config = config if config is not None else AdapterConfig()
     if not isinstance(config, AdapterConfig):
@@ -219,7 +222,8 @@ def inject(model: nn.Module, config: Optional[AdapterConfig] = None, name: str =
     if verbose:
         trainable, total = trainable_parameters(model)
         mixture = f", {config.experts} experts top-{config.top_k} by {config.routing}" if config.sparse else ""
-        print(f"fused_adapters: injected {name!r} ({config.position}, rank {config.rank}{mixture}): "
+        path = backend(next(_blocks(model)[0].parameters()))
+        print(f"fused_adapters: injected {name!r} ({config.position}, rank {config.rank}{mixture}; kernels: {path}): "
               f"trainable params {trainable:,} || all params {total:,} || trainable {100 * trainable / total:.3f}%")
     return model
 
