@@ -230,7 +230,7 @@ def inject(model: nn.Module, config: Optional[AdapterConfig] = None, name: str =
 
 def _paths_to_own(model: nn.Module, config: AdapterConfig) -> list[str]:
     paths = owned.head_paths(model) if config.train_head else []
-    if getattr(config, "train_norms", False):
+    if config.train_norms:
         paths += owned.norm_paths(model)
     return paths
 
