@@ -81,7 +81,7 @@ __all__ = [
 def _bottleneck_forward_kernel(
     x_ptr, w_down_ptr, b_down_ptr, w_up_ptr, b_up_ptr, scale_ptr, residual_ptr, row_scale_ptr,
     y_ptr, hidden_ptr,
-    rows, dim, rank, scale_value,
+    rows, dim, dim_out, rank, scale_value,
     stride_x_row, stride_x_col, stride_res_row, stride_res_col,
     ACTIVATION: tl.constexpr, SCALE_MODE: tl.constexpr, HAS_B_DOWN: tl.constexpr,
     HAS_B_UP: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ADD_INPUT: tl.constexpr, HAS_ROW_SCALE: tl.constexpr,
@@ -127,10 +127,11 @@ def _bottleneck_forward_kernel(
     row_scale, scalar_scale = epilogue_scalars(row_scale_ptr, scale_ptr, row_ids, row_mask, scale_value, dtype,
                                                SCALE_MODE, HAS_ROW_SCALE, BLOCK_ROWS)
 
-    # y[rows, cols] = residual + scale * (row_scale * (act @ w_up[cols].T + b_up[cols])), per D tile.
-    for col_start in range(0, dim, BLOCK_DIM):
+    # y[rows, cols] = residual + scale * (row_scale * (act @ w_up[cols].T + b_up[cols])), per
+    # D_out tile (D_out = D but for width-changing bottlenecks such as LoRA on qkv or fc1).
+    for col_start in range(0, dim_out, BLOCK_DIM):
         col_ids = col_start + tl.arange(0, BLOCK_DIM)
-        col_mask = col_ids < dim
+        col_mask = col_ids < dim_out
         tile_mask = row_mask[:, None] & col_mask[None, :]
         w_up_t = tl.load(
             w_up_ptr + col_ids[None, :] * rank + rank_ids[:, None],
@@ -142,7 +143,7 @@ def _bottleneck_forward_kernel(
         update = epilogue(update, x_ptr, residual_ptr, scale_ptr, row_ids, col_ids, col_mask, tile_mask, row_scale,
                           scalar_scale, stride_x_row, stride_x_col, stride_res_row, stride_res_col,
                           SCALE_MODE, HAS_ROW_SCALE, ADD_INPUT, HAS_RESIDUAL)
-        tl.store(y_ptr + row_ids[:, None] * dim + col_ids[None, :], update.to(y_ptr.dtype.element_ty),
+        tl.store(y_ptr + row_ids[:, None] * dim_out + col_ids[None, :], update.to(y_ptr.dtype.element_ty),
                  mask=tile_mask)
 
 
@@ -211,7 +212,7 @@ def _backward_hidden_kernel(
 def _backward_input_and_weights_kernel(
     grad_y_ptr, x_ptr, act_ptr, grad_hidden_ptr, w_down_ptr, w_up_ptr, b_up_ptr, scale_ptr,
     row_scale_ptr, grad_x_ptr, partials_ptr,
-    rows, dim, rank, scale_value, tiles_per_chunk,
+    rows, dim, dim_out, rank, scale_value, tiles_per_chunk,
     stride_g_row, stride_g_col, stride_x_row, stride_x_col,
     ACTIVATION: tl.constexpr, RECOMPUTE_ACT: tl.constexpr, SCALE_MODE: tl.constexpr, HAS_B_UP: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, COMPUTE_DX: tl.constexpr,
     ADD_GRAD_Y: tl.constexpr, SPLIT_RANK: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
@@ -220,12 +221,15 @@ def _backward_input_and_weights_kernel(
     # This program's tile: columns [pid_col * BLOCK_DIM, +BLOCK_DIM) and ranks
     # [pid_rank * BLOCK_RANK, +BLOCK_RANK) of the parameter gradients, summed over the row tiles
     # [pid_chunk * tiles_per_chunk, +tiles_per_chunk); and, in the pid_rank == 0 programs, the
-    # same columns of dx for those rows.
+    # same columns of dx for those rows. The columns are x's (D: w_down, dx) and y's (D_out:
+    # w_up, b_up, scale); the grid covers the wider of the two, and each side masks the other's
+    # extra columns (D_out = D but for width-changing bottlenecks).
     pid_chunk = tl.program_id(0)
     pid_col = tl.program_id(1)
     pid_rank = tl.program_id(2)
     col_ids = pid_col * BLOCK_DIM + tl.arange(0, BLOCK_DIM)
     col_mask = col_ids < dim
+    out_mask = col_ids < dim_out
     rank_ids = pid_rank * BLOCK_RANK + tl.arange(0, BLOCK_RANK)
     rank_mask = rank_ids < rank
     dtype = COMPUTE_DTYPE
@@ -255,7 +259,7 @@ def _backward_input_and_weights_kernel(
 
         grad_y = tl.load(
             grad_y_ptr + row_ids[:, None] * stride_g_row + col_ids[None, :] * stride_g_col,
-            mask=tile_mask, other=0.0,
+            mask=row_mask[:, None] & out_mask[None, :], other=0.0,
         ).to(tl.float32)
         grad_update = grad_y
         if HAS_ROW_SCALE:
@@ -308,34 +312,35 @@ def _backward_input_and_weights_kernel(
 
     # Epilogue: turn (ga, gs) into the up-side gradients of this chunk and rank block.
     if SCALE_MODE == "channel":
-        col_scale = tl.load(scale_ptr + col_ids, mask=col_mask, other=0.0).to(tl.float32)
+        col_scale = tl.load(scale_ptr + col_ids, mask=out_mask, other=0.0).to(tl.float32)
     elif SCALE_MODE == "tensor":
         col_scale = tl.full((BLOCK_DIM,), 1.0, tl.float32) * tl.load(scale_ptr).to(tl.float32)
     else:
         col_scale = tl.full((BLOCK_DIM,), 1.0, tl.float32) * scale_value
-    up_mask = col_mask[:, None] & rank_mask[None, :]
+    up_mask = out_mask[:, None] & rank_mask[None, :]
     w_up_tile = tl.load(w_up_ptr + col_ids[:, None] * rank + rank_ids[None, :], mask=up_mask, other=0.0)
     grad_scale = tl.sum(w_up_tile.to(dtype).to(tl.float32) * acc_ga, axis=1)
     if HAS_B_UP:
-        b_up_term = tl.load(b_up_ptr + col_ids, mask=col_mask, other=0.0).to(dtype).to(tl.float32) * acc_gs
+        b_up_term = tl.load(b_up_ptr + col_ids, mask=out_mask, other=0.0).to(dtype).to(tl.float32) * acc_gs
         grad_scale += tl.where(pid_rank == 0, b_up_term, 0.0)
 
     # Partials of chunk c, in the layout of partials_size (in the parameters' dtype when there is
-    # one chunk: then they are the gradients, and no cast pass follows):
-    # [dw_up (D x r) | dw_down (r x D) | db_up (D) | db_down (r) | dscale per rank block (blocks x D)].
+    # one chunk: then they are the gradients, and no cast pass follows): [dw_up (D_out x r) |
+    # dw_down (r x D) | db_up (D_out) | db_down (r) | dscale per rank block (blocks x D_out)].
     rank_blocks = tl.num_programs(2)
     out_dtype = partials_ptr.dtype.element_ty
-    partial = partials_ptr + pid_chunk.to(tl.int64) * (2 * dim * rank + (1 + rank_blocks) * dim + rank)
+    params = (dim_out + dim) * rank
+    partial = partials_ptr + pid_chunk.to(tl.int64) * (params + (1 + rank_blocks) * dim_out + rank)
     tl.store(partial + col_ids[:, None] * rank + rank_ids[None, :], (acc_ga * col_scale[:, None]).to(out_dtype),
              mask=up_mask)
     tl.store(
-        partial + dim * rank + rank_ids[:, None] * dim + col_ids[None, :], acc_w_down.to(out_dtype),
+        partial + dim_out * rank + rank_ids[:, None] * dim + col_ids[None, :], acc_w_down.to(out_dtype),
         mask=rank_mask[:, None] & col_mask[None, :],
     )
-    tl.store(partial + 2 * dim * rank + col_ids, (acc_gs * col_scale).to(out_dtype), mask=col_mask & (pid_rank == 0))
-    tl.store(partial + 2 * dim * rank + dim + rank_ids, acc_b_down.to(out_dtype), mask=rank_mask & (pid_col == 0))
-    tl.store(partial + 2 * dim * rank + dim + rank + pid_rank * dim + col_ids, grad_scale.to(out_dtype),
-             mask=col_mask)
+    tl.store(partial + params + col_ids, (acc_gs * col_scale).to(out_dtype), mask=out_mask & (pid_rank == 0))
+    tl.store(partial + params + dim_out + rank_ids, acc_b_down.to(out_dtype), mask=rank_mask & (pid_col == 0))
+    tl.store(partial + params + dim_out + rank + pid_rank * dim_out + col_ids, grad_scale.to(out_dtype),
+             mask=out_mask)
 
 
 # --------------------------------------------------------------------------------------------
@@ -424,10 +429,11 @@ def row_config(table: dict, rank: int, dtype: torch.dtype, rows: int, sms: int, 
 # Launch plans: grids from M and the SM count
 # --------------------------------------------------------------------------------------------
 
-def partials_size(dim: int, rank: int, rank_blocks: int) -> int:
-    """One chunk's partials: [dw_up (D x r) | dw_down (r x D) | db_up (D) | db_down (r) | dscale
-    per rank block (blocks x D)]."""
-    return 2 * dim * rank + (1 + rank_blocks) * dim + rank
+def partials_size(dim: int, rank: int, rank_blocks: int, dim_out: Optional[int] = None) -> int:
+    """One chunk's partials: [dw_up (D_out x r) | dw_down (r x D) | db_up (D_out) | db_down (r) |
+    dscale per rank block (blocks x D_out)]; D_out = D unless given."""
+    dim_out = dim if dim_out is None else dim_out
+    return (dim_out + dim) * rank + (1 + rank_blocks) * dim_out + rank
 
 
 # --------------------------------------------------------------------------------------------
@@ -465,16 +471,17 @@ def uses_triton(x: torch.Tensor) -> bool:
 
 def forward_launch(x, w_down, b_down, w_up, b_up, scale, scale_value, residual, add_input, row_scale, activation,
                    compute_dtype, y, hidden, variant: Variant = DEFAULT_VARIANT):
-    """The forward launch for 2-D x [M, D] writing y [M, D] and, if hidden has M rows, hidden [M, r]."""
+    """The forward launch for 2-D x [M, D] writing y [M, D_out] (D_out = w_up.shape[0]) and, if
+    hidden has M rows, hidden [M, r]."""
     rows, dim = x.shape
-    rank = w_down.shape[0]
+    rank, dim_out = w_down.shape[0], w_up.shape[0]
     config = row_config(FORWARD_CONFIGS, rank, compute_dtype, rows, sm_count(x.device), variant)
     store_hidden = hidden.shape[0] == rows
     args = dict(
         x_ptr=x, w_down_ptr=w_down.contiguous(), b_down_ptr=optional(b_down, x), w_up_ptr=w_up.contiguous(),
         b_up_ptr=optional(b_up, x), scale_ptr=optional(scale, x), residual_ptr=x if residual is None else residual,
         row_scale_ptr=optional(row_scale, x), y_ptr=y, hidden_ptr=hidden if store_hidden else y,
-        rows=rows, dim=dim, rank=rank, scale_value=scale_value,
+        rows=rows, dim=dim, dim_out=dim_out, rank=rank, scale_value=scale_value,
         stride_x_row=x.stride(0), stride_x_col=x.stride(1),
         stride_res_row=residual.stride(0) if residual is not None else 0,
         stride_res_col=residual.stride(1) if residual is not None else 0,
@@ -501,7 +508,7 @@ def backward_launches(grad_y, x, hidden, w_down, w_up, b_up, scale, scale_value,
     (x was a residual term). grad_dtype: the parameter gradients' dtype (see _grad_dtype).
     """
     rows, dim = x.shape
-    rank = w_down.shape[0]
+    rank, dim_out = w_down.shape[0], w_up.shape[0]
     block_rank = padded_rank(rank)
     sms = sm_count(x.device)
     hidden_config = row_config(BACKWARD_HIDDEN_CONFIGS, rank, compute_dtype, rows, sms, variant)
@@ -520,15 +527,16 @@ def backward_launches(grad_y, x, hidden, w_down, w_up, b_up, scale, scale_value,
     recompute_act = block_rank <= 32 and not variant.store_act
 
     row_tiles = triton.cdiv(rows, weights_config.block_rows)
-    col_tiles = triton.cdiv(dim, weights_config.block_dim)
+    col_tiles = triton.cdiv(max(dim, dim_out), weights_config.block_dim)
     rank_blocks = triton.cdiv(rank, rank_tile)
-    chunks = plan_chunks(rows, dim, row_tiles, col_tiles * rank_blocks, sms, x.element_size(),
-                         partials_size(dim, rank, rank_blocks))
+    chunk_elements = partials_size(dim, rank, rank_blocks, dim_out)
+    chunks = plan_chunks(rows, min(dim, dim_out), row_tiles, col_tiles * rank_blocks, sms, x.element_size(),
+                         chunk_elements)
     tiles_per_chunk = triton.cdiv(row_tiles, chunks)
     chunks = triton.cdiv(row_tiles, tiles_per_chunk)
     # One chunk writes the gradients themselves, in their dtype; several write fp32 partials.
     partials_dtype = grad_dtype if chunks == 1 else torch.float32
-    partials = new_output((chunks, partials_size(dim, rank, rank_blocks)), partials_dtype, x.device)
+    partials = new_output((chunks, chunk_elements), partials_dtype, x.device)
 
     hidden_launch = Launch(
         _backward_hidden_kernel,
@@ -536,7 +544,7 @@ def backward_launches(grad_y, x, hidden, w_down, w_up, b_up, scale, scale_value,
         dict(
             grad_y_ptr=grad_y, hidden_ptr=hidden, w_up_ptr=w_up, scale_ptr=scale_c, row_scale_ptr=row_scale_c,
             grad_hidden_ptr=grad_hidden, act_ptr=grad_hidden if recompute_act else act,
-            rows=rows, dim=dim, rank=rank, scale_value=scale_value,
+            rows=rows, dim=dim_out, rank=rank, scale_value=scale_value,  # its D loop walks dy's columns
             stride_g_row=grad_y.stride(0), stride_g_col=grad_y.stride(1),
         ),
         dict(
@@ -554,7 +562,7 @@ def backward_launches(grad_y, x, hidden, w_down, w_up, b_up, scale, scale_value,
             w_down_ptr=w_down,
             w_up_ptr=w_up, b_up_ptr=optional(b_up, x), scale_ptr=scale_c, row_scale_ptr=row_scale_c,
             grad_x_ptr=grad_x if compute_dx else grad_hidden, partials_ptr=partials,
-            rows=rows, dim=dim, rank=rank, scale_value=scale_value, tiles_per_chunk=tiles_per_chunk,
+            rows=rows, dim=dim, dim_out=dim_out, rank=rank, scale_value=scale_value, tiles_per_chunk=tiles_per_chunk,
             stride_g_row=grad_y.stride(0), stride_g_col=grad_y.stride(1),
             stride_x_row=x.stride(0), stride_x_col=x.stride(1),
         ),
@@ -572,9 +580,9 @@ def backward_launches(grad_y, x, hidden, w_down, w_up, b_up, scale, scale_value,
 
 def _forward_triton(x, w_down, b_down, w_up, b_up, scale, scale_value, residual, add_input, row_scale, activation,
                     compute_dtype, out_dtype, save_hidden):
-    rows, dim = x.shape
-    rank = w_down.shape[0]
-    y = new_output((rows, dim), out_dtype, x.device)
+    rows = x.shape[0]
+    rank, dim_out = w_down.shape[0], w_up.shape[0]
+    y = new_output((rows, dim_out), out_dtype, x.device)
     hidden = new_output((rows if save_hidden else 0, rank), compute_dtype, x.device)
     if rows == 0:
         return y, hidden
@@ -588,7 +596,7 @@ def _forward_triton(x, w_down, b_down, w_up, b_up, scale, scale_value, residual,
 
     with device_context(x):
         def key():
-            return (_shape_key(x, w_down, scale, residual, row_scale), add_input, activation, compute_dtype,
+            return (_shape_key(x, w_down, w_up, scale, residual, row_scale), add_input, activation, compute_dtype,
                     out_dtype, save_hidden)
 
         variant = pick("bottleneck_adapter", "forward", key, x.device, lambda v: time_cuda(plan(v)))
@@ -596,20 +604,21 @@ def _forward_triton(x, w_down, b_down, w_up, b_up, scale, scale_value, residual,
     return y, hidden
 
 
-def _shape_key(x, w_down, scale, residual, row_scale) -> tuple:
+def _shape_key(x, w_down, w_up, scale, residual, row_scale) -> tuple:
     """What an autotuned choice is keyed by: shapes, strides, dtypes and which inputs exist."""
-    return (tuple(x.shape), x.stride(), x.dtype, w_down.shape[0], scale_mode(scale),
+    return (tuple(x.shape), x.stride(), x.dtype, w_down.shape[0], w_up.shape[0], scale_mode(scale),
             None if residual is None else (residual.dtype, residual.stride()), row_scale is not None)
 
 
 def _backward_triton(grad_y, x, hidden, w_down, b_down, w_up, b_up, scale, scale_value, row_scale, activation,
                      compute_dtype, add_grad_y, compute_dx):
     rows, dim = x.shape
-    rank = w_down.shape[0]
+    rank, dim_out = w_down.shape[0], w_up.shape[0]
+    packed_size = _packed_size(dim, rank, dim_out)
     grad_dtype = packed_grad_dtype(x, w_down, b_down, w_up, b_up, scale)
     grad_x = new_output((rows if compute_dx else 0, dim), x.dtype, x.device)
     if rows == 0:
-        return grad_x, torch.zeros(_packed_size(dim, rank), dtype=grad_dtype, device=x.device)
+        return grad_x, torch.zeros(packed_size, dtype=grad_dtype, device=x.device)
     if hidden.shape[0] != rows:
         raise RuntimeError("bottleneck_adapter: backward without the saved pre-activation (the forward ran with "
                            "save_hidden=False)")
@@ -634,7 +643,7 @@ def _backward_triton(grad_y, x, hidden, w_down, b_down, w_up, b_up, scale, scale
 
     with device_context(x):
         def key():
-            return (_shape_key(x, w_down, scale, None, row_scale), grad_y.stride(), add_grad_y, compute_dx,
+            return (_shape_key(x, w_down, w_up, scale, None, row_scale), grad_y.stride(), add_grad_y, compute_dx,
                     activation, compute_dtype, grad_dtype)
 
         variant = pick("bottleneck_adapter", "backward", key, x.device, time_variant)
@@ -645,25 +654,26 @@ def _backward_triton(grad_y, x, hidden, w_down, b_down, w_up, b_up, scale, scale
     totals = partials[0] if partials.shape[0] == 1 else partials.sum(dim=0).to(grad_dtype)
     rank_blocks = weights_launch.grid[2]
     if rank_blocks > 1:  # split ranks left one dscale row per rank block: fold them into the first
-        scale_rows = totals[_packed_size(dim, rank) - dim:].view(rank_blocks, dim)
+        scale_rows = totals[packed_size - dim_out:].view(rank_blocks, dim_out)
         scale_rows[0] = scale_rows.float().sum(0).to(grad_dtype)
-    return grad_x, totals[:_packed_size(dim, rank)]
+    return grad_x, totals[:packed_size]
 
 
 
-def _packed_size(dim: int, rank: int) -> int:
-    """[dw_up (D x r) | dw_down (r x D) | db_up (D) | db_down (r) | dscale per channel (D)]."""
-    return 2 * dim * rank + 2 * dim + rank
+def _packed_size(dim: int, rank: int, dim_out: int) -> int:
+    """[dw_up (D_out x r) | dw_down (r x D) | db_up (D_out) | db_down (r) | dscale per channel (D_out)]."""
+    return (dim_out + dim) * rank + 2 * dim_out + rank
 
 
 def _unpack_param_grads(packed, w_down, b_down, w_up, b_up, scale):
     """Views into the packed [dw_up | dw_down | db_up | db_down | dscale per channel] vector, each
     cast to its parameter's dtype (and the scale's channels summed for a layer-wise scale)."""
     rank, dim = w_down.shape
+    dim_out = w_up.shape[0]
     grad_w_up, grad_w_down, grad_b_up, grad_b_down, grad_scale = packed.split(
-        [dim * rank, rank * dim, dim, rank, dim]
+        [dim_out * rank, rank * dim, dim_out, rank, dim_out]
     )
-    grad_w_up = grad_w_up.view(dim, rank).to(w_up.dtype)
+    grad_w_up = grad_w_up.view(dim_out, rank).to(w_up.dtype)
     grad_w_down = grad_w_down.view(rank, dim).to(w_down.dtype)
     grad_b_up = grad_b_up.to(b_up.dtype) if b_up is not None else None
     grad_b_down = grad_b_down.to(b_down.dtype) if b_down is not None else None
@@ -702,7 +712,7 @@ def _forward_impl(
     residual: Optional[torch.Tensor], add_input: bool, row_scale: Optional[torch.Tensor], activation: str,
     compute_dtype: torch.dtype, out_dtype: torch.dtype, autocast: bool, save_hidden: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """2-D x [M, D]. Returns y [M, D] in out_dtype and the pre-activation [M, r] in the compute
+    """2-D x [M, D]. Returns y [M, D_out] in out_dtype and the pre-activation [M, r] in the compute
     dtype (or [0, r] when not saved). add_input: x itself is a residual term besides `residual`."""
     dtypes = _forward_dtypes(x, residual, compute_dtype, out_dtype, (w_down, b_down, w_up, b_up, scale))
     if takes_triton(x.device.type, dtypes):
@@ -727,7 +737,8 @@ def _forward_fake(x, w_down, b_down, w_up, b_up, scale, scale_value, residual, a
     rows = x.shape[0]
     triton_path = _forward_takes_triton(x, residual, compute_dtype, out_dtype, (w_down, b_down, w_up, b_up, scale))
     hidden_rows = rows if (save_hidden and triton_path) else 0
-    return x.new_empty(x.shape, dtype=out_dtype), x.new_empty((hidden_rows, w_down.shape[0]), dtype=compute_dtype)
+    return (x.new_empty((rows, w_up.shape[0]), dtype=out_dtype),
+            x.new_empty((hidden_rows, w_down.shape[0]), dtype=compute_dtype))
 
 
 def _backward_impl(
@@ -768,7 +779,8 @@ def _backward_fake(grad_y, x, hidden, w_down, b_down, w_up, b_up, scale, scale_v
     rank, dim = w_down.shape
     return (
         x.new_empty((x.shape[0] if compute_dx else 0, dim)),
-        x.new_empty(_packed_size(dim, rank), dtype=packed_grad_dtype(x, w_down, b_down, w_up, b_up, scale)),
+        x.new_empty(_packed_size(dim, rank, w_up.shape[0]), dtype=packed_grad_dtype(x, w_down, b_down, w_up, b_up,
+                                                                                    scale)),
     )
 
 
@@ -846,11 +858,15 @@ def bottleneck_adapter(
     """y = residual + scale * (row_scale[:, None] * (act(x @ w_down.T + b_down) @ w_up.T + b_up)).
 
     x: [..., D], any leading dims and strides, fp16/bf16/fp32 (float64 runs the reference).
-    w_down [r, D], b_down [r] or None, w_up [D, r], b_up [D] or None: any float dtype.
-    scale: [D] (channel-wise), a one-element tensor (layer-wise), a Python float, or None (= 1).
-    residual: None, a tensor shaped like x, or a sequence of such tensors whose sum is the
-    residual; x itself may be one of them (`residual=x` for y = x + A(x), `residual=(skip, x)`
-    for y = skip + x + A(x)), which costs no extra pass over memory in either direction.
+    w_down [r, D], b_down [r] or None, w_up [D_out, r], b_up [D_out] or None: any float dtype.
+    D_out = D is the adapter; any other D_out makes a width-changing bottleneck (LoRA on a D -> 3D
+    qkv: identity activation, no biases, scale alpha / r, the base layer's output as residual).
+    y is [..., D_out].
+    scale: [D_out] (channel-wise), a one-element tensor (layer-wise), a Python float, or None (= 1).
+    residual: None, a tensor shaped like y, or a sequence of such tensors whose sum is the
+    residual; x itself may be one of them when D_out = D (`residual=x` for y = x + A(x),
+    `residual=(skip, x)` for y = skip + x + A(x)), which costs no extra pass over memory in
+    either direction.
     row_scale: [M] with M = x.numel() // D, a per-row constant (no gradient), or None.
     activation: gelu (erf), gelu_tanh, relu, silu or identity.
 
@@ -868,7 +884,8 @@ def bottleneck_adapter(
     compute_dtype = reference.compute_dtype(x)
     autocast = x.dtype in reference.AUTOCAST_INPUT_DTYPES and torch.is_autocast_enabled(x.device.type)
     out_dtype = reference.output_dtype(compute_dtype, autocast, scale_tensor, terms)
-    scale_tensor, scale_value, add_input, skip2d = epilogue_arguments(x, scale_tensor, scale_value, terms)
+    scale_tensor, scale_value, add_input, skip2d = epilogue_arguments(x, scale_tensor, scale_value, terms,
+                                                                      out_dim=w_up.shape[0])
     x2d = x.reshape(-1, dim)
     if row_scale is not None:
         row_scale = row_scale.detach()
@@ -878,4 +895,4 @@ def bottleneck_adapter(
         x2d, w_down, b_down, w_up, b_up, scale_tensor, scale_value, skip2d, add_input, row_scale, activation,
         compute_dtype, out_dtype, autocast, needs_grad,
     )
-    return y.view(x.shape)
+    return y.view(*x.shape[:-1], w_up.shape[0])

@@ -32,29 +32,32 @@ def check_bottleneck_arguments(x, w_down, b_down, w_up, b_up, scale, activation,
     if rank > MAX_RANK and takes_triton(x.device.type, (x.dtype, reference.compute_dtype(x))):
         raise ValueError(f"w_down has rank {rank}; the fused kernels support rank 1 to {MAX_RANK}")
     check_float_tensor("w_up", w_up)
-    if tuple(w_up.shape) != (dim, rank):
-        raise ValueError(f"w_up must have shape [D, rank] = [{dim}, {rank}], got {tuple(w_up.shape)}")
+    if w_up.dim() != 2 or w_up.shape[1] != rank or w_up.shape[0] == 0:
+        raise ValueError(f"w_up must have shape [D_out, rank] = [D_out, {rank}] with D_out >= 1 (D_out = D = {dim} "
+                         f"for an adapter), got {tuple(w_up.shape)}")
+    dim_out = w_up.shape[0]
     if b_down is not None:
         check_float_tensor("b_down", b_down)
         if tuple(b_down.shape) != (rank,):
             raise ValueError(f"b_down must have shape [rank] = [{rank}], got {tuple(b_down.shape)}")
     if b_up is not None:
         check_float_tensor("b_up", b_up)
-        if tuple(b_up.shape) != (dim,):
-            raise ValueError(f"b_up must have shape [D] = [{dim}], got {tuple(b_up.shape)}")
+        if tuple(b_up.shape) != (dim_out,):
+            raise ValueError(f"b_up must have shape [D_out] = [{dim_out}] (w_up's rows), got {tuple(b_up.shape)}")
     check_activation(activation)
-    scale_tensor, scale_value, terms = check_epilogue_arguments(x, scale, residual, row_scale)
+    scale_tensor, scale_value, terms = check_epilogue_arguments(x, scale, residual, row_scale, out_dim=dim_out)
     named = [("w_down", w_down), ("b_down", b_down), ("w_up", w_up), ("b_up", b_up)]
     check_same_device(x, named)
     return scale_tensor, scale_value, terms
 
 
-def check_epilogue_arguments(x, scale, residual, row_scale):
-    """The arguments every op's epilogue takes (scale, residual, row_scale), checked against x;
-    returns (scale tensor or None, scale value, residual terms)."""
-    dim = x.shape[-1]
-    rows = x.numel() // dim
-    terms = check_residual(x, residual)
+def check_epilogue_arguments(x, scale, residual, row_scale, out_dim=None):
+    """The arguments every op's epilogue takes (scale, residual, row_scale), checked against x
+    and the output width out_dim (default x's D); returns (scale tensor or None, scale value,
+    residual terms)."""
+    rows = x.numel() // x.shape[-1]
+    dim = x.shape[-1] if out_dim is None else out_dim
+    terms = check_residual(x, residual, dim)
     if row_scale is not None:
         check_float_tensor("row_scale", row_scale)
         if row_scale.dim() != 1 or row_scale.shape[0] != rows:
@@ -66,8 +69,8 @@ def check_epilogue_arguments(x, scale, residual, row_scale):
         check_float_tensor("scale", scale)
         if scale.numel() != 1 and tuple(scale.shape) != (dim,):
             raise ValueError(
-                f"scale must be a [D] = [{dim}] tensor, a one-element tensor, a float or None, "
-                f"got shape {tuple(scale.shape)}"
+                f"scale must be a [{'D' if out_dim is None else 'D_out'}] = [{dim}] tensor, a one-element tensor, "
+                f"a float or None, got shape {tuple(scale.shape)}"
             )
         scale_tensor = scale
     elif isinstance(scale, numbers.Real) and not isinstance(scale, bool):
@@ -84,12 +87,12 @@ def check_same_device(x, named) -> None:
             raise ValueError(f"{name} is on {tensor.device} but x is on {x.device}; put all tensors on one device")
 
 
-def epilogue_arguments(x, scale_tensor, scale_value, terms):
+def epilogue_arguments(x, scale_tensor, scale_value, terms, out_dim=None):
     """What the kernels' epilogue takes, from checked arguments: (scale tensor or None, scale
     value, add_input, skip). x as a residual term is read and differentiated inside the kernels
     (add_input); any other terms are one tensor to them (two or more are summed here first),
-    returned 2-D as `skip` ([M, D] or None)."""
-    dim = x.shape[-1]
+    returned 2-D as `skip` ([M, D_out] or None; D_out = out_dim, default x's D)."""
+    dim = x.shape[-1] if out_dim is None else out_dim
     add_input = any(term is x for term in terms)
     others = list(terms)
     if add_input:
@@ -104,18 +107,22 @@ def epilogue_arguments(x, scale_tensor, scale_value, terms):
         # every new value; a 0-d tensor is a graph input (and, 0-d, promotes nothing).
         scale_tensor, scale_value = x.new_full((), scale_value, dtype=torch.float32), 1.0
     return scale_tensor, scale_value, add_input, skip.reshape(-1, dim) if skip is not None else None
-def check_residual(x, residual) -> list:
+def check_residual(x, residual, out_dim=None) -> list:
+    """The residual terms, each shaped like the output: x's leading dims and out_dim (default
+    x's D) columns."""
+    shape = x.shape if out_dim is None else (*x.shape[:-1], out_dim)
     if residual is None or isinstance(residual, torch.Tensor):
         terms, names = reference.residual_terms(residual), ["residual"]
     elif isinstance(residual, (tuple, list)) and len(residual) > 0:
         terms, names = list(residual), [f"residual[{i}]" for i in range(len(residual))]
     else:
-        raise TypeError(f"residual must be a tensor shaped like x, a non-empty tuple or list of such tensors, or "
+        raise TypeError(f"residual must be a tensor shaped like the output (x's, unless D_out != D), a non-empty tuple or list of such tensors, or "
                         f"None; got {type(residual).__name__}{' (empty)' if isinstance(residual, (tuple, list)) else ''}")
     for name, term in zip(names, terms):
         check_float_tensor(name, term)
-        if term.shape != x.shape:
-            raise ValueError(f"{name} must have x's shape {tuple(x.shape)}, got {tuple(term.shape)}")
+        if term.shape != shape:
+            raise ValueError(f"{name} must have the output's shape {tuple(shape)} (x's leading dims, "
+                             f"{'D' if out_dim is None else 'D_out'} = {shape[-1]}), got {tuple(term.shape)}")
         if term.device != x.device:
             raise ValueError(f"{name} is on {term.device} but x is on {x.device}; put all tensors on one device")
     return terms

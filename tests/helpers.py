@@ -75,10 +75,13 @@ def make_case(
     device=DEVICE,
     requires_grad=True,
     generator=None,
+    dim_out=None,
 ) -> Case:
-    """Fresh random inputs (never zeros). scale: None, "float", "scalar" (0-d), "one" ([1]) or "channel"."""
+    """Fresh random inputs (never zeros). scale: None, "float", "scalar" (0-d), "one" ([1]) or "channel".
+    dim_out: the output width of a width-changing bottleneck (default x's D)."""
     param_dtype = param_dtype or dtype
     dim = shape[-1]
+    dim_out = dim if dim_out is None else dim_out
     rows = 1
     for size in shape[:-1]:
         rows *= size
@@ -91,17 +94,17 @@ def make_case(
     # Weights sized so the pre-activation is O(1) and every activation's curve matters.
     x = randn(*shape, dt=dtype)
     w_down = randn(rank, dim, dt=param_dtype, std=dim ** -0.5)
-    w_up = randn(dim, rank, dt=param_dtype, std=rank ** -0.5)
+    w_up = randn(dim_out, rank, dt=param_dtype, std=rank ** -0.5)
     b_down = randn(rank, dt=param_dtype, std=0.5) if bias else None
-    b_up = randn(dim, dt=param_dtype, std=0.5) if bias else None
+    b_up = randn(dim_out, dt=param_dtype, std=0.5) if bias else None
     scale_value = {
         None: None,
         "float": 0.7,
         "scalar": randn(dt=param_dtype),
         "one": randn(1, dt=param_dtype),
-        "channel": randn(dim, dt=param_dtype),
+        "channel": randn(dim_out, dt=param_dtype),
     }[scale]
-    res = randn(*shape, dt=dtype) if residual else None
+    res = randn(*shape[:-1], dim_out, dt=dtype) if residual else None
     rs = (torch.rand(rows, generator=generator) + 0.5).to(device) if row_scale else None
     return Case(x, w_down, b_down, w_up, b_up, scale_value, res, rs, activation)
 
