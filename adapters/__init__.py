@@ -10,37 +10,53 @@ adapter calls the fused op in fused_adapters.kernels.
     loss = criterion(model(x), y) + model_aux_loss(model)
     with task_routing(model, ["cars", "birds", ...]):             # one adapter per image
         logits = model(images)
+
+    inject(model, LoraConfig(rank=8, targets=("qkv",)), name="lora")  # LoRA on the blocks' linears
+    merge_adapters(model)                    # fold it into the weights; unmerge_adapters restores them
+    delete_adapter(model, "moa")
 """
 
 from .config import POSITIONS, AdapterConfig
 from .io import load_adapters, save_adapters
+from .lora import LoraBranch, LoraConfig, LoraLinear
 from .modules import BottleneckAdapter, SparseAdapter
 from .timm_vit import (
     active_adapter,
     adapter_configs,
+    delete_adapter,
     disable_adapters,
     inject,
+    merge_adapters,
+    merged_adapter,
     model_aux_loss,
     param_groups,
     set_adapter,
     task_routing,
     trainable_parameters,
+    unmerge_adapters,
 )
 
 __all__ = [
     "POSITIONS",
     "AdapterConfig",
     "BottleneckAdapter",
+    "LoraBranch",
+    "LoraConfig",
+    "LoraLinear",
     "SparseAdapter",
     "active_adapter",
     "adapter_configs",
+    "delete_adapter",
     "disable_adapters",
     "inject",
     "load_adapters",
+    "merge_adapters",
+    "merged_adapter",
     "model_aux_loss",
     "param_groups",
     "save_adapters",
     "set_adapter",
     "task_routing",
     "trainable_parameters",
+    "unmerge_adapters",
 ]

@@ -70,6 +70,24 @@ def add_owner(model: nn.Module, name: str, paths: list[str]) -> None:
     owned[name] = copies
 
 
+def remove_owner(model: nn.Module, name: str) -> None:
+    """Drop adapter `name`'s copies. A path no adapter owns any more gets its original back and
+    leaves base_modules; with none left, the model loses adapter_modules and base_modules."""
+    owned = getattr(model, OWNED, None)
+    if owned is None or name not in owned:
+        return
+    del owned[name]
+    base = getattr(model, BASE)
+    for key in list(base.keys()):
+        if not any(key in copies for copies in owned.values()):
+            set_module(model, model._fused_owned_paths.pop(key), base[key])
+            del base[key]
+    if not len(base):
+        delattr(model, OWNED)
+        delattr(model, BASE)
+        del model._fused_owned_paths
+
+
 def owned_modules(model: nn.Module, name: str) -> dict[str, nn.Module]:
     """Adapter `name`'s own copies by their module path in the model (empty when it owns none)."""
     owned = getattr(model, OWNED, None)

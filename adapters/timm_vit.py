@@ -1,17 +1,20 @@
 """Model surgery for timm Vision Transformers: inject adapters into every block, switch between
-named adapters, freeze the backbone, build AdamW parameter groups.
+named adapters, merge LoRA into the weights, delete adapters, freeze the backbone, build AdamW
+parameter groups.
 
 Each timm `Block` in `model.blocks` keeps its weights and its state-dict keys; inject adds a
 ModuleDict `adapters` (name -> adapters of that name, one per adapted branch) and swaps the
 block's class for a subclass whose forward applies the active adapter at its position (the
-formulas in the README, as the Adapter+ code defines them). Every adapter is one call of the
-fused op; its residual argument carries the skip connection.
+formulas in the README, as the Adapter+ code defines them). LoRA adapters (LoraConfig) swap
+the class of the block's target linears instead (adapters/lora.py). Every adapter is one call
+of the fused op; its residual argument carries the skip connection (the base GEMM's output
+for LoRA).
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Union
 
 import torch
 from torch import nn
@@ -19,10 +22,14 @@ from torch import nn
 from ..kernels import backend
 from . import owned
 from .config import AdapterConfig
+from .lora import LoraConfig, add_branches, lora_linears
 from .modules import BottleneckAdapter, SparseAdapter, mixed_task_forward
 
 __all__ = ["inject", "set_adapter", "disable_adapters", "param_groups", "trainable_parameters", "adapter_configs",
-           "model_aux_loss", "task_routing"]
+           "model_aux_loss", "task_routing", "merge_adapters", "unmerge_adapters", "merged_adapter",
+           "delete_adapter"]
+
+Config = Union[AdapterConfig, LoraConfig]
 
 # Branch modules the positions other than "post" rebuild the block from.
 BLOCK_PARTS = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
@@ -157,34 +164,61 @@ def head_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return {name: p for name, p in model.named_parameters() if id(p) in ids}
 
 
-def adapter_configs(model: nn.Module) -> dict[str, AdapterConfig]:
+def adapter_configs(model: nn.Module) -> dict[str, Config]:
     """The configs of the adapters injected into model, by name (empty if none)."""
     return getattr(model, "_fused_adapter_configs", {})
 
 
-def inject(model: nn.Module, config: Optional[AdapterConfig] = None, name: str = "default",
+def inject(model: nn.Module, config: Optional[Config] = None, name: str = "default",
            verbose: bool = True) -> nn.Module:
     """Add adapters named `name` to every block of a timm ViT, make them the active ones, freeze
     everything else, and return the model.
 
+    config: an AdapterConfig (bottleneck adapters in the blocks; the default) or a LoraConfig
+    (LoRA branches on the blocks' target linears). A model may hold both kinds under
+    different names; one name is active at a time.
+
     With config.train_head the adapter gets its own trainable copy of the classifier head (and
-    with config.train_norms of every backbone LayerNorm), copied from the model's original:
-    `set_adapter` switches those copies with the adapters, `disable_adapters` runs the originals.
+    with AdapterConfig.train_norms of every backbone LayerNorm), copied from the model's
+    original: `set_adapter` switches those copies with the adapters, `disable_adapters` runs
+    the originals. A merged LoRA adapter is unmerged first (the new adapter becomes active).
 
     With verbose, prints the trainable parameter count and the path the adapters' kernels take
     for the model's parameters outside autocast (kernels.backend: "triton", "interpreter" or
-    "reference"). Raises TypeError for models whose blocks are not timm Blocks, ValueError for
-    a name already injected.
+    "reference"). Raises TypeError for models whose blocks (or LoRA target linears) are not
+    timm Blocks (nn.Linear), ValueError for a name already injected.
     """
     config = config if config is not None else AdapterConfig()
-    if not isinstance(config, AdapterConfig):
-        raise TypeError(f"config must be an AdapterConfig, got {type(config).__name__}")
+    if not isinstance(config, (AdapterConfig, LoraConfig)):
+        raise TypeError(f"config must be an AdapterConfig or a LoraConfig, got {type(config).__name__}")
     if not isinstance(name, str) or not name.isidentifier():
         raise ValueError(f"adapter name must be an identifier-like string, got {name!r}")
     blocks = _blocks(model)
     configs = dict(adapter_configs(model))
     if name in configs:
         raise ValueError(f"model already has adapters named {name!r}; pick another name")
+    if isinstance(config, LoraConfig):
+        add_branches(blocks, name, config)
+    else:
+        _add_bottlenecks(model, blocks, name, config)
+    owned.add_owner(model, name, _paths_to_own(model, config))
+    configs[name] = config
+    model._fused_adapter_configs = configs
+    set_adapter(model, name)
+    if verbose:
+        trainable, total = trainable_parameters(model)
+        path = backend(next(_blocks(model)[0].parameters()))
+        if isinstance(config, LoraConfig):
+            what = f"LoRA on {'+'.join(config.targets)}, rank {config.rank}, alpha {config.alpha:g}"
+        else:
+            mixture = f", {config.experts} experts top-{config.top_k} by {config.routing}" if config.sparse else ""
+            what = f"{config.position}, rank {config.rank}{mixture}"
+        print(f"fused_adapters: injected {name!r} ({what}; kernels: {path}): "
+              f"trainable params {trainable:,} || all params {total:,} || trainable {100 * trainable / total:.3f}%")
+    return model
+
+
+def _add_bottlenecks(model: nn.Module, blocks, name: str, config: AdapterConfig) -> None:
     for block in blocks:
         dim = _block_dim(block)
         reference_param = next(block.parameters())
@@ -215,40 +249,47 @@ def inject(model: nn.Module, config: Optional[AdapterConfig] = None, name: str =
             block.adapter_positions = {}
         block.adapters[name] = nn.ModuleDict(slots)
         block.adapter_positions[name] = config.position
-    owned.add_owner(model, name, _paths_to_own(model, config))
-    configs[name] = config
-    model._fused_adapter_configs = configs
-    set_adapter(model, name)
-    if verbose:
-        trainable, total = trainable_parameters(model)
-        mixture = f", {config.experts} experts top-{config.top_k} by {config.routing}" if config.sparse else ""
-        path = backend(next(_blocks(model)[0].parameters()))
-        print(f"fused_adapters: injected {name!r} ({config.position}, rank {config.rank}{mixture}; kernels: {path}): "
-              f"trainable params {trainable:,} || all params {total:,} || trainable {100 * trainable / total:.3f}%")
-    return model
 
 
-def _paths_to_own(model: nn.Module, config: AdapterConfig) -> list[str]:
+def _paths_to_own(model: nn.Module, config: Config) -> list[str]:
     paths = owned.head_paths(model) if config.train_head else []
-    if config.train_norms:
+    if getattr(config, "train_norms", False):
         paths += owned.norm_paths(model)
     return paths
 
 
 def set_adapter(model: nn.Module, name: str) -> None:
     """Make the adapters named `name` the active, trainable ones, with their own head (and
-    LayerNorms) in place where their config trains them; all other parameters are frozen."""
+    LayerNorms) in place where their config trains them; all other parameters are frozen, and
+    adapters of the other names (of either kind) are inactive. If another LoRA adapter is
+    merged it is unmerged first; `name` itself stays merged if it is."""
     configs = adapter_configs(model)
     if name not in configs:
         raise ValueError(f"no adapters named {name!r}; injected: {sorted(configs)}")
+    _activate(model, name)
+
+
+def _activate(model: nn.Module, name: Optional[str]) -> None:
+    """set_adapter, or for None: no active adapter (the bare backbone, everything frozen)."""
+    merged = merged_adapter(model)
+    if merged is not None and merged != name:
+        unmerge_adapters(model)
+    lora = name is not None and isinstance(adapter_configs(model)[name], LoraConfig)
     owned.install(model, name)
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     for block in _blocks(model):
-        block.active_adapter = name
-        block.adapters[name].requires_grad_(True)
-    for module in owned.owned_modules(model, name).values():
-        module.requires_grad_(True)
+        if isinstance(block, AdaptedBlockMixin):
+            block.active_adapter = name if name in block.adapters and not lora else None
+            if block.active_adapter is not None:
+                block.adapters[name].requires_grad_(True)
+    for linear in lora_linears(model):
+        linear.active_lora = name if lora and name in linear.lora else None
+        if linear.active_lora is not None:
+            linear.lora[name].requires_grad_(True)
+    if name is not None:
+        for module in owned.owned_modules(model, name).values():
+            module.requires_grad_(True)
     model._fused_active_adapter = name
 
 
@@ -258,13 +299,17 @@ def active_adapter(model: nn.Module) -> Optional[str]:
 
 @contextlib.contextmanager
 def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
-    """Run the original model inside the block (no adapters, the original head and LayerNorms):
-    `with disable_adapters(model): base = model(x)`."""
+    """Run the original model inside the block (no adapters, the original head and LayerNorms,
+    the original weights of a merged LoRA adapter): `with disable_adapters(model): base = model(x)`."""
     blocks = _blocks(model)
     previous = [getattr(block, "active_adapter", None) for block in blocks]
+    linears = lora_linears(model)
+    previous_lora = [linear.active_lora for linear in linears]
     for block in blocks:
         if isinstance(block, AdaptedBlockMixin):
             block.active_adapter = None
+    for linear in linears:
+        linear.active_lora = None
     modules = owned.install(model, None)
     try:
         yield model
@@ -273,6 +318,88 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
         for block, name in zip(blocks, previous):
             if isinstance(block, AdaptedBlockMixin):
                 block.active_adapter = name
+        for linear, name in zip(linears, previous_lora):
+            linear.active_lora = name
+
+
+def merged_adapter(model: nn.Module) -> Optional[str]:
+    """The name of the LoRA adapter merged into the base weights, or None."""
+    return getattr(model, "_fused_merged_adapter", None)
+
+
+def merge_adapters(model: nn.Module, name: Optional[str] = None) -> nn.Module:
+    """Fold the active LoRA adapter (or `name`, made active first) into the weights of its
+    target linears, W += (alpha / rank) * B A (summed in fp32, cast to W's dtype), so the
+    forward runs plain linears and no adapter op. An exact copy of every original W is kept
+    (one per target linear) so that `unmerge_adapters` restores it bit for bit and
+    `disable_adapters` still runs the backbone. Merged weights are for inference: the LoRA
+    parameters get no gradient until unmerged. A second merge of the same adapter does
+    nothing; set_adapter to another name, inject, load_adapters into it and delete_adapter of
+    it unmerge first. The state dict of a merged model holds the merged weights at the usual
+    keys. Raises ValueError with no active adapter or for a bottleneck adapter."""
+    if name is not None:
+        set_adapter(model, name)
+    name = active_adapter(model)
+    if name is None:
+        raise ValueError("merge_adapters needs an active LoRA adapter; the model has none "
+                         f"(injected: {sorted(adapter_configs(model))})")
+    config = adapter_configs(model)[name]
+    if not isinstance(config, LoraConfig):
+        raise ValueError(f"cannot merge adapter {name!r}: it is a bottleneck adapter (position {config.position!r}, "
+                         f"activation {config.activation!r}), a branch with its own input and residual, not a "
+                         f"low-rank update of a linear's weight; only LoRA adapters merge")
+    if merged_adapter(model) == name:
+        return model
+    for linear in lora_linears(model):
+        if name in linear.lora:
+            linear.merge(name)
+    model._fused_merged_adapter = name
+    return model
+
+
+def unmerge_adapters(model: nn.Module) -> nn.Module:
+    """Put back the exact original weights merge_adapters kept; the LoRA branch runs again
+    (as the fused op). Does nothing when no adapter is merged."""
+    for linear in lora_linears(model):
+        linear.unmerge()
+    model._fused_merged_adapter = None
+    return model
+
+
+def delete_adapter(model: nn.Module, name: str) -> nn.Module:
+    """Remove the adapters named `name` (either kind): their modules, their own head (and
+    LayerNorm) copies and their config; a merged one is unmerged first. Deleting the active
+    adapter leaves none active: the model runs the bare backbone, all frozen, until
+    set_adapter; deleting another keeps the active one. Blocks and linears with no adapters
+    left get their original timm classes back, so deleting every adapter restores the plain
+    model (its modules, state-dict keys and outputs)."""
+    configs = dict(adapter_configs(model))
+    if name not in configs:
+        raise ValueError(f"no adapters named {name!r} to delete; injected: {sorted(configs)}")
+    if merged_adapter(model) == name:
+        unmerge_adapters(model)
+    active = active_adapter(model)
+    for block in _blocks(model):
+        if isinstance(block, AdaptedBlockMixin) and name in block.adapters:
+            del block.adapters[name]
+            del block.adapter_positions[name]
+            if not len(block.adapters):
+                del block.adapters
+                del block.adapter_positions, block.active_adapter
+                block.__dict__.pop("_task_routing", None)
+                block.__class__ = block._adapted_base
+    for linear in lora_linears(model):
+        if name in linear.lora:
+            del linear.lora[name]
+            if linear.active_lora == name:
+                linear.active_lora = None
+            if not len(linear.lora):
+                linear.release()
+    owned.remove_owner(model, name)
+    del configs[name]
+    model._fused_adapter_configs = configs
+    _activate(model, None if active == name else active)
+    return model
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:
@@ -313,7 +440,7 @@ def task_routing(model: nn.Module, names_per_image) -> Iterator[nn.Module]:
     slot: `with task_routing(model, ["cars", "birds", "cars", ...]): logits = model(images)`.
 
     names_per_image: one adapter name per image of the batch (or a tensor of indices into the
-    sorted distinct names). The named adapters must be plain bottleneck adapters (experts = 1)
+    sorted distinct names). The named adapters must be plain bottleneck adapters (experts = 1; no LoRA)
     of one position, rank, activation, norm and bias; their scales may differ. Each image is
     classified by its own task's head where that task owns one (train_head; the heads must give
     outputs of one shape), by the original head otherwise, and likewise for the LayerNorms of
@@ -328,6 +455,10 @@ def task_routing(model: nn.Module, names_per_image) -> Iterator[nn.Module]:
     unknown = [name for name in names if name not in configs]
     if unknown:
         raise ValueError(f"no adapters named {unknown}; injected: {sorted(configs)}")
+    for name in names:
+        if isinstance(configs[name], LoraConfig):
+            raise ValueError(f"task_routing mixes bottleneck adapters; {name!r} is a LoRA adapter (set_adapter runs "
+                             f"it, one name per batch)")
     first = configs[names[0]]
     for name in names:
         config = configs[name]
@@ -349,6 +480,10 @@ def task_routing(model: nn.Module, names_per_image) -> Iterator[nn.Module]:
     parameters += [p for own in copies for module in own.values() for p in module.parameters()]
     flags = [p.requires_grad for p in parameters]
     previous = [(getattr(block, "active_adapter", None), getattr(block, "_task_routing", None)) for block in blocks]
+    linears = lora_linears(model)
+    previous_lora = [linear.active_lora for linear in linears]
+    for linear in linears:  # the base weights only (the originals of a merged LoRA adapter)
+        linear.active_lora = None
     modules = owned.install(model, None)
     for key, path in owned.owned_paths(model).items():
         if any(path in own for own in copies):
@@ -366,5 +501,7 @@ def task_routing(model: nn.Module, names_per_image) -> Iterator[nn.Module]:
         for block, (active, routing) in zip(blocks, previous):
             block.active_adapter = active
             block._task_routing = routing
+        for linear, name in zip(linears, previous_lora):
+            linear.active_lora = name
         for parameter, flag in zip(parameters, flags):
             parameter.requires_grad_(flag)
