@@ -64,6 +64,7 @@ __all__ = [
     "FORWARD_CONFIGS",
     "BACKWARD_HIDDEN_CONFIGS",
     "BACKWARD_WEIGHTS_CONFIGS",
+    "BACKWARD_WEIGHTS_WIDE_CONFIGS",
     "MAX_RANK",
     "padded_rank",
     "uses_triton",
@@ -85,10 +86,14 @@ def _bottleneck_forward_kernel(
     stride_x_row, stride_x_col, stride_res_row, stride_res_col,
     ACTIVATION: tl.constexpr, SCALE_MODE: tl.constexpr, HAS_B_DOWN: tl.constexpr,
     HAS_B_UP: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ADD_INPUT: tl.constexpr, HAS_ROW_SCALE: tl.constexpr,
-    STORE_HIDDEN: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    BLOCK_ROWS: tl.constexpr, BLOCK_DIM: tl.constexpr, BLOCK_RANK: tl.constexpr,
+    STORE_HIDDEN: tl.constexpr, SAME_WIDTH: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_DIM: tl.constexpr, BLOCK_RANK: tl.constexpr,
 ):
     # This program's tile: rows [pid * BLOCK_ROWS, +BLOCK_ROWS), every column, every rank.
+    # SAME_WIDTH (D_out = D, the adapter): the kernel compiled with one width, as before
+    # width-changing bottlenecks existed, so their extra argument costs the adapter nothing.
+    if SAME_WIDTH:
+        dim_out = dim
     pid = tl.program_id(0)
     row_ids = pid * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     row_mask = row_ids < rows
@@ -214,8 +219,9 @@ def _backward_input_and_weights_kernel(
     row_scale_ptr, grad_x_ptr, partials_ptr,
     rows, dim, dim_out, rank, scale_value, tiles_per_chunk,
     stride_g_row, stride_g_col, stride_x_row, stride_x_col,
-    ACTIVATION: tl.constexpr, RECOMPUTE_ACT: tl.constexpr, SCALE_MODE: tl.constexpr, HAS_B_UP: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, COMPUTE_DX: tl.constexpr,
-    ADD_GRAD_Y: tl.constexpr, SPLIT_RANK: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
+    ACTIVATION: tl.constexpr, RECOMPUTE_ACT: tl.constexpr, SCALE_MODE: tl.constexpr, HAS_B_UP: tl.constexpr,
+    HAS_ROW_SCALE: tl.constexpr, COMPUTE_DX: tl.constexpr, ADD_GRAD_Y: tl.constexpr, SPLIT_RANK: tl.constexpr,
+    SAME_WIDTH: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_DIM: tl.constexpr, BLOCK_RANK: tl.constexpr,
 ):
     # This program's tile: columns [pid_col * BLOCK_DIM, +BLOCK_DIM) and ranks
@@ -223,13 +229,18 @@ def _backward_input_and_weights_kernel(
     # [pid_chunk * tiles_per_chunk, +tiles_per_chunk); and, in the pid_rank == 0 programs, the
     # same columns of dx for those rows. The columns are x's (D: w_down, dx) and y's (D_out:
     # w_up, b_up, scale); the grid covers the wider of the two, and each side masks the other's
-    # extra columns (D_out = D but for width-changing bottlenecks).
+    # extra columns (D_out = D but for width-changing bottlenecks; SAME_WIDTH compiles that case
+    # with one width and one mask).
     pid_chunk = tl.program_id(0)
     pid_col = tl.program_id(1)
     pid_rank = tl.program_id(2)
     col_ids = pid_col * BLOCK_DIM + tl.arange(0, BLOCK_DIM)
     col_mask = col_ids < dim
-    out_mask = col_ids < dim_out
+    if SAME_WIDTH:
+        dim_out = dim
+        out_mask = col_mask
+    else:
+        out_mask = col_ids < dim_out
     rank_ids = pid_rank * BLOCK_RANK + tl.arange(0, BLOCK_RANK)
     rank_mask = rank_ids < rank
     dtype = COMPUTE_DTYPE
@@ -393,6 +404,20 @@ BACKWARD_WEIGHTS_CONFIGS = {
     (128, "fp32"): BlockConfig("bwd_weights_r128_fp32", 16, 32, 4, 2, rank_tile=32),
     (256, "fp32"): BlockConfig("bwd_weights_r256_fp32", 16, 32, 4, 2, rank_tile=32),
 }
+# The weights launch of a width-changing bottleneck (D_out != D) carries a second column mask and
+# width; these tiles compile without spills there (compile check, "backward_weights_wide").
+BACKWARD_WEIGHTS_WIDE_CONFIGS = {
+    (16, "half"): BlockConfig("bwd_weights_wide_r16_half", 32, 16, 4, 1),
+    (32, "half"): BlockConfig("bwd_weights_wide_r32_half", 32, 16, 4, 2),
+    (64, "half"): BlockConfig("bwd_weights_wide_r64_half", 16, 32, 4, 2, rank_tile=32),
+    (128, "half"): BlockConfig("bwd_weights_wide_r128_half", 16, 32, 8, 2, rank_tile=64),
+    (256, "half"): BlockConfig("bwd_weights_wide_r256_half", 16, 32, 8, 2, rank_tile=64),
+    (16, "fp32"): BlockConfig("bwd_weights_wide_r16_fp32", 16, 32, 4, 2),
+    (32, "fp32"): BlockConfig("bwd_weights_wide_r32_fp32", 16, 32, 4, 2),
+    (64, "fp32"): BlockConfig("bwd_weights_wide_r64_fp32", 16, 16, 4, 2, rank_tile=32),
+    (128, "fp32"): BlockConfig("bwd_weights_wide_r128_fp32", 16, 16, 4, 2, rank_tile=32),
+    (256, "fp32"): BlockConfig("bwd_weights_wide_r256_fp32", 16, 16, 4, 2, rank_tile=32),
+}
 
 
 def block_config(table: dict, rank: int, dtype: torch.dtype) -> BlockConfig:
@@ -489,7 +514,7 @@ def forward_launch(x, w_down, b_down, w_up, b_up, scale, scale_value, residual, 
     constexprs = dict(
         ACTIVATION=activation, SCALE_MODE=scale_mode(scale), HAS_B_DOWN=b_down is not None,
         HAS_B_UP=b_up is not None, HAS_RESIDUAL=residual is not None, ADD_INPUT=add_input,
-        HAS_ROW_SCALE=row_scale is not None, STORE_HIDDEN=store_hidden,
+        HAS_ROW_SCALE=row_scale is not None, STORE_HIDDEN=store_hidden, SAME_WIDTH=dim_out == dim,
         COMPUTE_DTYPE=TRITON_DTYPES[compute_dtype], INPUT_PRECISION=input_precision(compute_dtype),
         BLOCK_ROWS=config.block_rows, BLOCK_DIM=config.block_dim, BLOCK_RANK=padded_rank(rank),
     )
@@ -512,7 +537,8 @@ def backward_launches(grad_y, x, hidden, w_down, w_up, b_up, scale, scale_value,
     block_rank = padded_rank(rank)
     sms = sm_count(x.device)
     hidden_config = row_config(BACKWARD_HIDDEN_CONFIGS, rank, compute_dtype, rows, sms, variant)
-    weights_config = block_config(BACKWARD_WEIGHTS_CONFIGS, rank, compute_dtype)
+    weights_table = BACKWARD_WEIGHTS_CONFIGS if dim_out == dim else BACKWARD_WEIGHTS_WIDE_CONFIGS
+    weights_config = block_config(weights_table, rank, compute_dtype)
     rank_tile = weights_config.rank_tile or block_rank
     mode = scale_mode(scale)
     precision = input_precision(compute_dtype)
@@ -570,7 +596,7 @@ def backward_launches(grad_y, x, hidden, w_down, w_up, b_up, scale, scale_value,
             ACTIVATION=activation, RECOMPUTE_ACT=recompute_act,
             SCALE_MODE=mode, HAS_B_UP=b_up is not None, HAS_ROW_SCALE=row_scale is not None,
             COMPUTE_DX=compute_dx, ADD_GRAD_Y=compute_dx and add_grad_y, SPLIT_RANK=rank_tile < block_rank,
-            COMPUTE_DTYPE=triton_dtype, INPUT_PRECISION=precision,
+            SAME_WIDTH=dim_out == dim, COMPUTE_DTYPE=triton_dtype, INPUT_PRECISION=precision,
             BLOCK_ROWS=weights_config.block_rows, BLOCK_DIM=weights_config.block_dim, BLOCK_RANK=rank_tile,
         ),
         weights_config,

@@ -21,7 +21,9 @@ instructions (mma.sync on sm_80, wgmma or mma.sync on sm_90) wherever the dots r
 fp16/bf16 or tf32 (the "tf32" dtype: float32 with allow_tf32 on), and for vectorized global loads
 (ld.global.v2/v4, or the 8- and 16-byte cp.async copies a pipelined loop, num_stages > 1, issues).
 
-Kernels: the bottleneck adapter's (forward, backward_hidden, backward_weights) and the sparse
+Kernels: the bottleneck adapter's (forward, backward_hidden, backward_weights; forward_wide and
+backward_weights_wide are the same kernels specialized for a width-changing bottleneck, D_out =
+3 D as LoRA on a ViT's qkv; the latter from its own table) and the sparse
 mixture of adapters' (sparse_forward, sparse_backward_input, sparse_backward_weights; see
 kernels/sparse.py), whose configurations are keyed by the padded E*r instead of the padded rank:
 each is compiled at one representative (experts, rank) per key (SPARSE_SHAPES). The sparse
@@ -85,10 +87,14 @@ def _dtypes(name: str) -> tuple[torch.dtype, torch.dtype]:
 
 SCENARIOS = ("aligned", "unaligned")
 BOTTLENECK_KERNELS = ("forward", "backward_hidden", "backward_weights")
+# The bottleneck kernels where a width-changing bottleneck (D_out != D: LoRA on qkv, fc1, fc2)
+# compiles another specialization (SAME_WIDTH off): compiled with D_out = 3 D, the qkv shape;
+# the weights launch has its own table. (The backward-hidden kernel only walks D_out.)
+WIDE_KERNELS = ("forward_wide", "backward_weights_wide")
 SPARSE_KERNELS = ("sparse_forward", "sparse_backward_input", "sparse_backward_weights")
 GROUPED_KERNELS = ("grouped_gate", "grouped_forward", "grouped_combine", "grouped_backward_input",
                    "grouped_backward_combine", "grouped_backward_weights")
-KERNELS = BOTTLENECK_KERNELS + SPARSE_KERNELS + GROUPED_KERNELS
+KERNELS = BOTTLENECK_KERNELS + WIDE_KERNELS + SPARSE_KERNELS + GROUPED_KERNELS
 # The sparse kernels' configurations are keyed by the padded E*r: one (experts, rank) per key.
 # The unaligned scenario keeps the experts and takes an odd rank whose E*r pads to the same block.
 SPARSE_SHAPES = {16: (4, 4), 32: (4, 8), 64: (8, 8), 128: (8, 16), 256: (16, 16)}
@@ -184,22 +190,25 @@ def build_launches(kernel: str, block_rank: int, dtype_name: str, scenario: str,
 
     rows, dim, rank, misaligned = _scenario_shapes(block_rank, scenario)
     dtype, compute = _dtypes(dtype_name)
+    wide = kernel in WIDE_KERNELS
+    kernel = kernel.removesuffix("_wide")
+    dim_out = 3 * dim if wide else dim
 
     def tensor(*shape, dt=dtype):
         return torch.empty(*shape, dtype=dt)
 
     x = tensor(rows * dim + 1)[1:].view(rows, dim) if misaligned else tensor(rows, dim)
-    w_down, w_up = tensor(rank, dim), tensor(dim, rank)
-    b_down, b_up, scale = tensor(rank), tensor(dim), tensor(dim)
-    residual, row_scale = tensor(rows, dim), tensor(rows, dt=torch.float32)
+    w_down, w_up = tensor(rank, dim), tensor(dim_out, rank)
+    b_down, b_up, scale = tensor(rank), tensor(dim_out), tensor(dim_out)
+    residual, row_scale = tensor(rows, dim_out), tensor(rows, dt=torch.float32)
     hidden = tensor(rows, rank, dt=compute)
-    if kernel == "forward":
-        launch = bn.forward_launch(x, w_down, b_down, w_up, b_up, scale, 1.0, residual, True, row_scale, "gelu",
-                                   compute, tensor(rows, dim), hidden)
+    if kernel == "forward":  # x is a residual term only where D_out = D
+        launch = bn.forward_launch(x, w_down, b_down, w_up, b_up, scale, 1.0, residual, not wide, row_scale, "gelu",
+                                   compute, tensor(rows, dim_out), hidden)
     else:
-        grad_y = tensor(rows, dim)
+        grad_y = tensor(rows, dim_out)
         hidden_launch, weights_launch, _ = bn.backward_launches(
-            grad_y, x, hidden, w_down, w_up, b_up, scale, 1.0, row_scale, "gelu", compute, True,
+            grad_y, x, hidden, w_down, w_up, b_up, scale, 1.0, row_scale, "gelu", compute, not wide,
             tensor(rows, rank, dt=compute), tensor(rows if block_rank > 32 or store_act else 0, rank, dt=compute),
             tensor(rows, dim),
             dtype,  # one chunk here: the gradients stored in the parameters' dtype (fp32 for autocast_*)
@@ -434,7 +443,8 @@ def config_tables() -> dict:
         return {(0, group): config for group, config in table.items()}
 
     return {"forward": bn.FORWARD_CONFIGS, "backward_hidden": bn.BACKWARD_HIDDEN_CONFIGS,
-            "backward_weights": bn.BACKWARD_WEIGHTS_CONFIGS, "sparse_forward": sp.FORWARD_CONFIGS,
+            "backward_weights": bn.BACKWARD_WEIGHTS_CONFIGS, "forward_wide": bn.FORWARD_CONFIGS,
+            "backward_weights_wide": bn.BACKWARD_WEIGHTS_WIDE_CONFIGS, "sparse_forward": sp.FORWARD_CONFIGS,
             "sparse_backward_input": sp.BACKWARD_INPUT_CONFIGS,
             "sparse_backward_weights": sp.BACKWARD_WEIGHTS_CONFIGS,
             "grouped_gate": rankless(sg.GATE_CONFIGS), "grouped_forward": sg.GROUPED_FORWARD_CONFIGS,
@@ -457,11 +467,12 @@ def _cases(archs, dtypes, scenarios, kernels, configs=None):
         for (block_rank, group), config in tables[kernel].items():
             # The row-tile kernels pick their block rows from M: every variant is compiled. The
             # grouped kernels' block rows are fixed by the configuration, except the gate's.
-            fixed_rows = kernel.endswith("backward_weights") or (grouped and kernel != "grouped_gate")
+            fixed_rows = kernel.endswith(("backward_weights", "backward_weights_wide")) or (
+                grouped and kernel != "grouped_gate")
             variants = [config] if fixed_rows else row_variants(config)
             # The store_act op variant changes the bottleneck backward kernels' flags at ranks up
             # to 32 (above that they always store act), the sparse backward's at every E*r.
-            backward = kernel not in ("forward", "sparse_forward") and not grouped
+            backward = kernel not in ("forward", "forward_wide", "sparse_forward") and not grouped
             store_acts = (False, True) if backward and (sparse or block_rank <= 32) else (False,)
             # The trailing arguments of each form: the sparse forward's two forms, gated and
             # routed, are different kernels; so are two grouped kernels' k = 1 forms.

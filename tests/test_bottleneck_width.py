@@ -54,20 +54,24 @@ def test_lora_form_and_scale_kinds(scale, activation, monkeypatch):
         check(case, torch.float32)
 
 
-@pytest.mark.parametrize("dim_out", [30, 200])
-def test_split_ranks_and_several_row_chunks(dim_out, monkeypatch):
-    # rank 100 pads to 128: the weights launch splits it over rank blocks; 16 SMs give 3 chunks.
+@pytest.mark.parametrize("dim, dim_out", [(40, 30), (16, 64)])
+def test_split_ranks_and_several_row_chunks(dim, dim_out, monkeypatch):
+    # rank 100 pads to 128: the weights launch splits it over rank blocks; the SM counts give
+    # several row chunks, whose fp32 partials torch sums (D_out narrower and wider than D).
     from fused_adapters.kernels.bottleneck import backward_launches
 
-    case = make_case((600, 40), rank=100, dim_out=dim_out)
+    rows = 600
+    case = make_case((rows, dim), rank=100, dim_out=dim_out)
     with launch_plan(16):
-        empty = torch.empty(600, 100, device=DEVICE)
+        empty = torch.empty(rows, 100, device=DEVICE)
         _, weights_launch, partials = backward_launches(
-            torch.randn(600, dim_out, device=DEVICE), case.x.detach(), empty, case.w_down.detach(),
+            torch.randn(rows, dim_out, device=DEVICE), case.x.detach(), empty, case.w_down.detach(),
             case.w_up.detach(), None, None, 1.0, None, "gelu", torch.float32, False, empty, empty,
-            torch.empty(600, 40, device=DEVICE))
+            torch.empty(rows, dim, device=DEVICE))
         assert partials.shape[0] > 1 and weights_launch.grid[2] > 1  # several chunks, split ranks
-        assert weights_launch.grid[1] == -(-max(40, dim_out) // weights_launch.constexprs["BLOCK_DIM"])
+        assert weights_launch.grid[1] == -(-max(dim, dim_out) // weights_launch.constexprs["BLOCK_DIM"])
+        assert weights_launch.config.name.startswith("bwd_weights_wide")  # tiles that do not spill here
+        assert weights_launch.constexprs["SAME_WIDTH"] is False
         with poisoned_outputs(monkeypatch):
             check(case, torch.float32)
 

@@ -57,24 +57,27 @@ def test_specialization_follows_the_jit():
     assert (names.index("x_ptr"),) not in attrs and (names.index("dim"),) not in attrs  # 771, offset x
 
 
-def test_compile_check_compiles_a_sparse_case_per_kernel():
+def test_compile_check_compiles_a_sparse_and_a_wide_case_per_kernel():
     # The smallest sparse configurations, fp16 on sm_90, aligned: the gated and routed forward
-    # and both backward kernels with act recomputed and stored, and the grouped forward with
-    # k = 2 and k = 1 (the "+k1" form, which applies the epilogue), through the CLI (8 compiles).
+    # and both backward kernels with act recomputed and stored, the grouped forward with k = 2
+    # and k = 1 (the "+k1" form, which applies the epilogue), and the bottleneck kernels
+    # specialized for a width-changing bottleneck (D_out = 3 D), through the CLI (11 compiles).
     # Each must build and compile to a cubin with tensor-core dots; the spill and load rules are
     # the full runs' (python -m fused_adapters.kernels.compile_check --kernel sparse_... / grouped_...).
     result = subprocess.run(
         [sys.executable, "-m", "fused_adapters.kernels.compile_check",
          "--kernel", "sparse_forward", "sparse_backward_input", "sparse_backward_weights", "grouped_forward",
+         "forward_wide", "backward_weights_wide",
          "--config", "sparse_fwd_c16_half_rows16", "sparse_bwd_input_c16_half_rows16", "sparse_bwd_weights_c16_half",
-         "grouped_fwd_r16_half",
+         "grouped_fwd_r16_half", "fwd_r16_half_rows16", "bwd_weights_wide_r16_half",
          "--dtype", "float16", "--arch", "90", "--scenario", "aligned", "--jobs", "2"],
         capture_output=True, text=True, env=_environment_without_interpreter(), timeout=300,
     )
     table = result.stdout
     assert result.returncode in (0, 1), f"compile check did not run:\n{table[-6000:]}\n{result.stderr[-3000:]}"
     assert "compile error" not in table, table
-    rows = [line.split() for line in table.splitlines() if line.startswith(("sparse_", "grouped_"))]
+    rows = [line.split() for line in table.splitlines() if line.startswith(("sparse_", "grouped_", "forward_wide",
+                                                                            "backward_weights_wide"))]
     configs = {(row[0], row[1]) for row in rows}
     assert configs == {
         ("sparse_forward", "sparse_fwd_c16_half_rows16"), ("sparse_forward", "sparse_fwd_c16_half_rows16+routed"),
@@ -83,6 +86,8 @@ def test_compile_check_compiles_a_sparse_case_per_kernel():
         ("sparse_backward_weights", "sparse_bwd_weights_c16_half"),
         ("sparse_backward_weights", "sparse_bwd_weights_c16_half+store_act"),
         ("grouped_forward", "grouped_fwd_r16_half"), ("grouped_forward", "grouped_fwd_r16_half+k1"),
+        ("forward_wide", "fwd_r16_half_rows16"), ("backward_weights_wide", "bwd_weights_wide_r16_half"),
+        ("backward_weights_wide", "bwd_weights_wide_r16_half+store_act"),
     }, table
     for row in rows:
         assert int(row[5]) > 0 and row[9] in ("mma.sync", "wgmma"), row  # registers read from the cubin
@@ -194,3 +199,24 @@ def _jit_view(kernel):
         arg_names = list(inspect.signature(kernel.fn).parameters)
 
     return View()
+
+
+def test_wide_cases_cover_every_configuration():
+    # The width-changing specializations, built without a compiler: every forward configuration
+    # (block-rows variants included) and every entry of the wide weights table, compiled with
+    # SAME_WIDTH off and D_out = 3 D; the adapter's own cases keep SAME_WIDTH on.
+    from fused_adapters.kernels.compile_check import ARCHS, DTYPES, SCENARIOS, WIDE_KERNELS, _cases, build_launches
+    from fused_adapters.kernels.launch import row_variants
+
+    cases = list(_cases(ARCHS, DTYPES, SCENARIOS, WIDE_KERNELS))
+    names = {kernel: {case[5].name for case in cases if case[0] == kernel} for kernel in WIDE_KERNELS}
+    assert names["forward_wide"] == {v.name for c in bottleneck.FORWARD_CONFIGS.values() for v in row_variants(c)}
+    assert names["backward_weights_wide"] == {c.name for c in bottleneck.BACKWARD_WEIGHTS_WIDE_CONFIGS.values()}
+    for scenario in SCENARIOS:
+        for kernel in WIDE_KERNELS:
+            launch = build_launches(kernel, 16, "float16", scenario)
+            assert launch.constexprs["SAME_WIDTH"] is False
+            assert launch.args["dim_out"] == 3 * launch.args["dim"]
+            assert launch.config.name.startswith("bwd_weights_wide" if "weights" in kernel else "fwd_")
+        for kernel in ("forward", "backward_weights"):
+            assert build_launches(kernel, 16, "float16", scenario).constexprs["SAME_WIDTH"] is True
