@@ -76,6 +76,6 @@ setup(
     },
     install_requires=["torch>=2.4", "triton>=3.0", "timm>=1.0"],
     extras_require={
-        "dev": ["pytest", "pytest-benchmark", "hypothesis", "safetensors", "matplotlib"],
+        "dev": ["pytest", "pytest-benchmark", "pytest-xdist", "hypothesis", "safetensors", "matplotlib"],
     },
 )

@@ -17,7 +17,7 @@ def test_two_setup_commands():
     main_job, tests = (block.strip() for block in blocks)
     assert "python bench/demo.py" in main_job
     assert (ROOT / "bench" / "demo.py").exists()
-    assert tests.endswith("python -m pytest -q")
+    assert tests.endswith("python -m pytest -q -n auto")
 
 
 def test_ci_runs_the_readme_test_command():
