@@ -21,7 +21,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.measure import copy_gbps, in_subprocess  # noqa: E402
 
-# Every row has these; the sparse mixture's rows (bench/test_sparse.py) add experts and top_k.
+# Every row has these; the sparse mixture's rows (bench/test_sparse.py) add experts and top_k,
+# the LoRA rows (bench/test_lora.py) dim_out and scale.
 ROW_KEYS = ("op", "pass", "device", "dtype", "shape", "rows", "dim", "rank", "provider", "variant",
             "triton_launches", "aten_kernels", "saved_bytes", "floor_bytes", "moved_bytes", "gbps", "copy_gbps",
             "peak_mem_bytes", "host_us")
@@ -98,8 +99,8 @@ def _case_key(case: dict) -> tuple:
 def _compile_check_rows(rows: list[dict]) -> None:
     """Registers and spill bytes (sm_90) of each untimed fused row's launches, from the compile
     check's compiler settings, in a subprocess without the interpreter."""
-    cases = [{k: row[k] for k in ("op", "rows", "dim", "rank", "dtype", "variant", "pass", "experts", "top_k")
-              if k in row} for row in rows]
+    cases = [{k: row[k] for k in ("op", "rows", "dim", "rank", "dtype", "variant", "pass", "experts", "top_k",
+                                  "dim_out", "scale") if k in row} for row in rows]
     try:
         usage = in_subprocess("registers", [dict(case, sms=SUITE.sms) for case in cases])
     except Exception as error:  # e.g. no ptxas: the row says so, the run goes on
@@ -155,7 +156,7 @@ def pytest_terminal_summary(terminalreporter):
     for line in _wrap(NOTE_NO_CUDA.format(sms=SUITE.sms)):
         write(line)
     write("")
-    header = (f"{'op':<14} {'pass':<17} {'dtype':<6} {'shape':<25} {'variant':<10} {'launches':>8} {'aten':>4} "
+    header = (f"{'op':<14} {'pass':<17} {'dtype':<6} {'shape':<27} {'variant':<10} {'launches':>8} {'aten':>4} "
               f"{'saved MiB':>9} {'moved/floor':>11} {'regs (sm_90)':<14} {'spills':>6}")
     write(header)
     write("-" * len(header))
@@ -163,7 +164,7 @@ def pytest_terminal_summary(terminalreporter):
         ratio = f"{row['moved_bytes'] / row['floor_bytes']:.3f}x" if row.get("moved_bytes") else "-"
         registers = "/".join(str(r) for r in row.get("registers") or []) or "-"
         spills = sum(row.get("spill_bytes") or []) if row.get("spill_bytes") is not None else "-"
-        write(f"{row['op']:<14} {row['pass']:<17} {row['dtype']:<6} {row['shape']:<25} {row['variant']:<10} "
+        write(f"{row['op']:<14} {row['pass']:<17} {row['dtype']:<6} {row['shape']:<27} {row['variant']:<10} "
               f"{_dash(row['triton_launches']):>8} {_dash(row['aten_kernels']):>4} {_mib(row['saved_bytes']):>9} "
               f"{ratio:>11} {registers:<14} {spills:>6}")
 

@@ -39,7 +39,8 @@ DTYPES = {
 # --------------------------------------------------------------------------------------------
 
 
-def floor_bytes(pass_name: str, rows: int, dim: int, x_size: int, y_size: int, residual: str = "x") -> int:
+def floor_bytes(pass_name: str, rows: int, dim: int, x_size: int, y_size: int, residual: str = "x",
+                dim_out: Optional[int] = None, weight_bytes: int = 0) -> int:
     """The fewest bytes of memory traffic a pass of the bottleneck op can move: every M x D
     tensor it must read or write, once (the parameters and the M x r tensors are left out).
 
@@ -47,12 +48,20 @@ def floor_bytes(pass_name: str, rows: int, dim: int, x_size: int, y_size: int, r
     backward: read dy and x, write dx. The residual's gradient is dy itself: with residual x it
     is added into dx in the same store; another residual tensor gets dy by reference.
     forward+backward: the sum. x_size and y_size are element sizes in bytes (dy has y's dtype,
-    dx has x's, the residual has x's)."""
+    dx has x's, the residual has x's).
+
+    dim_out: y's width where it differs from x's (a width-changing bottleneck, or a LoRA linear
+    D -> D_out): y, dy and a residual tensor are M x D_out; the residual cannot be x then.
+    weight_bytes: a weight every pass must read once (a LoRA linear's frozen W: forward for y,
+    backward for dx), added to each pass."""
     if residual not in ("x", "none", "tensor"):
         raise ValueError(f"residual must be 'x', 'none' or 'tensor', got {residual!r}")
-    elements = rows * dim
-    forward = elements * (x_size + y_size + (x_size if residual == "tensor" else 0))
-    backward = elements * (y_size + 2 * x_size)
+    dim_out = dim if dim_out is None else dim_out
+    if residual == "x" and dim_out != dim:
+        raise ValueError(f"residual 'x' needs y as wide as x; got D={dim}, D_out={dim_out}")
+    inputs, outputs = rows * dim, rows * dim_out
+    forward = inputs * x_size + outputs * y_size + (outputs * x_size if residual == "tensor" else 0) + weight_bytes
+    backward = outputs * y_size + 2 * inputs * x_size + weight_bytes
     passes = {"forward": forward, "backward": backward, "forward+backward": forward + backward}
     if pass_name not in passes:
         raise ValueError(f"pass_name must be one of {sorted(passes)}, got {pass_name!r}")
@@ -75,6 +84,40 @@ def bottleneck_inputs(rows: int, dim: int, rank: int, dtype: torch.dtype, device
 
     return dict(x=randn(rows, dim), w_down=randn(rank, dim, std=dim ** -0.5), b_down=randn(rank, std=0.1),
                 w_up=randn(dim, rank, std=rank ** -0.5), b_up=randn(dim, std=0.1), scale=randn(dim))
+
+
+def lora_inputs(rows: int, dim: int, dim_out: int, rank: int, dtype: torch.dtype, device,
+                generator: Optional[torch.Generator] = None) -> dict:
+    """One set of LoRA linear inputs: x [M, D] and the branch's A [r, D] and B [D_out, r], which
+    require grad, and the frozen base layer's weight [D_out, D] and bias [D_out], which do not.
+    B is random, not zero as at init, so that the branch adds something."""
+
+    def randn(*shape, std=1.0, grad=True):
+        t = torch.randn(*shape, generator=generator) * std
+        return t.to(device=device, dtype=dtype).requires_grad_(grad)
+
+    return dict(x=randn(rows, dim), weight=randn(dim_out, dim, std=dim ** -0.5, grad=False),
+                bias=randn(dim_out, std=0.1, grad=False), lora_A=randn(rank, dim, std=dim ** -0.5),
+                lora_B=randn(dim_out, rank, std=rank ** -0.5))
+
+
+def lora_eager(x, weight, bias, lora_A, lora_B, scale: float):
+    """A LoRA linear as PEFT runs it, in plain PyTorch: the base layer plus the scaled update."""
+    return torch.nn.functional.linear(x, weight, bias) + (x @ lora_A.T @ lora_B.T) * scale
+
+
+def lora_fused(x, weight, bias, lora_A, lora_B, scale: float):
+    """A LoRA linear as adapters/lora.py runs it: the base GEMM, then one fused call whose
+    residual is the base output."""
+    from fused_adapters.kernels import bottleneck_adapter
+
+    base = torch.nn.functional.linear(x, weight, bias)
+    return bottleneck_adapter(x, lora_A, None, lora_B, None, scale, activation="identity", residual=base)
+
+
+def lora_call(fn: Callable, inputs: dict, scale: float):
+    """fn (lora_eager, lora_fused or a compiled lora_eager) on lora_inputs."""
+    return fn(inputs["x"], inputs["weight"], inputs["bias"], inputs["lora_A"], inputs["lora_B"], scale)
 
 
 # The sparse mixture's two forms: gated by a learned top-k gate, or routed by the caller.
@@ -255,8 +298,9 @@ def count_case(case: dict) -> dict:
     provider ("eager" or "fused" with case["variant"]), counted in the interpreter with launches
     planned for case["sms"] SMs. The interpreter has no bf16: bf16 cases are counted in fp16
     (same element size, same plans). case["op"] "sparse_adapter" or "routed_adapter" (with
-    case["experts"] and case["top_k"]) counts that op on sparse_inputs; otherwise the
-    bottleneck op."""
+    case["experts"] and case["top_k"]) counts that op on sparse_inputs; "lora" (with
+    case["dim_out"] and case["scale"]) a LoRA linear on lora_inputs (lora_fused, or lora_eager
+    for "eager"); otherwise the bottleneck op."""
     from fused_adapters.kernels import bottleneck_adapter, reference, routed_adapter, sparse_adapter, use_variant
     from fused_adapters.kernels.byte_count import count_bytes
 
@@ -267,7 +311,14 @@ def count_case(case: dict) -> dict:
     fused = case["provider"] == "fused"
     variant = case.get("variant") or "default"
     op = case.get("op")
-    if op in SPARSE_OPS:
+    if op == "lora":
+        inputs = lora_inputs(case["rows"], case["dim"], case["dim_out"], case["rank"], dtype, "cpu", generator)
+        fn = lora_fused if fused else lora_eager
+        op = "bottleneck_adapter"  # the branch's kernel and its variants
+
+        def forward_call():
+            return lora_call(fn, inputs, case["scale"])
+    elif op in SPARSE_OPS:
         inputs = sparse_inputs(case["rows"], case["dim"], case["rank"], case["experts"], case["top_k"], dtype, "cpu",
                                True, op == "routed_adapter", generator)
         fused_fn = sparse_adapter if op == "sparse_adapter" else routed_adapter
@@ -336,6 +387,8 @@ def fused_launches(case: dict) -> list:
     dtypes; backward launches too for forward+backward), planned for case["sms"] SMs."""
     if case.get("op") in SPARSE_OPS:
         return _sparse_launches(case)
+    if case.get("op") == "lora":
+        return _lora_launches(case)
     from fused_adapters.kernels import bottleneck
     from fused_adapters.kernels.launch import launch_plan
 
@@ -356,6 +409,36 @@ def fused_launches(case: dict) -> list:
                 x, x, hidden, params[0], params[2], params[3], params[4], 1.0, None, "gelu", compute, True,
                 torch.empty(rows, rank, dtype=compute), torch.empty(rows if store_act else 0, rank, dtype=compute),
                 torch.empty_like(x), dtype, variant)
+            launches += [hidden_launch, weights_launch]
+    return launches
+
+
+def _lora_launches(case: dict) -> list:
+    """fused_launches for a LoRA row: the branch's launches as lora_fused makes them (identity
+    activation, no biases, scale alpha / r as a float, the base output [M, D_out] as residual);
+    the base GEMM is PyTorch's."""
+    from fused_adapters.kernels import bottleneck
+    from fused_adapters.kernels.launch import launch_plan
+
+    dtype, autocast = DTYPES[case["dtype"]]
+    compute = autocast or dtype
+    rows, dim, dim_out, rank, scale = case["rows"], case["dim"], case["dim_out"], case["rank"], case["scale"]
+    variant = next(v for v in bottleneck.VARIANTS if v.name == case["variant"])
+    inputs = lora_inputs(1, dim, dim_out, rank, dtype, "cpu")
+    w_down, w_up = inputs["lora_A"].detach(), inputs["lora_B"].detach()
+    x = torch.empty(rows, dim, dtype=dtype)
+    # The base output: F.linear gives the compute dtype (under autocast bf16), y promotes to it.
+    base = torch.empty(rows, dim_out, dtype=compute)
+    hidden = torch.empty(rows, rank, dtype=compute)
+    with launch_plan(case["sms"]):
+        launches = [bottleneck.forward_launch(x, w_down, None, w_up, None, None, scale, base, False, None, "identity",
+                                              compute, torch.empty(rows, dim_out, dtype=compute), hidden, variant)]
+        if case["pass"] != "forward":
+            store_act = bottleneck.padded_rank(rank) > 32 or variant.store_act
+            hidden_launch, weights_launch, _ = bottleneck.backward_launches(
+                torch.empty(rows, dim_out, dtype=compute), x, hidden, w_down, w_up, None, None, scale, None,
+                "identity", compute, False, torch.empty(rows, rank, dtype=compute),
+                torch.empty(rows if store_act else 0, rank, dtype=compute), torch.empty_like(x), dtype, variant)
             launches += [hidden_launch, weights_launch]
     return launches
 

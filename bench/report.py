@@ -4,7 +4,7 @@
 
 RESULTS.json is what `pytest --benchmark --benchmark-json RESULTS.json` writes. The report
 (DIR/report.md) has one table per op, pass, dtype, dim and rank (and for the sparse mixture's
-rows, experts and top_k): a row per shape, a column per
+rows, experts and top_k; for LoRA's, the output width D_out): a row per shape, a column per
 provider (and kernel variant), each cell the median time and the speedup over eager on the same
 shape, then tables of bandwidth, peak memory, bytes moved, bytes saved for backward and launch
 counts. Fused rows that could not be timed (no CUDA) appear in the same tables as "needs CUDA".
@@ -68,7 +68,12 @@ class Row:
 
     @property
     def group_key(self) -> tuple:
-        return (self.op, self.pass_name, self.dtype, self.dim, self.rank, self.experts, self.top_k)
+        return (self.op, self.pass_name, self.dtype, self.dim, self.dim_out, self.rank, self.experts, self.top_k)
+
+    @property
+    def dim_out(self) -> int | None:
+        """The output width of a width-changing op (LoRA's D_out; None for rows of other ops)."""
+        return _as_int(self.info.get("dim_out"))
 
     @property
     def experts(self) -> int | None:
@@ -102,7 +107,7 @@ class Row:
 
 @dataclass
 class Group:
-    """The rows of one table: same op, pass, dtype, dim and rank (and experts and top_k)."""
+    """The rows of one table: same op, pass, dtype, dim and rank (and dim_out, experts and top_k)."""
 
     key: tuple
     rows: list[Row]
@@ -110,10 +115,12 @@ class Group:
 
     @property
     def title(self) -> str:
-        op, pass_name, dtype, dim, rank, experts, top_k = self.key
+        op, pass_name, dtype, dim, dim_out, rank, experts, top_k = self.key
         parts = [op, pass_name, dtype]
         if dim is not None:
             parts.append(f"D={dim}")
+        if dim_out is not None:
+            parts.append(f"D_out={dim_out}")
         if rank is not None:
             parts.append(f"r={rank}")
         if experts is not None:
@@ -169,9 +176,10 @@ def _column_order(row: Row) -> tuple:
 
 
 def _group_order(group: Group) -> tuple:
-    op, pass_name, dtype, dim, rank, experts, top_k = group.key
+    op, pass_name, dtype, dim, dim_out, rank, experts, top_k = group.key
     return (group.is_model, op, PASS_ORDER.get(pass_name, len(PASS_ORDER)), pass_name, dtype,
-            dim is None, dim or 0, rank is None, rank or 0, experts is None, experts or 0, top_k is None, top_k or 0)
+            dim is None, dim or 0, dim_out is None, dim_out or 0, rank is None, rank or 0,
+            experts is None, experts or 0, top_k is None, top_k or 0)
 
 
 # ---------------------------------------------------------------------------------------------

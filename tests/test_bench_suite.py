@@ -50,6 +50,49 @@ def test_floor_bytes_against_hand_counts():
         floor_bytes("forward", 1, 1, 2, 2, residual="skip")
 
 
+def test_lora_floor_against_hand_counts():
+    # ViT-B qkv, M = 394, fp32: x [394, 768], y [394, 2304], the frozen W [2304, 768] read once a pass.
+    x, y, weight = 394 * 768 * 4, 394 * 2304 * 4, 2304 * 768 * 4
+    assert floor_bytes("forward", 394, 768, 4, 4, residual="none", dim_out=2304, weight_bytes=weight) == x + y + weight
+    # Backward: read dy and x (and W), write dx.
+    assert (floor_bytes("backward", 394, 768, 4, 4, residual="none", dim_out=2304, weight_bytes=weight)
+            == y + 2 * x + weight)
+    # bf16 y from fp32 x (autocast): y and dy are 2 bytes.
+    assert floor_bytes("forward", 10, 3, 4, 2, residual="none", dim_out=9) == 10 * (3 * 4 + 9 * 2)
+    with pytest.raises(ValueError, match="needs y as wide as x"):
+        floor_bytes("forward", 1, 3, 2, 2, dim_out=9)
+
+
+def test_lora_suite_rows():
+    import bench.test_lora as suite
+
+    assert list(suite.shapes(False, True)) == [("fp32", 768, 2304, 2, 8)]  # the CPU quick run: one shape
+    quick, full = set(suite.shapes(True, True)), set(suite.shapes(True, False))
+    assert {(dim, dim_out) for _, dim, dim_out, _, _ in quick} == {(768, 2304), (768, 3072)}
+    assert {(dim, dim_out) for _, dim, dim_out, _, _ in full} == {(768, 2304), (768, 3072), (1024, 3072), (1024, 4096)}
+    assert {rank for *_, rank in quick} == {8} and {rank for *_, rank in full} == {8, 16}
+    assert {batch for _, _, _, batch, _ in full} == {8, 32, 128}
+    assert {"_bottleneck_forward_kernel", "_backward_hidden_kernel"} <= suite.KERNEL_NAMES
+
+
+@pytest.mark.skipif(not launch.is_interpreted(), reason="counts launches in Triton's interpreter")
+@pytest.mark.parametrize("variant", ["default", "store_act"])
+def test_lora_counts_match_the_planned_launches(variant):
+    # count_case runs the base GEMM and the fused branch; the branch launches what fused_launches plans.
+    from bench.measure import count_case, fused_launches
+
+    case = {"op": "lora", "variant": variant, "rows": 24, "dim": 32, "dim_out": 96, "rank": 8, "scale": 2.0,
+            "dtype": "fp32", "sms": 132, "pass": "forward+backward"}
+    counts = count_case(dict(case, provider="fused"))
+    forward = len(fused_launches(dict(case, **{"pass": "forward"})))
+    assert forward == 1 and len(fused_launches(case)) == 3
+    assert counts["forward"]["triton_launches"] == forward
+    assert counts["backward"]["triton_launches"] == 2
+    assert counts["forward"]["aten_kernels"] >= 1  # the base GEMM
+    eager = count_case(dict(case, provider="eager"))
+    assert eager["forward"]["triton_launches"] == 0 and eager["forward"]["aten_kernels"] > 1
+
+
 def test_rotation_covers_twice_the_cache():
     import torch
 
@@ -143,7 +186,7 @@ def test_plain_pytest_collects_no_benchmark():
 def test_benchmark_collects_only_bench(args):
     files = collected(*args)
     assert files and all(path.startswith("bench/") for path in files)
-    assert {"bench/test_bottleneck.py", "bench/test_sparse.py", "bench/test_vit.py"} <= set(files)
+    assert {"bench/test_bottleneck.py", "bench/test_lora.py", "bench/test_sparse.py", "bench/test_vit.py"} <= set(files)
 
 
 @pytest.mark.slow

@@ -1,0 +1,221 @@
+"""Op-level benchmark of a LoRA linear: forward, and forward+backward, of
+y = F.linear(x, W, b) + s * (x A^T) B^T with the base layer frozen (W, b without gradients; x,
+A and B with), s = alpha / r, alpha 16. Three providers run the whole linear, base GEMM
+included: "eager" is PEFT's plain PyTorch, `F.linear(x, W, b) + (x @ A.T @ B.T) * s`;
+"compile" is torch.compile of that function (dynamic=False); "fused" is what adapters/lora.py
+runs, the base GEMM then one width-changing bottleneck_adapter call (identity activation, no
+biases, the base output as residual), with every kernel variant of the branch side by side.
+
+The rows carry the bottleneck rows' keys (bench/conftest.py's ROW_KEYS) plus dim_out (D_out)
+and scale (s); op "lora", shape "M=... D=... D_out=... r=...". The floor: every M x D and M x
+D_out tensor the linear must read or write, once, and the frozen W read once a pass. Forward
+reads x [M, D] and W, writes y [M, D_out]; backward reads dy [M, D_out], x (for A's and B's
+gradients) and W (dx = dy W + ...), writes dx [M, D]. y and dy have the compute dtype (bf16
+under autocast), x, dx and W their own. The bias, A, B and the M x r tensors are left out; W
+is not: at small M it is a large share (the qkv W is 768 x 2304, as large as x and y together
+at M = 576).
+
+Shapes: ViT-B's qkv (D = 768 -> 2304) and fc1 (768 -> 3072), rank 8 (and 16 on the full CUDA
+run). On a GPU: bf16, and fp32 under bf16 autocast, M = batch x 197 tokens for batch 8, 32 and
+128; the full run adds ViT-L's qkv (1024 -> 3072) and fc1 (1024 -> 4096). On the CPU: fp32,
+eager and compiled timed, fused rows device-free (see bench/conftest.py); the quick run keeps
+the qkv shape at batch 2 (M = 394), rank 8; the full run adds fc1, batch 8 and rank 16.
+
+Interpreter counts (launches, bytes moved; shapes up to --benchmark-count-rows) are made for
+every row but the compiled ones on full runs, and on quick runs (CPU or GPU) for the eager rows
+and fused[default] only: each variant's count takes about 13 s on two cores at the CPU quick
+shape. The other variants' rows keep their timings (GPU), bytes saved and registers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+import time
+
+import pytest
+import torch
+
+from bench.measure import (
+    DTYPES, TOKENS, differentiable, floor_bytes, host_us, kernel_counts, lora_call, lora_eager, lora_fused,
+    lora_inputs, peak_memory, rotation_count, saved_bytes, synchronize,
+)
+from fused_adapters.kernels import bottleneck, list_variants, use_variant
+
+OP = "bottleneck_adapter"  # the branch's kernel: its variants are the fused rows' columns
+PASSES = ("forward", "forward+backward")
+ALPHA = 16.0
+# (D, D_out) of the adapted linears: ViT-B qkv and fc1, ViT-L qkv and fc1.
+VIT_B = ((768, 2304), (768, 3072))
+VIT_L = ((1024, 3072), (1024, 4096))
+
+
+def shapes(cuda: bool, quick: bool):
+    """(dtype name, D, D_out, batch, rank) for this device and mode."""
+    if cuda:
+        widths, ranks = (VIT_B, (8,)) if quick else (VIT_B + VIT_L, (8, 16))
+        return [(dtype, dim, dim_out, batch, rank) for dtype, (dim, dim_out), batch, rank
+                in itertools.product(("bf16", "fp32 (bf16 autocast)"), widths, (8, 32, 128), ranks)]
+    if quick:
+        return [("fp32", 768, 2304, 2, 8)]
+    return [("fp32", dim, dim_out, batch, rank) for (dim, dim_out), batch, rank
+            in itertools.product(VIT_B, (2, 8), (8, 16))]
+
+
+def providers():
+    return [("eager", "-"), ("compile", "-")] + [("fused", name) for name in list_variants(OP)]
+
+
+def pytest_generate_tests(metafunc):
+    if "case" not in metafunc.fixturenames:
+        return
+    config = metafunc.config
+    cuda = torch.cuda.is_available()
+    cases, ids = [], []
+    for dtype, dim, dim_out, batch, rank in shapes(cuda, config.getoption("--benchmark-quick")):
+        for pass_name in PASSES:
+            for provider, variant in providers():
+                cases.append((pass_name, dtype, dim, dim_out, batch * TOKENS, rank, provider, variant))
+                label = provider if variant == "-" else f"{provider}[{variant}]"
+                ids.append(f"{pass_name}-{dtype.replace(' ', '')}-D{dim}-Dout{dim_out}-M{batch * TOKENS}-r{rank}-"
+                           f"{label}")
+    metafunc.parametrize("case", cases, ids=ids)
+
+
+_COMPILED = {}
+
+
+def _function(provider: str):
+    if provider == "fused":
+        return lora_fused
+    if provider == "eager":
+        return lora_eager
+    if "compiled" not in _COMPILED:
+        _COMPILED["compiled"] = torch.compile(lora_eager, dynamic=False)
+    return _COMPILED["compiled"]
+
+
+KERNEL_NAMES = {name for name in vars(bottleneck) if name.endswith("_kernel")}
+
+# Bytes the fused forward saves for backward, per shape (CPU: measured once in the interpreter).
+_SAVED: dict = {}
+
+
+def test_lora(benchmark, suite, case):
+    pass_name, dtype_name, dim, dim_out, rows, rank, provider, variant = case
+    device = suite.device
+    dtype, autocast_dtype = DTYPES[dtype_name]
+    scale = ALPHA / rank
+    x_size = torch.empty((), dtype=dtype).element_size()
+    # y (and dy) has the compute dtype: x's, or under autocast bf16 (the base GEMM's output, and
+    # the update's). W is read once a pass in its own dtype, x's.
+    y_size = torch.empty((), dtype=autocast_dtype or dtype).element_size()
+    floor = floor_bytes(pass_name, rows, dim, x_size, y_size, residual="none", dim_out=dim_out,
+                        weight_bytes=dim_out * dim * x_size)
+    row = suite.row(op="lora", shape=f"M={rows} D={dim} D_out={dim_out} r={rank}", rows=rows, dim=dim,
+                    dim_out=dim_out, rank=rank, scale=scale, dtype=dtype_name, provider=provider, variant=variant,
+                    floor_bytes=floor, **{"pass": pass_name})
+    count_case = dict(op="lora", provider=provider, variant=variant if provider == "fused" else "default", rows=rows,
+                      dim=dim, dim_out=dim_out, rank=rank, scale=scale, dtype=dtype_name, **{"pass": pass_name})
+
+    if provider == "fused" and not suite.cuda:
+        # Nothing to time: the interpreter's speed means nothing. The row keeps what needs no GPU.
+        # The variants tile the launches differently but save the same tensors (the pre-activation
+        # [M, r], x by reference): one interpreter forward per shape serves every variant's rows.
+        key = (rows, dim, dim_out, rank, dtype_name)
+        if key not in _SAVED:
+            inputs = lora_inputs(rows, dim, dim_out, rank, dtype, device, torch.Generator().manual_seed(0))
+            _SAVED[key] = saved_bytes(lambda: _call(lora_fused, inputs, scale, autocast_dtype, device, variant),
+                                      inputs.values(), device)
+        row["saved_bytes"] = _SAVED[key]
+        suite.untimed.append(row)
+        suite.compile_rows.append(row)
+        if not _counted(suite, provider, variant):
+            pytest.skip("fused timings need CUDA: bytes saved for backward and registers for this row are in the "
+                        "summary and in the JSON; with --benchmark-quick launches and bytes moved are counted for "
+                        "fused[default] only, for every variant without it")
+        suite.count_later(row, count_case)
+        pytest.skip("fused timings need CUDA: device-free counts for this row are in the summary and in the JSON")
+
+    benchmark.group = f"lora {pass_name} {dtype_name} D={dim} D_out={dim_out} r={rank}"
+    benchmark.extra_info.update(row)
+    row = benchmark.extra_info  # filled in below, and by the session (device-free counts) at the end
+    fn = _function(provider)
+    # What each call reads that the previous calls did not: x and W (each linear of a model has
+    # its own), and dy for the backward (the outputs reuse the allocator's blocks).
+    set_bytes = (rows * dim + dim_out * dim) * x_size + (rows * dim_out * y_size if pass_name != "forward" else 0)
+    generator = torch.Generator().manual_seed(0)
+    sets = [lora_inputs(rows, dim, dim_out, rank, dtype, device, generator)
+            for _ in range(rotation_count(set_bytes, device))]
+    grads = [torch.randn(rows, dim_out, generator=generator).to(device=device, dtype=autocast_dtype or dtype)
+             for _ in sets]
+    order = itertools.cycle(range(len(sets)))
+    variant_in_force = variant if provider == "fused" else "default"
+
+    def run(index):
+        # The backward runs inside the variant's block too: it takes the variant in force.
+        with use_variant(OP, variant_in_force):
+            inputs = sets[index]
+            y = _call(fn, inputs, scale, autocast_dtype, device, variant)
+            if pass_name == "forward+backward":
+                torch.autograd.grad(y, differentiable(inputs), grads[index])
+            return y
+
+    def run_synchronized(index):
+        run(index)
+        synchronize(device)
+
+    # Compile (torch.compile, Triton's JIT) and any autotuning happen here, outside the timed region.
+    for index in range(min(len(sets), 2)):
+        run_synchronized(index)
+    # Each round times `iterations` calls queued back to back and one synchronize at the end (as
+    # the bottleneck rows do): about 2 ms a round on a GPU.
+    iterations = 1
+    if suite.cuda:
+        start = time.perf_counter()
+        run_synchronized(0)
+        iterations = max(1, min(100, math.ceil(2e-3 / (time.perf_counter() - start))))
+    calls = itertools.count(1)
+
+    def timed():
+        run(next(order))
+        if next(calls) % iterations == 0:
+            synchronize(device)
+
+    if suite.quick:
+        rounds, warmup = (5, 1) if not suite.cuda else (20, 3)
+    else:
+        rounds, warmup = (20, 2) if not suite.cuda else (100, 10)
+    synchronize(device)
+    benchmark.pedantic(timed, rounds=rounds, iterations=iterations, warmup_rounds=warmup)
+    row["iterations"] = iterations
+    if benchmark.disabled:
+        return
+    if suite.cuda:
+        row["gbps"] = round(floor / benchmark.stats.stats.median / 1e9, 2)
+    if suite.cuda or provider != "compile":
+        # On the CPU the saved-tensor hooks cannot vouch for what a compiled graph keeps.
+        row["saved_bytes"] = saved_bytes(lambda: _call(fn, sets[0], scale, autocast_dtype, device, variant),
+                                         sets[0].values(), device)
+    row["peak_mem_bytes"] = peak_memory(lambda: run(0), device)
+    row["host_us"] = host_us(lambda: run(0), device)
+    row["triton_launches"], row["aten_kernels"] = kernel_counts(lambda: run(0), device, KERNEL_NAMES)
+    if provider != "compile" and _counted(suite, provider, variant):  # the interpreter cannot count compiled graphs
+        suite.count_later(row, count_case)
+
+
+def _counted(suite, provider: str, variant: str) -> bool:
+    """Whether the row gets interpreter counts (launches, bytes moved) at the end of the session:
+    quick runs count the eager rows and fused[default] only. One variant's count takes about 13 s
+    on two cores at the CPU quick shape, and about 4 times that at M = 1576 (a GPU quick run's
+    counted shapes). The variants run the same launches with other tiles (store_act's backward
+    also writes act(h) [M, r])."""
+    return not (suite.quick and provider == "fused" and variant != "default")
+
+
+def _call(fn, inputs, scale, autocast_dtype, device, variant):
+    autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
+                else contextlib.nullcontext())
+    with autocast, use_variant(OP, variant if fn is lora_fused else "default"):
+        return lora_call(fn, inputs, scale)
