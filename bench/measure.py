@@ -194,6 +194,49 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+
+def time_rotating(benchmark, suite, run: Callable[[int], object], sets: int, warm: int, floor: int) -> bool:
+    """Time run(index) over `sets` rotating input sets, as every op-level row is timed: the first
+    `warm` sets run (and synchronize) outside the timed region (torch.compile, Triton's JIT,
+    autotuning); each round times `iterations` calls queued back to back and one synchronize
+    at its end, sized from one synchronized call to about 2 ms a round on a GPU, so a small
+    shape's time is what a stream of calls achieves. Records `iterations` and, on a GPU,
+    `gbps` (floor bytes per second) in the row; returns False when benchmarks are disabled."""
+    import itertools
+
+    device = suite.device
+
+    def run_synchronized(index):
+        run(index)
+        synchronize(device)
+
+    for index in range(warm):
+        run_synchronized(index)
+    iterations = 1
+    if suite.cuda:
+        start = time.perf_counter()
+        run_synchronized(0)
+        iterations = max(1, min(100, math.ceil(2e-3 / (time.perf_counter() - start))))
+    order, calls = itertools.cycle(range(sets)), itertools.count(1)
+
+    def timed():
+        run(next(order))
+        if next(calls) % iterations == 0:
+            synchronize(device)
+
+    if suite.quick:
+        rounds, warmup = (5, 1) if not suite.cuda else (20, 3)
+    else:
+        rounds, warmup = (20, 2) if not suite.cuda else (100, 10)
+    synchronize(device)
+    benchmark.pedantic(timed, rounds=rounds, iterations=iterations, warmup_rounds=warmup)
+    benchmark.extra_info["iterations"] = iterations
+    if benchmark.disabled:
+        return False
+    if suite.cuda:
+        benchmark.extra_info["gbps"] = round(floor / benchmark.stats.stats.median / 1e9, 2)
+    return True
+
 def host_us(fn: Callable[[], object], device: torch.device, calls: int = 10) -> Optional[float]:
     """Microseconds the host takes to enqueue one call (CUDA): a floor on the time of small
     shapes, whatever the GPU does. None on the CPU, where enqueueing is running."""

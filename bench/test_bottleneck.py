@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import math
-import time
 
 import pytest
 import torch
 
 from bench.measure import (
     DTYPES, TOKENS, bottleneck_inputs, floor_bytes, host_us, kernel_counts, peak_memory, rotation_count, saved_bytes,
-    synchronize,
+    time_rotating,
 )
 from fused_adapters.kernels import bottleneck, bottleneck_adapter, list_variants, reference, use_variant
 
@@ -107,7 +105,6 @@ def test_bottleneck(benchmark, suite, case):
     sets = [bottleneck_inputs(rows, dim, rank, dtype, device, True)
             for _ in range(rotation_count(set_bytes, device))]
     grads = [torch.randn(rows, dim, device=device, dtype=dtype) for _ in sets]
-    order = itertools.cycle(range(len(sets)))
     variant_in_force = variant if provider == "fused" else "default"
 
     def run(index):
@@ -119,39 +116,9 @@ def test_bottleneck(benchmark, suite, case):
                 torch.autograd.grad(y, list(inputs.values()), grads[index])
             return y
 
-    def run_synchronized(index):
-        run(index)
-        synchronize(device)
-
-    # Compile (torch.compile, Triton's JIT) and any autotuning happen here, outside the timed region.
-    for index in range(min(len(sets), 2)):
-        run_synchronized(index)
-    # Each round times `iterations` calls queued back to back and one synchronize at the end, so
-    # a small shape's time is what a stream of calls achieves (bounded by host_us), not launch
-    # plus a device round trip per call. Sized from a synchronized call: about 2 ms a round.
-    iterations = 1
-    if suite.cuda:
-        start = time.perf_counter()
-        run_synchronized(0)
-        iterations = max(1, min(100, math.ceil(2e-3 / (time.perf_counter() - start))))
-    calls = itertools.count(1)
-
-    def timed():
-        run(next(order))
-        if next(calls) % iterations == 0:
-            synchronize(device)
-
-    if suite.quick:
-        rounds, warmup = (5, 1) if not suite.cuda else (20, 3)
-    else:
-        rounds, warmup = (20, 2) if not suite.cuda else (100, 10)
-    synchronize(device)
-    benchmark.pedantic(timed, rounds=rounds, iterations=iterations, warmup_rounds=warmup)
-    row["iterations"] = iterations
-    if benchmark.disabled:
+    # Compile, JIT and autotuning run outside the timed region; see time_rotating.
+    if not time_rotating(benchmark, suite, run, len(sets), min(len(sets), 2), floor):
         return
-    if suite.cuda:
-        row["gbps"] = round(floor / benchmark.stats.stats.median / 1e9, 2)
     if suite.cuda or provider != "compile":
         # On the CPU the saved-tensor hooks cannot vouch for what a compiled graph keeps.
         row["saved_bytes"] = saved_bytes(lambda: _call(fn, sets[0], autocast_dtype, device, variant),
