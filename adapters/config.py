@@ -21,6 +21,29 @@ ROUTINGS = ("token", "sample")
 BOOL_FIELDS = ("norm", "bias", "train_head", "train_norms", "noisy_gating")
 
 
+def check_rank(config, name: str = "rank") -> None:
+    """config.<name> an int from 1 to MAX_RANK, stored as a plain int (JSON-safe)."""
+    value = getattr(config, name)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 1 <= value <= MAX_RANK:
+        raise ValueError(f"{type(config).__name__}.{name} must be an int from 1 to {MAX_RANK} (the fused kernels' "
+                         f"limit), got {value!r}")
+    object.__setattr__(config, name, int(value))
+
+
+def check_probability(config, name: str) -> None:
+    """config.<name> a float in [0, 1), stored as a plain float."""
+    value = getattr(config, name)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value < 1.0:
+        raise ValueError(f"{type(config).__name__}.{name} must be a float in [0, 1), got {value!r}")
+    object.__setattr__(config, name, float(value))
+
+
+def check_bool(config, name: str) -> None:
+    value = getattr(config, name)
+    if not isinstance(value, bool):
+        raise ValueError(f"{type(config).__name__}.{name} must be a bool (True or False), got {value!r}")
+
+
 @dataclass(frozen=True)
 class AdapterConfig:
     """How to build and place bottleneck adapters in a ViT.
@@ -74,11 +97,7 @@ class AdapterConfig:
     noisy_gating: bool = False
 
     def __post_init__(self):
-        rank = self.rank
-        if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or not 1 <= rank <= MAX_RANK:
-            raise ValueError(f"AdapterConfig.rank must be an int from 1 to {MAX_RANK} (the fused kernels' limit), "
-                             f"got {rank!r}")
-        object.__setattr__(self, "rank", int(rank))  # plain int: JSON-safe
+        check_rank(self)
         if not isinstance(self.position, str) or self.position not in POSITIONS:
             raise ValueError(f"AdapterConfig.position must be one of {POSITIONS}, got {self.position!r}")
         if not isinstance(self.activation, str) or self.activation not in ACTIVATIONS:
@@ -93,14 +112,9 @@ class AdapterConfig:
                 f"AdapterConfig.scaling must be 'channel', 'layer', a finite float or None, got {self.scaling!r}"
             )
         for name in ("drop_path", "dropout"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value < 1.0:
-                raise ValueError(f"AdapterConfig.{name} must be a float in [0, 1), got {value!r}")
-            object.__setattr__(self, name, float(value))
+            check_probability(self, name)
         for name in BOOL_FIELDS:
-            value = getattr(self, name)
-            if not isinstance(value, bool):
-                raise ValueError(f"AdapterConfig.{name} must be a bool (True or False), got {value!r}")
+            check_bool(self, name)
         for name in ("experts", "top_k"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:

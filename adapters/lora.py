@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels import bottleneck_adapter, reference
-from ..kernels.checks import MAX_RANK
+from .config import check_bool, check_probability, check_rank
 
 __all__ = ["LoraConfig", "LoraBranch", "LoraLinear", "TARGETS", "TARGET_PATHS"]
 
@@ -61,11 +61,7 @@ class LoraConfig:
     train_head: bool = True
 
     def __post_init__(self):
-        rank = self.rank
-        if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or not 1 <= rank <= MAX_RANK:
-            raise ValueError(f"LoraConfig.rank must be an int from 1 to {MAX_RANK} (the fused kernels' limit), "
-                             f"got {rank!r}")
-        object.__setattr__(self, "rank", int(rank))
+        check_rank(self)
         alpha = self.alpha
         if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not (math.isfinite(alpha) and alpha > 0):
             raise ValueError(f"LoraConfig.alpha must be a positive finite float, got {alpha!r}")
@@ -77,14 +73,10 @@ class LoraConfig:
             raise ValueError(f"LoraConfig.targets must be a non-empty tuple of distinct names from {TARGETS}, "
                              f"got {targets!r}")
         object.__setattr__(self, "targets", tuple(t for t in TARGETS if t in targets))
-        dropout = self.dropout
-        if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0.0 <= dropout < 1.0:
-            raise ValueError(f"LoraConfig.dropout must be a float in [0, 1), got {dropout!r}")
-        object.__setattr__(self, "dropout", float(dropout))
+        check_probability(self, "dropout")
         if not isinstance(self.init, str) or self.init not in LORA_INITS:
             raise ValueError(f"LoraConfig.init must be one of {LORA_INITS}, got {self.init!r}")
-        if not isinstance(self.train_head, bool):
-            raise ValueError(f"LoraConfig.train_head must be a bool (True or False), got {self.train_head!r}")
+        check_bool(self, "train_head")
 
     @property
     def scale(self) -> float:
