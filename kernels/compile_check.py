@@ -94,7 +94,14 @@ WIDE_KERNELS = ("forward_wide", "backward_weights_wide")
 SPARSE_KERNELS = ("sparse_forward", "sparse_backward_input", "sparse_backward_weights")
 GROUPED_KERNELS = ("grouped_gate", "grouped_forward", "grouped_combine", "grouped_backward_input",
                    "grouped_backward_combine", "grouped_backward_weights")
-KERNELS = BOTTLENECK_KERNELS + WIDE_KERNELS + SPARSE_KERNELS + GROUPED_KERNELS
+# The LoRA linear's single-launch form (kernels/lora.py): one GEMM kernel with a rank-r side
+# product, as the forward (D_in -> D_out) and as the backward's input launch (D_out -> D_in),
+# both at every tile of its tables (the aligned tiles in the aligned scenario, the unaligned ones
+# in the other), at padded ranks up to 64 and with tensor-core dots (no "float32": without tf32
+# the form is not used); and its weights launch, the bottleneck weights kernel without dx
+# (identity activation, no biases, a float scale). Compiled at the qkv shape, D_out = 3 D.
+LORA_KERNELS = ("lora_forward", "lora_backward_input", "lora_backward_weights")
+KERNELS = BOTTLENECK_KERNELS + WIDE_KERNELS + SPARSE_KERNELS + GROUPED_KERNELS + LORA_KERNELS
 # The sparse kernels' configurations are keyed by the padded E*r: one (experts, rank) per key.
 # The unaligned scenario keeps the experts and takes an odd rank whose E*r pads to the same block.
 SPARSE_SHAPES = {16: (4, 4), 32: (4, 8), 64: (8, 8), 128: (8, 16), 256: (16, 16)}
@@ -186,6 +193,10 @@ def build_launches(kernel: str, block_rank: int, dtype_name: str, scenario: str,
         return launch
     if routed:
         raise ValueError(f"{kernel}: only sparse_forward has a routed form")
+    if kernel in LORA_KERNELS:
+        if store_act:
+            raise ValueError(f"{kernel}: the LoRA linear's kernels have no store_act case")
+        return _lora_launch(kernel, block_rank, dtype_name, scenario, variant)
     from . import bottleneck as bn
 
     rows, dim, rank, misaligned = _scenario_shapes(block_rank, scenario)
@@ -218,6 +229,34 @@ def build_launches(kernel: str, block_rank: int, dtype_name: str, scenario: str,
     if variant is not None:
         launch.config = variant
         launch.constexprs = dict(launch.constexprs, BLOCK_ROWS=variant.block_rows, BLOCK_DIM=variant.block_dim)
+    return launch
+
+
+def _lora_launch(kernel: str, block_rank: int, dtype_name: str, scenario: str, variant):
+    """The single-launch LoRA linear's launches at the qkv shape (D -> 3 D), with a bias; variant:
+    one of its GEMM configurations (the weights launch takes the bottleneck's wide table)."""
+    from . import lora as ll
+
+    rows, dim, rank, misaligned = _scenario_shapes(block_rank, scenario)
+    dtype, compute = _dtypes(dtype_name)
+    dim_out = 3 * dim
+
+    def tensor(*shape, dt=dtype):
+        return torch.empty(*shape, dtype=dt)
+
+    x = tensor(rows * dim + 1)[1:].view(rows, dim) if misaligned else tensor(rows, dim)
+    weight, bias, lora_a, lora_b = tensor(dim_out, dim), tensor(dim_out), tensor(rank, dim), tensor(dim_out, rank)
+    hidden = tensor(rows, rank, dt=compute)
+    if kernel == "lora_forward":
+        return ll.forward_launch(x, weight, bias, lora_a, lora_b, 0.5, compute, tensor(rows, dim_out, dt=compute),
+                                 hidden, variant)
+    grad_y = tensor(rows * dim_out + 1, dt=compute)[1:].view(rows, dim_out) if misaligned else \
+        tensor(rows, dim_out, dt=compute)
+    if kernel == "lora_backward_input":
+        return ll.backward_input_launch(grad_y, weight, lora_a, lora_b, 0.5, compute, tensor(rows, dim),
+                                        tensor(rows, rank, dt=compute), variant)
+    launch, _ = ll.backward_weights_launch(grad_y, x, hidden, tensor(rows, rank, dt=compute), lora_a, lora_b, 0.5,
+                                           compute, dtype)
     return launch
 
 
@@ -436,11 +475,16 @@ def config_tables() -> dict:
     """Each kernel's table of block configurations, {(padded rank or E*r, dtype group): config};
     the grouped gate's and combines' (keyed by the dtype group alone) under padded rank 0."""
     from . import bottleneck as bn
+    from . import lora as ll
     from . import sparse as sp
     from . import sparse_grouped as sg
 
     def rankless(table):
         return {(0, group): config for group, config in table.items()}
+
+    # The LoRA GEMM's aligned and unaligned tile lists together; _cases compiles each list in its
+    # own scenario.
+    lora_gemm = {key: configs + ll.LORA_LINEAR_UNALIGNED_CONFIGS[key] for key, configs in ll.LORA_LINEAR_CONFIGS.items()}
 
     return {"forward": bn.FORWARD_CONFIGS, "backward_hidden": bn.BACKWARD_HIDDEN_CONFIGS,
             "backward_weights": bn.BACKWARD_WEIGHTS_CONFIGS, "forward_wide": bn.FORWARD_CONFIGS,
@@ -451,7 +495,10 @@ def config_tables() -> dict:
             "grouped_combine": rankless(sg.COMBINE_CONFIGS),
             "grouped_backward_input": sg.GROUPED_BACKWARD_INPUT_CONFIGS,
             "grouped_backward_combine": rankless(sg.BACKWARD_COMBINE_CONFIGS),
-            "grouped_backward_weights": sg.GROUPED_BACKWARD_WEIGHTS_CONFIGS}
+            "grouped_backward_weights": sg.GROUPED_BACKWARD_WEIGHTS_CONFIGS,
+            "lora_forward": lora_gemm, "lora_backward_input": lora_gemm,
+            "lora_backward_weights": {key: config for key, config in bn.BACKWARD_WEIGHTS_WIDE_CONFIGS.items()
+                                      if key[0] <= ll.MAX_SINGLE_LAUNCH_RANK}}
 
 
 def _cases(archs, dtypes, scenarios, kernels, configs=None):
@@ -466,13 +513,18 @@ def _cases(archs, dtypes, scenarios, kernels, configs=None):
         grouped = kernel in GROUPED_KERNELS
         for (block_rank, group), config in tables[kernel].items():
             # The row-tile kernels pick their block rows from M: every variant is compiled. The
-            # grouped kernels' block rows are fixed by the configuration, except the gate's.
+            # grouped kernels' block rows are fixed by the configuration, except the gate's. The
+            # LoRA linear's GEMM tables list every tile its plan may pick.
             fixed_rows = kernel.endswith(("backward_weights", "backward_weights_wide")) or (
                 grouped and kernel != "grouped_gate")
-            variants = [config] if fixed_rows else row_variants(config)
+            if kernel in ("lora_forward", "lora_backward_input"):
+                variants = config
+            else:
+                variants = [config] if fixed_rows else row_variants(config)
             # The store_act op variant changes the bottleneck backward kernels' flags at ranks up
             # to 32 (above that they always store act), the sparse backward's at every E*r.
-            backward = kernel not in ("forward", "forward_wide", "sparse_forward") and not grouped
+            backward = kernel not in ("forward", "forward_wide", "sparse_forward") and not grouped and \
+                kernel not in LORA_KERNELS
             store_acts = (False, True) if backward and (sparse or block_rank <= 32) else (False,)
             # The trailing arguments of each form: the sparse forward's two forms, gated and
             # routed, are different kernels; so are two grouped kernels' k = 1 forms.
@@ -491,8 +543,14 @@ def _cases(archs, dtypes, scenarios, kernels, configs=None):
                             # The gate's table is keyed by x's dtype, the others' by the compute dtype.
                             if dtype_group(_dtypes(dtype_name)[0 if kernel == "grouped_gate" else 1]) != group:
                                 continue
+                            # The LoRA linear's single launch runs fp32 only with tf32 dots.
+                            if kernel in LORA_KERNELS and dtype_name == "float32":
+                                continue
                             for arch in archs:
                                 for scenario in scenarios:
+                                    if kernel in LORA_KERNELS[:2] and \
+                                            variant.name.endswith("_unaligned") != (scenario == "unaligned"):
+                                        continue
                                     yield (kernel, block_rank, dtype_name, arch, scenario, variant, store_act) + form
 
 

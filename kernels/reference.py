@@ -248,6 +248,13 @@ def sparse_adapter(
     return (y, logits) if return_logits else y
 
 
+def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_a: torch.Tensor,
+                lora_b: torch.Tensor, scale: float) -> torch.Tensor:
+    """y = F.linear(x, weight, bias) + scale * (x @ lora_a.T) @ lora_b.T, as eager PEFT computes a
+    LoRA linear: three F.linear calls, a multiply and an add, under the ambient autocast state."""
+    return F.linear(x, weight, bias) + scale * F.linear(F.linear(x, lora_a), lora_b)
+
+
 def load_balancing_loss(logits: torch.Tensor, top_k: int) -> torch.Tensor:
     """The Switch Transformer auxiliary loss for top-k routing: E * sum_e f_e * P_e, where f_e is
     the share of the M * k routed slots that go to expert e (a constant) and P_e the mean over

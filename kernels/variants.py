@@ -45,6 +45,8 @@ class Variant:
     # Sparse mixture only: the grouped design (assignments sorted by expert) instead of the
     # dense-masked one.
     grouped: bool = False
+    # LoRA linear only: the base GEMM and the low-rank branch in one launch.
+    single_launch: bool = False
 
 
 _REGISTRY: dict[str, dict[str, Variant]] = {}

@@ -120,12 +120,13 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 @contextlib.contextmanager
 def poisoned_outputs(monkeypatch):
     """Every buffer the kernels write starts as NaN, so an unwritten element shows up."""
-    from fused_adapters.kernels import bottleneck
+    from fused_adapters.kernels import bottleneck, lora
 
     def nan_output(shape, dtype, device):
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
     monkeypatch.setattr(bottleneck, "new_output", nan_output)
+    monkeypatch.setattr(lora, "new_output", nan_output)
     yield
 
 
@@ -180,14 +181,16 @@ class AtenRecorder(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func.namespace == "fused_adapters":
             # Our custom ops are one node to the dispatcher; record what their implementation runs.
-            from fused_adapters.kernels import bottleneck, sparse
+            from fused_adapters.kernels import bottleneck, lora, sparse
 
             impl = {"bottleneck_forward": bottleneck._forward_impl,
                     "bottleneck_backward": bottleneck._backward_impl,
                     "sparse_forward": sparse._forward_impl,
                     "sparse_backward": sparse._backward_impl,
                     "sparse_grouped_forward": sparse._grouped_forward_impl,
-                    "sparse_grouped_backward": sparse._grouped_backward_impl}[func.overloadpacket.__name__]
+                    "sparse_grouped_backward": sparse._grouped_backward_impl,
+                    "lora_linear_forward": lora._forward_impl,
+                    "lora_linear_backward": lora._backward_impl}[func.overloadpacket.__name__]
             with self:
                 return impl(*args, **(kwargs or {}))
         out = func(*args, **(kwargs or {}))
