@@ -6,9 +6,11 @@ subclass that adds a ModuleDict `lora` (adapter name -> LoraBranch) and runs
 
     y = F.linear(x, W, b) + (alpha / r) * (x A^T) B^T
 
-as the frozen base GEMM followed by one bottleneck_adapter call with the identity activation,
-whose residual argument carries the base output. A is [r, D_in], B is [D_out, r] (zero at
-init, so a fresh adapter computes exactly what the backbone did).
+through the kernels' lora_linear op: by default the frozen base GEMM followed by one
+bottleneck_adapter call with the identity activation, whose residual argument carries the base
+output; under kernels.use_variant("lora_linear", "single_launch") one Triton launch for both.
+A is [r, D_in], B is [D_out, r] (zero at init, so a fresh adapter computes exactly what the
+backbone did).
 
 Merging (LoraLinear.merge) folds s * B A into W in fp32 and keeps an exact copy of the
 original W, so unmerging restores it bit for bit and disabled forwards still see it.
@@ -26,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels import bottleneck_adapter, reference
+from ..kernels import bottleneck_adapter, lora_linear, reference
 from .config import check_bool, check_probability, check_rank
 
 __all__ = ["LoraConfig", "LoraBranch", "LoraLinear", "TARGETS", "TARGET_PATHS"]
@@ -213,8 +215,12 @@ class LoraLinear(nn.Linear):
         name = self.active_lora
         if self.merged_lora is not None:
             return F.linear(x, self.weight if name == self.merged_lora else self.lora_original, self.bias)
-        base = F.linear(x, self.weight, self.bias)
-        return base if name is None else self.lora[name](x, base)
+        if name is None:
+            return F.linear(x, self.weight, self.bias)
+        branch = self.lora[name]
+        if branch.fused and not (branch.dropout > 0.0 and branch.training):
+            return lora_linear(x, self.weight, self.bias, branch.lora_A, branch.lora_B, branch.scale)
+        return branch(x, F.linear(x, self.weight, self.bias))
 
 
 def target_linears(block: nn.Module, targets) -> dict[str, nn.Module]:

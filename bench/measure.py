@@ -11,6 +11,7 @@ imported; the suite gets them from this module run as a subprocess, so a GPU run
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -107,12 +108,38 @@ def lora_eager(x, weight, bias, lora_A, lora_B, scale: float):
 
 
 def lora_fused(x, weight, bias, lora_A, lora_B, scale: float):
-    """A LoRA linear as adapters/lora.py runs it: the base GEMM, then one fused call whose
-    residual is the base output."""
-    from fused_adapters.kernels import bottleneck_adapter
+    """A LoRA linear as adapters/lora.py runs it: the kernels' lora_linear op, in the form
+    lora_variant puts in force (by default the base GEMM, then one fused call whose residual is
+    the base output)."""
+    from fused_adapters.kernels import lora_linear
 
-    base = torch.nn.functional.linear(x, weight, bias)
-    return bottleneck_adapter(x, lora_A, None, lora_B, None, scale, activation="identity", residual=base)
+    return lora_linear(x, weight, bias, lora_A, lora_B, scale)
+
+
+# The LoRA rows' fused variant that is the LoRA linear's own form, not a launch plan of the
+# branch's bottleneck kernels.
+LORA_SINGLE_LAUNCH = "single_launch"
+
+
+@contextlib.contextmanager
+def lora_variant(variant: str):
+    """What a LoRA row's fused variant puts in force: a bottleneck_adapter variant name runs the
+    default form (base GEMM, then the branch) with that launch plan for the branch;
+    "single_launch" the LoRA linear's single-launch form, with tf32 allowed for fp32 (its only
+    fp32 mode: without tf32 the default form would run; no GPU row is pure fp32)."""
+    from fused_adapters.kernels import use_variant
+
+    if variant != LORA_SINGLE_LAUNCH:
+        with use_variant("bottleneck_adapter", variant), use_variant("lora_linear", "default"):
+            yield
+        return
+    allowed = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        with use_variant("lora_linear", variant):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = allowed
 
 
 def lora_call(fn: Callable, inputs: dict, scale: float):
@@ -357,7 +384,6 @@ def count_case(case: dict) -> dict:
     if op == "lora":
         inputs = lora_inputs(case["rows"], case["dim"], case["dim_out"], case["rank"], dtype, "cpu", generator)
         fn = lora_fused if fused else lora_eager
-        op = "bottleneck_adapter"  # the branch's kernel and its variants
 
         def forward_call():
             return lora_call(fn, inputs, case["scale"])
@@ -380,8 +406,11 @@ def count_case(case: dict) -> dict:
     autocast_context = (torch.autocast("cpu", dtype=autocast) if autocast is not None
                         else torch.autocast("cpu", enabled=False))
     # The sparse ops share the "sparse_adapter" variants (their variant= argument is passed too).
-    family = "sparse_adapter" if op in SPARSE_OPS else op
-    with use_variant(family, variant if fused else "default"), autocast_context:
+    if op == "lora":
+        variant_context = lora_variant(variant if fused else "default")
+    else:
+        variant_context = use_variant("sparse_adapter" if op in SPARSE_OPS else op, variant if fused else "default")
+    with variant_context, autocast_context:
         with count_bytes(sm_count=case["sms"]) as forward:
             y = forward_call()
         grad = torch.randn(y.shape, generator=generator).to(y.dtype)
@@ -457,19 +486,33 @@ def fused_launches(case: dict) -> list:
 
 
 def _lora_launches(case: dict) -> list:
-    """fused_launches for a LoRA row: the branch's launches as lora_fused makes them (identity
-    activation, no biases, scale alpha / r as a float, the base output [M, D_out] as residual);
-    the base GEMM is PyTorch's."""
+    """fused_launches for a LoRA row: the branch's launches as lora_fused makes them in the
+    default form (identity activation, no biases, scale alpha / r as a float, the base output
+    [M, D_out] as residual; the base GEMM is PyTorch's), or the single-launch form's launches."""
     from fused_adapters.kernels import bottleneck
+    from fused_adapters.kernels import lora as lora_op
     from fused_adapters.kernels.launch import launch_plan
 
     dtype, autocast = DTYPES[case["dtype"]]
     compute = autocast or dtype
     rows, dim, dim_out, rank, scale = case["rows"], case["dim"], case["dim_out"], case["rank"], case["scale"]
-    variant = next(v for v in bottleneck.VARIANTS if v.name == case["variant"])
     inputs = lora_inputs(1, dim, dim_out, rank, dtype, "cpu")
     w_down, w_up = inputs["lora_A"].detach(), inputs["lora_B"].detach()
     x = torch.empty(rows, dim, dtype=dtype)
+    if case["variant"] == LORA_SINGLE_LAUNCH:
+        weight, bias = inputs["weight"].detach(), inputs["bias"].detach()
+        hidden = torch.empty(rows, rank, dtype=compute)
+        with launch_plan(case["sms"]), lora_variant(LORA_SINGLE_LAUNCH):
+            launches = [lora_op.forward_launch(x, weight, bias, w_down, w_up, scale, compute,
+                                               torch.empty(rows, dim_out, dtype=compute), hidden)]
+            if case["pass"] != "forward":
+                grad_y, grad_hidden = torch.empty(rows, dim_out, dtype=compute), torch.empty(rows, rank, dtype=compute)
+                launches.append(lora_op.backward_input_launch(grad_y, weight, w_down, w_up, scale, compute,
+                                                              torch.empty_like(x), grad_hidden))
+                launches.append(lora_op.backward_weights_launch(grad_y, x, hidden, grad_hidden, w_down, w_up, scale,
+                                                                compute, dtype)[0])
+        return launches
+    variant = next(v for v in bottleneck.VARIANTS if v.name == case["variant"])
     # The base output: F.linear gives the compute dtype (under autocast bf16), y promotes to it.
     base = torch.empty(rows, dim_out, dtype=compute)
     hidden = torch.empty(rows, rank, dtype=compute)

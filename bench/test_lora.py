@@ -3,8 +3,10 @@ y = F.linear(x, W, b) + s * (x A^T) B^T with the base layer frozen (W, b without
 A and B with), s = alpha / r, alpha 16. Three providers run the whole linear, base GEMM
 included: "eager" is PEFT's plain PyTorch, `F.linear(x, W, b) + (x @ A.T @ B.T) * s`;
 "compile" is torch.compile of that function (dynamic=False); "fused" is what adapters/lora.py
-runs, the base GEMM then one width-changing bottleneck_adapter call (identity activation, no
-biases, the base output as residual), with every kernel variant of the branch side by side.
+runs, the kernels' lora_linear op: in its default form the base GEMM then one width-changing
+bottleneck_adapter call (identity activation, no biases, the base output as residual), with
+every kernel variant of the branch side by side; and fused[single_launch], the base GEMM and the
+branch in one Triton launch (backward two), which the default becomes where these rows say so.
 
 The rows carry the bottleneck rows' keys (bench/conftest.py's ROW_KEYS) plus dim_out (D_out)
 and scale (s); op "lora", shape "M=... D=... D_out=... r=...". The floor: every M x D and M x
@@ -22,9 +24,12 @@ eager and compiled timed, fused rows device-free (see bench/conftest.py); the qu
 the qkv shape at batch 2 (M = 394), rank 8; the full run adds fc1, batch 8 and rank 16.
 
 Interpreter counts (launches, bytes moved; shapes up to --benchmark-count-rows) are made for
-every row but the compiled ones on full runs, and on quick runs (CPU or GPU) for the eager rows
-and fused[default] only: each variant's count takes about 13 s on two cores at the CPU quick
-shape. The other variants' rows keep their timings (GPU), bytes saved and registers.
+every row but the compiled ones on full runs, and on quick runs for the eager rows and
+fused[default] (and on a GPU fused[single_launch]) only: each variant's count takes about 13 s
+on two cores at the CPU quick shape (fused[single_launch]'s bytes there are pinned by
+tests/test_lora_linear.py instead). The other variants' rows keep their timings (GPU), bytes
+saved and registers. fp32 rows run fused[single_launch] with tf32 dots allowed (its only fp32
+mode; the GPU rows are bf16 or bf16 autocast).
 """
 
 from __future__ import annotations
@@ -36,10 +41,11 @@ import pytest
 import torch
 
 from bench.measure import (
-    DTYPES, TOKENS, differentiable, floor_bytes, host_us, kernel_counts, lora_call, lora_eager, lora_fused,
-    lora_inputs, peak_memory, rotation_count, saved_bytes, time_rotating,
+    DTYPES, LORA_SINGLE_LAUNCH, TOKENS, differentiable, floor_bytes, host_us, kernel_counts, lora_call, lora_eager,
+    lora_fused, lora_inputs, lora_variant, peak_memory, rotation_count, saved_bytes, time_rotating,
 )
-from fused_adapters.kernels import bottleneck, list_variants, use_variant
+from fused_adapters.kernels import bottleneck, list_variants
+from fused_adapters.kernels import lora as lora_op
 
 OP = "bottleneck_adapter"  # the branch's kernel: its variants are the fused rows' columns
 PASSES = ("forward", "forward+backward")
@@ -62,7 +68,8 @@ def shapes(cuda: bool, quick: bool):
 
 
 def providers():
-    return [("eager", "-"), ("compile", "-")] + [("fused", name) for name in list_variants(OP)]
+    return ([("eager", "-"), ("compile", "-")] + [("fused", name) for name in list_variants(OP)]
+            + [("fused", LORA_SINGLE_LAUNCH)])
 
 
 def pytest_generate_tests(metafunc):
@@ -94,7 +101,7 @@ def _function(provider: str):
     return _COMPILED["compiled"]
 
 
-KERNEL_NAMES = {name for name in vars(bottleneck) if name.endswith("_kernel")}
+KERNEL_NAMES = {name for module in (bottleneck, lora_op) for name in vars(module) if name.endswith("_kernel")}
 
 # Bytes the fused forward saves for backward, per shape (CPU: measured once in the interpreter).
 _SAVED: dict = {}
@@ -120,7 +127,8 @@ def test_lora(benchmark, suite, case):
     if provider == "fused" and not suite.cuda:
         # Nothing to time: the interpreter's speed means nothing. The row keeps what needs no GPU.
         # The variants tile the launches differently but save the same tensors (the pre-activation
-        # [M, r], x by reference): one interpreter forward per shape serves every variant's rows.
+        # [M, r], x by reference, and the single launch the frozen W by reference): one
+        # interpreter forward per shape serves every variant's rows.
         key = (rows, dim, dim_out, rank, dtype_name)
         if key not in _SAVED:
             inputs = lora_inputs(rows, dim, dim_out, rank, dtype, device, torch.Generator().manual_seed(0))
@@ -152,7 +160,7 @@ def test_lora(benchmark, suite, case):
 
     def run(index):
         # The backward runs inside the variant's block too: it takes the variant in force.
-        with use_variant(OP, variant_in_force):
+        with lora_variant(variant_in_force):
             inputs = sets[index]
             y = _call(fn, inputs, scale, autocast_dtype, device, variant)
             if pass_name == "forward+backward":
@@ -175,15 +183,17 @@ def test_lora(benchmark, suite, case):
 
 def _counted(suite, provider: str, variant: str) -> bool:
     """Whether the row gets interpreter counts (launches, bytes moved) at the end of the session:
-    quick runs count the eager rows and fused[default] only. One variant's count takes about 13 s
-    on two cores at the CPU quick shape, and about 4 times that at M = 1576 (a GPU quick run's
-    counted shapes). The variants run the same launches with other tiles (store_act's backward
-    also writes act(h) [M, r])."""
-    return not (suite.quick and provider == "fused" and variant != "default")
+    quick runs count the eager rows and fused[default], and on a GPU fused[single_launch] too.
+    One variant's count takes about 13 s on two cores at the CPU quick shape, and about 4 times
+    that at M = 1576 (a GPU quick run's counted shapes). The branch's variants run the same
+    launches with other tiles (store_act's backward also writes act(h) [M, r])."""
+    if not (suite.quick and provider == "fused"):
+        return True
+    return variant == "default" or (variant == LORA_SINGLE_LAUNCH and suite.cuda)
 
 
 def _call(fn, inputs, scale, autocast_dtype, device, variant):
     autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
                 else contextlib.nullcontext())
-    with autocast, use_variant(OP, variant if fn is lora_fused else "default"):
+    with autocast, lora_variant(variant if fn is lora_fused else "default"):
         return lora_call(fn, inputs, scale)

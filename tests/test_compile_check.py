@@ -61,15 +61,16 @@ def test_compile_check_compiles_a_sparse_and_a_wide_case_per_kernel():
     # The smallest sparse configurations, fp16 on sm_90, aligned: the gated and routed forward
     # and both backward kernels with act recomputed and stored, the grouped forward with k = 2
     # and k = 1 (the "+k1" form, which applies the epilogue), and the bottleneck kernels
-    # specialized for a width-changing bottleneck (D_out = 3 D), through the CLI (11 compiles).
+    # specialized for a width-changing bottleneck (D_out = 3 D), and the LoRA linear's single
+    # launch (forward and the backward's input launch), through the CLI (13 compiles).
     # Each must build and compile to a cubin with tensor-core dots; the spill and load rules are
     # the full runs' (python -m fused_adapters.kernels.compile_check --kernel sparse_... / grouped_...).
     result = subprocess.run(
         [sys.executable, "-m", "fused_adapters.kernels.compile_check",
          "--kernel", "sparse_forward", "sparse_backward_input", "sparse_backward_weights", "grouped_forward",
-         "forward_wide", "backward_weights_wide",
+         "forward_wide", "backward_weights_wide", "lora_forward", "lora_backward_input",
          "--config", "sparse_fwd_c16_half_rows16", "sparse_bwd_input_c16_half_rows16", "sparse_bwd_weights_c16_half",
-         "grouped_fwd_r16_half", "fwd_r16_half_rows16", "bwd_weights_wide_r16_half",
+         "grouped_fwd_r16_half", "fwd_r16_half_rows16", "bwd_weights_wide_r16_half", "lora_r16_half_64x64x32",
          "--dtype", "float16", "--arch", "90", "--scenario", "aligned", "--jobs", "2"],
         capture_output=True, text=True, env=_environment_without_interpreter(), timeout=300,
     )
@@ -77,7 +78,7 @@ def test_compile_check_compiles_a_sparse_and_a_wide_case_per_kernel():
     assert result.returncode in (0, 1), f"compile check did not run:\n{table[-6000:]}\n{result.stderr[-3000:]}"
     assert "compile error" not in table, table
     rows = [line.split() for line in table.splitlines() if line.startswith(("sparse_", "grouped_", "forward_wide",
-                                                                            "backward_weights_wide"))]
+                                                                            "backward_weights_wide", "lora_"))]
     configs = {(row[0], row[1]) for row in rows}
     assert configs == {
         ("sparse_forward", "sparse_fwd_c16_half_rows16"), ("sparse_forward", "sparse_fwd_c16_half_rows16+routed"),
@@ -88,6 +89,7 @@ def test_compile_check_compiles_a_sparse_and_a_wide_case_per_kernel():
         ("grouped_forward", "grouped_fwd_r16_half"), ("grouped_forward", "grouped_fwd_r16_half+k1"),
         ("forward_wide", "fwd_r16_half_rows16"), ("backward_weights_wide", "bwd_weights_wide_r16_half"),
         ("backward_weights_wide", "bwd_weights_wide_r16_half+store_act"),
+        ("lora_forward", "lora_r16_half_64x64x32"), ("lora_backward_input", "lora_r16_half_64x64x32"),
     }, table
     for row in rows:
         assert int(row[5]) > 0 and row[9] in ("mma.sync", "wgmma"), row  # registers read from the cubin
@@ -220,3 +222,28 @@ def test_wide_cases_cover_every_configuration():
             assert launch.config.name.startswith("bwd_weights_wide" if "weights" in kernel else "fwd_")
         for kernel in ("forward", "backward_weights"):
             assert build_launches(kernel, 16, "float16", scenario).constexprs["SAME_WIDTH"] is True
+
+
+def test_lora_cases_cover_every_configuration():
+    # The LoRA linear's single launch, built without a compiler: every tile of its tables at
+    # every padded rank it takes, the aligned tiles in the aligned scenario and the unaligned
+    # ones in the other, never plain fp32 (ieee dots: that form is not used), and the weights
+    # launch (the bottleneck kernel without dx) for each of its ranks.
+    from fused_adapters.kernels import lora
+    from fused_adapters.kernels.compile_check import ARCHS, DTYPES, LORA_KERNELS, SCENARIOS, _cases, build_launches
+
+    cases = list(_cases(ARCHS, DTYPES, SCENARIOS, LORA_KERNELS))
+    assert not [case for case in cases if case[2] == "float32"]
+    for kernel in ("lora_forward", "lora_backward_input"):
+        for scenario, table in (("aligned", lora.LORA_LINEAR_CONFIGS), ("unaligned", lora.LORA_LINEAR_UNALIGNED_CONFIGS)):
+            names = {case[5].name for case in cases if case[0] == kernel and case[4] == scenario}
+            assert names == {config.name for configs in table.values() for config in configs}, (kernel, scenario)
+    weights = {case[1] for case in cases if case[0] == "lora_backward_weights"}
+    assert weights == {16, 32, 64}
+    for scenario in SCENARIOS:
+        forward = build_launches("lora_forward", 16, "float16", scenario)
+        backward = build_launches("lora_backward_input", 16, "float16", scenario)
+        assert forward.args["dim_out"] == 3 * forward.args["dim_in"] == backward.args["dim_in"]
+        assert forward.args["stride_w_k"] == 1 and backward.args["stride_w_n"] == 1  # W^T forward, W backward
+        weights_launch = build_launches("lora_backward_weights", 16, "float16", scenario)
+        assert weights_launch.constexprs["COMPUTE_DX"] is False and weights_launch.constexprs["ACTIVATION"] == "identity"

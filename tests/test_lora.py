@@ -610,3 +610,32 @@ def test_compile_one_lora_block_fullgraph():
     compiled = torch.compile(block, fullgraph=True)
     with torch.no_grad():
         assert relative_error(compiled(x), block(x)) < 1e-5
+
+
+@pytest.mark.parametrize("targets", TARGET_SETS)
+def test_single_launch_variant_matches_the_default_form(targets, monkeypatch):
+    # The same model under use_variant("lora_linear", "single_launch"): every adapted linear runs
+    # one Triton launch for its GEMM and branch, with the default form's outputs and gradients.
+    from fused_adapters.kernels import use_variant
+    from helpers import allow_tf32
+
+    model = lora_model(targets)
+    x, labels = images(), torch.tensor([1, 3], device=DEVICE)
+    results = {}
+    with allow_tf32(True), LaunchCounter().patch(monkeypatch) as launches:
+        for variant in ("default", "single_launch"):
+            model.zero_grad()
+            launches.names.clear()
+            with use_variant("lora_linear", variant):
+                out = model(x)
+                nn.functional.cross_entropy(out, labels).backward()
+            grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+            results[variant] = out.detach(), grads, list(launches.names)
+    (out, grads, default_names), (single_out, single_grads, names) = results["default"], results["single_launch"]
+    assert relative_error(single_out, out) < 1e-5
+    for name, grad in grads.items():
+        assert relative_error(single_grads[name], grad) < 1e-5, name
+    linears = len(model.blocks) * len(targets)
+    if DEVICE == "cuda" or "_bottleneck_forward_kernel" in default_names:  # the kernels ran
+        assert names.count("_lora_linear_kernel") == 2 * linears  # forward, and dx's launch
+        assert "_bottleneck_forward_kernel" not in names

@@ -219,3 +219,25 @@ def test_single_launch_bytes_against_the_default_form():
         totals[variant] = report.total()
     assert totals[SINGLE] <= 1.05 * floor, (totals, floor)
     assert totals[SINGLE] < 0.75 * totals["default"], totals
+
+
+def test_torch_compile_fullgraph(monkeypatch):
+    # The single launch is one graph node forward and one backward: a fullgraph compile traces
+    # it (the fake implementations give the shapes) and computes what the eager call does.
+    torch._dynamo.reset()
+    inputs = make_inputs((2, 9, 32), 96, 8, torch.float16)
+
+    def linear(*args):
+        return lora_linear(*args, 0.5)
+
+    with use_variant("lora_linear", SINGLE), LaunchCounter().patch(monkeypatch) as launches:
+        compiled = torch.compile(linear, fullgraph=True)
+        y = compiled(*inputs)
+        grads = torch.autograd.grad(y.float().sum(), [inputs[0], inputs[3], inputs[4]])
+        eager = linear(*inputs)
+        eager_grads = torch.autograd.grad(eager.float().sum(), [inputs[0], inputs[3], inputs[4]])
+    assert relative_error(y, eager) <= TOLERANCE[torch.float16]
+    for grad, eager_grad in zip(grads, eager_grads):
+        assert relative_error(grad, eager_grad) <= TOLERANCE[torch.float16]
+    if DEVICE == "cuda" or is_interpreted():
+        assert launches.names.count("_lora_linear_kernel") == 4  # forward and dx's launch, twice
