@@ -9,7 +9,9 @@ import torch
 from fused_adapters.kernels import list_variants, lora_linear, reference, use_variant
 from fused_adapters.kernels import lora as lora_op
 from fused_adapters.kernels.launch import is_interpreted, launch_plan
-from helpers import DEVICE, TOLERANCE, AtenRecorder, LaunchCounter, allow_tf32, poisoned_outputs, relative_error
+from helpers import (
+    DEVICE, NO_CUDA_REASON, TOLERANCE, AtenRecorder, LaunchCounter, allow_tf32, poisoned_outputs, relative_error,
+)
 
 SINGLE = "single_launch"
 NAMES = ("x", "weight", "bias", "lora_a", "lora_b")
@@ -74,7 +76,10 @@ SHAPES = [
 ]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+BF16 = pytest.param(torch.bfloat16, marks=pytest.mark.skipif(DEVICE != "cuda", reason=NO_CUDA_REASON))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, BF16])
 @pytest.mark.parametrize("shape, dim_out, rank", SHAPES)
 def test_single_launch_against_float64(shape, dim_out, rank, dtype, monkeypatch):
     inputs = make_inputs(shape, dim_out, rank, dtype, bias=rank % 2 == 0)
@@ -136,9 +141,10 @@ def test_launch_counts(monkeypatch):
         assert counter.names == ["_bottleneck_forward_kernel"]
 
 
-def test_fp16_autocast(monkeypatch):
-    # fp32 storage, fp16 dots: y in fp16 as F.linear gives it, each gradient in its input's dtype.
-    dtype = torch.float16
+@pytest.mark.parametrize("dtype", [torch.float16, BF16])
+def test_autocast(dtype, monkeypatch):
+    # fp32 storage, fp16 (bf16 on CUDA) dots: y in that dtype as F.linear gives it, each gradient
+    # in its input's dtype.
     inputs = make_inputs((2, 13, 48), 144, 8, torch.float32)
     with poisoned_outputs(monkeypatch), torch.autocast(DEVICE, dtype=dtype):
         y, grads, grad_out = run(inputs, 1.0)
@@ -241,3 +247,15 @@ def test_torch_compile_fullgraph(monkeypatch):
         assert relative_error(grad, eager_grad) <= TOLERANCE[torch.float16]
     if DEVICE == "cuda" or is_interpreted():
         assert launches.names.count("_lora_linear_kernel") == 4  # forward and dx's launch, twice
+
+
+def test_expanded_output_gradient(monkeypatch):
+    # y.sum().backward() hands the backward a dy expanded from one element (strides 0, 0): the
+    # launches read it through its strides, with the unaligned tiles.
+    inputs = make_inputs((3, 7, 32), 80, 8, torch.float16)
+    with poisoned_outputs(monkeypatch), use_variant("lora_linear", SINGLE):
+        y = lora_linear(*inputs, 0.5)
+    grads = torch.autograd.grad(y.float().sum(), [inputs[0], inputs[3], inputs[4]])
+    _, ref_grads = float64_reference(inputs, 0.5, torch.ones(y.shape, dtype=torch.float64))
+    for grad, name in zip(grads, ("x", "lora_a", "lora_b")):
+        assert relative_error(grad, ref_grads[name]) <= TOLERANCE[torch.float16], name
