@@ -99,7 +99,10 @@ GROUPED_KERNELS = ("grouped_gate", "grouped_forward", "grouped_combine", "groupe
 # both at every tile of its tables (the aligned tiles in the aligned scenario, the unaligned ones
 # in the other), at padded ranks up to 64 and with tensor-core dots (no "float32": without tf32
 # the form is not used); and its weights launch, the bottleneck weights kernel without dx
-# (identity activation, no biases, a float scale). Compiled at the qkv shape, D_out = 3 D.
+# (identity activation, no biases, a float scale) from both its tables: the wide one at the qkv
+# shape (D_out = 3 D) and the same-width one (D_out = D, LoRA on proj). The aligned scenario
+# compiles each at the padded rank and, as the "+half_rank" configs, at half of it (rank 8 pads
+# to 16 but is no multiple of 16, so B's strides specialize differently).
 LORA_KERNELS = ("lora_forward", "lora_backward_input", "lora_backward_weights")
 KERNELS = BOTTLENECK_KERNELS + WIDE_KERNELS + SPARSE_KERNELS + GROUPED_KERNELS + LORA_KERNELS
 # The sparse kernels' configurations are keyed by the padded E*r: one (experts, rank) per key.
@@ -180,8 +183,13 @@ def build_launches(kernel: str, block_rank: int, dtype_name: str, scenario: str,
             launch.config = variant
             launch.constexprs = dict(launch.constexprs, BLOCK_ROWS=variant.block_rows, BLOCK_DIM=variant.block_dim)
         return launch
+    if kernel in LORA_KERNELS:
+        if store_act or routed:
+            raise ValueError(f"{kernel}: the LoRA linear's kernels have no store_act or routed case")
+        return _lora_launch(kernel, block_rank, dtype_name, scenario, variant, half_rank=single)
     if single:
-        raise ValueError(f"{kernel}: the k = 1 form is compiled for the grouped kernels only")
+        raise ValueError(f"{kernel}: the k = 1 form is compiled for the grouped kernels only (and, as half_rank, "
+                         f"for the LoRA kernels)")
     if kernel in SPARSE_KERNELS:
         launch = _sparse_launch(kernel, block_rank, dtype_name, scenario, store_act, routed)
         if variant is not None:
@@ -193,10 +201,6 @@ def build_launches(kernel: str, block_rank: int, dtype_name: str, scenario: str,
         return launch
     if routed:
         raise ValueError(f"{kernel}: only sparse_forward has a routed form")
-    if kernel in LORA_KERNELS:
-        if store_act:
-            raise ValueError(f"{kernel}: the LoRA linear's kernels have no store_act case")
-        return _lora_launch(kernel, block_rank, dtype_name, scenario, variant)
     from . import bottleneck as bn
 
     rows, dim, rank, misaligned = _scenario_shapes(block_rank, scenario)
@@ -232,14 +236,20 @@ def build_launches(kernel: str, block_rank: int, dtype_name: str, scenario: str,
     return launch
 
 
-def _lora_launch(kernel: str, block_rank: int, dtype_name: str, scenario: str, variant):
+def _lora_launch(kernel: str, block_rank: int, dtype_name: str, scenario: str, variant, half_rank: bool = False):
     """The single-launch LoRA linear's launches at the qkv shape (D -> 3 D), with a bias; variant:
-    one of its GEMM configurations (the weights launch takes the bottleneck's wide table)."""
+    one of its GEMM configurations, or for the weights launch one of the bottleneck weights
+    configurations, the same-width table's compiled at D_out = D. half_rank: rank block_rank / 2."""
+    from . import bottleneck as bn
     from . import lora as ll
 
     rows, dim, rank, misaligned = _scenario_shapes(block_rank, scenario)
+    if half_rank:
+        rank = block_rank // 2
     dtype, compute = _dtypes(dtype_name)
-    dim_out = 3 * dim
+    same_width = kernel == "lora_backward_weights" and variant is not None and \
+        variant in bn.BACKWARD_WEIGHTS_CONFIGS.values()
+    dim_out = dim if same_width else 3 * dim
 
     def tensor(*shape, dt=dtype):
         return torch.empty(*shape, dtype=dt)
@@ -430,7 +440,9 @@ def check_one(kernel: str, block_rank: int, dtype_name: str, arch: int, scenario
         launch = build_launches(kernel, block_rank, dtype_name, scenario, variant, store_act, routed, single)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = previous
-    suffix = ("+store_act" if store_act else "") + ("+routed" if routed else "") + ("+k1" if single else "")
+    lora = kernel in LORA_KERNELS
+    suffix = ("+store_act" if store_act else "") + ("+routed" if routed else "") + \
+        ("+k1" if single and not lora else "") + ("+half_rank" if single and lora else "")
     result = Result(kernel, launch.config.name + suffix, dtype_name, arch, scenario)
     try:
         compiled = compile_launch(launch, arch)
@@ -497,7 +509,8 @@ def config_tables() -> dict:
             "grouped_backward_combine": rankless(sg.BACKWARD_COMBINE_CONFIGS),
             "grouped_backward_weights": sg.GROUPED_BACKWARD_WEIGHTS_CONFIGS,
             "lora_forward": lora_gemm, "lora_backward_input": lora_gemm,
-            "lora_backward_weights": {key: config for key, config in bn.BACKWARD_WEIGHTS_WIDE_CONFIGS.items()
+            "lora_backward_weights": {key: [bn.BACKWARD_WEIGHTS_CONFIGS[key], config]
+                                      for key, config in bn.BACKWARD_WEIGHTS_WIDE_CONFIGS.items()
                                       if key[0] <= ll.MAX_SINGLE_LAUNCH_RANK}}
 
 
@@ -517,7 +530,7 @@ def _cases(archs, dtypes, scenarios, kernels, configs=None):
             # LoRA linear's GEMM tables list every tile its plan may pick.
             fixed_rows = kernel.endswith(("backward_weights", "backward_weights_wide")) or (
                 grouped and kernel != "grouped_gate")
-            if kernel in ("lora_forward", "lora_backward_input"):
+            if kernel in LORA_KERNELS:
                 variants = config
             else:
                 variants = [config] if fixed_rows else row_variants(config)
@@ -530,6 +543,8 @@ def _cases(archs, dtypes, scenarios, kernels, configs=None):
             # routed, are different kernels; so are two grouped kernels' k = 1 forms.
             if sparse:
                 forms = [(False,), (True,)] if kernel == "sparse_forward" else [(False,)]
+            elif kernel in LORA_KERNELS:
+                forms = [(False, False), (False, True)]  # the padded rank, and half of it
             elif grouped:
                 forms = [(False, False), (False, True)] if kernel in GROUPED_K1_KERNELS else [(False, False)]
             else:
@@ -551,6 +566,8 @@ def _cases(archs, dtypes, scenarios, kernels, configs=None):
                                     if kernel in LORA_KERNELS[:2] and \
                                             variant.name.endswith("_unaligned") != (scenario == "unaligned"):
                                         continue
+                                    if kernel in LORA_KERNELS and form[1] and scenario == "unaligned":
+                                        continue  # the unaligned scenario's rank is odd already
                                     yield (kernel, block_rank, dtype_name, arch, scenario, variant, store_act) + form
 
 

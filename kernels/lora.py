@@ -10,8 +10,9 @@ Two forms, chosen with kernels.use_variant("lora_linear", ...):
   tile of y and walks D_in once, feeding every x tile to two dots: the GEMM accumulator
   x W^T and the rank-r accumulator h = x A^T; the epilogue adds s * h B^T and the bias. x is
   read once per column tile (from L2 after the first), nothing of [M, D_out] but y is written,
-  and h costs r / BLOCK_COLS extra FLOPs (r 8, 128 columns: 6%). The programs of column tile 0
-  store h [M, r] for the backward.
+  and h costs padded-r / BLOCK_COLS extra FLOPs (rank padded to 16 for tl.dot: 12.5% with 128
+  columns, 25% with the 64-column tiles small M gets). The programs of column tile 0 store
+  h [M, r] for the backward.
 
   Backward, two launches, no float atomics:
     1. the same kernel as a GEMM over D_out: dx = dy W + g A with g = s dy B accumulated on the
@@ -21,8 +22,10 @@ Two forms, chosen with kernels.use_variant("lora_linear", ...):
   A base weight or bias that requires grad gets dW = dy^T x and db = sum(dy) from plain torch
   ops (LoRA freezes them; full fine-tuning has no reason to take this op).
 
-  It takes ranks up to 64 and dots on tensor cores (fp16, bf16, or fp32 with tf32 allowed);
-  other calls run the default form (see single_launch_supported and the config tables).
+  It takes ranks up to 64, dots on tensor cores (fp16, bf16, or fp32 with tf32 allowed) and a
+  weight of fewer than 2^31 elements (its offsets are int32); other calls run the default form
+  (see single_launch_supported and the config tables). The backward follows the form its
+  forward took, whatever variant is in force when it runs.
 
 Which is faster is a GPU measurement (a Triton GEMM against cuBLAS, one launch against two),
 so the default stays the two-launch form until the benchmark rows say otherwise; under
@@ -204,9 +207,12 @@ def plan_config(rank: int, compute_dtype: torch.dtype, rows: int, cols: int, sms
     return configs[-1]
 
 
-def single_launch_supported(rank: int, compute_dtype: torch.dtype) -> Optional[str]:
+def single_launch_supported(rank: int, compute_dtype: torch.dtype, weight_elements: int = 0) -> Optional[str]:
     """Why the single-launch form cannot run this call (None when it can): it takes ranks up to
-    64 and dots on tensor cores (fp16, bf16, or fp32 with tf32 allowed)."""
+    64, dots on tensor cores (fp16, bf16, or fp32 with tf32 allowed) and a weight of fewer than
+    2^31 elements (the kernel's weight offsets are int32, as its column offsets)."""
+    if weight_elements >= 2**31:
+        return f"a weight of {weight_elements} elements (>= 2^31)"
     if rank > MAX_SINGLE_LAUNCH_RANK:
         return f"rank {rank} > {MAX_SINGLE_LAUNCH_RANK}"
     if input_precision(compute_dtype) == "ieee":
@@ -290,7 +296,7 @@ def _forward_triton(x, weight, bias, lora_a, lora_b, scale, compute_dtype, save_
     return y, hidden
 
 
-def _backward_triton(grad_y, x, hidden, weight, lora_a, lora_b, scale, compute_dtype, compute_dx):
+def _backward_triton(grad_y, x, hidden, weight, lora_a, lora_b, scale, compute_dtype, compute_dx, compute_weights):
     rows, dim_in = x.shape
     rank, dim_out = lora_a.shape[0], weight.shape[0]
     grad_dtype = packed_grad_dtype(x, lora_a, lora_b)
@@ -306,6 +312,8 @@ def _backward_triton(grad_y, x, hidden, weight, lora_a, lora_b, scale, compute_d
         # gradient, pays for one unused [M, D_in] write).
         backward_input_launch(grad_y, weight.contiguous(), lora_a, lora_b, scale, compute_dtype, grad_x,
                               grad_hidden)()
+        if not compute_weights:  # A and B need no gradient (frozen, or a dx-only pass)
+            return grad_x, torch.zeros(_packed_size(dim_in, dim_out, rank), dtype=grad_dtype, device=x.device)
         weights_launch, partials = backward_weights_launch(grad_y, x, hidden, grad_hidden, lora_a, lora_b, scale,
                                                            compute_dtype, grad_dtype)
         weights_launch()
@@ -344,16 +352,18 @@ def _forward_fake(x, weight, bias, lora_a, lora_b, scale, compute_dtype, save_hi
 
 def _backward_impl(grad_y: torch.Tensor, x: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
                    lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float, compute_dtype: torch.dtype,
-                   compute_dx: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """dx ([M, D_in] in x's dtype, or [0, D_in]) and the packed [dB | dA]."""
-    return _backward_triton(grad_y, x, hidden, weight, lora_a, lora_b, scale, compute_dtype, compute_dx)
+                   compute_dx: bool, compute_weights: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """dx ([M, D_in] in x's dtype, or [0, D_in]) and the packed [dB | dA] (zeros when not
+    compute_weights)."""
+    return _backward_triton(grad_y, x, hidden, weight, lora_a, lora_b, scale, compute_dtype, compute_dx,
+                            compute_weights)
 
 
 _backward_op = torch.library.custom_op("fused_adapters::lora_linear_backward", _backward_impl, mutates_args=())
 
 
 @_backward_op.register_fake
-def _backward_fake(grad_y, x, hidden, weight, lora_a, lora_b, scale, compute_dtype, compute_dx):
+def _backward_fake(grad_y, x, hidden, weight, lora_a, lora_b, scale, compute_dtype, compute_dx, compute_weights):
     rank, dim_in = lora_a.shape
     return (x.new_empty((x.shape[0] if compute_dx else 0, dim_in)),
             x.new_empty(_packed_size(dim_in, weight.shape[0], rank), dtype=packed_grad_dtype(x, lora_a, lora_b)))
@@ -388,6 +398,7 @@ def _backward(ctx, grad_y, grad_hidden):
     if needs[_X] or needs[_LORA_A] or needs[_LORA_B]:
         grad_x, packed = torch.ops.fused_adapters.lora_linear_backward(
             grad_y, x, hidden, weight, lora_a, lora_b, ctx.scale, ctx.compute_dtype, needs[_X],
+            needs[_LORA_A] or needs[_LORA_B],
         )
         rank, dim_in = lora_a.shape
         grad_b, grad_a = packed.split([weight.shape[0] * rank, rank * dim_in])
@@ -443,11 +454,11 @@ def _check_arguments(x, weight, bias, lora_a, lora_b, scale) -> float:
     if lora_b.dim() != 2 or lora_b.shape != (dim_out, lora_a.shape[0]):
         raise ValueError(f"lora_b must have shape [D_out, rank] = [{dim_out}, {lora_a.shape[0]}] (weight's rows, "
                          f"lora_a's rank), got {tuple(lora_b.shape)}")
+    check_same_device(x, [("weight", weight), ("bias", bias), ("lora_a", lora_a), ("lora_b", lora_b)])
     rank = lora_a.shape[0]
     if rank == 0 or (rank > MAX_RANK and takes_triton(x.device.type, (x.dtype, reference.compute_dtype(x)))):
         raise ValueError(f"lora_a has rank {rank}; the fused kernels support rank 1 to {MAX_RANK}")
     check_bottleneck_arguments(x, lora_a, None, lora_b, None, float(scale), "identity", None, None)
-    check_same_device(x, [("weight", weight), ("bias", bias)])
     compute = reference.compute_dtype(x)
     autocast = x.dtype in reference.AUTOCAST_INPUT_DTYPES and torch.is_autocast_enabled(x.device.type)
     if not autocast:
@@ -475,32 +486,40 @@ def _single_launch(x, weight, bias, lora_a, lora_b, scale, compute_dtype):
 
 def _takes_single_launch(x, weight, bias, lora_a, lora_b, compute_dtype) -> bool:
     dtypes = (x.dtype, compute_dtype) + tuple(t.dtype for t in (weight, bias, lora_a, lora_b) if t is not None)
-    return takes_triton(x.device.type, dtypes) and single_launch_supported(lora_a.shape[0], compute_dtype) is None
+    return takes_triton(x.device.type, dtypes) and single_launch_supported(
+        lora_a.shape[0], compute_dtype, weight.numel()) is None
 
 
 def _variant(x, weight, bias, lora_a, lora_b, scale, compute_dtype) -> Variant:
     name = current_variant("lora_linear")
     if torch.compiler.is_compiling():  # nothing is timed while torch.compile traces
         return next(v for v in VARIANTS if v.name == (name if name != AUTOTUNE else "default"))
+    tensors = (x, weight, bias, lora_a, lora_b)
 
     def key():
-        return (tuple(x.shape), x.stride(), x.dtype, tuple(weight.shape), lora_a.shape[0], bias is not None,
-                compute_dtype, torch.is_grad_enabled())
+        return (tuple(x.shape), x.stride(), tuple(weight.shape), lora_a.shape[0], compute_dtype,
+                input_precision(compute_dtype), torch.is_grad_enabled(),
+                tuple(None if t is None else (t.dtype, t.requires_grad) for t in tensors))
 
     def time_variant(variant):
-        # Forward, plus the backward when one will follow: the two forms differ in both.
-        inputs = [t.detach().requires_grad_(t.requires_grad) if t is not None else None
-                  for t in (x, weight, bias, lora_a, lora_b)]
+        # Forward, plus the backward when one will follow: the two forms differ in both. On
+        # detached copies, so no real gradient accumulates; and with saved-tensor hooks of its
+        # own, so that an enclosing activation checkpoint does not record the timing runs.
+        inputs = [t.detach().requires_grad_(t.requires_grad) if t is not None else None for t in tensors]
         wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
 
         def run():
-            with torch.set_grad_enabled(wants_grad):
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t), \
+                    torch.set_grad_enabled(wants_grad):
                 y = _run(variant, *inputs, scale, compute_dtype)
                 if wants_grad:
                     y.backward(torch.ones_like(y))
         return time_cuda(run)
 
-    return pick("lora_linear", "forward", key, x.device, time_variant)
+    def runs(variant):  # a variant that would fall back to the default form is not timed
+        return not variant.single_launch or _takes_single_launch(x, weight, bias, lora_a, lora_b, compute_dtype)
+
+    return pick("lora_linear", "forward", key, x.device, time_variant, among=runs)
 
 
 def _run(variant, x, weight, bias, lora_a, lora_b, scale, compute_dtype):

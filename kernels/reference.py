@@ -24,6 +24,7 @@ __all__ = [
     "compute_dtype",
     "gate_logits",
     "load_balancing_loss",
+    "lora_linear",
     "output_dtype",
     "residual_terms",
     "routed_adapter",

@@ -11,7 +11,8 @@ an op with a chosen one, and an opt-in autotune mode.
     tuned_variants()                           # what autotune picked, per op, pass and shape
 
 A variant applies to the passes that run while it is in force (a backward run after the block
-has exited uses the default). The setting is process-wide, like launch_plan, not per thread:
+has exited uses the default), except for the lora_linear op, whose variants are two forms of the
+op: its backward follows the form its forward took. The setting is process-wide, like launch_plan, not per thread:
 autograd runs CUDA backward passes on its own threads, which must see it too.
 
 Every variant only picks among block configurations and kernel flags that the compile check

@@ -226,20 +226,28 @@ def test_wide_cases_cover_every_configuration():
 
 def test_lora_cases_cover_every_configuration():
     # The LoRA linear's single launch, built without a compiler: every tile of its tables at
-    # every padded rank it takes, the aligned tiles in the aligned scenario and the unaligned
-    # ones in the other, never plain fp32 (ieee dots: that form is not used), and the weights
-    # launch (the bottleneck kernel without dx) for each of its ranks.
+    # every padded rank it takes, the aligned tiles in the aligned scenario (at the padded rank
+    # and at half of it) and the unaligned ones in the other, never plain fp32 (ieee dots: that
+    # form is not used), and the weights launch (the bottleneck kernel without dx) from both its
+    # tables, the same-width one at D_out = D.
     from fused_adapters.kernels import lora
     from fused_adapters.kernels.compile_check import ARCHS, DTYPES, LORA_KERNELS, SCENARIOS, _cases, build_launches
 
     cases = list(_cases(ARCHS, DTYPES, SCENARIOS, LORA_KERNELS))
     assert not [case for case in cases if case[2] == "float32"]
+    assert not [case for case in cases if case[4] == "unaligned" and case[-1]]  # half_rank: aligned only
     for kernel in ("lora_forward", "lora_backward_input"):
         for scenario, table in (("aligned", lora.LORA_LINEAR_CONFIGS), ("unaligned", lora.LORA_LINEAR_UNALIGNED_CONFIGS)):
-            names = {case[5].name for case in cases if case[0] == kernel and case[4] == scenario}
-            assert names == {config.name for configs in table.values() for config in configs}, (kernel, scenario)
-    weights = {case[1] for case in cases if case[0] == "lora_backward_weights"}
-    assert weights == {16, 32, 64}
+            for half_rank in ((False, True) if scenario == "aligned" else (False,)):
+                names = {case[5].name for case in cases
+                         if case[0] == kernel and case[4] == scenario and case[-1] == half_rank}
+                assert names == {config.name for configs in table.values() for config in configs}, (kernel, scenario)
+    weights = {case[5].name for case in cases if case[0] == "lora_backward_weights"}
+    assert weights == {bottleneck.BACKWARD_WEIGHTS_CONFIGS[key].name for key in [(16, "half"), (32, "half"),
+                                                                               (64, "half"), (16, "fp32"),
+                                                                               (32, "fp32"), (64, "fp32")]} | {
+        bottleneck.BACKWARD_WEIGHTS_WIDE_CONFIGS[key].name for key in [(16, "half"), (32, "half"), (64, "half"),
+                                                                       (16, "fp32"), (32, "fp32"), (64, "fp32")]}
     for scenario in SCENARIOS:
         forward = build_launches("lora_forward", 16, "float16", scenario)
         backward = build_launches("lora_backward_input", 16, "float16", scenario)
@@ -247,3 +255,8 @@ def test_lora_cases_cover_every_configuration():
         assert forward.args["stride_w_k"] == 1 and backward.args["stride_w_n"] == 1  # W^T forward, W backward
         weights_launch = build_launches("lora_backward_weights", 16, "float16", scenario)
         assert weights_launch.constexprs["COMPUTE_DX"] is False and weights_launch.constexprs["ACTIVATION"] == "identity"
+        assert weights_launch.constexprs["SAME_WIDTH"] is False
+        same_width = build_launches("lora_backward_weights", 16, "float16", scenario,
+                                    bottleneck.BACKWARD_WEIGHTS_CONFIGS[(16, "half")])
+        assert same_width.constexprs["SAME_WIDTH"] is True
+    assert build_launches("lora_forward", 16, "float16", "aligned", single=True).args["rank"] == 8

@@ -632,9 +632,11 @@ def test_single_launch_variant_matches_the_default_form(targets, monkeypatch):
             grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
             results[variant] = out.detach(), grads, list(launches.names)
     (out, grads, default_names), (single_out, single_grads, names) = results["default"], results["single_launch"]
-    assert relative_error(single_out, out) < 1e-5
+    # tf32 on a GPU: a Triton tf32 GEMM against cuBLAS's through every block; exact fp32 elsewhere.
+    tolerance = 5e-3 if DEVICE == "cuda" else 1e-5
+    assert relative_error(single_out, out) < tolerance
     for name, grad in grads.items():
-        assert relative_error(single_grads[name], grad) < 1e-5, name
+        assert relative_error(single_grads[name], grad) < tolerance, name
     linears = len(model.blocks) * len(targets)
     if DEVICE == "cuda" or "_bottleneck_forward_kernel" in default_names:  # the kernels ran
         assert names.count("_lora_linear_kernel") == 2 * linears  # forward, and dx's launch

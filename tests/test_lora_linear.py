@@ -91,31 +91,56 @@ def test_single_launch_against_float64(shape, dim_out, rank, dtype, monkeypatch)
 
 
 def test_many_tiles_and_several_row_chunks(monkeypatch):
-    # Planned for 132 SMs: small tiles, so many row and column tiles (only column tile 0 stores
-    # h and g: the NaN poison shows an unwritten row), and the weights launch splits M into
-    # several chunks whose fp32 partials torch sums. Strided x and dy take the unaligned tiles.
-    inputs = make_inputs((150, 40), 200, 5, torch.float32)
-    with poisoned_outputs(monkeypatch), allow_tf32(True), launch_plan(132):
+    # Planned for 4 SMs: M = 300 and D_out = 200 in the unaligned 32 x 32 tiles give 10 row
+    # tiles by 7 column tiles, so the grouped program order runs a full group of 8 row tiles and
+    # a partial one (only column tile 0 stores h and g: the NaN poison shows an unwritten row),
+    # and the weights launch splits M into several chunks whose fp32 partials torch sums.
+    # Strided x (column stride 2) reads through its strides.
+    inputs = make_inputs((300, 40), 200, 5, torch.float32)
+    with poisoned_outputs(monkeypatch), allow_tf32(True), launch_plan(4), \
+            LaunchCounter().patch(monkeypatch) as launches:
+        config = lora_op.plan_config(5, torch.float32, 300, 200, 4, lora_op.aligned(inputs[0], 200))
+        assert (-(-300 // config.block_rows), -(-200 // config.block_cols)) == (10, 7) and config.group_rows == 8
+        _, partials = lora_op.backward_weights_launch(
+            inputs[0].detach(), inputs[0].detach(), torch.empty(300, 5), torch.empty(300, 5), inputs[3].detach(),
+            inputs[4].detach(), 2.0, torch.float32, torch.float32)
+        assert partials.shape[0] > 1  # several row chunks
         check(inputs, 2.0, FP32_TOLERANCE)
-        x = inputs[0]
-        wide = torch.randn(150, 80, generator=torch.Generator().manual_seed(3)).to(x)
-        strided = wide[:, ::2].requires_grad_()  # column stride 2
+        wide = torch.randn(300, 80, generator=torch.Generator().manual_seed(3)).to(inputs[0])
+        strided = wide[:, ::2].requires_grad_()
         check((strided,) + inputs[1:], 2.0, FP32_TOLERANCE)
+    assert launches.names.count("_lora_linear_kernel") == 4, launches.names
+
+
+def kernels_ran(names) -> bool:
+    """Whether the single launch's kernel ran (wherever kernels run at all)."""
+    return "_lora_linear_kernel" in names or (DEVICE == "cpu" and not is_interpreted())
 
 
 def test_base_weight_and_bias_gradients(monkeypatch):
     # LoRA freezes W and b; if they do require grad they get dW = dy^T x and db = sum(dy).
     inputs = make_inputs((21, 32), 48, 4, torch.float32, base_grad=True)
-    with poisoned_outputs(monkeypatch), allow_tf32(True):
+    with poisoned_outputs(monkeypatch), allow_tf32(True), LaunchCounter().patch(monkeypatch) as launches:
         check(inputs, 0.5, FP32_TOLERANCE)
+    assert kernels_ran(launches.names)
+    # Only dx wanted: the weights launch does not run.
+    frozen = [t.detach() if t is not None else None for t in inputs]
+    x = inputs[0]
+    with use_variant("lora_linear", SINGLE), allow_tf32(True), LaunchCounter().patch(monkeypatch) as launches:
+        y = lora_linear(x, *frozen[1:], 0.5)
+        y.backward(torch.ones_like(y))
+    if kernels_ran(launches.names) and launches.names:
+        assert launches.names == ["_lora_linear_kernel", "_lora_linear_kernel"], launches.names
 
 
-def test_forms_agree_and_variants_are_listed():
+def test_forms_agree_and_variants_are_listed(monkeypatch):
     assert set(list_variants("lora_linear")) == {"default", SINGLE}
     inputs = make_inputs((3, 11, 32), 96, 8, torch.float32)
-    with allow_tf32(True):
+    with allow_tf32(True), LaunchCounter().patch(monkeypatch) as launches:
         y_default, grads_default, _ = run(inputs, 0.5, "default")
+        assert "_lora_linear_kernel" not in launches.names
         y_single, grads_single, _ = run(inputs, 0.5, SINGLE)
+        assert kernels_ran(launches.names)
     assert relative_error(y_single, y_default) <= FP32_TOLERANCE
     for name in grads_default:
         assert relative_error(grads_single[name], grads_default[name]) <= FP32_TOLERANCE, name
@@ -146,10 +171,11 @@ def test_autocast(dtype, monkeypatch):
     # fp32 storage, fp16 (bf16 on CUDA) dots: y in that dtype as F.linear gives it, each gradient
     # in its input's dtype.
     inputs = make_inputs((2, 13, 48), 144, 8, torch.float32)
-    with poisoned_outputs(monkeypatch), torch.autocast(DEVICE, dtype=dtype):
+    with poisoned_outputs(monkeypatch), torch.autocast(DEVICE, dtype=dtype), \
+            LaunchCounter().patch(monkeypatch) as launches:
         y, grads, grad_out = run(inputs, 1.0)
-        with use_variant("lora_linear", "default"):
-            eager = reference.lora_linear(*inputs, 1.0)
+        eager = reference.lora_linear(*inputs, 1.0)
+    assert kernels_ran(launches.names)
     assert y.dtype == eager.dtype == dtype
     ref_y, ref_grads = float64_reference(inputs, 1.0, grad_out)
     assert relative_error(y, ref_y) <= TOLERANCE[dtype]
@@ -250,12 +276,20 @@ def test_torch_compile_fullgraph(monkeypatch):
 
 
 def test_expanded_output_gradient(monkeypatch):
-    # y.sum().backward() hands the backward a dy expanded from one element (strides 0, 0): the
-    # launches read it through its strides, with the unaligned tiles.
+    # y.sum().backward() hands the backward a dy expanded from one element (strides 0, 0, 0):
+    # the launches read it through its strides, with the unaligned tiles.
     inputs = make_inputs((3, 7, 32), 80, 8, torch.float16)
-    with poisoned_outputs(monkeypatch), use_variant("lora_linear", SINGLE):
+    seen = []
+
+    def record(grad):
+        seen.append(grad.stride())
+
+    with poisoned_outputs(monkeypatch), use_variant("lora_linear", SINGLE), \
+            LaunchCounter().patch(monkeypatch) as launches:
         y = lora_linear(*inputs, 0.5)
-    grads = torch.autograd.grad(y.float().sum(), [inputs[0], inputs[3], inputs[4]])
+        y.register_hook(record)
+        grads = torch.autograd.grad(y.sum(), [inputs[0], inputs[3], inputs[4]])
+    assert seen == [(0, 0, 0)] and kernels_ran(launches.names)
     _, ref_grads = float64_reference(inputs, 0.5, torch.ones(y.shape, dtype=torch.float64))
     for grad, name in zip(grads, ("x", "lora_a", "lora_b")):
         assert relative_error(grad, ref_grads[name]) <= TOLERANCE[torch.float16], name
