@@ -62,7 +62,7 @@ def test_compile_check_compiles_a_sparse_and_a_wide_case_per_kernel():
     # and both backward kernels with act recomputed and stored, the grouped forward with k = 2
     # and k = 1 (the "+k1" form, which applies the epilogue), and the bottleneck kernels
     # specialized for a width-changing bottleneck (D_out = 3 D), and the LoRA linear's single
-    # launch (forward and the backward's input launch), through the CLI (13 compiles).
+    # launch (forward and the backward's input launch, at rank 16 and 8), through the CLI (15 compiles).
     # Each must build and compile to a cubin with tensor-core dots; the spill and load rules are
     # the full runs' (python -m fused_adapters.kernels.compile_check --kernel sparse_... / grouped_...).
     result = subprocess.run(
@@ -89,7 +89,8 @@ def test_compile_check_compiles_a_sparse_and_a_wide_case_per_kernel():
         ("grouped_forward", "grouped_fwd_r16_half"), ("grouped_forward", "grouped_fwd_r16_half+k1"),
         ("forward_wide", "fwd_r16_half_rows16"), ("backward_weights_wide", "bwd_weights_wide_r16_half"),
         ("backward_weights_wide", "bwd_weights_wide_r16_half+store_act"),
-        ("lora_forward", "lora_r16_half_64x64x32"), ("lora_backward_input", "lora_r16_half_64x64x32"),
+        ("lora_forward", "lora_r16_half_64x64x32"), ("lora_forward", "lora_r16_half_64x64x32+half_rank"),
+        ("lora_backward_input", "lora_r16_half_64x64x32"), ("lora_backward_input", "lora_r16_half_64x64x32+half_rank"),
     }, table
     for row in rows:
         assert int(row[5]) > 0 and row[9] in ("mma.sync", "wgmma"), row  # registers read from the cubin
