@@ -83,7 +83,7 @@ def _bottleneck_forward_kernel(
     x_ptr, w_down_ptr, b_down_ptr, w_up_ptr, b_up_ptr, scale_ptr, residual_ptr, row_scale_ptr,
     y_ptr, hidden_ptr,
     rows, dim, dim_out, rank, scale_value,
-    stride_x_row, stride_x_col, stride_res_row, stride_res_col,
+    stride_x_row, stride_x_col, stride_res_row, stride_res_col, stride_y_row, stride_y_col,
     ACTIVATION: tl.constexpr, SCALE_MODE: tl.constexpr, HAS_B_DOWN: tl.constexpr,
     HAS_B_UP: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ADD_INPUT: tl.constexpr, HAS_ROW_SCALE: tl.constexpr,
     STORE_HIDDEN: tl.constexpr, SAME_WIDTH: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
@@ -148,8 +148,8 @@ def _bottleneck_forward_kernel(
         update = epilogue(update, x_ptr, residual_ptr, scale_ptr, row_ids, col_ids, col_mask, tile_mask, row_scale,
                           scalar_scale, stride_x_row, stride_x_col, stride_res_row, stride_res_col,
                           SCALE_MODE, HAS_ROW_SCALE, ADD_INPUT, HAS_RESIDUAL)
-        tl.store(y_ptr + row_ids[:, None] * dim_out + col_ids[None, :], update.to(y_ptr.dtype.element_ty),
-                 mask=tile_mask)
+        tl.store(y_ptr + row_ids[:, None] * stride_y_row + col_ids[None, :] * stride_y_col,
+                 update.to(y_ptr.dtype.element_ty), mask=tile_mask)
 
 
 @triton.jit
@@ -510,6 +510,7 @@ def forward_launch(x, w_down, b_down, w_up, b_up, scale, scale_value, residual, 
         stride_x_row=x.stride(0), stride_x_col=x.stride(1),
         stride_res_row=residual.stride(0) if residual is not None else 0,
         stride_res_col=residual.stride(1) if residual is not None else 0,
+        stride_y_row=y.stride(0), stride_y_col=y.stride(1),
     )
     constexprs = dict(
         ACTIVATION=activation, SCALE_MODE=scale_mode(scale), HAS_B_DOWN=b_down is not None,
@@ -604,11 +605,27 @@ def backward_launches(grad_y, x, hidden, w_down, w_up, b_up, scale, scale_value,
     return hidden_launch, weights_launch, partials
 
 
+def column_major_output(x: torch.Tensor, dim_out: int) -> bool:
+    """Whether y [M, D_out] is laid out column-major: when x [M, D] is and D_out = D, as torch's
+    elementwise ops lay out their outputs like a dense input (torch.empty_like). A tensor whose
+    token axis is last in memory, viewed as [(B, D), N] for a bottleneck over tokens, is such an
+    x: its y then comes back in the same layout, so the next op reads it without a copy."""
+    rows, dim = x.shape
+    return dim_out == dim and rows > 1 and dim > 1 and x.stride(0) == 1 and x.stride(1) == rows
+
+
+def _new_y(x: torch.Tensor, dim_out: int, dtype: torch.dtype) -> torch.Tensor:
+    rows = x.shape[0]
+    if column_major_output(x, dim_out):
+        return new_output((dim_out, rows), dtype, x.device).t()
+    return new_output((rows, dim_out), dtype, x.device)
+
+
 def _forward_triton(x, w_down, b_down, w_up, b_up, scale, scale_value, residual, add_input, row_scale, activation,
                     compute_dtype, out_dtype, save_hidden):
     rows = x.shape[0]
     rank, dim_out = w_down.shape[0], w_up.shape[0]
-    y = new_output((rows, dim_out), out_dtype, x.device)
+    y = _new_y(x, dim_out, out_dtype)
     hidden = new_output((rows if save_hidden else 0, rank), compute_dtype, x.device)
     if rows == 0:
         return y, hidden
@@ -749,9 +766,9 @@ def _forward_impl(
     y = reference.bottleneck_in_dtype(x, w_down, b_down, w_up, b_up, _scale_arg(scale, scale_value),
                                       activation=activation, residual=terms, row_scale=row_scale,
                                       dtype=compute_dtype, autocast=autocast)
-    # Row-major like the fake says (a transposed residual would make `residual + u` column-major).
-    # The reference path recomputes in backward and saves nothing of its own.
-    return y.to(out_dtype).contiguous(), x.new_empty((0, w_down.shape[0]), dtype=compute_dtype)
+    # In the layout the fake says (row-major unless column_major_output), whatever layout the
+    # eager expression gave. The reference path recomputes in backward and saves nothing of its own.
+    return _new_y(x, w_up.shape[0], out_dtype).copy_(y), x.new_empty((0, w_down.shape[0]), dtype=compute_dtype)
 
 
 _forward_op = torch.library.custom_op("fused_adapters::bottleneck_forward", _forward_impl, mutates_args=())
@@ -763,7 +780,10 @@ def _forward_fake(x, w_down, b_down, w_up, b_up, scale, scale_value, residual, a
     rows = x.shape[0]
     triton_path = _forward_takes_triton(x, residual, compute_dtype, out_dtype, (w_down, b_down, w_up, b_up, scale))
     hidden_rows = rows if (save_hidden and triton_path) else 0
-    return (x.new_empty((rows, w_up.shape[0]), dtype=out_dtype),
+    dim_out = w_up.shape[0]
+    y = x.new_empty((dim_out, rows), dtype=out_dtype).t() if column_major_output(x, dim_out) else \
+        x.new_empty((rows, dim_out), dtype=out_dtype)
+    return (y,
             x.new_empty((hidden_rows, w_down.shape[0]), dtype=compute_dtype))
 
 

@@ -10,8 +10,10 @@ import pytest
 import torch
 from torch.autograd.graph import saved_tensors_hooks
 
-from fused_adapters.kernels import bottleneck_adapter
-from helpers import AtenRecorder, LaunchCounter, allow_tf32, make_case
+from fused_adapters.kernels import bottleneck_adapter, reference
+from helpers import (
+    DEVICE, TOLERANCE, AtenRecorder, LaunchCounter, allow_tf32, make_case, poisoned_outputs, relative_error,
+)
 
 MATMUL_OPS = {"mm", "addmm", "bmm", "baddbmm", "matmul", "linear", "mv", "addmv", "dot", "_scaled_mm", "convolution"}
 ALLOCATING_OPS = {"empty", "empty_strided", "new_empty", "new_empty_strided", "full", "zeros", "ones"}
@@ -210,3 +212,40 @@ def test_fp32_dots_follow_allow_tf32():
         assert precision() == "ieee"
     with allow_tf32(True):
         assert precision() == "tf32"
+
+
+@pytest.mark.parametrize("path", ["kernels", "reference"])
+def test_column_major_x_gives_column_major_y(path, monkeypatch):
+    # y is laid out like x (torch.empty_like's rule): a tensor stored token-major, [N, B, D],
+    # viewed as [(B, D), N] for a bottleneck over its tokens, is column-major; so is y, and
+    # permuting it back gives the [N, B, D] layout again with no copy. Values are the
+    # reference's, and opcheck's fake agrees with the real layout.
+    from fused_adapters.kernels import bottleneck
+
+    if path == "reference":
+        monkeypatch.setattr(bottleneck, "takes_triton", lambda device_type, dtypes: False)
+    tokens, batch, dim, rank = 13, 3, 24, 4
+    generator = torch.Generator().manual_seed(5)
+    state = torch.randn(tokens, batch, dim, generator=generator).to(DEVICE).requires_grad_()
+    w_down, w_up = (torch.randn(rank, tokens, generator=generator) * 0.3).to(DEVICE), \
+        (torch.randn(tokens, rank, generator=generator) * 0.3).to(DEVICE)
+    view = state.permute(1, 2, 0)  # [B, D, N]: the token axis last, rows (b, d) with stride 1
+    with poisoned_outputs(monkeypatch):
+        y = bottleneck_adapter(view, w_down, None, w_up, None, 0.5, residual=view)
+    assert y.shape == view.shape and y.stride() == view.stride()
+    back = y.permute(2, 0, 1)
+    assert back.is_contiguous()
+    expected = reference.bottleneck_adapter(view.detach().double(), w_down.double(), None, w_up.double(), None, 0.5,
+                                            residual=view.detach().double())
+    assert relative_error(y, expected) < TOLERANCE[torch.float32]
+    y.backward(torch.ones_like(y))
+    assert state.grad.shape == state.shape and torch.isfinite(state.grad).all()
+    x2d = view.reshape(-1, tokens)
+    args = (x2d.detach(), w_down, None, w_up, None, None, 0.5, None, True, None, "gelu", torch.float32,
+            torch.float32, False, True)
+    torch.library.opcheck(torch.ops.fused_adapters.bottleneck_forward.default, args,
+                          test_utils=("test_schema", "test_faketensor"))
+    # Row-major x, and D_out != D, keep row-major y.
+    w_down_d, w_up_d = torch.randn(rank, dim).to(DEVICE), torch.randn(dim, rank).to(DEVICE)
+    assert bottleneck_adapter(state.detach(), w_down_d, None, w_up_d, None).is_contiguous()
+    assert bottleneck_adapter(view.detach(), w_down, None, torch.randn(5, rank).to(DEVICE), None).is_contiguous()
