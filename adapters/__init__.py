@@ -14,11 +14,15 @@ adapter calls the fused op in fused_adapters.kernels.
     inject(model, LoraConfig(rank=8, targets=("qkv",)), name="lora")  # LoRA on the blocks' linears
     merge_adapters(model)                    # fold it into the weights; unmerge_adapters restores them
     delete_adapter(model, "moa")
+
+    inject(model, LosaConfig(), name="side")  # a side network; the backbone runs without autograd
+    features = losa_features(model, images)  # once; then losa_logits(model, features) per epoch
 """
 
 from .config import POSITIONS, AdapterConfig
 from .io import load_adapters, save_adapters
 from .lora import LoraBranch, LoraConfig, LoraLinear
+from .losa import LosaConfig, LosaSideNetwork, losa_features, losa_logits
 from .modules import BottleneckAdapter, SparseAdapter
 from .timm_vit import (
     active_adapter,
@@ -43,6 +47,8 @@ __all__ = [
     "LoraBranch",
     "LoraConfig",
     "LoraLinear",
+    "LosaConfig",
+    "LosaSideNetwork",
     "SparseAdapter",
     "active_adapter",
     "adapter_configs",
@@ -50,6 +56,8 @@ __all__ = [
     "disable_adapters",
     "inject",
     "load_adapters",
+    "losa_features",
+    "losa_logits",
     "merge_adapters",
     "merged_adapter",
     "model_aux_loss",

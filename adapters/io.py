@@ -4,10 +4,11 @@ trains it, their own LayerNorms with train_norms) under those modules' usual key
 atomic: a temporary file, then a rename.
 
 The JSON holds format_version, name, kind ("adapter" for an AdapterConfig, "lora" for a
-LoraConfig), config, and what the delta needs of the backbone ("model": depth, dim, head
-shapes, and for LoRA the [out, in] shape of every target linear). Version 1 files (before
-"kind") hold bottleneck adapters and load as such. LoRA tensors are saved as
-"blocks.{i}.attn.qkv.lora_A" / "...lora_B", whatever the adapter's name."""
+LoraConfig, "losa" for a LosaConfig), config, and what the delta needs of the backbone
+("model": depth, dim, head shapes, for LoRA the [out, in] shape of every target linear, for
+LoSA the tokens per image). Version 1 files (before "kind") hold bottleneck adapters and load as
+such. LoRA tensors are saved as "blocks.{i}.attn.qkv.lora_A" / "...lora_B", LoSA's as
+"losa.channel.{j}.w_down" ..., whatever the adapter's name."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from torch import nn
 
 from .config import AdapterConfig
 from .lora import TARGET_PATHS, LoraConfig, target_linears
+from .losa import LosaConfig, token_count
 from .owned import owned_modules
 from .timm_vit import (
     _activate,
@@ -43,19 +45,24 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 FORMAT_VERSION = 2  # 2 added "kind" and LoRA; 1 files are bottleneck adapters
 READ_VERSIONS = (1, 2)
-KINDS = {"adapter": AdapterConfig, "lora": LoraConfig}
+KINDS = {"adapter": AdapterConfig, "lora": LoraConfig, "losa": LosaConfig}
 
 __all__ = ["save_adapters", "load_adapters", "CONFIG_FILE", "WEIGHTS_FILE"]
 
 
 def _kind(config) -> str:
-    return "lora" if isinstance(config, LoraConfig) else "adapter"
+    return next(kind for kind, cls in KINDS.items() if isinstance(config, cls))
 
 
 def _adapter_state(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
     config = adapter_configs(model)[name]
     state = {}
+    if isinstance(config, LosaConfig):
+        for key, tensor in model.losa[name].state_dict().items():
+            state[f"losa.{key}"] = tensor
     for index, block in enumerate(_blocks(model)):
+        if isinstance(config, LosaConfig):
+            break
         if isinstance(config, LoraConfig):
             for target, linear in target_linears(block, config.targets).items():
                 for key, tensor in linear.lora[name].state_dict().items():
@@ -82,6 +89,8 @@ def _model_info(model: nn.Module, config) -> dict:
     }
     if isinstance(config, LoraConfig):
         info["linears"] = _linear_shapes(model, config.targets)
+    if isinstance(config, LosaConfig):
+        info["tokens"] = token_count(model)
     return info
 
 
@@ -169,6 +178,9 @@ def load_adapters(model: nn.Module, path: Union[str, os.PathLike], name: Optiona
     if config.train_head and saved["head_shapes"] != current["head_shapes"]:
         raise ValueError(f"the saved head has shapes {saved['head_shapes']}; this model's head has "
                          f"{current['head_shapes']} (create the model with num_classes={saved['num_classes']})")
+    if "tokens" in saved and saved["tokens"] != current["tokens"]:
+        raise ValueError(f"the LoSA adapter in {folder} was saved for {saved['tokens']} tokens per image; this model "
+                         f"has {current['tokens']} (another image or patch size)")
     for target, shape in saved.get("linears", {}).items():
         if current["linears"][target] != shape:
             raise ValueError(f"LoRA adapters in {folder} were saved for a model whose {TARGET_PATHS[target]} "

@@ -6,9 +6,10 @@ Each timm `Block` in `model.blocks` keeps its weights and its state-dict keys; i
 ModuleDict `adapters` (name -> adapters of that name, one per adapted branch) and swaps the
 block's class for a subclass whose forward applies the active adapter at its position (the
 formulas in the README, as the Adapter+ code defines them). LoRA adapters (LoraConfig) swap
-the class of the block's target linears instead (adapters/lora.py). Every adapter is one call
-of the fused op; its residual argument carries the skip connection (the base GEMM's output
-for LoRA).
+the class of the block's target linears instead (adapters/lora.py); LoSA adapters (LosaConfig)
+swap the model's class, whose forward_features then feeds a side network (adapters/losa.py).
+Every adapter is one call of the fused op; its residual argument carries the skip connection
+(the base GEMM's output for LoRA).
 """
 
 from __future__ import annotations
@@ -23,13 +24,14 @@ from ..kernels import backend
 from . import owned
 from .config import AdapterConfig
 from .lora import LoraConfig, add_branches, lora_linears
+from .losa import LosaConfig, LosaModelMixin, add_side_network, remove_side_network
 from .modules import BottleneckAdapter, SparseAdapter, mixed_task_forward
 
 __all__ = ["inject", "set_adapter", "disable_adapters", "param_groups", "trainable_parameters", "adapter_configs",
            "model_aux_loss", "task_routing", "merge_adapters", "unmerge_adapters", "merged_adapter",
            "delete_adapter"]
 
-Config = Union[AdapterConfig, LoraConfig]
+Config = Union[AdapterConfig, LoraConfig, LosaConfig]
 
 # Branch modules the positions other than "post" rebuild the block from.
 BLOCK_PARTS = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
@@ -174,14 +176,16 @@ def inject(model: nn.Module, config: Optional[Config] = None, name: str = "defau
     """Add adapters named `name` to every block of a timm ViT, make them the active ones, freeze
     everything else, and return the model.
 
-    config: an AdapterConfig (bottleneck adapters in the blocks; the default) or a LoraConfig
-    (LoRA branches on the blocks' target linears). A model may hold both kinds under
-    different names; one name is active at a time.
+    config: an AdapterConfig (bottleneck adapters in the blocks; the default), a LoraConfig
+    (LoRA branches on the blocks' target linears) or a LosaConfig (a side network on the frozen
+    backbone's block features, which then runs without autograd; see adapters/losa.py). A model
+    may hold every kind under different names; one name is active at a time.
 
     With config.train_head the adapter gets its own trainable copy of the classifier head (and
     with AdapterConfig.train_norms of every backbone LayerNorm), copied from the model's
     original: `set_adapter` switches those copies with the adapters, `disable_adapters` runs
     the originals. A merged LoRA adapter is unmerged first (the new adapter becomes active).
+    The new modules take the model's train/eval mode.
 
     With verbose, prints the trainable parameter count and the path the adapters' kernels take
     for the model's parameters outside autocast (kernels.backend: "triton", "interpreter" or
@@ -189,19 +193,25 @@ def inject(model: nn.Module, config: Optional[Config] = None, name: str = "defau
     timm Blocks (nn.Linear), ValueError for a name already injected.
     """
     config = config if config is not None else AdapterConfig()
-    if not isinstance(config, (AdapterConfig, LoraConfig)):
-        raise TypeError(f"config must be an AdapterConfig or a LoraConfig, got {type(config).__name__}")
+    if not isinstance(config, (AdapterConfig, LoraConfig, LosaConfig)):
+        raise TypeError(f"config must be an AdapterConfig, a LoraConfig or a LosaConfig, got {type(config).__name__}")
     if not isinstance(name, str) or not name.isidentifier():
         raise ValueError(f"adapter name must be an identifier-like string, got {name!r}")
     blocks = _blocks(model)
     configs = dict(adapter_configs(model))
     if name in configs:
         raise ValueError(f"model already has adapters named {name!r}; pick another name")
+    existing = {id(module) for module in model.modules()}
     if isinstance(config, LoraConfig):
         add_branches(blocks, name, config)
+    elif isinstance(config, LosaConfig):
+        add_side_network(model, blocks, name, config, _block_dim(blocks[0]))
     else:
         _add_bottlenecks(model, blocks, name, config)
     owned.add_owner(model, name, _paths_to_own(model, config))
+    for module in model.modules():  # new modules follow the model's train/eval mode
+        if id(module) not in existing:
+            module.training = model.training
     configs[name] = config
     model._fused_adapter_configs = configs
     set_adapter(model, name)
@@ -210,6 +220,9 @@ def inject(model: nn.Module, config: Optional[Config] = None, name: str = "defau
         path = backend(next(_blocks(model)[0].parameters()))
         if isinstance(config, LoraConfig):
             what = f"LoRA on {'+'.join(config.targets)}, rank {config.rank}, alpha {config.alpha:g}"
+        elif isinstance(config, LosaConfig):
+            what = (f"LoSA side network on {len(model.losa[name].blocks)} blocks, channel rank {config.channel_rank}, "
+                    f"token rank {config.token_rank}")
         else:
             mixture = f", {config.experts} experts top-{config.top_k} by {config.routing}" if config.sparse else ""
             what = f"{config.position}, rank {config.rank}{mixture}"
@@ -274,19 +287,24 @@ def _activate(model: nn.Module, name: Optional[str]) -> None:
     merged = merged_adapter(model)
     if merged is not None and merged != name:
         unmerge_adapters(model)
-    lora = name is not None and isinstance(adapter_configs(model)[name], LoraConfig)
+    config = adapter_configs(model)[name] if name is not None else None
+    lora = isinstance(config, LoraConfig)
     owned.install(model, name)
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     for block in _blocks(model):
         if isinstance(block, AdaptedBlockMixin):
-            block.active_adapter = name if name in block.adapters and not lora else None
+            block.active_adapter = name if name in block.adapters and isinstance(config, AdapterConfig) else None
             if block.active_adapter is not None:
                 block.adapters[name].requires_grad_(True)
     for linear in lora_linears(model):
         linear.active_lora = name if lora and name in linear.lora else None
         if linear.active_lora is not None:
             linear.lora[name].requires_grad_(True)
+    if isinstance(model, LosaModelMixin):
+        model._fused_active_losa = name if isinstance(config, LosaConfig) else None
+        if model._fused_active_losa is not None:
+            model.losa[name].requires_grad_(True)
     if name is not None:
         for module in owned.owned_modules(model, name).values():
             module.requires_grad_(True)
@@ -305,16 +323,21 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     previous = [getattr(block, "active_adapter", None) for block in blocks]
     linears = lora_linears(model)
     previous_lora = [linear.active_lora for linear in linears]
+    previous_losa = getattr(model, "_fused_active_losa", None)
     for block in blocks:
         if isinstance(block, AdaptedBlockMixin):
             block.active_adapter = None
     for linear in linears:
         linear.active_lora = None
+    if isinstance(model, LosaModelMixin):
+        model._fused_active_losa = None
     modules = owned.install(model, None)
     try:
         yield model
     finally:
         owned.restore(model, modules)
+        if isinstance(model, LosaModelMixin):
+            model._fused_active_losa = previous_losa
         for block, name in zip(blocks, previous):
             if isinstance(block, AdaptedBlockMixin):
                 block.active_adapter = name
@@ -344,6 +367,9 @@ def merge_adapters(model: nn.Module, name: Optional[str] = None) -> nn.Module:
         raise ValueError("merge_adapters needs an active LoRA adapter; the model has none "
                          f"(injected: {sorted(adapter_configs(model))})")
     config = adapter_configs(model)[name]
+    if isinstance(config, LosaConfig):
+        raise ValueError(f"cannot merge adapter {name!r}: it is a LoSA side network, a network of its own beside the "
+                         f"backbone, not a low-rank update of a linear's weight; only LoRA adapters merge")
     if not isinstance(config, LoraConfig):
         raise ValueError(f"cannot merge adapter {name!r}: it is a bottleneck adapter (position {config.position!r}, "
                          f"activation {config.activation!r}), a branch with its own input and residual, not a "
@@ -395,6 +421,8 @@ def delete_adapter(model: nn.Module, name: str) -> nn.Module:
                 linear.active_lora = None
             if not len(linear.lora):
                 linear.release()
+    if isinstance(model, LosaModelMixin) and name in model.losa:
+        remove_side_network(model, name)
     owned.remove_owner(model, name)
     del configs[name]
     model._fused_adapter_configs = configs
@@ -456,8 +484,9 @@ def task_routing(model: nn.Module, names_per_image) -> Iterator[nn.Module]:
     if unknown:
         raise ValueError(f"no adapters named {unknown}; injected: {sorted(configs)}")
     for name in names:
-        if isinstance(configs[name], LoraConfig):
-            raise ValueError(f"task_routing mixes bottleneck adapters; {name!r} is a LoRA adapter (set_adapter runs "
+        if isinstance(configs[name], (LoraConfig, LosaConfig)):
+            kind = "a LoRA adapter" if isinstance(configs[name], LoraConfig) else "a LoSA side network"
+            raise ValueError(f"task_routing mixes bottleneck adapters; {name!r} is {kind} (set_adapter runs "
                              f"it, one name per batch)")
     first = configs[names[0]]
     for name in names:

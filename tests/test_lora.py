@@ -590,7 +590,7 @@ def test_task_routing_refuses_lora():
 
 def test_inject_errors_leave_the_model_alone():
     model = vit()
-    with pytest.raises(TypeError, match="AdapterConfig or a LoraConfig"):
+    with pytest.raises(TypeError, match="AdapterConfig, a LoraConfig or a LosaConfig"):
         inject(model, {"rank": 8}, verbose=False)
     model.blocks[3].mlp.fc2 = nn.Identity()
     with pytest.raises(TypeError, match=r"blocks\[3\].mlp.fc2 is torch.nn.modules.linear.Identity"):

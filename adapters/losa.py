@@ -1,0 +1,358 @@
+"""Low-rank side adaptation (LoSA: Mercea, Gritsenko, Schmid, Arnab, "Time-, Memory- and
+Parameter-Efficient Visual Adaptation", CVPR 2024, arXiv 2402.02887) for timm ViTs.
+
+What follows the paper: the frozen backbone runs without autograd (no activation of it is kept
+for backward, and no gradient enters it); a light network in parallel takes the backbone's
+features at every block and iteratively refines them with low-rank mixers that alternate
+between the channel and the token dimension; only that side network (and the head) trains, and
+the head classifies from its output.
+
+Where the paper's text leaves the details open (its code is not public), this package chose:
+
+- The side network carries a correction delta of the backbone's features. With h_1..h_L the
+  outputs of the blocks that feed it (all blocks by default) and delta_0 = 0, block i refines
+  z_i = h_i + delta_{i-1}:
+
+      u_i       = z_i + s_c * channel_mixer_i(z_i)        (a bottleneck over D, rank channel_rank)
+      z_{i+1}   = u_i + s_t * token_mixer_i(u_i) + (h_{i+1} - h_i)
+                                                         (a bottleneck over the N tokens, rank token_rank)
+
+  so delta_i = delta_{i-1} + (both mixers' updates), and the output is h_L + delta_L, which goes
+  through the backbone's final norm and the head. Up-projections start at zero ("lora" init),
+  so a fresh side network outputs h_L exactly: training starts from the linear probe.
+- Each mixer is Adapter+'s bottleneck (GELU, biases, a learnable channel-wise scale s_c [D] or
+  s_t [N], stochastic depth per image), one call of the fused bottleneck op: no LayerNorm
+  inside the side network.
+- The token mixer mixes all N tokens, the class token included; N is fixed at inject, by the
+  model's configured image size (other sizes get a ValueError, dynamic_img_size or not).
+
+Layout: the side network keeps its state token-major, [N, B, D]. The channel mixer reads it as
+[N*B, D] rows; the token mixer reads the same storage as [(B, D), N] rows (column stride B*D),
+and the op writes its output in that layout too (y laid out like x), so neither mixer copies
+the state into a transposed layout. The backbone feature enters through the token mixer's
+residual terms (h_{i+1} - h_i, computed without autograd), so adding it costs no op of its own.
+Per fed block, backward keeps the two mixers' inputs (2 x M x D) and two M x r tensors.
+
+The backbone runs block by block, interleaved with the side network, so only two of its
+features are alive at a time. Its features can also be computed once (losa_features) and the
+side network run from them (losa_logits), with the same result as model(images), for training
+many epochs on a fixed dataset without augmentation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Optional, Sequence
+
+import torch
+from torch import nn
+
+from ..kernels import bottleneck_adapter, reference
+from .config import check_bool, check_probability, check_rank
+from .modules import drop_path_scale, init_projections
+
+__all__ = ["LosaConfig", "LosaMixer", "LosaSideNetwork", "losa_features", "losa_logits"]
+
+LOSA_INITS = ("lora", "houlsby")
+
+
+@dataclass(frozen=True)
+class LosaConfig:
+    """How to build a LoSA side network on a timm ViT.
+
+    channel_rank: the channel mixers' bottleneck rank (over D), 1..256. token_rank: the token
+    mixers' rank (over the N tokens), 1..256. blocks: the indices of the backbone blocks whose
+    outputs feed the side network, in increasing order (negative indices count from the end), or
+    None for every block; the last one given is the feature the output refines. init: "lora"
+    (down-projections kaiming-uniform, up-projections zero: the side network starts as the
+    identity on the backbone's features) or "houlsby" (both truncated normal, std 0.01).
+    drop_path: stochastic depth on every mixer's update, per image, in training. train_head: the
+    adapter owns a trainable copy of the classifier head, as the other kinds'.
+
+    Every field is checked at construction: a bad value raises a ValueError naming the field.
+    """
+
+    channel_rank: int = 16
+    token_rank: int = 16
+    blocks: Optional[tuple] = None
+    init: str = "lora"
+    drop_path: float = 0.1
+    train_head: bool = True
+
+    def __post_init__(self):
+        check_rank(self, "channel_rank")
+        check_rank(self, "token_rank")
+        blocks = self.blocks
+        if blocks is not None:
+            if (not isinstance(blocks, (tuple, list)) or not blocks
+                    or not all(isinstance(b, int) and not isinstance(b, bool) for b in blocks)):
+                raise ValueError(f"LosaConfig.blocks must be None or a non-empty tuple of block indices, got {blocks!r}")
+            object.__setattr__(self, "blocks", tuple(int(b) for b in blocks))
+        if not isinstance(self.init, str) or self.init not in LOSA_INITS:
+            raise ValueError(f"LosaConfig.init must be one of {LOSA_INITS}, got {self.init!r}")
+        check_probability(self, "drop_path")
+        check_bool(self, "train_head")
+
+    def block_indices(self, depth: int) -> tuple:
+        """The fed blocks' indices in a model of `depth` blocks, increasing; ValueError if out of range."""
+        if self.blocks is None:
+            return tuple(range(depth))
+        indices = [b + depth if b < 0 else b for b in self.blocks]
+        if not all(0 <= b < depth for b in indices) or sorted(set(indices)) != indices:
+            raise ValueError(f"LosaConfig.blocks {self.blocks} must name distinct blocks of this {depth}-block model "
+                             f"in increasing order")
+        return tuple(indices)
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        data["blocks"] = None if self.blocks is None else list(self.blocks)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "LosaConfig":
+        """The config to_dict wrote; unknown fields raise a ValueError."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown LosaConfig fields {unknown}; known: {sorted(known)}")
+        return cls(**data)
+
+
+class LosaMixer(nn.Module):
+    """One low-rank mixer over a width W (D for a channel mixer, N for a token mixer): w_down
+    [r, W], b_down [r], w_up [W, r], b_up [W], a channel-wise scale [W] (ones). Its update of
+    rows x [M, W] is scale * row_scale * (gelu(x w_down^T + b_down) w_up^T + b_up)."""
+
+    def __init__(self, width: int, rank: int, init: str = "lora", device=None, dtype=None):
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.width, self.rank, self.init = width, rank, init
+        self.w_down = nn.Parameter(torch.empty(rank, width, **factory))
+        self.b_down = nn.Parameter(torch.empty(rank, **factory))
+        self.w_up = nn.Parameter(torch.empty(width, rank, **factory))
+        self.b_up = nn.Parameter(torch.empty(width, **factory))
+        self.scale = nn.Parameter(torch.empty(width, **factory))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        init_projections(self.init, self.w_down, self.b_down, self.w_up, self.b_up)
+        with torch.no_grad():
+            nn.init.ones_(self.scale)
+
+    def extra_repr(self) -> str:
+        return f"width={self.width}, rank={self.rank}, init={self.init}"
+
+    def forward(self, x: torch.Tensor, residual, row_scale: Optional[torch.Tensor], fused: bool = True):
+        fn = bottleneck_adapter if fused else reference.bottleneck_adapter
+        return fn(x, self.w_down, self.b_down, self.w_up, self.b_up, self.scale, activation="gelu",
+                  residual=residual, row_scale=row_scale)
+
+
+class LosaSideNetwork(nn.Module):
+    """The side network of one LoSA adapter: a channel mixer (over D) and a token mixer (over
+    the N tokens) per fed block. forward(features) takes the fed blocks' outputs h_1..h_L, each
+    [B, N, D] and without gradient (a sequence, or an iterator the backbone fills as it runs),
+    and returns h_L + delta_L as [B, N, D] (a token-major view; see the module docstring)."""
+
+    def __init__(self, dim: int, tokens: int, blocks: Sequence[int], config: LosaConfig, device=None, dtype=None):
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.dim, self.tokens, self.blocks = dim, tokens, tuple(blocks)
+        self.drop_path = config.drop_path
+        self.channel = nn.ModuleList(LosaMixer(dim, config.channel_rank, config.init, **factory) for _ in blocks)
+        self.token = nn.ModuleList(LosaMixer(tokens, config.token_rank, config.init, **factory) for _ in blocks)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, tokens={self.tokens}, blocks={list(self.blocks)}, drop_path={self.drop_path}"
+
+    def forward(self, features: Iterable[torch.Tensor], fused: bool = True) -> torch.Tensor:
+        """fused=False runs every mixer as the plain-PyTorch reference on contiguous copies of the
+        transposed views: the same math, the spec the fused path is tested against."""
+        iterator = iter(features)
+        current = self._token_major(self._check(next(iterator, None), 0))
+        state = current  # z_1 = h_1
+        count = len(self.channel)
+        for index in range(count):
+            upcoming = next(iterator, None) if index + 1 < count else None
+            delta = None
+            if upcoming is not None:
+                upcoming = self._token_major(self._check(upcoming, index + 1))
+                with torch.no_grad():
+                    delta = upcoming - current  # h_{i+1} - h_i, token-major like both
+            state = self._step(index, state, delta, fused)
+            current = upcoming
+        if next(iterator, None) is not None:
+            raise ValueError(f"the side network takes {count} block features; more were given")
+        return state.transpose(0, 1)
+
+    def _check(self, feature, index: int) -> torch.Tensor:
+        if feature is None:
+            raise ValueError(f"the side network takes {len(self.channel)} block features (blocks {list(self.blocks)}); "
+                             f"got {index}")
+        if feature.dim() != 3 or feature.shape[1:] != (self.tokens, self.dim):
+            raise ValueError(f"block feature {index} must have shape [B, N, D] = [B, {self.tokens}, {self.dim}] (the "
+                             f"side network was built for {self.tokens} tokens per image: the model's configured "
+                             f"image size), got {tuple(feature.shape)}")
+        return feature
+
+    @staticmethod
+    def _token_major(feature: torch.Tensor) -> torch.Tensor:
+        """[B, N, D] -> the same values stored [N, B, D], without autograd (features are constants)."""
+        with torch.no_grad():
+            return feature.detach().transpose(0, 1).contiguous()
+
+    def _step(self, index: int, state: torch.Tensor, delta: Optional[torch.Tensor], fused: bool) -> torch.Tensor:
+        tokens, batch, dim = state.shape
+        # One keep/drop draw per image and mixer (the update's rows of that image share it).
+        keep = drop_path_scale(state.new_empty((batch, 1)), self.drop_path, self.training)
+        # Channel mixer: rows (n, b) of the token-major state.
+        mixed = self.channel[index](state, residual=state, row_scale=None if keep is None else keep.repeat(tokens),
+                                    fused=fused)
+        # Token mixer: rows (b, d), columns n, of the same storage (column stride B * D); the
+        # backbone's next feature joins through the residual terms.
+        keep = drop_path_scale(state.new_empty((batch, 1)), self.drop_path, self.training)
+        view = mixed.permute(1, 2, 0)
+        delta_view = None if delta is None else delta.permute(1, 2, 0)
+        if not fused:  # the reference, on row-major copies
+            view = view.contiguous()
+            delta_view = None if delta_view is None else delta_view.contiguous()
+        out = self.token[index](view, residual=view if delta_view is None else (view, delta_view),
+                                row_scale=None if keep is None else keep.repeat_interleave(dim), fused=fused)
+        # Fused, y is laid out like its input: this permute is the contiguous [N, B, D] state.
+        return out.permute(2, 0, 1) if fused else out.permute(2, 0, 1).contiguous()
+
+
+def _stem(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    x = model.patch_embed(images)
+    x = model._pos_embed(x)
+    x = model.patch_drop(x)
+    return model.norm_pre(x)
+
+
+def backbone_features(model: nn.Module, images: torch.Tensor, blocks: Sequence[int]) -> Iterator[torch.Tensor]:
+    """The outputs of `blocks` (increasing indices) of the backbone for images, one at a time as
+    the backbone runs, each computed without autograd. Nothing past the last fed block runs."""
+    wanted = set(blocks)
+    last = max(blocks)
+    with torch.no_grad():
+        x = _stem(model, images)
+    for index, block in enumerate(model.blocks):
+        if index > last:
+            break
+        with torch.no_grad():  # never across a yield: the consumer's ops must record autograd
+            x = block(x)
+        if index in wanted:
+            yield x
+
+
+def losa_features(model: nn.Module, images: torch.Tensor, name: Optional[str] = None,
+                  dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """The backbone's features that the LoSA adapter `name` (default: the active adapter) is fed,
+    computed once: [L, B, N, D] for its L fed blocks, without autograd, in `dtype` (default the
+    backbone's). Store them per image (features[:, i]) and train from them with losa_logits: the
+    backbone never runs again. Holds L x B x N x D values (ViT-B/16, 224 px, all 12 blocks: 3.6
+    MB per image in fp16), so compute them in batches."""
+    side = _side_network(model, name)
+    feats = [f if dtype is None else f.to(dtype) for f in backbone_features(model, images, side.blocks)]
+    return torch.stack(feats)
+
+
+def losa_logits(model: nn.Module, features: torch.Tensor, name: Optional[str] = None) -> torch.Tensor:
+    """What model(images) returns with the LoSA adapter `name` active (default: the active one),
+    from features = losa_features(model, images): the side network, the backbone's final norm
+    and the head (the adapter's own head when it trains one; make `name` the active adapter)."""
+    side = _side_network(model, name)
+    if features.dim() != 4 or features.shape[0] != len(side.blocks):
+        raise ValueError(f"features must have shape [L, B, N, D] with L = {len(side.blocks)} fed blocks, "
+                         f"got {tuple(features.shape)}")
+    dtype = next(side.parameters()).dtype
+    out = side([f.to(dtype) for f in features.unbind(0)])
+    return model.forward_head(model.norm(out))
+
+
+def _side_network(model: nn.Module, name: Optional[str]) -> LosaSideNetwork:
+    networks = getattr(model, "losa", None)
+    name = name if name is not None else getattr(model, "_fused_active_adapter", None)
+    if not isinstance(networks, nn.ModuleDict) or name not in networks:
+        raise ValueError(f"no LoSA adapter named {name!r} in this model; LoSA adapters: "
+                         f"{sorted(networks) if isinstance(networks, nn.ModuleDict) else []}")
+    return networks[name]
+
+
+def token_count(model: nn.Module) -> int:
+    """N, the tokens per image of a timm ViT at its configured image size (a model built with
+    dynamic_img_size takes other sizes too, but a LoSA adapter's token mixers have one weight per
+    token: other sizes get a ValueError naming the token counts)."""
+    patches = getattr(getattr(model, "patch_embed", None), "num_patches", None)
+    if not isinstance(patches, int):
+        raise TypeError(f"LoSA needs a timm ViT whose patch_embed has num_patches; {type(model).__name__} has none")
+    return patches + int(getattr(model, "num_prefix_tokens", 0) or 0)
+
+
+class LosaModelMixin:
+    """Put before a timm VisionTransformer class in the MRO: while a LoSA adapter is active
+    (`_fused_active_losa`), forward_features runs the backbone without autograd, block by block,
+    feeding the side network, and returns the backbone's final norm of its output; forward_head
+    (pooling, head) is the model's own."""
+
+    _losa_base: type
+
+    def __reduce_ex__(self, protocol):
+        # Pickle (torch.save of a whole model, deepcopy) by the timm class, importable anywhere.
+        return _rebuild_losa_model, (self._losa_base,), self.__getstate__()
+
+    def forward_features(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        name = getattr(self, "_fused_active_losa", None)
+        if name is None:
+            return super().forward_features(x, *args, **kwargs)
+        if args or any(value is not None and value is not False for value in kwargs.values()):
+            raise TypeError("a LoSA adapter runs the backbone block by block, without attention masks or causal "
+                            f"attention; forward_features got {len(args)} extra arguments and {sorted(kwargs)}")
+        side = self.losa[name]
+        return self.norm(side(backbone_features(self, x, side.blocks)))
+
+
+_LOSA_CLASSES: dict = {}
+
+
+def losa_model_class(model_class: type) -> type:
+    """The subclass of a timm ViT class with the LoSA forward, made once per class."""
+    if issubclass(model_class, LosaModelMixin):
+        return model_class
+    if model_class not in _LOSA_CLASSES:
+        _LOSA_CLASSES[model_class] = type(f"Losa{model_class.__name__}", (LosaModelMixin, model_class),
+                                          {"__module__": __name__, "_losa_base": model_class})
+    return _LOSA_CLASSES[model_class]
+
+
+def _rebuild_losa_model(model_class: type) -> nn.Module:
+    adapted = losa_model_class(model_class)
+    return adapted.__new__(adapted)
+
+
+def add_side_network(model: nn.Module, blocks, name: str, config: LosaConfig, dim: int) -> None:
+    """Give the model a side network named `name` (in model.losa) and the LoSA forward."""
+    for part in ("patch_embed", "_pos_embed", "patch_drop", "norm_pre", "norm", "forward_head"):
+        if not hasattr(model, part):
+            raise TypeError(f"LoSA needs a timm VisionTransformer (with {part}); {type(model).__name__} has none")
+    tokens = token_count(model)
+    indices = config.block_indices(len(blocks))
+    reference_param = next(blocks[0].parameters())
+    side = LosaSideNetwork(dim, tokens, indices, config, device=reference_param.device, dtype=reference_param.dtype)
+    if not isinstance(model, LosaModelMixin):
+        model.__class__ = losa_model_class(type(model))
+        model.losa = nn.ModuleDict()
+        model._fused_active_losa = None
+    model.losa[name] = side
+
+
+def remove_side_network(model: nn.Module, name: str) -> None:
+    """Delete side network `name`; with none left the model gets its timm class back."""
+    del model.losa[name]
+    if model._fused_active_losa == name:
+        model._fused_active_losa = None
+    if not len(model.losa):
+        del model.losa
+        del model._fused_active_losa
+        model.__class__ = model._losa_base
