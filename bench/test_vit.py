@@ -4,8 +4,12 @@
 Passes: a train step (forward, cross-entropy, backward, AdamW on the adapters and the head) and
 inference (no_grad forward). Providers: eager adapters (the plain-PyTorch path), fused adapters,
 torch.compile of the model with eager adapters, and fused adapters with the backbone compiled
-around them (the fused op is one graph node). On a GPU: batch 64 and 128 under bf16 autocast;
-on the CPU: batch 2 in fp32, fused rows not timed (they would time Triton's interpreter).
+around them (the fused op is one graph node). Two more train the same model another way, for
+comparison: "losa", a LoSA side network (LosaConfig(): channel and token rank 16, every block)
+on the backbone run without autograd, fused mixers; and "full-finetune", every parameter
+trained, no adapters. On a GPU: batch 64 and 128 under bf16 autocast; on the CPU: batch 2 in
+fp32, fused rows not timed (they would time Triton's interpreter), and the losa and
+full-finetune rows only on full runs (bytes saved for backward; full-finetune timed).
 """
 
 from __future__ import annotations
@@ -18,9 +22,11 @@ import torch
 import torch.nn.functional as F
 
 from bench.measure import kernel_counts, peak_memory, saved_bytes, synchronize
-from fused_adapters.adapters import AdapterConfig, BottleneckAdapter, inject, param_groups
+from fused_adapters.adapters import AdapterConfig, BottleneckAdapter, LosaConfig, inject, param_groups
 
-PROVIDERS = ("eager", "fused", "compile", "fused+compiled-backbone")
+PROVIDERS = ("eager", "fused", "compile", "fused+compiled-backbone", "losa", "full-finetune")
+# The rows that train the model another way than Adapter+ (see the module docstring).
+OTHER_METHODS = ("losa", "full-finetune")
 PASSES = ("train_step", "inference")
 MODEL = "vit_base_patch16_224"
 KERNEL_NAMES = {"_bottleneck_forward_kernel", "_backward_hidden_kernel", "_backward_input_and_weights_kernel"}
@@ -48,7 +54,10 @@ def _model(provider: str, device: torch.device):
         _BUILT.clear()  # one ViT-B and its optimizer state at a time
         torch.manual_seed(0)
         model = timm.create_model(MODEL, pretrained=False)
-        inject(model, AdapterConfig(rank=8), verbose=False)
+        if provider == "losa":
+            inject(model, LosaConfig(), verbose=False)
+        elif provider != "full-finetune":
+            inject(model, AdapterConfig(rank=8), verbose=False)
         for module in model.modules():
             if isinstance(module, BottleneckAdapter):
                 module.fused = provider.startswith("fused")
@@ -66,6 +75,17 @@ def test_vit(benchmark, suite, model_case):
         op="vit_b16", shape=f"batch={batch} 224px", rows=batch, dim=768, rank=8, dtype=dtype_name,
         provider=provider, variant="default" if provider.startswith("fused") else "-", **{"pass": pass_name},
     )
+    if provider in OTHER_METHODS and not suite.cuda and suite.quick:
+        pytest.skip("LoSA and full fine-tuning rows on the CPU run without --benchmark-quick (a ViT-B train step "
+                    "with every parameter, or LoSA in Triton's interpreter, takes seconds a call)")
+    if provider == "losa" and not suite.cuda:
+        if pass_name == "train_step":
+            model, runner, _ = _model(provider, device)
+            model.train()
+            images = torch.randn(batch, 3, 224, 224)
+            row["saved_bytes"] = saved_bytes(lambda: runner(images), [images, *model.parameters()], device)
+            suite.untimed.append(row)
+        pytest.skip("fused timings need CUDA: on the CPU LoSA's fused mixers run in Triton's interpreter")
     if provider.startswith("fused") and not suite.cuda:
         if provider == "fused" and pass_name == "train_step":
             # What needs no GPU: the activations a training forward keeps, fused adapters in the
