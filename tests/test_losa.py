@@ -306,3 +306,25 @@ def test_config_checks_and_round_trip():
             LosaConfig(**{field: value})
     with pytest.raises(ValueError, match="unknown LosaConfig fields"):
         LosaConfig.from_dict({"rank": 3})
+
+
+def test_forward_bytes_per_block():
+    # ViT-B widths (N 197, D 768), batch 2, fp16, two fed blocks, launches planned for 132 SMs.
+    # One M x D pass = B * N * D elements. The first feature is copied token-major once (2
+    # passes); each next feature joins as h_{i+1} - h_i, written token-major in one aten op (3)
+    # and read by the token mixer as a residual term (1); each mixer reads its input and writes
+    # its output (2). About 8.2 passes a block where the feature is added, against 10 for a
+    # separate add after the token mixer (which would read and write the state once more).
+    from fused_adapters.kernels.byte_count import count_bytes
+
+    batch, tokens, dim = 2, 197, 768
+    side = LosaSideNetwork(dim, tokens, range(2), LosaConfig(drop_path=0.0)).half().eval()
+    randomize(side, std=0.02)
+    generator = torch.Generator().manual_seed(0)
+    features = [torch.randn(batch, tokens, dim, generator=generator).half() for _ in range(2)]
+    with count_bytes(sm_count=132) as forward:
+        side(features)
+    passes = forward.total() / (batch * tokens * dim * 2)
+    print(f"LoSA side network forward, 2 blocks: {passes:.2f} M x D passes")
+    assert forward.triton_launches == 4 and [op.op for op in forward.aten] == ["clone", "sub"], forward.summary()
+    assert passes <= 14.6, forward.summary()
