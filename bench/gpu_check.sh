@@ -39,10 +39,10 @@ fi
 python3 -m pytest -q -rs tests > "$out/tests.txt" 2>&1
 tests_rc=$?
 
-# The compile check needs no GPU (any machine runs it): quick runs the bottleneck kernels and the
-# LoRA linear's single launch only (the sparse kernels' 1184 cases take minutes even on 16
+# The compile check needs no GPU (any machine runs it): quick runs the bottleneck kernels (with the
+# column-major forward of LoSA's token mixers) and the LoRA linear's single launch only (the sparse kernels' 1184 cases take minutes even on 16
 # cores), --full every kernel.
-kernels="--kernel forward backward_hidden backward_weights lora_forward lora_backward_input lora_backward_weights"
+kernels="--kernel forward backward_hidden backward_weights forward_column_major lora_forward lora_backward_input lora_backward_weights"
 [ "$mode" = "--full" ] && kernels=
 python3 -m fused_adapters.kernels.compile_check $kernels > "$out/compile_check.txt" 2>&1
 compile_rc=$?

@@ -23,7 +23,8 @@ fp16/bf16 or tf32 (the "tf32" dtype: float32 with allow_tf32 on), and for vector
 
 Kernels: the bottleneck adapter's (forward, backward_hidden, backward_weights; forward_wide and
 backward_weights_wide are the same kernels specialized for a width-changing bottleneck, D_out =
-3 D as LoRA on a ViT's qkv; the latter from its own table) and the sparse
+3 D as LoRA on a ViT's qkv; the latter from its own table; forward_column_major is the forward
+with x, residual and y column-major, as LoSA's token mixers run it) and the sparse
 mixture of adapters' (sparse_forward, sparse_backward_input, sparse_backward_weights; see
 kernels/sparse.py), whose configurations are keyed by the padded E*r instead of the padded rank:
 each is compiled at one representative (experts, rank) per key (SPARSE_SHAPES). The sparse
@@ -91,6 +92,10 @@ BOTTLENECK_KERNELS = ("forward", "backward_hidden", "backward_weights")
 # compiles another specialization (SAME_WIDTH off): compiled with D_out = 3 D, the qkv shape;
 # the weights launch has its own table. (The backward-hidden kernel only walks D_out.)
 WIDE_KERNELS = ("forward_wide", "backward_weights_wide")
+# The forward kernel with x, the residual and y column-major ([M, D] with row stride 1): a
+# bottleneck over the token axis of a token-major tensor (LoSA's token mixers), where the
+# kernel's rows are contiguous in memory instead of its columns.
+LAYOUT_KERNELS = ("forward_column_major",)
 SPARSE_KERNELS = ("sparse_forward", "sparse_backward_input", "sparse_backward_weights")
 GROUPED_KERNELS = ("grouped_gate", "grouped_forward", "grouped_combine", "grouped_backward_input",
                    "grouped_backward_combine", "grouped_backward_weights")
@@ -104,7 +109,7 @@ GROUPED_KERNELS = ("grouped_gate", "grouped_forward", "grouped_combine", "groupe
 # compiles each at the padded rank and, as the "+half_rank" configs, at half of it (rank 8 pads
 # to 16 but is no multiple of 16, so B's strides specialize differently).
 LORA_KERNELS = ("lora_forward", "lora_backward_input", "lora_backward_weights")
-KERNELS = BOTTLENECK_KERNELS + WIDE_KERNELS + SPARSE_KERNELS + GROUPED_KERNELS + LORA_KERNELS
+KERNELS = BOTTLENECK_KERNELS + WIDE_KERNELS + LAYOUT_KERNELS + SPARSE_KERNELS + GROUPED_KERNELS + LORA_KERNELS
 # The sparse kernels' configurations are keyed by the padded E*r: one (experts, rank) per key.
 # The unaligned scenario keeps the experts and takes an odd rank whose E*r pads to the same block.
 SPARSE_SHAPES = {16: (4, 4), 32: (4, 8), 64: (8, 8), 128: (8, 16), 256: (16, 16)}
@@ -206,20 +211,27 @@ def build_launches(kernel: str, block_rank: int, dtype_name: str, scenario: str,
     rows, dim, rank, misaligned = _scenario_shapes(block_rank, scenario)
     dtype, compute = _dtypes(dtype_name)
     wide = kernel in WIDE_KERNELS
-    kernel = kernel.removesuffix("_wide")
+    column_major = kernel in LAYOUT_KERNELS
+    kernel = kernel.removesuffix("_wide").removesuffix("_column_major")
     dim_out = 3 * dim if wide else dim
 
     def tensor(*shape, dt=dtype):
         return torch.empty(*shape, dtype=dt)
 
-    x = tensor(rows * dim + 1)[1:].view(rows, dim) if misaligned else tensor(rows, dim)
+    def matrix(rows_, cols, offset=False):  # [rows_, cols], row-major or (column_major) column-major
+        if column_major:
+            flat = tensor(rows_ * cols + 1)[1:] if offset else tensor(rows_ * cols)
+            return flat.view(cols, rows_).t()
+        return tensor(rows_ * cols + 1)[1:].view(rows_, cols) if offset else tensor(rows_, cols)
+
+    x = matrix(rows, dim, offset=misaligned)
     w_down, w_up = tensor(rank, dim), tensor(dim_out, rank)
     b_down, b_up, scale = tensor(rank), tensor(dim_out), tensor(dim_out)
-    residual, row_scale = tensor(rows, dim_out), tensor(rows, dt=torch.float32)
+    residual, row_scale = matrix(rows, dim_out), tensor(rows, dt=torch.float32)
     hidden = tensor(rows, rank, dt=compute)
     if kernel == "forward":  # x is a residual term only where D_out = D
         launch = bn.forward_launch(x, w_down, b_down, w_up, b_up, scale, 1.0, residual, not wide, row_scale, "gelu",
-                                   compute, tensor(rows, dim_out), hidden)
+                                   compute, matrix(rows, dim_out), hidden)
     else:
         grad_y = tensor(rows, dim_out)
         hidden_launch, weights_launch, _ = bn.backward_launches(
@@ -500,7 +512,8 @@ def config_tables() -> dict:
 
     return {"forward": bn.FORWARD_CONFIGS, "backward_hidden": bn.BACKWARD_HIDDEN_CONFIGS,
             "backward_weights": bn.BACKWARD_WEIGHTS_CONFIGS, "forward_wide": bn.FORWARD_CONFIGS,
-            "backward_weights_wide": bn.BACKWARD_WEIGHTS_WIDE_CONFIGS, "sparse_forward": sp.FORWARD_CONFIGS,
+            "backward_weights_wide": bn.BACKWARD_WEIGHTS_WIDE_CONFIGS, "forward_column_major": bn.FORWARD_CONFIGS,
+            "sparse_forward": sp.FORWARD_CONFIGS,
             "sparse_backward_input": sp.BACKWARD_INPUT_CONFIGS,
             "sparse_backward_weights": sp.BACKWARD_WEIGHTS_CONFIGS,
             "grouped_gate": rankless(sg.GATE_CONFIGS), "grouped_forward": sg.GROUPED_FORWARD_CONFIGS,
@@ -536,7 +549,8 @@ def _cases(archs, dtypes, scenarios, kernels, configs=None):
                 variants = [config] if fixed_rows else row_variants(config)
             # The store_act op variant changes the bottleneck backward kernels' flags at ranks up
             # to 32 (above that they always store act), the sparse backward's at every E*r.
-            backward = kernel not in ("forward", "forward_wide", "sparse_forward") and not grouped and \
+            backward = kernel not in ("forward", "forward_wide", "forward_column_major", "sparse_forward") and \
+                not grouped and \
                 kernel not in LORA_KERNELS
             store_acts = (False, True) if backward and (sparse or block_rank <= 32) else (False,)
             # The trailing arguments of each form: the sparse forward's two forms, gated and

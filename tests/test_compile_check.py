@@ -62,13 +62,14 @@ def test_compile_check_compiles_a_sparse_and_a_wide_case_per_kernel():
     # and both backward kernels with act recomputed and stored, the grouped forward with k = 2
     # and k = 1 (the "+k1" form, which applies the epilogue), and the bottleneck kernels
     # specialized for a width-changing bottleneck (D_out = 3 D), and the LoRA linear's single
-    # launch (forward and the backward's input launch, at rank 16 and 8), through the CLI (15 compiles).
+    # launch (forward and the backward's input launch, at rank 16 and 8) and the column-major forward (LoSA's
+    # token mixers), through the CLI (16 compiles).
     # Each must build and compile to a cubin with tensor-core dots; the spill and load rules are
     # the full runs' (python -m fused_adapters.kernels.compile_check --kernel sparse_... / grouped_...).
     result = subprocess.run(
         [sys.executable, "-m", "fused_adapters.kernels.compile_check",
          "--kernel", "sparse_forward", "sparse_backward_input", "sparse_backward_weights", "grouped_forward",
-         "forward_wide", "backward_weights_wide", "lora_forward", "lora_backward_input",
+         "forward_wide", "backward_weights_wide", "forward_column_major", "lora_forward", "lora_backward_input",
          "--config", "sparse_fwd_c16_half_rows16", "sparse_bwd_input_c16_half_rows16", "sparse_bwd_weights_c16_half",
          "grouped_fwd_r16_half", "fwd_r16_half_rows16", "bwd_weights_wide_r16_half", "lora_r16_half_64x64x32",
          "--dtype", "float16", "--arch", "90", "--scenario", "aligned", "--jobs", "2"],
@@ -78,7 +79,8 @@ def test_compile_check_compiles_a_sparse_and_a_wide_case_per_kernel():
     assert result.returncode in (0, 1), f"compile check did not run:\n{table[-6000:]}\n{result.stderr[-3000:]}"
     assert "compile error" not in table, table
     rows = [line.split() for line in table.splitlines() if line.startswith(("sparse_", "grouped_", "forward_wide",
-                                                                            "backward_weights_wide", "lora_"))]
+                                                                            "backward_weights_wide", "lora_",
+                                                                            "forward_column_major"))]
     configs = {(row[0], row[1]) for row in rows}
     assert configs == {
         ("sparse_forward", "sparse_fwd_c16_half_rows16"), ("sparse_forward", "sparse_fwd_c16_half_rows16+routed"),
@@ -87,7 +89,8 @@ def test_compile_check_compiles_a_sparse_and_a_wide_case_per_kernel():
         ("sparse_backward_weights", "sparse_bwd_weights_c16_half"),
         ("sparse_backward_weights", "sparse_bwd_weights_c16_half+store_act"),
         ("grouped_forward", "grouped_fwd_r16_half"), ("grouped_forward", "grouped_fwd_r16_half+k1"),
-        ("forward_wide", "fwd_r16_half_rows16"), ("backward_weights_wide", "bwd_weights_wide_r16_half"),
+        ("forward_wide", "fwd_r16_half_rows16"), ("forward_column_major", "fwd_r16_half_rows16"),
+        ("backward_weights_wide", "bwd_weights_wide_r16_half"),
         ("backward_weights_wide", "bwd_weights_wide_r16_half+store_act"),
         ("lora_forward", "lora_r16_half_64x64x32"), ("lora_forward", "lora_r16_half_64x64x32+half_rank"),
         ("lora_backward_input", "lora_r16_half_64x64x32"), ("lora_backward_input", "lora_r16_half_64x64x32+half_rank"),
@@ -261,3 +264,19 @@ def test_lora_cases_cover_every_configuration():
                                     bottleneck.BACKWARD_WEIGHTS_CONFIGS[(16, "half")])
         assert same_width.constexprs["SAME_WIDTH"] is True
     assert build_launches("lora_forward", 16, "float16", "aligned", single=True).args["rank"] == 8
+
+
+def test_column_major_forward_cases():
+    # The forward as LoSA's token mixers run it: every forward configuration and block-rows
+    # variant, with x, the residual and y column-major (row stride 1, specialized as a constant).
+    from fused_adapters.kernels.compile_check import ARCHS, DTYPES, SCENARIOS, _cases, build_launches, specialize
+    from fused_adapters.kernels.launch import row_variants
+
+    cases = list(_cases(ARCHS, DTYPES, SCENARIOS, ("forward_column_major",)))
+    assert {case[5].name for case in cases} == {v.name for c in bottleneck.FORWARD_CONFIGS.values()
+                                                for v in row_variants(c)}
+    launch = build_launches("forward_column_major", 16, "float16", "aligned")
+    assert launch.args["stride_x_row"] == launch.args["stride_y_row"] == launch.args["stride_res_row"] == 1
+    launch.kernel = _jit_view(launch.kernel)
+    _, constexprs, _ = specialize(launch)
+    assert constexprs["stride_y_row"] == 1 and constexprs["stride_x_row"] == 1
