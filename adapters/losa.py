@@ -28,14 +28,17 @@ Where the paper's text leaves the details open (its code is not public), this pa
 
 Layout: the side network keeps its state token-major, [N, B, D]. The channel mixer reads it as
 [N*B, D] rows; the token mixer reads the same storage as [(B, D), N] rows (column stride B*D),
-and the op writes its output in that layout too (y laid out like x), so neither mixer copies
-the state into a transposed layout. The backbone feature enters through the token mixer's
+and the op writes its output, and backward its input's gradient, in that layout too (laid out
+like x), so neither mixer copies the state into a transposed layout, forward or backward. The backbone feature enters through the token mixer's
 residual terms (h_{i+1} - h_i, computed without autograd and written token-major in one pass),
 so adding it costs no op on the state of its own. Counted (interpreter byte counter, ViT-B
-widths, fp16, batch 2): the forward moves about 8.2 M x D passes a block (each mixer 2, the
-feature's difference 3 and its read as a residual term 1) against 10 with a separate add after
-the token mixer, and 2 more once for the first feature's token-major copy. Per fed block,
-backward keeps the two mixers' inputs (2 x M x D) and two M x r tensors.
+widths, fp16, batch 2): the forward moves about 8.2 M x D passes a block that is followed by
+another fed feature (each mixer 2, the feature's difference 3 and its read as a residual term
+1) against 10 with a separate add after the token mixer, 4.2 for the last fed block, and 2 more
+once for the first feature's token-major copy; the backward about 8.3 a block, with no aten op
+of its own (3 blocks: 22.6 passes forward, 25.0 backward). Per fed block, backward keeps the two
+mixers' inputs (2 x M x D) and their pre-activations ([N*B, channel_rank] and [B*D,
+token_rank]).
 
 The backbone runs block by block, interleaved with the side network, so only two of its
 features are alive at a time. Its features can also be computed once (losa_features) and the

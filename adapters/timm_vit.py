@@ -274,7 +274,7 @@ def _paths_to_own(model: nn.Module, config: Config) -> list[str]:
 def set_adapter(model: nn.Module, name: str) -> None:
     """Make the adapters named `name` the active, trainable ones, with their own head (and
     LayerNorms) in place where their config trains them; all other parameters are frozen, and
-    adapters of the other names (of either kind) are inactive. If another LoRA adapter is
+    adapters of the other names (of any kind) are inactive. If another LoRA adapter is
     merged it is unmerged first; `name` itself stays merged if it is."""
     configs = adapter_configs(model)
     if name not in configs:
@@ -393,7 +393,7 @@ def unmerge_adapters(model: nn.Module) -> nn.Module:
 
 
 def delete_adapter(model: nn.Module, name: str) -> nn.Module:
-    """Remove the adapters named `name` (either kind): their modules, their own head (and
+    """Remove the adapters named `name` (any kind): their modules, their own head (and
     LayerNorm) copies and their config; a merged one is unmerged first. Deleting the active
     adapter leaves none active: the model runs the bare backbone, all frozen, until
     set_adapter; deleting another keeps the active one. Blocks and linears with no adapters
@@ -468,7 +468,8 @@ def task_routing(model: nn.Module, names_per_image) -> Iterator[nn.Module]:
     slot: `with task_routing(model, ["cars", "birds", "cars", ...]): logits = model(images)`.
 
     names_per_image: one adapter name per image of the batch (or a tensor of indices into the
-    sorted distinct names). The named adapters must be plain bottleneck adapters (experts = 1; no LoRA)
+    sorted distinct names). The named adapters must be plain bottleneck adapters (experts = 1; no LoRA
+    or LoSA; an active LoSA side network is off inside the block)
     of one position, rank, activation, norm and bias; their scales may differ. Each image is
     classified by its own task's head where that task owns one (train_head; the heads must give
     outputs of one shape), by the original head otherwise, and likewise for the LayerNorms of
@@ -513,6 +514,9 @@ def task_routing(model: nn.Module, names_per_image) -> Iterator[nn.Module]:
     previous_lora = [linear.active_lora for linear in linears]
     for linear in linears:  # the base weights only (the originals of a merged LoRA adapter)
         linear.active_lora = None
+    previous_losa = getattr(model, "_fused_active_losa", None)
+    if isinstance(model, LosaModelMixin):  # the backbone's own forward, whatever LoSA adapter was active
+        model._fused_active_losa = None
     modules = owned.install(model, None)
     for key, path in owned.owned_paths(model).items():
         if any(path in own for own in copies):
@@ -532,5 +536,7 @@ def task_routing(model: nn.Module, names_per_image) -> Iterator[nn.Module]:
             block._task_routing = routing
         for linear, name in zip(linears, previous_lora):
             linear.active_lora = name
+        if isinstance(model, LosaModelMixin):
+            model._fused_active_losa = previous_losa
         for parameter, flag in zip(parameters, flags):
             parameter.requires_grad_(flag)

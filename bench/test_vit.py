@@ -27,6 +27,8 @@ from fused_adapters.adapters import AdapterConfig, BottleneckAdapter, LosaConfig
 PROVIDERS = ("eager", "fused", "compile", "fused+compiled-backbone", "losa", "full-finetune")
 # The rows that train the model another way than Adapter+ (see the module docstring).
 OTHER_METHODS = ("losa", "full-finetune")
+# The rank each row's adapters have (LoSA: its mixers' default ranks; full fine-tuning: none).
+RANKS = {**{provider: 8 for provider in PROVIDERS}, "losa": 16, "full-finetune": 0}
 PASSES = ("train_step", "inference")
 MODEL = "vit_base_patch16_224"
 KERNEL_NAMES = {"_bottleneck_forward_kernel", "_backward_hidden_kernel", "_backward_input_and_weights_kernel"}
@@ -72,7 +74,7 @@ def test_vit(benchmark, suite, model_case):
     provider, pass_name, batch, dtype_name = model_case
     device = suite.device
     row = suite.row(
-        op="vit_b16", shape=f"batch={batch} 224px", rows=batch, dim=768, rank=8, dtype=dtype_name,
+        op="vit_b16", shape=f"batch={batch} 224px", rows=batch, dim=768, rank=RANKS[provider], dtype=dtype_name,
         provider=provider, variant="default" if provider.startswith("fused") else "-", **{"pass": pass_name},
     )
     if provider in OTHER_METHODS and not suite.cuda and suite.quick:

@@ -65,6 +65,8 @@ __all__ = [
     "BACKWARD_HIDDEN_CONFIGS",
     "BACKWARD_WEIGHTS_CONFIGS",
     "BACKWARD_WEIGHTS_WIDE_CONFIGS",
+    "BACKWARD_HIDDEN_COLUMN_MAJOR_CONFIGS",
+    "BACKWARD_WEIGHTS_COLUMN_MAJOR_CONFIGS",
     "MAX_RANK",
     "padded_rank",
     "uses_triton",
@@ -218,7 +220,7 @@ def _backward_input_and_weights_kernel(
     grad_y_ptr, x_ptr, act_ptr, grad_hidden_ptr, w_down_ptr, w_up_ptr, b_up_ptr, scale_ptr,
     row_scale_ptr, grad_x_ptr, partials_ptr,
     rows, dim, dim_out, rank, scale_value, tiles_per_chunk,
-    stride_g_row, stride_g_col, stride_x_row, stride_x_col,
+    stride_g_row, stride_g_col, stride_x_row, stride_x_col, stride_dx_row, stride_dx_col,
     ACTIVATION: tl.constexpr, RECOMPUTE_ACT: tl.constexpr, SCALE_MODE: tl.constexpr, HAS_B_UP: tl.constexpr,
     HAS_ROW_SCALE: tl.constexpr, COMPUTE_DX: tl.constexpr, ADD_GRAD_Y: tl.constexpr, SPLIT_RANK: tl.constexpr,
     SAME_WIDTH: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
@@ -312,13 +314,13 @@ def _backward_input_and_weights_kernel(
                         grad_x = tl.dot(step_grad_hidden, step_w_down, grad_x, input_precision=INPUT_PRECISION)
                     if ADD_GRAD_Y:  # x is a residual term: its gradient dy joins dx in this store
                         grad_x += grad_y
-                    tl.store(grad_x_ptr + row_ids[:, None] * dim + col_ids[None, :],
+                    tl.store(grad_x_ptr + row_ids[:, None] * stride_dx_row + col_ids[None, :] * stride_dx_col,
                              grad_x.to(grad_x_ptr.dtype.element_ty), mask=tile_mask)
             else:
                 grad_x = tl.dot(grad_hidden, w_down_tile, input_precision=INPUT_PRECISION)
                 if ADD_GRAD_Y:
                     grad_x += grad_y
-                tl.store(grad_x_ptr + row_ids[:, None] * dim + col_ids[None, :],
+                tl.store(grad_x_ptr + row_ids[:, None] * stride_dx_row + col_ids[None, :] * stride_dx_col,
                          grad_x.to(grad_x_ptr.dtype.element_ty), mask=tile_mask)
 
     # Epilogue: turn (ga, gs) into the up-side gradients of this chunk and rank block.
@@ -417,6 +419,26 @@ BACKWARD_WEIGHTS_WIDE_CONFIGS = {
     (64, "fp32"): BlockConfig("bwd_weights_wide_r64_fp32", 16, 16, 4, 2, rank_tile=32),
     (128, "fp32"): BlockConfig("bwd_weights_wide_r128_fp32", 16, 16, 4, 2, rank_tile=32),
     (256, "fp32"): BlockConfig("bwd_weights_wide_r256_fp32", 16, 16, 4, 2, rank_tile=32),
+}
+
+
+# Column-major x and dy (a bottleneck over the token axis of a token-major tensor, LoSA's token
+# mixers): the tiles are contiguous along their rows, and these entries of the tables above
+# spill there (compile check, backward_weights_column_major: bwd_weights_r32_half under
+# autocast_bf16 on sm_80, 32 bytes; bwd_weights_r32_fp32 on sm_90, 8; backward_hidden_column_major:
+# bwd_hidden_r64_fp32 on sm_80, unaligned, 8). These smaller tiles do not.
+BACKWARD_WEIGHTS_COLUMN_MAJOR_CONFIGS = {
+    **BACKWARD_WEIGHTS_CONFIGS,
+    (16, "half"): BlockConfig("bwd_weights_r16_half_colmajor", 16, 32, 4, 2),
+    (32, "half"): BlockConfig("bwd_weights_r32_half_colmajor", 16, 32, 4, 2),
+    (32, "fp32"): BlockConfig("bwd_weights_r32_fp32_colmajor", 16, 16, 4, 2),
+    (64, "fp32"): BlockConfig("bwd_weights_r64_fp32_colmajor", 16, 16, 4, 2, rank_tile=32),
+    (128, "fp32"): BlockConfig("bwd_weights_r128_fp32_colmajor", 16, 16, 4, 2, rank_tile=32),
+    (256, "fp32"): BlockConfig("bwd_weights_r256_fp32_colmajor", 16, 16, 4, 2, rank_tile=32),
+}
+BACKWARD_HIDDEN_COLUMN_MAJOR_CONFIGS = {
+    **BACKWARD_HIDDEN_CONFIGS,
+    (64, "fp32"): BlockConfig("bwd_hidden_r64_fp32_colmajor", 32, 32, 8, 2),
 }
 
 
@@ -537,8 +559,13 @@ def backward_launches(grad_y, x, hidden, w_down, w_up, b_up, scale, scale_value,
     rank, dim_out = w_down.shape[0], w_up.shape[0]
     block_rank = padded_rank(rank)
     sms = sm_count(x.device)
-    hidden_config = row_config(BACKWARD_HIDDEN_CONFIGS, rank, compute_dtype, rows, sms, variant)
-    weights_table = BACKWARD_WEIGHTS_CONFIGS if dim_out == dim else BACKWARD_WEIGHTS_WIDE_CONFIGS
+    column_major = column_major_output(x, dim)  # dx laid out like x: see the _COLUMN_MAJOR tables
+    hidden_table = BACKWARD_HIDDEN_COLUMN_MAJOR_CONFIGS if column_major else BACKWARD_HIDDEN_CONFIGS
+    hidden_config = row_config(hidden_table, rank, compute_dtype, rows, sms, variant)
+    if dim_out != dim:
+        weights_table = BACKWARD_WEIGHTS_WIDE_CONFIGS
+    else:
+        weights_table = BACKWARD_WEIGHTS_COLUMN_MAJOR_CONFIGS if column_major else BACKWARD_WEIGHTS_CONFIGS
     weights_config = block_config(weights_table, rank, compute_dtype)
     rank_tile = weights_config.rank_tile or block_rank
     mode = scale_mode(scale)
@@ -592,6 +619,7 @@ def backward_launches(grad_y, x, hidden, w_down, w_up, b_up, scale, scale_value,
             rows=rows, dim=dim, dim_out=dim_out, rank=rank, scale_value=scale_value, tiles_per_chunk=tiles_per_chunk,
             stride_g_row=grad_y.stride(0), stride_g_col=grad_y.stride(1),
             stride_x_row=x.stride(0), stride_x_col=x.stride(1),
+            stride_dx_row=grad_x.stride(0) if compute_dx else dim, stride_dx_col=grad_x.stride(1) if compute_dx else 1,
         ),
         dict(
             ACTIVATION=activation, RECOMPUTE_ACT=recompute_act,
@@ -606,19 +634,32 @@ def backward_launches(grad_y, x, hidden, w_down, w_up, b_up, scale, scale_value,
 
 
 def column_major_output(x: torch.Tensor, dim_out: int) -> bool:
-    """Whether y [M, D_out] is laid out column-major: when x [M, D] is and D_out = D, as torch's
-    elementwise ops lay out their outputs like a dense input (torch.empty_like). A tensor whose
-    token axis is last in memory, viewed as [(B, D), N] for a bottleneck over tokens, is such an
-    x: its y then comes back in the same layout, so the next op reads it without a copy."""
+    """Whether y [M, D_out] (and dx [M, D]) is laid out column-major: when x [M, D] is and
+    D_out = D, as torch's elementwise ops lay out their outputs like a dense input
+    (torch.empty_like). A tensor whose token axis is last in memory, viewed as [(B, D), N] for a
+    bottleneck over tokens, is such an x: its y (and, backward, its dx) then comes back in the
+    same layout, so the next op reads it without a copy. Not where the column offsets would pass
+    2^31 (the kernels keep them int32; int32_columns copies such an x to row-major)."""
     rows, dim = x.shape
-    return dim_out == dim and rows > 1 and dim > 1 and x.stride(0) == 1 and x.stride(1) == rows
+    # The stride test first: with a data-dependent M (torch.compile) it decides without M.
+    return (dim_out == dim and dim > 1 and x.stride(0) == 1 and x.stride(1) == rows and rows > 1
+            and rows * (dim - 1) < 2**31)
 
 
-def _new_y(x: torch.Tensor, dim_out: int, dtype: torch.dtype) -> torch.Tensor:
-    rows = x.shape[0]
-    if column_major_output(x, dim_out):
+def _new_y(x: torch.Tensor, dim_out: int, dtype: torch.dtype, rows: Optional[int] = None) -> torch.Tensor:
+    """y [M, D_out] (or dx, dim_out = D), laid out as column_major_output says; rows: M (0 for
+    an unwanted dx)."""
+    rows = x.shape[0] if rows is None else rows
+    if rows == x.shape[0] and column_major_output(x, dim_out):
         return new_output((dim_out, rows), dtype, x.device).t()
     return new_output((rows, dim_out), dtype, x.device)
+
+
+def _in_layout(tensor: torch.Tensor, column_major: bool) -> torch.Tensor:
+    """A 2-D tensor in the layout the ops' fakes promise (a copy only where it is not already)."""
+    if column_major:
+        return tensor if tensor.stride() == (1, tensor.shape[0]) else tensor.t().contiguous().t()
+    return tensor.contiguous()
 
 
 def _forward_triton(x, w_down, b_down, w_up, b_up, scale, scale_value, residual, add_input, row_scale, activation,
@@ -659,7 +700,7 @@ def _backward_triton(grad_y, x, hidden, w_down, b_down, w_up, b_up, scale, scale
     rank, dim_out = w_down.shape[0], w_up.shape[0]
     packed_size = _packed_size(dim, rank, dim_out)
     grad_dtype = packed_grad_dtype(x, w_down, b_down, w_up, b_up, scale)
-    grad_x = new_output((rows if compute_dx else 0, dim), x.dtype, x.device)
+    grad_x = _new_y(x, dim, x.dtype, rows if compute_dx else 0)  # laid out like x
     if rows == 0:
         return grad_x, torch.zeros(packed_size, dtype=grad_dtype, device=x.device)
     if hidden.shape[0] != rows:
@@ -768,7 +809,8 @@ def _forward_impl(
                                       dtype=compute_dtype, autocast=autocast)
     # In the layout the fake says (row-major unless column_major_output), whatever layout the
     # eager expression gave. The reference path recomputes in backward and saves nothing of its own.
-    return _new_y(x, w_up.shape[0], out_dtype).copy_(y), x.new_empty((0, w_down.shape[0]), dtype=compute_dtype)
+    y = _in_layout(y.to(out_dtype), column_major_output(x, w_up.shape[0]))
+    return y, x.new_empty((0, w_down.shape[0]), dtype=compute_dtype)
 
 
 _forward_op = torch.library.custom_op("fused_adapters::bottleneck_forward", _forward_impl, mutates_args=())
@@ -810,7 +852,7 @@ def _backward_impl(
     packed = torch.cat([g.reshape(-1) for g in (grad_w_up, grad_w_down, grad_b_up, grad_b_down, grad_scale)])
     if compute_dx:
         grad_x = (grad_x + grad_y) if add_grad_y else grad_x
-        grad_x = grad_x.to(x.dtype)
+        grad_x = _in_layout(grad_x.to(x.dtype), column_major_output(x, x.shape[1]))  # as the fake: like x
     else:
         grad_x = x.new_empty((0, x.shape[1]))
     return grad_x, packed.to(packed_grad_dtype(x, w_down, b_down, w_up, b_up, scale))
@@ -824,6 +866,7 @@ def _backward_fake(grad_y, x, hidden, w_down, b_down, w_up, b_up, scale, scale_v
                    compute_dtype, add_grad_y, compute_dx):
     rank, dim = w_down.shape
     return (
+        x.new_empty((dim, x.shape[0])).t() if compute_dx and column_major_output(x, dim) else
         x.new_empty((x.shape[0] if compute_dx else 0, dim)),
         x.new_empty(_packed_size(dim, rank, w_up.shape[0]), dtype=packed_grad_dtype(x, w_down, b_down, w_up, b_up,
                                                                                     scale)),
@@ -915,6 +958,9 @@ def bottleneck_adapter(
     either direction.
     row_scale: [M] with M = x.numel() // D, a per-row constant (no gradient), or None.
     activation: gelu (erf), gelu_tanh, relu, silu or identity.
+
+    Layout: y (and x's gradient) is laid out like x: row-major, or column-major when x's [M, D]
+    view is and D_out = D (see column_major_output).
 
     Dtypes: the dots run in autocast's dtype under torch.autocast (as F.linear would), else in
     x's dtype with the parameters cast to it; fp32 accumulation. y has the dtype eager PyTorch

@@ -23,8 +23,9 @@ fp16/bf16 or tf32 (the "tf32" dtype: float32 with allow_tf32 on), and for vector
 
 Kernels: the bottleneck adapter's (forward, backward_hidden, backward_weights; forward_wide and
 backward_weights_wide are the same kernels specialized for a width-changing bottleneck, D_out =
-3 D as LoRA on a ViT's qkv; the latter from its own table; forward_column_major is the forward
-with x, residual and y column-major, as LoSA's token mixers run it) and the sparse
+3 D as LoRA on a ViT's qkv; the latter from its own table; forward_column_major,
+backward_hidden_column_major and backward_weights_column_major are the same kernels with x, the
+residual, y, dy and dx column-major, as LoSA's token mixers run them) and the sparse
 mixture of adapters' (sparse_forward, sparse_backward_input, sparse_backward_weights; see
 kernels/sparse.py), whose configurations are keyed by the padded E*r instead of the padded rank:
 each is compiled at one representative (experts, rank) per key (SPARSE_SHAPES). The sparse
@@ -92,10 +93,10 @@ BOTTLENECK_KERNELS = ("forward", "backward_hidden", "backward_weights")
 # compiles another specialization (SAME_WIDTH off): compiled with D_out = 3 D, the qkv shape;
 # the weights launch has its own table. (The backward-hidden kernel only walks D_out.)
 WIDE_KERNELS = ("forward_wide", "backward_weights_wide")
-# The forward kernel with x, the residual and y column-major ([M, D] with row stride 1): a
-# bottleneck over the token axis of a token-major tensor (LoSA's token mixers), where the
-# kernel's rows are contiguous in memory instead of its columns.
-LAYOUT_KERNELS = ("forward_column_major",)
+# The bottleneck kernels with x, the residual, y, dy and dx column-major ([M, D] with row stride
+# 1): a bottleneck over the token axis of a token-major tensor (LoSA's token mixers), where the
+# kernels' rows are contiguous in memory instead of their columns.
+LAYOUT_KERNELS = ("forward_column_major", "backward_hidden_column_major", "backward_weights_column_major")
 SPARSE_KERNELS = ("sparse_forward", "sparse_backward_input", "sparse_backward_weights")
 GROUPED_KERNELS = ("grouped_gate", "grouped_forward", "grouped_combine", "grouped_backward_input",
                    "grouped_backward_combine", "grouped_backward_weights")
@@ -233,11 +234,11 @@ def build_launches(kernel: str, block_rank: int, dtype_name: str, scenario: str,
         launch = bn.forward_launch(x, w_down, b_down, w_up, b_up, scale, 1.0, residual, not wide, row_scale, "gelu",
                                    compute, matrix(rows, dim_out), hidden)
     else:
-        grad_y = tensor(rows, dim_out)
+        grad_y = matrix(rows, dim_out)
         hidden_launch, weights_launch, _ = bn.backward_launches(
             grad_y, x, hidden, w_down, w_up, b_up, scale, 1.0, row_scale, "gelu", compute, not wide,
             tensor(rows, rank, dt=compute), tensor(rows if block_rank > 32 or store_act else 0, rank, dt=compute),
-            tensor(rows, dim),
+            matrix(rows, dim),
             dtype,  # one chunk here: the gradients stored in the parameters' dtype (fp32 for autocast_*)
             next(v for v in bn.VARIANTS if v.store_act) if store_act else bn.DEFAULT_VARIANT,
         )
@@ -513,6 +514,8 @@ def config_tables() -> dict:
     return {"forward": bn.FORWARD_CONFIGS, "backward_hidden": bn.BACKWARD_HIDDEN_CONFIGS,
             "backward_weights": bn.BACKWARD_WEIGHTS_CONFIGS, "forward_wide": bn.FORWARD_CONFIGS,
             "backward_weights_wide": bn.BACKWARD_WEIGHTS_WIDE_CONFIGS, "forward_column_major": bn.FORWARD_CONFIGS,
+            "backward_hidden_column_major": bn.BACKWARD_HIDDEN_COLUMN_MAJOR_CONFIGS,
+            "backward_weights_column_major": bn.BACKWARD_WEIGHTS_COLUMN_MAJOR_CONFIGS,
             "sparse_forward": sp.FORWARD_CONFIGS,
             "sparse_backward_input": sp.BACKWARD_INPUT_CONFIGS,
             "sparse_backward_weights": sp.BACKWARD_WEIGHTS_CONFIGS,
@@ -541,7 +544,8 @@ def _cases(archs, dtypes, scenarios, kernels, configs=None):
             # The row-tile kernels pick their block rows from M: every variant is compiled. The
             # grouped kernels' block rows are fixed by the configuration, except the gate's. The
             # LoRA linear's GEMM tables list every tile its plan may pick.
-            fixed_rows = kernel.endswith(("backward_weights", "backward_weights_wide")) or (
+            fixed_rows = kernel.endswith(("backward_weights", "backward_weights_wide",
+                                          "backward_weights_column_major")) or (
                 grouped and kernel != "grouped_gate")
             if kernel in LORA_KERNELS:
                 variants = config

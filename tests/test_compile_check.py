@@ -266,17 +266,29 @@ def test_lora_cases_cover_every_configuration():
     assert build_launches("lora_forward", 16, "float16", "aligned", single=True).args["rank"] == 8
 
 
-def test_column_major_forward_cases():
-    # The forward as LoSA's token mixers run it: every forward configuration and block-rows
-    # variant, with x, the residual and y column-major (row stride 1, specialized as a constant).
+def test_column_major_cases():
+    # The bottleneck kernels as LoSA's token mixers run them: every configuration and block-rows
+    # variant, with x, the residual, y, dy and dx column-major (row stride 1, specialized as a
+    # constant); the backward from its column-major tables, as the launch plan picks them.
     from fused_adapters.kernels.compile_check import ARCHS, DTYPES, SCENARIOS, _cases, build_launches, specialize
     from fused_adapters.kernels.launch import row_variants
 
-    cases = list(_cases(ARCHS, DTYPES, SCENARIOS, ("forward_column_major",)))
-    assert {case[5].name for case in cases} == {v.name for c in bottleneck.FORWARD_CONFIGS.values()
-                                                for v in row_variants(c)}
+    cases = list(_cases(ARCHS, DTYPES, SCENARIOS, ("forward_column_major", "backward_hidden_column_major",
+                                                   "backward_weights_column_major")))
+
+    def names(kernel):
+        return {case[5].name for case in cases if case[0] == kernel}
+
+    assert names("forward_column_major") == {v.name for c in bottleneck.FORWARD_CONFIGS.values() for v in row_variants(c)}
+    assert names("backward_hidden_column_major") == {
+        v.name for c in bottleneck.BACKWARD_HIDDEN_COLUMN_MAJOR_CONFIGS.values() for v in row_variants(c)}
+    assert names("backward_weights_column_major") == {
+        c.name for c in bottleneck.BACKWARD_WEIGHTS_COLUMN_MAJOR_CONFIGS.values()}
     launch = build_launches("forward_column_major", 16, "float16", "aligned")
     assert launch.args["stride_x_row"] == launch.args["stride_y_row"] == launch.args["stride_res_row"] == 1
     launch.kernel = _jit_view(launch.kernel)
     _, constexprs, _ = specialize(launch)
     assert constexprs["stride_y_row"] == 1 and constexprs["stride_x_row"] == 1
+    weights = build_launches("backward_weights_column_major", 32, "autocast_bf16", "aligned")
+    assert weights.config.name == "bwd_weights_r32_half_colmajor"  # the plan picks the column-major table
+    assert weights.args["stride_dx_row"] == weights.args["stride_g_row"] == weights.args["stride_x_row"] == 1

@@ -328,3 +328,34 @@ def test_forward_bytes_per_block():
     print(f"LoSA side network forward, 2 blocks: {passes:.2f} M x D passes")
     assert forward.triton_launches == 4 and [op.op for op in forward.aten] == ["clone", "sub"], forward.summary()
     assert passes <= 14.6, forward.summary()
+
+
+def test_backward_runs_no_copy_and_task_routing_turns_losa_off(monkeypatch):
+    # Backward: each mixer's dx comes back laid out like its input, so no aten op (a transposing
+    # copy) runs between the launches; one copy takes the output's [B, N, D] gradient into the
+    # token-major layout, once. task_routing runs the backbone's own forward even while a LoSA
+    # adapter is the active one, and puts it back after.
+    from fused_adapters.kernels.byte_count import count_bytes
+
+    side = LosaSideNetwork(32, 13, range(2), LosaConfig(channel_rank=4, token_rank=3, drop_path=0.0)).eval()
+    randomize(side)
+    features = [torch.randn(2, 13, 32, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    out = side(features)
+    grad = torch.randn(out.shape)
+    with count_bytes(sm_count=4) as backward:
+        torch.autograd.grad(out, list(side.parameters()), grad)
+    assert backward.triton_launches == 8 and [op.op for op in backward.aten] == ["clone"], backward.summary()
+
+    model = vit().eval()
+    inject(model, AdapterConfig(), name="plus", verbose=False)
+    randomize(model.blocks[0].adapters["plus"], seed=5)
+    x = images()
+    with torch.no_grad():
+        plus = model(x)
+    inject(model, LosaConfig(channel_rank=4, token_rank=3), name="side", verbose=False)
+    randomize(model.losa["side"])
+    with torch.no_grad():
+        side_out = model(x)
+        with task_routing(model, ["plus", "plus"]):  # (its gathered per-image weights round differently)
+            assert relative_error(model(x), plus) < 1e-5
+        assert torch.equal(model(x), side_out)
