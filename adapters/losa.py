@@ -29,9 +29,10 @@ Where the paper's text leaves the details open (its code is not public), this pa
 Layout: the side network keeps its state token-major, [N, B, D]. The channel mixer reads it as
 [N*B, D] rows; the token mixer reads the same storage as [(B, D), N] rows (column stride B*D),
 and the op writes its output, and backward its input's gradient, in that layout too (laid out
-like x), so neither mixer copies the state into a transposed layout, forward or backward. The backbone feature enters through the token mixer's
-residual terms (h_{i+1} - h_i, computed without autograd and written token-major in one pass),
-so adding it costs no op on the state of its own. Counted (interpreter byte counter, ViT-B
+like x), so neither mixer copies the state into a transposed layout, forward or backward. The
+backbone feature enters through the token mixer's residual terms (h_{i+1} - h_i, computed
+without autograd and written token-major in one pass), so adding it costs no op on the state of
+its own. Counted (interpreter byte counter, ViT-B
 widths, fp16, batch 2): the forward moves about 8.2 M x D passes a block that is followed by
 another fed feature (each mixer 2, the feature's difference 3 and its read as a residual term
 1) against 10 with a separate add after the token mixer, 4.2 for the last fed block, and 2 more
