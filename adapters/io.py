@@ -151,9 +151,8 @@ def load_adapters(model: nn.Module, path: Union[str, os.PathLike], name: Optiona
     switch with set_adapter). A merged LoRA adapter is unmerged first. Returns the model.
 
     Raises ValueError, naming what differs, for a model of another width or depth, a head of
-    another shape, LoRA target linears of other shapes, a LoSA adapter saved for another
-    token count, or a file with missing or unexpected
-    tensors; the model is then left as it was.
+    another shape, LoRA target linears of other shapes, another token count (LoSA), or a file
+    with missing or unexpected tensors; the model is then left as it was.
     """
     from safetensors.torch import load_file
 
