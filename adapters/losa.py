@@ -179,6 +179,7 @@ class LosaSideNetwork(nn.Module):
         transposed views: the same math, the spec the fused path is tested against."""
         iterator = iter(features)
         current = self._check(next(iterator, None), 0).detach()
+        batch = current.shape[0]
         with torch.no_grad():
             state = current.transpose(0, 1).contiguous()  # z_1 = h_1, token-major
         count = len(self.channel)
@@ -186,7 +187,7 @@ class LosaSideNetwork(nn.Module):
             upcoming = next(iterator, None) if index + 1 < count else None
             delta = None
             if upcoming is not None:
-                upcoming = self._check(upcoming, index + 1).detach()
+                upcoming = self._check(upcoming, index + 1, batch).detach()
                 with torch.no_grad():  # h_{i+1} - h_i, written token-major: one pass, no copy of either
                     delta = torch.empty_like(state)
                     torch.sub(upcoming.transpose(0, 1), current.transpose(0, 1), out=delta)
@@ -196,7 +197,7 @@ class LosaSideNetwork(nn.Module):
             raise ValueError(f"the side network takes {count} block features; more were given")
         return state.transpose(0, 1)
 
-    def _check(self, feature, index: int) -> torch.Tensor:
+    def _check(self, feature, index: int, batch: Optional[int] = None) -> torch.Tensor:
         if feature is None:
             raise ValueError(f"the side network takes {len(self.channel)} block features (blocks {list(self.blocks)}); "
                              f"got {index}")
@@ -204,6 +205,9 @@ class LosaSideNetwork(nn.Module):
             raise ValueError(f"block feature {index} must have shape [B, N, D] = [B, {self.tokens}, {self.dim}] (the "
                              f"side network was built for {self.tokens} tokens per image: the model's configured "
                              f"image size), got {tuple(feature.shape)}")
+        if batch is not None and feature.shape[0] != batch:
+            raise ValueError(f"block feature {index} has batch {feature.shape[0]}, block feature 0 has {batch}: every "
+                             f"block feature must come from the same images")
         return feature
 
     def _step(self, index: int, state: torch.Tensor, delta: Optional[torch.Tensor], fused: bool) -> torch.Tensor:
@@ -252,20 +256,22 @@ def backbone_features(model: nn.Module, images: torch.Tensor, blocks: Sequence[i
 
 def losa_features(model: nn.Module, images: torch.Tensor, name: Optional[str] = None,
                   dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """The backbone's features that the LoSA adapter `name` (default: the active adapter) is fed,
-    computed once: [L, B, N, D] for its L fed blocks, without autograd, in `dtype` (default the
-    backbone's). Store them per image (features[:, i]) and train from them with losa_logits: the
-    backbone never runs again. Holds L x B x N x D values (ViT-B/16, 224 px, all 12 blocks: 3.6
-    MB per image in fp16), so compute them in batches."""
+    """The backbone's features that the active LoSA adapter is fed, computed once: [L, B, N, D]
+    for its L fed blocks, without autograd, in `dtype` (default the backbone's). Store them per
+    image (features[:, i]) and train from them with losa_logits: the backbone never runs again.
+    Holds L x B x N x D values (ViT-B/16, 224 px, all 12 blocks: 3.6 MB per image in fp16), so
+    compute them in batches. `name`, if given, must be the active adapter (set_adapter): the
+    backbone runs as the model is set, and with another adapter active (a LoRA adapter, merged or
+    not, or a bottleneck one) its features would not be the ones the side network is fed."""
     side = _side_network(model, name)
     feats = [f if dtype is None else f.to(dtype) for f in backbone_features(model, images, side.blocks)]
     return torch.stack(feats)
 
 
 def losa_logits(model: nn.Module, features: torch.Tensor, name: Optional[str] = None) -> torch.Tensor:
-    """What model(images) returns with the LoSA adapter `name` active (default: the active one),
-    from features = losa_features(model, images): the side network, the backbone's final norm
-    and the head (the adapter's own head when it trains one; make `name` the active adapter)."""
+    """What model(images) returns, from features = losa_features(model, images): the active LoSA
+    adapter's side network, the backbone's final norm and the head (the adapter's own head when
+    it trains one). `name`, if given, must be the active adapter, as for losa_features."""
     side = _side_network(model, name)
     if features.dim() != 4 or features.shape[0] != len(side.blocks):
         raise ValueError(f"features must have shape [L, B, N, D] with L = {len(side.blocks)} fed blocks, "
@@ -276,12 +282,24 @@ def losa_logits(model: nn.Module, features: torch.Tensor, name: Optional[str] = 
 
 
 def _side_network(model: nn.Module, name: Optional[str]) -> LosaSideNetwork:
+    """The active LoSA adapter's side network. The backbone and the head run as the model is set,
+    so `name` (if given) must be that adapter: anything else would mix another adapter's backbone
+    or head with this side network."""
     networks = getattr(model, "losa", None)
-    name = name if name is not None else getattr(model, "_fused_active_adapter", None)
-    if not isinstance(networks, nn.ModuleDict) or name not in networks:
-        raise ValueError(f"no LoSA adapter named {name!r} in this model; LoSA adapters: "
-                         f"{sorted(networks) if isinstance(networks, nn.ModuleDict) else []}")
-    return networks[name]
+    names = sorted(networks) if isinstance(networks, nn.ModuleDict) else []
+    if not names:
+        raise ValueError("this model has no LoSA adapter; inject(model, LosaConfig(), name=...) adds one")
+    if name is not None and name not in names:
+        raise ValueError(f"name: no LoSA adapter named {name!r} in this model; LoSA adapters: {names}")
+    active = getattr(model, "_fused_active_losa", None)
+    if active is None or (name is not None and name != active):
+        wanted = name if name is not None else (names[0] if len(names) == 1 else "<name>")
+        now = getattr(model, "_fused_active_adapter", None)
+        state = f"{now!r} (inside disable_adapters or task_routing)" if active is None and now in names else repr(now)
+        raise ValueError(f"name: the LoSA adapter {wanted!r} must be the active adapter, since the backbone and the "
+                         f"head run as the model is set (active now: {state}); call set_adapter(model, {wanted!r}) "
+                         f"first")
+    return networks[active]
 
 
 def token_count(model: nn.Module) -> int:

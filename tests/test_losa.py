@@ -213,6 +213,36 @@ def test_cached_features_give_the_end_to_end_result():
         losa_logits(model, features[:5])
 
 
+def test_cached_features_need_the_losa_adapter_active():
+    # The backbone and the head run as the model is set: with a trained LoRA (or a bottleneck
+    # adapter) active, features and logits would not be the side network's, so both refuse.
+    from fused_adapters.adapters import LoraConfig
+
+    model = losa_model()
+    inject(model, LoraConfig(rank=4), name="lora", verbose=False)  # now the active adapter
+    x = images()
+    with torch.no_grad():
+        for name in (None, "side"):
+            with pytest.raises(ValueError, match=r"name: the LoSA adapter 'side' must be the active adapter.*"
+                                                 r"active now: 'lora'.*set_adapter\(model, 'side'\)"):
+                losa_features(model, x, name=name)
+            with pytest.raises(ValueError, match="must be the active adapter"):
+                losa_logits(model, torch.zeros(6, 2, 5, 64, device=DEVICE), name=name)
+        with pytest.raises(ValueError, match=r"name: no LoSA adapter named 'lora'.*\['side'\]"):
+            losa_features(model, x, name="lora")
+        set_adapter(model, "side")
+        features = losa_features(model, x, name="side")
+        assert torch.equal(losa_logits(model, features, name="side"), model(x))
+        with disable_adapters(model):
+            with pytest.raises(ValueError, match="inside disable_adapters"):
+                losa_features(model, x)
+        with pytest.raises(ValueError, match="has no LoSA adapter"):
+            losa_features(vit(), x)
+        # Features of different images per block are refused, not broadcast.
+        with pytest.raises(ValueError, match="block feature 1 has batch 1, block feature 0 has 2"):
+            model.losa.side([features[0], features[1, :1], *features[2:]])
+
+
 def test_fed_blocks_subset_and_trainable_count(capsys):
     model = inject(vit(), LosaConfig(channel_rank=4, token_rank=3, blocks=(0, 2, 5)), name="side")
     side = model.losa.side
