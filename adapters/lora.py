@@ -211,6 +211,31 @@ class LoraLinear(nn.Linear):
         self.lora_original = None
         self.merged_lora = None
 
+    # A merged linear's weight is W + scale * B A, and its original W lives in a non-persistent
+    # buffer: a state dict records the merge in its metadata (no extra key, so plain nn.Linear
+    # checkpoints keep loading), and loading checks it against this linear's state.
+    MERGED_METADATA = "fused_adapters_merged_lora"
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        metadata = getattr(destination, "_metadata", None)
+        if self.merged_lora is not None and metadata is not None and prefix[:-1] in metadata:
+            metadata[prefix[:-1]][self.MERGED_METADATA] = self.merged_lora
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        saved = local_metadata.get(self.MERGED_METADATA)
+        if self.merged_lora is not None and any(key.startswith(prefix) for key in state_dict):
+            raise ValueError(f"state_dict: {prefix[:-1] or 'this linear'} has LoRA adapter {self.merged_lora!r} merged "
+                             f"into its weight (merge_adapters); loaded weights would not match that merge and "
+                             f"unmerging would bring back the old ones. Call unmerge_adapters(model) first")
+        if saved is not None and self.merged_lora is None and prefix + "weight" in state_dict:
+            raise ValueError(f"state_dict: its {prefix}weight has LoRA adapter {saved!r} merged into it (saved after "
+                             f"merge_adapters); loaded here it would add that adapter twice, or keep it with the "
+                             f"adapter off. Save the state dict unmerged (unmerge_adapters before state_dict())")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         name = self.active_lora
         if self.merged_lora is not None:

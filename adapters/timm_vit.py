@@ -197,6 +197,9 @@ def inject(model: nn.Module, config: Optional[Config] = None, name: str = "defau
         raise TypeError(f"config must be an AdapterConfig, a LoraConfig or a LosaConfig, got {type(config).__name__}")
     if not isinstance(name, str) or not name.isidentifier():
         raise ValueError(f"adapter name must be an identifier-like string, got {name!r}")
+    if hasattr(nn.ModuleDict(), name):  # adapters live in ModuleDicts keyed by name
+        raise ValueError(f"adapter name {name!r} is an attribute of torch.nn.ModuleDict, which holds the adapters "
+                         f"by name; pick another name")
     blocks = _blocks(model)
     configs = dict(adapter_configs(model))
     if name in configs:
@@ -359,21 +362,28 @@ def merge_adapters(model: nn.Module, name: Optional[str] = None) -> nn.Module:
     parameters get no gradient until unmerged. A second merge of the same adapter does
     nothing; set_adapter to another name, inject, load_adapters into it and delete_adapter of
     it unmerge first. The state dict of a merged model holds the merged weights at the usual
-    keys. Raises ValueError with no active adapter or for a bottleneck adapter."""
-    if name is not None:
-        set_adapter(model, name)
-    name = active_adapter(model)
-    if name is None:
+    keys, and records in the state dict's metadata that it is merged: load_state_dict refuses
+    to load weights into a merged linear, and a merged state dict into an unmerged one (either
+    would leave weights that do not match the merge state). Raises ValueError with no active
+    adapter or for a bottleneck or LoSA adapter, before changing anything."""
+    configs = adapter_configs(model)
+    if name is not None and name not in configs:
+        raise ValueError(f"no adapters named {name!r}; injected: {sorted(configs)}")
+    target = name if name is not None else active_adapter(model)
+    if target is None:
         raise ValueError("merge_adapters needs an active LoRA adapter; the model has none "
-                         f"(injected: {sorted(adapter_configs(model))})")
-    config = adapter_configs(model)[name]
+                         f"(injected: {sorted(configs)})")
+    config = configs[target]
     if isinstance(config, LosaConfig):
-        raise ValueError(f"cannot merge adapter {name!r}: it is a LoSA side network, a network of its own beside the "
+        raise ValueError(f"cannot merge adapter {target!r}: it is a LoSA side network, a network of its own beside the "
                          f"backbone, not a low-rank update of a linear's weight; only LoRA adapters merge")
     if not isinstance(config, LoraConfig):
-        raise ValueError(f"cannot merge adapter {name!r}: it is a bottleneck adapter (position {config.position!r}, "
+        raise ValueError(f"cannot merge adapter {target!r}: it is a bottleneck adapter (position {config.position!r}, "
                          f"activation {config.activation!r}), a branch with its own input and residual, not a "
                          f"low-rank update of a linear's weight; only LoRA adapters merge")
+    if name is not None:  # checked first: a refused merge leaves the model as it was
+        set_adapter(model, name)
+    name = target
     if merged_adapter(model) == name:
         return model
     for linear in lora_linears(model):

@@ -303,6 +303,59 @@ def test_merge_errors_name_the_adapter():
         merge_adapters(model)
     with pytest.raises(ValueError, match="no adapters named 'nope'"):
         merge_adapters(model, "nope")
+    # A refused merge changes nothing: the merged adapter stays merged and active.
+    inject(model, LoraConfig(targets=PROJ), name="low_rank", verbose=False)
+    merge_adapters(model, "low_rank")
+    with pytest.raises(ValueError, match="cannot merge adapter 'bottleneck'"):
+        merge_adapters(model, "bottleneck")
+    assert active_adapter(model) == merged_adapter(model) == "low_rank"
+
+
+def test_state_dicts_record_the_merge():
+    # The merged weight is W + s B A with W kept aside: loading weights into a merged linear, or
+    # a merged state dict into an unmerged one, would silently drop or double the update.
+    x = images()
+    model = lora_model(PROJ, name="cars")
+    with torch.no_grad():
+        want = model(x)
+    unmerged_state = copy.deepcopy(model.state_dict())
+    merge_adapters(model)
+    merged_state = copy.deepcopy(model.state_dict())  # a copy: unmerging writes the weights in place
+    assert merged_state._metadata["blocks.0.attn.proj"]["fused_adapters_merged_lora"] == "cars"
+    assert "fused_adapters_merged_lora" not in unmerged_state._metadata["blocks.0.attn.proj"]
+    with pytest.raises(ValueError, match=r"state_dict: blocks.0.attn.proj has LoRA adapter 'cars' merged.*"
+                                         r"unmerge_adapters\(model\) first"):
+        model.load_state_dict(unmerged_state)
+    fresh = lora_model(PROJ, name="cars", seed=1)
+    buffer = io.BytesIO()
+    torch.save(merged_state, buffer)  # the record survives a round trip through a file
+    buffer.seek(0)
+    with pytest.raises(ValueError, match=r"blocks.0.attn.proj.weight has LoRA adapter 'cars' merged into it"):
+        fresh.load_state_dict(torch.load(buffer))
+    # Unmerged state dicts load as before; a merged one is a plain ViT's weights.
+    unmerge_adapters(model)
+    fresh.load_state_dict(unmerged_state)
+    plain = vit(seed=1).eval()
+    missing, unexpected = plain.load_state_dict(merged_state, strict=False)
+    assert not missing and all(".lora." in key or key.startswith(("adapter_modules.", "base_modules."))
+                               for key in unexpected)  # the branches and the heads' owner copies
+    with torch.no_grad():
+        assert torch.equal(outputs(fresh, "cars", x), want)
+        assert relative_error(plain(x), want) < 1e-5
+        assert torch.equal(model(x), want)
+
+
+@pytest.mark.parametrize("config", [AdapterConfig(), LoraConfig(targets=PROJ), "losa"])
+def test_names_that_are_module_dict_attributes_are_refused(config):
+    from fused_adapters.adapters import LosaConfig
+
+    config = LosaConfig(channel_rank=4, token_rank=3) if config == "losa" else config
+    model = vit()
+    classes = [type(module) for module in model.modules()]
+    for name in ("train", "keys", "items", "float", "half"):
+        with pytest.raises(ValueError, match=f"adapter name '{name}' is an attribute of torch.nn.ModuleDict"):
+            inject(model, config, name=name, verbose=False)
+    assert adapter_configs(model) == {} and [type(module) for module in model.modules()] == classes
 
 
 def test_what_happens_while_merged(tmp_path):
