@@ -279,10 +279,16 @@ def set_adapter(model: nn.Module, name: str) -> None:
     LayerNorms) in place where their config trains them; all other parameters are frozen, and
     adapters of the other names (of any kind) are inactive. If another LoRA adapter is
     merged it is unmerged first; `name` itself stays merged if it is."""
+    _config_named(model, name)
+    _activate(model, name)
+
+
+def _config_named(model: nn.Module, name: str) -> Config:
+    """The config of the adapters named `name`; ValueError naming the injected ones if none."""
     configs = adapter_configs(model)
     if name not in configs:
         raise ValueError(f"no adapters named {name!r}; injected: {sorted(configs)}")
-    _activate(model, name)
+    return configs[name]
 
 
 def _activate(model: nn.Module, name: Optional[str]) -> None:
@@ -366,14 +372,11 @@ def merge_adapters(model: nn.Module, name: Optional[str] = None) -> nn.Module:
     to load weights into a merged linear, and a merged state dict into an unmerged one (either
     would leave weights that do not match the merge state). Raises ValueError with no active
     adapter or for a bottleneck or LoSA adapter, before changing anything."""
-    configs = adapter_configs(model)
-    if name is not None and name not in configs:
-        raise ValueError(f"no adapters named {name!r}; injected: {sorted(configs)}")
     target = name if name is not None else active_adapter(model)
     if target is None:
         raise ValueError("merge_adapters needs an active LoRA adapter; the model has none "
-                         f"(injected: {sorted(configs)})")
-    config = configs[target]
+                         f"(injected: {sorted(adapter_configs(model))})")
+    config = _config_named(model, target)
     if isinstance(config, LosaConfig):
         raise ValueError(f"cannot merge adapter {target!r}: it is a LoSA side network, a network of its own beside the "
                          f"backbone, not a low-rank update of a linear's weight; only LoRA adapters merge")
