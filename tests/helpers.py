@@ -119,14 +119,15 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 @contextlib.contextmanager
 def poisoned_outputs(monkeypatch):
-    """Every buffer the kernels write starts as NaN, so an unwritten element shows up."""
-    from fused_adapters.kernels import bottleneck, lora
+    """Every buffer the kernels write starts as NaN (an integer one as an index far out of
+    range), so an unwritten element shows up."""
+    from fused_adapters.kernels import bottleneck, lora, sparse, sparse_grouped
 
     def nan_output(shape, dtype, device):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+        return torch.full(shape, float("nan") if dtype.is_floating_point else 2**30, dtype=dtype, device=device)
 
-    monkeypatch.setattr(bottleneck, "new_output", nan_output)
-    monkeypatch.setattr(lora, "new_output", nan_output)
+    for module in (bottleneck, lora, sparse, sparse_grouped):
+        monkeypatch.setattr(module, "new_output", nan_output)
     yield
 
 
@@ -208,3 +209,31 @@ def reference_grads(case: Case, grad_out: torch.Tensor):
     inputs = ref_case.differentiable()
     grads = torch.autograd.grad(out, list(inputs.values()), grad_out.to(torch.float64))
     return out, dict(zip(inputs, grads))
+
+
+def check_against_float64(call, fn, reference_fn, tensors: dict, tolerance: float, grad_tolerance=None,
+                          seed: int = 0) -> dict:
+    """call(fn, tensors) against call(reference_fn, float64 copies of tensors): the output, and
+    the gradient of every tensor that requires grad for a seeded random output gradient, each
+    within tolerance (grad_tolerance for the gradients; default the same) as ||out - ref|| /
+    ||ref||, each gradient in its input's dtype and shape. Integer tensors (routing indices) go
+    to both calls as they are. Returns the errors by name ("y", "dx", ...)."""
+    out = call(fn, tensors)
+    wide = {name: t.detach().double().requires_grad_(t.requires_grad) if t.is_floating_point() else t
+            for name, t in tensors.items()}
+    expected = call(reference_fn, wide)
+    names = [name for name, t in tensors.items() if t.requires_grad]
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out)
+    got = torch.autograd.grad(out, [tensors[name] for name in names], grad_out)
+    want = torch.autograd.grad(expected, [wide[name] for name in names], grad_out.double())
+    errors = {"y": relative_error(out, expected)}
+    bounds = {"y": tolerance}
+    for name, grad, ref in zip(names, got, want):
+        tensor = tensors[name]
+        assert grad.dtype == tensor.dtype and grad.shape == tensor.shape, \
+            f"d{name}: {grad.dtype} {tuple(grad.shape)}, not {tensor.dtype} {tuple(tensor.shape)}"
+        errors["d" + name] = relative_error(grad, ref)
+        bounds["d" + name] = tolerance if grad_tolerance is None else grad_tolerance
+    bad = {name: error for name, error in errors.items() if not error <= bounds[name]}
+    assert not bad, f"relative errors over their bounds {bounds}: {bad}"
+    return errors
