@@ -201,6 +201,32 @@ def differentiable(inputs: dict) -> list:
     return [t for t in inputs.values() if t.requires_grad]
 
 
+def vit_model(provider: str, device, model_name: str = "vit_base_patch16_224", **create_kwargs) -> tuple:
+    """(model, the callable that runs it, optimizer) for a model-level row: timm's model_name
+    (random weights, create_kwargs to timm.create_model), backbone frozen, Adapter+ rank 8 in
+    every block, eager ("eager", "compile") or fused ("fused", "fused+compiled-backbone"), the
+    model compiled for the providers that say so; or trained another way: "losa" (a LoSA side
+    network, LosaConfig()) and "full-finetune" (every parameter, no adapters). AdamW (lr 1e-3,
+    weight decay 0.05) on what trains. Seeded: every provider starts from the same weights."""
+    import timm
+
+    from fused_adapters.adapters import AdapterConfig, BottleneckAdapter, LosaConfig, inject, param_groups
+
+    torch.manual_seed(0)
+    model = timm.create_model(model_name, pretrained=False, **create_kwargs)
+    if provider == "losa":
+        inject(model, LosaConfig(), verbose=False)
+    elif provider != "full-finetune":
+        inject(model, AdapterConfig(rank=8), verbose=False)
+    for module in model.modules():
+        if isinstance(module, BottleneckAdapter):
+            module.fused = provider.startswith("fused")
+    model.to(device)
+    runner = torch.compile(model) if "compile" in provider else model
+    optimizer = torch.optim.AdamW(param_groups(model, lr=1e-3, weight_decay=0.05))
+    return model, runner, optimizer
+
+
 def rotation_count(set_bytes: int, device: torch.device, memory_cap: int = 4 << 30) -> int:
     """How many input sets to rotate through so that no set is still in the cache when it
     comes round again: twice the last-level cache (L2 on a GPU), within memory_cap."""
@@ -341,6 +367,39 @@ def kernel_counts(fn: Callable[[], object], device: torch.device, triton_names=(
     return triton, len(names) - triton
 
 
+def time_rounds(run: Callable[[int], object], sets: int, device: torch.device, rounds: int = 15,
+                round_seconds: float = 2e-3) -> list[float]:
+    """Seconds per call of run(index), one value a round, index rotating over `sets` input sets:
+    each round queues `iterations` calls back to back between two CUDA events (on the CPU,
+    perf_counter and a synchronize), sized from one synchronized call to about round_seconds, so
+    a small shape's time is what a stream of calls achieves. Warm-up (compile, JIT) is the
+    caller's."""
+    import itertools
+
+    order = itertools.cycle(range(sets))
+    synchronize(device)
+    start = time.perf_counter()
+    run(next(order))
+    synchronize(device)
+    iterations = max(1, min(100, math.ceil(round_seconds / (time.perf_counter() - start))))
+    times = []
+    for _ in range(rounds):
+        if device.type == "cuda":
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            for _ in range(iterations):
+                run(next(order))
+            end.record()
+            end.synchronize()
+            times.append(begin.elapsed_time(end) / 1e3 / iterations)
+        else:
+            start = time.perf_counter()
+            for _ in range(iterations):
+                run(next(order))
+            times.append((time.perf_counter() - start) / iterations)
+    return times
+
+
 def copy_gbps(device: torch.device, size: int = 1 << 30) -> float:
     """Bandwidth of a plain copy (read + write, in GB/s) on this device: what a memory-bound
     kernel can hope for, measured in the same run as the benchmarks."""
@@ -348,14 +407,9 @@ def copy_gbps(device: torch.device, size: int = 1 << 30) -> float:
         size = min(size, 256 << 20)
     source = torch.empty(size, dtype=torch.uint8, device=device)
     target = torch.empty_like(source)
-    times = []
-    for _ in range(12):
-        synchronize(device)
-        start = time.perf_counter()
+    for _ in range(2):
         target.copy_(source)
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return 2 * size / statistics.median(times[2:]) / 1e9
+    return 2 * size / statistics.median(time_rounds(lambda _: target.copy_(source), 1, device, rounds=10)) / 1e9
 
 
 # --------------------------------------------------------------------------------------------

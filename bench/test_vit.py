@@ -17,12 +17,10 @@ from __future__ import annotations
 import itertools
 
 import pytest
-import timm
 import torch
 import torch.nn.functional as F
 
-from bench.measure import kernel_counts, peak_memory, saved_bytes, synchronize
-from fused_adapters.adapters import AdapterConfig, BottleneckAdapter, LosaConfig, inject, param_groups
+from bench.measure import kernel_counts, peak_memory, saved_bytes, synchronize, vit_model
 
 PROVIDERS = ("eager", "fused", "compile", "fused+compiled-backbone", "losa", "full-finetune")
 # The rows that train the model another way than Adapter+ (see the module docstring).
@@ -51,22 +49,10 @@ _BUILT: dict = {}
 
 
 def _model(provider: str, device: torch.device):
-    """(model, the callable that runs it, optimizer), built once per provider."""
+    """vit_model(provider), built once per provider."""
     if provider not in _BUILT:
         _BUILT.clear()  # one ViT-B and its optimizer state at a time
-        torch.manual_seed(0)
-        model = timm.create_model(MODEL, pretrained=False)
-        if provider == "losa":
-            inject(model, LosaConfig(), verbose=False)
-        elif provider != "full-finetune":
-            inject(model, AdapterConfig(rank=8), verbose=False)
-        for module in model.modules():
-            if isinstance(module, BottleneckAdapter):
-                module.fused = provider.startswith("fused")
-        model.to(device)
-        runner = torch.compile(model) if "compile" in provider else model
-        optimizer = torch.optim.AdamW(param_groups(model, lr=1e-3, weight_decay=0.05))
-        _BUILT[provider] = model, runner, optimizer
+        _BUILT[provider] = vit_model(provider, device, MODEL)
     return _BUILT[provider]
 
 
