@@ -1,8 +1,9 @@
 """Markdown report and plots from a benchmark run.
 
-    python -m bench.report RESULTS.json --out DIR
+    python -m bench.report RESULTS.json [MORE.json ...] --out DIR
 
-RESULTS.json is what `pytest --benchmark --benchmark-json RESULTS.json` writes. The report
+RESULTS.json is what `pytest --benchmark --benchmark-json RESULTS.json` writes (several files
+of one run, such as one per benchmark module, are merged). The report
 (DIR/report.md) has one table per op, pass, dtype, dim and rank (and for the sparse mixture's
 rows, experts and top_k; for LoRA's, the output width D_out): a row per shape, a column per
 provider (and kernel variant), each cell the median time and the speedup over eager on the same
@@ -676,14 +677,35 @@ def load(path: Path) -> dict:
         raise ReportError(f"{path} is not valid JSON: {error}") from None
 
 
+def merge(results: list, paths: list) -> dict:
+    """One run's results from several JSON files (the suite run module by module, each with its
+    own --benchmark-json): the benchmarks and the untimed fused rows of all, in order; the
+    machine, commit, device and copy bandwidth of the first."""
+    for result, path in zip(results, paths):
+        block = result.get("fused_adapters") if isinstance(result, dict) else None
+        untimed = block.get("untimed") if isinstance(block, dict) else None
+        if (not isinstance(result, dict) or not isinstance(result.get("benchmarks") or [], list)
+                or not isinstance(untimed or [], list)):
+            raise ReportError(f"{path} is not a pytest-benchmark JSON object with lists of benchmarks")
+    merged = dict(results[0])
+    merged["benchmarks"] = [bench for result in results for bench in (result.get("benchmarks") or [])]
+    blocks = [result["fused_adapters"] for result in results if isinstance(result.get("fused_adapters"), dict)]
+    if blocks:
+        merged["fused_adapters"] = dict(blocks[0], untimed=[row for block in blocks for row in
+                                                           (block.get("untimed") or [])])
+    return merged
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.report",
                                      description=__doc__.split("\n\n")[0])
-    parser.add_argument("results", type=Path, help="JSON written by pytest --benchmark-json")
+    parser.add_argument("results", type=Path, nargs="+",
+                        help="JSON written by pytest --benchmark-json (several: one run's modules, merged)")
     parser.add_argument("--out", type=Path, required=True, help="folder for report.md and the plots")
     args = parser.parse_args(argv)
     try:
-        report = render(load(args.results), args.out)
+        results = [load(path) for path in args.results]
+        report = render(results[0] if len(results) == 1 else merge(results, args.results), args.out)
     except ReportError as error:
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return 1

@@ -256,6 +256,25 @@ def test_main_fails_clearly_on_a_missing_file(tmp_path, capsys):
     assert "cannot read" in capsys.readouterr().err
 
 
+def test_main_merges_the_files_of_one_run(tmp_path, capsys):
+    # The suite run module by module writes one JSON each: the report of all of them is the
+    # report of one file holding every row.
+    whole = cpu_results()
+    first, second = copy.deepcopy(whole), copy.deepcopy(whole)
+    first["benchmarks"], second["benchmarks"] = whole["benchmarks"][:2], whole["benchmarks"][2:]
+    del first["fused_adapters"]
+    paths = [tmp_path / "first.json", tmp_path / "second.json"]
+    for path, results in zip(paths, (first, second)):
+        path.write_text(json.dumps(results), encoding="utf-8")
+    assert report.main([*map(str, paths), "--out", str(tmp_path / "merged")]) == 0
+    expected = report.render(whole, tmp_path / "whole").read_text(encoding="utf-8")
+    assert (tmp_path / "merged" / "report.md").read_text(encoding="utf-8") == expected
+    (tmp_path / "bad.json").write_text("[1, 2]", encoding="utf-8")
+    assert report.main([str(paths[0]), str(tmp_path / "bad.json"), "--out", str(tmp_path / "out")]) != 0
+    error = capsys.readouterr().err
+    assert "bad.json is not a pytest-benchmark JSON object" in error and "Traceback" not in error
+
+
 def test_formatting():
     assert report.format_time(15e-6) == "15.0 us"
     assert report.format_time(999.7e-6) == "1.00 ms"  # rounds into the next unit
