@@ -62,17 +62,21 @@ setup(
         "mixture of experts", "vision transformer", "vit", "timm", "triton", "pytorch", "kernel fusion",
     ],
     python_requires=">=3.10",
-    packages=["fused_adapters", "fused_adapters.kernels", "fused_adapters.adapters"],
+    packages=["fused_adapters", "fused_adapters.kernels", "fused_adapters.kernels.bottleneck",
+              "fused_adapters.kernels.lora", "fused_adapters.kernels.sparse", "fused_adapters.adapters",
+              "fused_adapters.tools"],
     package_dir={
         "fused_adapters": "package",
         "fused_adapters.kernels": "kernels",
         "fused_adapters.adapters": "adapters",
+        "fused_adapters.tools": "tools",
     },
     # PEP 561 markers: type checkers read the packages' inline annotations.
     package_data={
         "fused_adapters": ["py.typed"],
         "fused_adapters.kernels": ["py.typed"],
         "fused_adapters.adapters": ["py.typed"],
+        "fused_adapters.tools": ["py.typed"],
     },
     install_requires=["torch>=2.4", "triton>=3.0", "timm>=1.0"],
     extras_require={

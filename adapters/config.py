@@ -12,7 +12,7 @@ from typing import Union
 
 from ..kernels.checks import MAX_RANK
 from ..kernels.reference import ACTIVATIONS
-from ..kernels.sparse import MAX_EXPERTS
+from ..kernels.sparse.configs import MAX_EXPERTS
 
 POSITIONS = ("post", "pre", "intermediate", "parallel", "pfeiffer", "houlsby")
 INITS = ("houlsby", "lora", "bert")

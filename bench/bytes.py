@@ -31,7 +31,7 @@ if "TRITON_INTERPRET" not in os.environ:
 from fused_adapters.kernels import (  # noqa: E402
     bottleneck_adapter, list_variants, reference, routed_adapter, sparse_adapter, use_variant,
 )
-from fused_adapters.kernels.byte_count import count_bytes  # noqa: E402
+from fused_adapters.tools.byte_count import count_bytes  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script too
 from bench.measure import floor_bytes  # noqa: E402

@@ -29,7 +29,7 @@ import triton.runtime.interpreter  # noqa: E402
 import triton.runtime.jit  # noqa: E402
 
 from fused_adapters.kernels import bottleneck_adapter, list_variants, reference, use_variant, uses_triton  # noqa: E402
-from fused_adapters.kernels.launch import is_interpreted  # noqa: E402
+from fused_adapters.kernels.paths import is_interpreted  # noqa: E402
 
 # ||out - ref|| / ||ref|| against float64, as the tests bound it.
 TOLERANCE = {torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
@@ -66,7 +66,7 @@ def saved_bytes(fn, tensors):
 def bytes_line(fused, eager, tensors, grad) -> str:
     """Forward and backward bytes against the floor (read x, write y; read dy and x, write dx),
     counted in the interpreter, fused and eager."""
-    from fused_adapters.kernels.byte_count import count_bytes
+    from fused_adapters.tools.byte_count import count_bytes
 
     x = tensors[0]
     floor = x.numel() * x.element_size()

@@ -143,7 +143,7 @@ if [ "$mode" != smoke ]; then
   step tests 1800 bash -c suite
   # ViT-B/16, batch 32: 6304 tokens of width 768, Adapter+ rank 8.
   step demo 90 "$python" bench/demo.py --rows 6304 --dim 768 --rank 8
-  step compile_check 1800 "$python" -m fused_adapters.kernels.compile_check "${kernels[@]}"
+  step compile_check 1800 "$python" -m fused_adapters.tools.compile_check "${kernels[@]}"
 fi
 
 echo "=== env"; cat "$out/env.txt"

@@ -426,7 +426,7 @@ def count_case(case: dict) -> dict:
     case["dim_out"] and case["scale"]) a LoRA linear on lora_inputs (lora_fused, or lora_eager
     for "eager"); otherwise the bottleneck op."""
     from fused_adapters.kernels import bottleneck_adapter, reference, routed_adapter, sparse_adapter, use_variant
-    from fused_adapters.kernels.byte_count import count_bytes
+    from fused_adapters.tools.byte_count import count_bytes
 
     dtype, autocast = DTYPES[case["dtype"]]
     dtype = torch.float16 if dtype == torch.bfloat16 else dtype
@@ -510,166 +510,117 @@ def in_subprocess(mode: str, cases: list[dict], jobs: int = 1, timeout: float = 
 
 def fused_launches(case: dict) -> list:
     """The Launch records the fused op makes for a row (x, the residual and y of the row's
-    dtypes; backward launches too for forward+backward), planned for case["sms"] SMs."""
-    if case.get("op") in SPARSE_OPS:
-        return _sparse_launches(case)
-    if case.get("op") == "lora":
-        return _lora_launches(case)
-    from fused_adapters.kernels import bottleneck
+    dtypes; backward launches too for forward+backward), from the op's own plans
+    (kernels/<op>/plan.py) at the row's shapes, planned for case["sms"] SMs: the bottleneck
+    row's Adapter+ post adapter (residual x, channel scale, biases, gelu); the LoRA row's form;
+    the sparse row's design (gated or routed, residual x, channel scale)."""
     from fused_adapters.kernels.launch import launch_plan
 
     dtype, autocast = DTYPES[case["dtype"]]
     compute = autocast or dtype
-    rows, dim, rank = case["rows"], case["dim"], case["rank"]
-    variant = next(v for v in bottleneck.VARIANTS if v.name == case["variant"])
-    inputs = bottleneck_inputs(1, dim, rank, dtype, "cpu", False)
-    x = torch.empty(rows, dim, dtype=dtype)
-    hidden = torch.empty(rows, rank, dtype=compute)
-    params = inputs["w_down"], inputs["b_down"], inputs["w_up"], inputs["b_up"], inputs["scale"]
+    backward = case["pass"] != "forward"
     with launch_plan(case["sms"]):
-        launches = [bottleneck.forward_launch(x, params[0], params[1], params[2], params[3], params[4], 1.0, None, True,
-                                              None, "gelu", compute, torch.empty_like(x), hidden, variant)]
-        if case["pass"] != "forward":
-            store_act = bottleneck.padded_rank(rank) > 32 or variant.store_act
-            hidden_launch, weights_launch, _ = bottleneck.backward_launches(
-                x, x, hidden, params[0], params[2], params[3], params[4], 1.0, None, "gelu", compute, True,
-                torch.empty(rows, rank, dtype=compute), torch.empty(rows if store_act else 0, rank, dtype=compute),
-                torch.empty_like(x), dtype, variant)
-            launches += [hidden_launch, weights_launch]
-    return launches
+        if case.get("op") in SPARSE_OPS:
+            plans = _sparse_plans(case, dtype, compute, backward)
+        elif case.get("op") == "lora":
+            plans = _lora_plans(case, dtype, compute, backward)
+        else:
+            plans = _bottleneck_plans(case, dtype, compute, backward)
+    return [launch for plan in plans for launch in plan.launches.values()]
 
 
-def _lora_launches(case: dict) -> list:
-    """fused_launches for a LoRA row: the branch's launches as lora_fused makes them in the
-    default form (identity activation, no biases, scale alpha / r as a float, the base output
-    [M, D_out] as residual; the base GEMM is PyTorch's), or the single-launch form's launches."""
-    from fused_adapters.kernels import bottleneck
-    from fused_adapters.kernels import lora as lora_op
-    from fused_adapters.kernels.launch import launch_plan
+def _bottleneck_plans(case: dict, dtype, compute, backward: bool) -> list:
+    from fused_adapters.kernels.bottleneck import configs, plan
 
-    dtype, autocast = DTYPES[case["dtype"]]
-    compute = autocast or dtype
+    rows, dim, rank = case["rows"], case["dim"], case["rank"]
+    variant = next(v for v in configs.VARIANTS if v.name == case["variant"])
+    params = bottleneck_inputs(1, dim, rank, dtype, "cpu", False)
+    w_down, b_down, w_up, b_up, scale = (params[k] for k in ("w_down", "b_down", "w_up", "b_up", "scale"))
+    x = torch.empty(rows, dim, dtype=dtype)
+    forward = plan.forward(x, w_down, b_down, w_up, b_up, scale, 1.0, None, True, None, "gelu", compute, dtype, True,
+                           variant)
+    if not backward:
+        return [forward]
+    return [forward, plan.backward(torch.empty_like(x), x, forward.buffers["hidden"], w_down, w_up, b_up, scale, 1.0,
+                                   None, "gelu", compute, True, True, dtype, variant)]
+
+
+def _lora_plans(case: dict, dtype, compute, backward: bool) -> list:
+    """The default form: the branch's bottleneck plans (identity, no biases, scale alpha / r as a
+    float, the base output [M, D_out] as residual; the base GEMM is PyTorch's); single_launch:
+    the LoRA plans."""
+    from fused_adapters.kernels.bottleneck import configs, plan as bottleneck_plan
+    from fused_adapters.kernels.lora import plan as lora_plan
+
     rows, dim, dim_out, rank, scale = case["rows"], case["dim"], case["dim_out"], case["rank"], case["scale"]
     inputs = lora_inputs(1, dim, dim_out, rank, dtype, "cpu")
-    w_down, w_up = inputs["lora_A"].detach(), inputs["lora_B"].detach()
+    lora_a, lora_b = inputs["lora_A"].detach(), inputs["lora_B"].detach()
     x = torch.empty(rows, dim, dtype=dtype)
     if case["variant"] == LORA_SINGLE_LAUNCH:
         weight, bias = inputs["weight"].detach(), inputs["bias"].detach()
-        hidden = torch.empty(rows, rank, dtype=compute)
-        with launch_plan(case["sms"]), lora_variant(LORA_SINGLE_LAUNCH):
-            launches = [lora_op.forward_launch(x, weight, bias, w_down, w_up, scale, compute,
-                                               torch.empty(rows, dim_out, dtype=compute), hidden)]
-            if case["pass"] != "forward":
-                grad_y, grad_hidden = torch.empty(rows, dim_out, dtype=compute), torch.empty(rows, rank, dtype=compute)
-                launches.append(lora_op.backward_input_launch(grad_y, weight, w_down, w_up, scale, compute,
-                                                              torch.empty_like(x), grad_hidden))
-                launches.append(lora_op.backward_weights_launch(grad_y, x, hidden, grad_hidden, w_down, w_up, scale,
-                                                                compute, dtype)[0])
-        return launches
-    variant = next(v for v in bottleneck.VARIANTS if v.name == case["variant"])
+        with lora_variant(LORA_SINGLE_LAUNCH):
+            forward = lora_plan.forward(x, weight, bias, lora_a, lora_b, scale, compute, True)
+            if not backward:
+                return [forward]
+            return [forward, lora_plan.backward(torch.empty(rows, dim_out, dtype=compute), x,
+                                                forward.buffers["hidden"], weight, lora_a, lora_b, scale, compute,
+                                                True, dtype)]
+    variant = next(v for v in configs.VARIANTS if v.name == case["variant"])
     # The base output: F.linear gives the compute dtype (under autocast bf16), y promotes to it.
     base = torch.empty(rows, dim_out, dtype=compute)
-    hidden = torch.empty(rows, rank, dtype=compute)
-    with launch_plan(case["sms"]):
-        launches = [bottleneck.forward_launch(x, w_down, None, w_up, None, None, scale, base, False, None, "identity",
-                                              compute, torch.empty(rows, dim_out, dtype=compute), hidden, variant)]
-        if case["pass"] != "forward":
-            store_act = bottleneck.padded_rank(rank) > 32 or variant.store_act
-            hidden_launch, weights_launch, _ = bottleneck.backward_launches(
-                torch.empty(rows, dim_out, dtype=compute), x, hidden, w_down, w_up, None, None, scale, None,
-                "identity", compute, False, torch.empty(rows, rank, dtype=compute),
-                torch.empty(rows if store_act else 0, rank, dtype=compute), torch.empty_like(x), dtype, variant)
-            launches += [hidden_launch, weights_launch]
-    return launches
+    forward = bottleneck_plan.forward(x, lora_a, None, lora_b, None, None, scale, base, False, None, "identity",
+                                      compute, compute, True, variant)
+    if not backward:
+        return [forward]
+    return [forward, bottleneck_plan.backward(torch.empty(rows, dim_out, dtype=compute), x, forward.buffers["hidden"],
+                                              lora_a, lora_b, None, None, scale, None, "identity", compute, False,
+                                              True, dtype, variant)]
 
 
-def _sparse_launches(case: dict) -> list:
-    """fused_launches for the sparse ops, as sparse_call's arguments make them (residual x,
-    channel scale, no row_scale, the logits not returned), for the design the row's variant runs
-    at its E and r (sparse.choose_design). Dense: the forward launch (gated top-k, or the
-    routing given) and for forward+backward the two backward launches. Grouped: the gate launch
-    (gated form), the grouped launch and the combine launch (k > 1), and for forward+backward
-    the grouped input launch, the combine launch (not for the routed form with k = 1) and the
-    weights launch."""
-    from fused_adapters.kernels import sparse
-    from fused_adapters.kernels.launch import launch_plan, packed_grad_dtype
+def _sparse_plans(case: dict, dtype, compute, backward: bool) -> list:
+    """The design the row's variant runs at its E and r (plan.choose_design), as sparse_call's
+    arguments make it (residual x, channel scale, no row_scale, the logits not returned). The
+    grouped design's routing and sort are a valid one (k distinct experts per row): the gate
+    launch would overwrite it."""
+    from fused_adapters.kernels.launch import packed_grad_dtype
+    from fused_adapters.kernels.sparse import configs, plan
+    from fused_adapters.kernels.sparse.op import sort_assignments
 
-    dtype, autocast = DTYPES[case["dtype"]]
-    compute = autocast or dtype
     rows, dim, rank, experts, top_k = case["rows"], case["dim"], case["rank"], case["experts"], case["top_k"]
     routed = case["op"] == "routed_adapter"
-    variant = next(v for v in sparse.VARIANTS if v.name == case["variant"])
+    variant = next(v for v in configs.VARIANTS if v.name == case["variant"])
     params = sparse_inputs(1, dim, rank, experts, top_k, dtype, "cpu", False, routed)
     w_gate, b_gate = params.get("w_gate"), params.get("b_gate")
     w_down, b_down, w_up, b_up, scale = (params[k] for k in ("w_down", "b_down", "w_up", "b_up", "scale"))
     x = torch.empty(rows, dim, dtype=dtype)
     grad_dtype = packed_grad_dtype(x, w_gate, b_gate, w_down, b_down, w_up, b_up, scale)
-    if sparse.choose_design(experts, rank, variant.name) == "grouped":
-        return _grouped_launches(case, x, w_gate, b_gate, w_down, b_down, w_up, b_up, scale, compute, grad_dtype)
-    expert_idx = torch.empty(rows, top_k, dtype=torch.int64) if routed else None
-    expert_weight = torch.empty(rows, top_k, dtype=torch.float32) if routed else None
-    columns = experts * rank
-    hidden = torch.empty(rows, columns, dtype=compute)
-    weights = torch.empty(rows, experts, dtype=torch.float32)
-    with launch_plan(case["sms"]):
-        launches = [sparse.forward_launch(x, w_gate, b_gate, expert_idx, expert_weight, w_down, b_down, w_up, b_up,
-                                          scale, 1.0, None, True, None, top_k, "gelu", compute, torch.empty_like(x),
-                                          hidden, weights, torch.empty(0, experts, dtype=torch.float32), variant)]
-        if case["pass"] != "forward":
-            input_launch, weights_launch, _ = sparse.backward_launches(
-                torch.empty_like(x), None, x, hidden, weights, w_gate, w_down, w_up, b_up, scale, 1.0, None, "gelu",
-                compute, True, torch.empty(rows, columns, dtype=compute),
-                torch.empty(rows, experts, dtype=torch.float32),
-                torch.empty(rows if variant.store_act else 0, columns, dtype=compute), torch.empty_like(x), grad_dtype,
-                variant)
-            launches += [input_launch, weights_launch]
-    return launches
-
-
-def _grouped_launches(case, x, w_gate, b_gate, w_down, b_down, w_up, b_up, scale, compute, grad_dtype) -> list:
-    """_sparse_launches for the grouped design, with the buffers shaped as sparse_grouped's
-    grouped_forward and grouped_backward allocate them (the saved hidden layer, the backward's
-    dx, parts and partials all present: the rows' inputs require grad)."""
-    from fused_adapters.kernels import sparse_grouped as grouped
-    from fused_adapters.kernels.launch import launch_plan
-
-    rows, dim = x.shape
-    experts, rank, _ = w_down.shape
-    top_k = case["top_k"]
-    gated = w_gate is not None
-    # A valid routing (k distinct experts per row, k <= E) and its sort, so that the launches
-    # could run as planned; the gate launch would overwrite idx and weights.
+    if plan.choose_design(experts, rank, variant.name) == "dense":
+        expert_idx = torch.empty(rows, top_k, dtype=torch.int64) if routed else None
+        expert_weight = torch.empty(rows, top_k, dtype=torch.float32) if routed else None
+        forward = plan.forward(x, w_gate, b_gate, expert_idx, expert_weight, w_down, b_down, w_up, b_up, scale, 1.0,
+                               None, True, None, top_k, "gelu", compute, dtype, True, False, variant)
+        if not backward:
+            return [forward]
+        return [forward, plan.backward(torch.empty_like(x), None, x, forward.buffers["hidden"],
+                                       forward.buffers["weights"], w_gate, w_down, w_up, b_up, scale, 1.0, None,
+                                       "gelu", compute, True, True, grad_dtype, variant)]
+    plans = [plan.gate(x, w_gate, b_gate, top_k, False)] if w_gate is not None else []
     idx = (torch.arange(rows * top_k) % experts).to(torch.int32).view(rows, top_k)
     weights = torch.full((rows, top_k), 1.0 / top_k)
-    order, counts = grouped.sort_assignments(idx, experts)
-    hidden = torch.empty(rows * top_k, rank, dtype=compute)
-    launches = []
-    with launch_plan(case["sms"]):
-        if gated:
-            launches.append(grouped.gate_launch(x, w_gate, b_gate, top_k, torch.empty(0, experts), idx, weights,
-                                                case["sms"]))
-        launches += grouped.grouped_forward_launches(
-            x, idx, weights, order, counts, w_down, b_down, w_up, b_up, scale, 1.0, None, True, None, "gelu", compute,
-            torch.empty_like(x), hidden, torch.empty(rows * top_k if top_k > 1 else 0, dim, dtype=compute))
-        if case["pass"] != "forward":
-            single = top_k == 1 and not gated
-            block_rows = grouped.grouped_config(grouped.GROUPED_BACKWARD_WEIGHTS_CONFIGS, rank, compute).block_rows
-            chunks = grouped.gate_chunks(rows, dim, experts, top_k, x.element_size(), block_rows) if gated else 0
-            launches += grouped.grouped_backward_launches(
-                torch.empty_like(x), None, x, hidden, idx, weights, order, counts, w_gate, w_down, w_up, b_up, scale,
-                1.0, None, "gelu", compute, True, torch.empty_like(x), torch.empty(rows, top_k),
-                torch.empty(rows * top_k, rank, dtype=compute),
-                torch.empty(0 if single else rows * top_k, dim, dtype=compute),
-                torch.empty(rows if gated else 0, experts),
-                torch.empty(grouped.packed_size(experts, rank, dim, grouped.weights_rank_blocks(rank, compute)),
-                            dtype=grad_dtype),
-                torch.empty(chunks, experts * dim + experts))
-    return [launch for launch in launches if launch is not None]
+    order, counts = sort_assignments(idx, experts)
+    forward = plan.grouped_forward(x, idx, weights, order, counts, w_down, b_down, w_up, b_up, scale, 1.0, None,
+                                   True, None, "gelu", compute, dtype, True)
+    plans.append(forward)
+    if backward:
+        plans.append(plan.grouped_backward(torch.empty_like(x), None, x, forward.buffers["hidden"], idx, weights,
+                                           order, counts, w_gate, w_down, w_up, b_up, scale, 1.0, None, "gelu",
+                                           compute, True, True, grad_dtype))
+    return plans
 
 
 def register_usage(cases: list[dict], arch: int = 90) -> list[dict]:
     """Registers and spill bytes per launch of each case, compiled for arch (no GPU needed)."""
-    from fused_adapters.kernels.compile_check import launch_usage
+    from fused_adapters.tools.compile_check import launch_usage
 
     cache = {}
     results = []

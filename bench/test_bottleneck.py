@@ -20,7 +20,8 @@ from bench.measure import (
     DTYPES, TOKENS, bottleneck_inputs, floor_bytes, host_us, kernel_counts, peak_memory, rotation_count, saved_bytes,
     time_rotating,
 )
-from fused_adapters.kernels import bottleneck, bottleneck_adapter, list_variants, reference, use_variant
+from fused_adapters.kernels import bottleneck_adapter, list_variants, reference, use_variant
+from fused_adapters.kernels.bottleneck import jit as bottleneck_jit
 
 OP = "bottleneck_adapter"
 PASSES = ("forward", "forward+backward")
@@ -70,7 +71,7 @@ def _function(provider: str):
     return _COMPILED["compiled"]
 
 
-KERNEL_NAMES = {name for name in vars(bottleneck) if name.endswith("_kernel")}
+KERNEL_NAMES = {name for name in vars(bottleneck_jit) if name.endswith("_kernel")}
 
 
 def test_bottleneck(benchmark, suite, case):

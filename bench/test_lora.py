@@ -44,8 +44,9 @@ from bench.measure import (
     DTYPES, LORA_SINGLE_LAUNCH, TOKENS, differentiable, floor_bytes, host_us, kernel_counts, lora_call, lora_eager,
     lora_fused, lora_inputs, lora_variant, peak_memory, rotation_count, saved_bytes, time_rotating,
 )
-from fused_adapters.kernels import bottleneck, list_variants
-from fused_adapters.kernels import lora as lora_op
+from fused_adapters.kernels import list_variants
+from fused_adapters.kernels.bottleneck import jit as bottleneck_jit
+from fused_adapters.kernels.lora import jit as lora_jit
 
 OP = "bottleneck_adapter"  # the branch's kernel: its variants are the fused rows' columns
 PASSES = ("forward", "forward+backward")
@@ -101,7 +102,7 @@ def _function(provider: str):
     return _COMPILED["compiled"]
 
 
-KERNEL_NAMES = {name for module in (bottleneck, lora_op) for name in vars(module) if name.endswith("_kernel")}
+KERNEL_NAMES = {name for module in (bottleneck_jit, lora_jit) for name in vars(module) if name.endswith("_kernel")}
 
 # Bytes the fused forward saves for backward, per shape (CPU: measured once in the interpreter).
 _SAVED: dict = {}

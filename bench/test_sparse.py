@@ -5,13 +5,13 @@ positive weights), every expert an Adapter+ post adapter (residual x, channel sc
 against eager PyTorch (kernels/reference.py's expert loop, the code the tests trust) and
 torch.compile of it, with every kernel variant of the fused ops side by side: the dense-masked
 ones (default, rows16, rows64, store_act) and grouped (assignments sorted by expert,
-kernels/sparse_grouped.py). The rows carry the bottleneck rows' keys (bench/conftest.py's
+kernels/sparse/). The rows carry the bottleneck rows' keys (bench/conftest.py's
 ROW_KEYS) plus experts and top_k; the byte floor is the bottleneck op's (forward: read x, write
 y; backward: read dy and x, write dx).
 
 Shapes: E = 8 and 16 experts with ranks 16 and 8 (E*r up to 256: both designs run), and on the
 full runs also E = 16 with r = 32 and E = 64 with r = 16 (E*r = 512 and 1024: the dense design
-does not fit, so sparse.choose_design gives every variant the grouped kernels there, and the
+does not fit, so choose_design gives every variant the grouped kernels there, and the
 dense variants' rows are skipped as repeats of the grouped row); k = 1 and 2 per row. On a GPU
 D = 384, 768 and 1024, M = batch x 197 tokens for batch 8 to 256, bf16, fp16 and fp32
 activations under bf16 autocast (quick: D = 768, batch 32, rank 16, E = 8 and 16, bf16 and fp32
@@ -35,16 +35,17 @@ from bench.measure import (
     DTYPES, TOKENS, differentiable, floor_bytes, host_us, kernel_counts, peak_memory, rotation_count, saved_bytes,
     sparse_call, sparse_inputs, time_rotating,
 )
-from fused_adapters.kernels import (
-    list_variants, reference, routed_adapter, sparse, sparse_adapter, sparse_grouped_kernels,
-)
+from fused_adapters.kernels import list_variants, reference, routed_adapter, sparse_adapter
+from fused_adapters.kernels.sparse import configs as sparse_configs
+from fused_adapters.kernels.sparse import jit_dense, jit_grouped
+from fused_adapters.kernels.sparse.plan import choose_design
 
 OPS = ("sparse_adapter", "routed_adapter")
 FUSED = {"sparse_adapter": sparse_adapter, "routed_adapter": routed_adapter}
 # Both forms run the same kernels and take the same variants.
 VARIANT_FAMILY = "sparse_adapter"
 PASSES = ("forward", "forward+backward")
-# (rank, experts) with E*r up to sparse.MAX_DENSE_COLUMNS (256), where both designs run, and past
+# (rank, experts) with E*r up to sparse_configs.MAX_DENSE_COLUMNS (256), where both designs run, and past
 # it, where the grouped design is the only one (full runs only).
 BOTH_DESIGNS = tuple(itertools.product((8, 16), (8, 16)))
 GROUPED_ONLY = ((32, 16), (16, 64))
@@ -66,13 +67,13 @@ def shapes(cuda: bool, quick: bool):
             in itertools.product(dtypes, dims, batches, BOTH_DESIGNS + GROUPED_ONLY, (1, 2)))
 
 
-GROUPED_VARIANTS = {variant.name for variant in sparse.VARIANTS if variant.grouped}
+GROUPED_VARIANTS = {variant.name for variant in sparse_configs.VARIANTS if variant.grouped}
 
 
 def repeats_grouped(experts: int, rank: int, variant: str) -> bool:
     """Whether a fused row of a dense variant would run the grouped kernels (E*r past the dense
-    design's limit: sparse.choose_design) and so repeat the grouped variant's row."""
-    return variant not in GROUPED_VARIANTS and sparse.choose_design(experts, rank, variant) == "grouped"
+    design's limit: choose_design) and so repeat the grouped variant's row."""
+    return variant not in GROUPED_VARIANTS and choose_design(experts, rank, variant) == "grouped"
 
 
 def providers():
@@ -116,7 +117,7 @@ def _function(op: str, provider: str):
 
 
 # The Triton kernels of both designs, as the profiler names them on CUDA.
-KERNEL_NAMES = {name for module in (sparse, sparse_grouped_kernels) for name in vars(module)
+KERNEL_NAMES = {name for module in (jit_dense, jit_grouped) for name in vars(module)
                 if name.endswith("_kernel")}
 
 # Bytes the fused forward saves for backward, per shape and design (CPU: measured once in the
@@ -127,7 +128,7 @@ _SAVED: dict = {}
 def test_sparse(benchmark, suite, case):
     op, pass_name, dtype_name, dim, rows, rank, experts, top_k, provider, variant = case
     if provider == "fused" and repeats_grouped(experts, rank, variant):
-        pytest.skip(f"E*r = {experts * rank} > {sparse.MAX_DENSE_COLUMNS}: the dense design does not fit, so "
+        pytest.skip(f"E*r = {experts * rank} > {sparse_configs.MAX_DENSE_COLUMNS}: the dense design does not fit, so "
                     f"variant {variant!r} runs the grouped kernels; see the fused[grouped] row")
     device = suite.device
     dtype, autocast_dtype = DTYPES[dtype_name]
@@ -148,7 +149,7 @@ def test_sparse(benchmark, suite, case):
         # and the weights [M, E]); the grouped design saves its own (hidden [M*k, r], the routing
         # idx [M, k] int32 and weights [M, k] fp32, the sort's order [M*k] and counts [E]): one
         # interpreter forward per shape and design serves every variant's rows.
-        key = (op, rows, dim, rank, experts, top_k, dtype_name, sparse.choose_design(experts, rank, variant))
+        key = (op, rows, dim, rank, experts, top_k, dtype_name, choose_design(experts, rank, variant))
         if key not in _SAVED:
             inputs = sparse_inputs(rows, dim, rank, experts, top_k, dtype, device, True, routed,
                                    torch.Generator().manual_seed(0))

@@ -1,10 +1,11 @@
 """The adapter epilogue in Triton, shared by every fused op's forward:
-y = residual + scale * (row_scale[:, None] * update), on one [rows, D-tile] fp32 tile.
+y = residual + scale * (row_scale[:, None] * update), on one [rows, D-tile] fp32 tile; and its
+backward's start, g = dy * row_scale * scale.
 
 `epilogue_scalars` loads, once per program, what does not depend on the D tile (row_scale for
-the program's rows, a layer-wise scale); `epilogue` applies the rest to each tile. x as a
-residual term is read from x itself (its tile was read by the op's first loop, so the read hits
-L2)."""
+the program's rows, a layer-wise scale); `epilogue` applies the rest to each tile, and
+`scaled_grad` loads one dy tile and scales it. x as a residual term is read from x itself (its
+tile was read by the op's first loop, so the read hits L2)."""
 
 import triton
 import triton.language as tl
@@ -48,3 +49,21 @@ def epilogue(update, x_ptr, residual_ptr, scale_ptr, row_ids, col_ids, col_mask,
             mask=tile_mask, other=0.0,
         ).to(tl.float32)
     return update
+
+
+@triton.jit
+def scaled_grad(grad_y_ptr, scale_ptr, row_ids, row_mask, col_ids, col_mask, row_scale, scalar_scale,
+                stride_g_row, stride_g_col, SCALE_MODE: tl.constexpr, HAS_ROW_SCALE: tl.constexpr):
+    """g = dy * row_scale * scale on one [rows, D tile] tile of dy (rows row_ids, which may be
+    gathered), in fp32. The scales multiply dy in fp32 before any rounding to the compute dtype,
+    as eager autocast does (dy * scale, then the cast): a large fp32 dy (loss scaling) times a
+    small scale stays finite."""
+    grad = tl.load(grad_y_ptr + row_ids[:, None] * stride_g_row + col_ids[None, :] * stride_g_col,
+                   mask=row_mask[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
+    if HAS_ROW_SCALE:
+        grad = grad * row_scale[:, None]
+    if SCALE_MODE == "channel":
+        grad = grad * tl.load(scale_ptr + col_ids, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    else:
+        grad = grad * scalar_scale
+    return grad

@@ -1,49 +1,56 @@
-"""What every fused op shares about launching kernels: the Launch record, block configurations
-and their smaller block-rows variants, launch plans for an SM count (settable with
-launch_plan), output buffers, and which path (Triton, interpreter, reference) tensors take."""
+"""What every fused op shares about launching kernels: the Launch record and the Plan of a pass,
+the one tile configuration type and its smaller block-rows variants, launch plans for an SM
+count (settable with launch_plan), output buffers, and the layout of packed gradients. Which
+path (Triton, interpreter, reference) a call takes is kernels/paths.py's."""
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import os
-import sys
-import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
 import torch
 import triton
 import triton.language as tl
 
+from .paths import KERNEL_DTYPES
+
 __all__ = [
-    "BlockConfig", "Launch", "launch_plan", "sm_count", "is_interpreted", "new_output", "device_context",
+    "BlockConfig", "Launch", "Plan", "PackedLayout", "launch_plan", "sm_count", "new_output", "device_context",
     "padded_rank", "dtype_group", "row_variants", "plan_block_rows", "plan_chunks", "variant_config", "scale_mode",
-    "packed_grad_dtype", "takes_triton", "kernel_path", "reference_reason", "warn_reference", "input_precision",
-    "int32_columns", "KERNEL_DTYPES", "TRITON_DTYPES",
+    "packed_grad_dtype", "input_precision", "int32_columns", "reduce_partials", "fold_rows", "TRITON_DTYPES",
 ]
 
 # tl.dot needs every dimension >= 16, and tl.arange a power of two.
 MIN_BLOCK_RANK = 16
 MIN_BLOCK_ROWS = 16
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 TRITON_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 
 @dataclass(frozen=True)
 class BlockConfig:
+    """One tile configuration, for every kernel of every op: a named, compile-checked entry of a
+    tile table (the op's configs.py)."""
+
     name: str
     block_rows: int
+    # The column tile: D (or D_out) columns per step of a row-tile kernel's loops; a GEMM's
+    # output columns per program.
     block_dim: int
     num_warps: int
     num_stages: int
-    # Backward weights kernel only: ranks per program. Below the padded rank, the rank axis is
+    # Backward weights kernels only: ranks per program. Below the padded rank, the rank axis is
     # split over a third grid axis (the two [D, r] accumulators of rank 128+ do not fit in
     # registers). 0 means all of them.
     rank_tile: int = 0
     # Row-tile kernels: the widest column tile the smaller block-rows variants may grow to, so a
     # thread keeps about the same elements (and 128-bit loads) when the rows halve. 0: keep block_dim.
     wide_dim: int = 0
+    # GEMM kernels only: the reduction tile, and how many row tiles share a sweep over the
+    # column tiles (program order that keeps their operands in L2).
+    block_k: int = 0
+    group_rows: int = 0
 
 
 @dataclass
@@ -69,14 +76,54 @@ class Launch:
         )
 
 
-@triton.jit
-def _probe():
-    pass
+@dataclass
+class Plan:
+    """One pass of an op as a GPU runs it, made by the op's plan.py: its launches in order (by
+    role, e.g. "forward", "backward_hidden"), and the buffers the plan allocated for them
+    (outputs, what is saved for backward, scratch, gradient partials) by name."""
+
+    launches: dict = field(default_factory=dict)
+    buffers: dict = field(default_factory=dict)
+
+    def __call__(self) -> None:
+        for launch in self.launches.values():
+            launch()
 
 
-def is_interpreted() -> bool:
-    """Whether Triton runs kernels in its interpreter (TRITON_INTERPRET=1 was set before import)."""
-    return not isinstance(_probe, triton.runtime.JITFunction)
+class PackedLayout:
+    """An op's parameter gradients packed into one flat vector (a custom op returns one tensor
+    for all of them; the weight-gradient kernels write each chunk's partials in this layout):
+    the fields in order, each with its element count."""
+
+    def __init__(self, *fields: tuple[str, int]):
+        self.fields = fields
+        self.size = sum(size for _, size in fields)
+
+    def offset(self, name: str) -> int:
+        start = 0
+        for field_name, size in self.fields:
+            if field_name == name:
+                return start
+            start += size
+        raise KeyError(name)
+
+    def split(self, packed: torch.Tensor) -> dict:
+        """Views of each field of a packed vector."""
+        return dict(zip((name for name, _ in self.fields), packed.split([size for _, size in self.fields])))
+
+
+def reduce_partials(partials: torch.Tensor, grad_dtype: torch.dtype) -> torch.Tensor:
+    """The per-chunk partial sums [chunks, size] of a weight-gradient launch, summed over chunks
+    in order (deterministic); with one chunk they are the gradients already, in grad_dtype."""
+    return partials[0] if partials.shape[0] == 1 else partials.sum(dim=0).to(grad_dtype)
+
+
+def fold_rows(packed: torch.Tensor, start: int, rows: int, width: int) -> None:
+    """Where a split axis left one row of a gradient per block ([rows, width] from `start`), sum
+    them into the first, in place (fp32 accumulation)."""
+    if rows > 1:
+        block = packed[start:start + rows * width].view(rows, width)
+        block[0] = block.float().sum(0).to(packed.dtype)
 
 
 _sm_count_override: list[int] = []
@@ -226,83 +273,6 @@ def packed_grad_dtype(x: torch.Tensor, *params) -> torch.dtype:
         return torch.float64
     dtypes = {p.dtype for p in params if p is not None}
     return dtypes.pop() if len(dtypes) == 1 and dtypes <= set(KERNEL_DTYPES) else torch.float32
-
-
-def reference_reason(device_type: str, dtypes) -> Optional[str]:
-    """Why tensors on this device with these dtypes (x, compute, output, residual, parameters)
-    take the plain-PyTorch reference, in words; None when they take the Triton kernels. The one
-    place the ops' choice of path is made (takes_triton, kernel_path and backend ask it)."""
-    others = [dtype for dtype in dtypes if dtype not in KERNEL_DTYPES]
-    if others:
-        return f"a {_dtype_name(others[0])} input (the kernels take float16, bfloat16 or float32)"
-    if is_interpreted():
-        # The interpreter has no bf16 (tl.dot multiplies the raw bit patterns): bf16 anywhere
-        # takes the reference, CUDA tensors included, rather than a silently wrong answer.
-        if torch.bfloat16 in dtypes:
-            return "bfloat16 under TRITON_INTERPRET=1 (Triton's interpreter has no bf16)"
-        if device_type not in ("cpu", "cuda"):
-            return f"{device_type} tensors (Triton's interpreter runs CPU and CUDA tensors)"
-        return None
-    if device_type != "cuda":
-        return f"{device_type} tensors without TRITON_INTERPRET=1 (the kernels need CUDA or the interpreter)"
-    return None
-
-
-def kernel_path(device_type: str, dtypes) -> str:
-    """The path tensors on this device with these dtypes take: "triton" (the compiled kernels on
-    CUDA), "interpreter" (the same kernels in Triton's interpreter, TRITON_INTERPRET=1 set before
-    triton was imported; CPU and CUDA tensors) or "reference" (plain PyTorch)."""
-    if reference_reason(device_type, dtypes) is not None:
-        return "reference"
-    return "interpreter" if is_interpreted() else "triton"
-
-
-def takes_triton(device_type: str, dtypes) -> bool:
-    """Whether tensors on this device with these dtypes (x, compute, output, residual) take the
-    Triton kernels (CUDA, or anywhere under TRITON_INTERPRET=1) or the reference."""
-    return kernel_path(device_type, dtypes) != "reference"
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
-
-
-# The messages warn_reference has given: each once per process.
-_warned: set = set()
-_KERNELS_DIR = os.path.dirname(os.path.abspath(__file__))
-# Frames in these folders are skipped when warn_reference names the caller: the kernels, their
-# sibling fused_adapters.adapters, and torch (torch.library's dispatch, nn.Module.__call__).
-_INTERNAL_DIRS = tuple(os.path.join(folder, "") for folder in (
-    _KERNELS_DIR, os.path.join(os.path.dirname(_KERNELS_DIR), "adapters"),
-    os.path.dirname(os.path.abspath(torch.__file__)),
-))
-
-
-def _caller_stacklevel() -> int:
-    """warn_reference's stacklevel for the first frame outside the package and torch: the
-    user's call, not torch.library's dispatch into an op's implementation."""
-    frame, level = sys._getframe(2), 2  # frame 1 is warn_reference; stacklevel 2 its caller
-    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_INTERNAL_DIRS):
-        frame, level = frame.f_back, level + 1
-    return level if frame is not None else 2
-
-
-def warn_reference(op: str, device_type: str, dtypes=(), reason: Optional[str] = None) -> None:
-    """Called where `op` falls back to the plain-PyTorch reference: on CUDA, warn (once per op and
-    reason) that the reference runs instead of the fused kernels, slower. Elsewhere nothing: the
-    reference is the normal path of a CPU without the interpreter. reason: the words for it,
-    default reference_reason(device_type, dtypes). Skipped while torch.compile traces (dynamo
-    cannot trace warnings.warn in a fullgraph compile)."""
-    if device_type != "cuda" or torch.compiler.is_compiling():
-        return
-    if reason is None:
-        reason = reference_reason(device_type, dtypes) or f"dtypes {sorted({_dtype_name(d) for d in dtypes})}"
-    message = (f"{op} on CUDA: {reason}, so the plain-PyTorch reference runs instead of the fused Triton "
-               f"kernels (slower, more memory)")
-    if message in _warned:
-        return
-    _warned.add(message)
-    warnings.warn(message, stacklevel=_caller_stacklevel())
 
 
 def input_precision(dtype: torch.dtype) -> str:

@@ -21,13 +21,17 @@ __all__ = [
     "bottleneck_adapter_backward",
     "bottleneck_hidden",
     "bottleneck_in_dtype",
+    "autocasts",
     "compute_dtype",
     "gate_logits",
     "load_balancing_loss",
     "lora_linear",
+    "lora_linear_backward",
+    "lora_linear_in_dtype",
     "output_dtype",
     "residual_terms",
     "routed_adapter",
+    "routed_in_dtype",
     "sparse_adapter",
     "topk_routing",
 ]
@@ -58,12 +62,16 @@ def activation_fn(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
 AUTOCAST_INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+def autocasts(x: torch.Tensor) -> bool:
+    """Whether torch.autocast casts x here: it is on for x's device and x's dtype is one it casts."""
+    return x.dtype in AUTOCAST_INPUT_DTYPES and torch.is_autocast_enabled(x.device.type)
+
+
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype the dots run in: autocast's for x's device when autocast is on there, as
     F.linear would use; else x's own dtype."""
-    device_type = x.device.type
-    if x.dtype in AUTOCAST_INPUT_DTYPES and torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
+    if autocasts(x):
+        return torch.get_autocast_dtype(x.device.type)
     return x.dtype
 
 
@@ -118,7 +126,7 @@ def bottleneck_adapter(
     cast to the compute dtype, and takes no gradient.
     """
     dtype = compute_dtype(x)
-    autocast = x.dtype in AUTOCAST_INPUT_DTYPES and torch.is_autocast_enabled(x.device.type)
+    autocast = autocasts(x)
     return bottleneck_in_dtype(x, w_down, b_down, w_up, b_up, scale, activation=activation,
                                residual=residual_terms(residual), row_scale=row_scale, dtype=dtype,
                                autocast=autocast)
@@ -201,8 +209,14 @@ def routed_adapter(
     in bottleneck_adapter, shared by the experts. The eager expert loop: each expert runs on the
     rows routed to it. Dtypes as bottleneck_adapter (the weights multiply in the compute dtype).
     """
-    dtype = compute_dtype(x)
-    autocast = x.dtype in AUTOCAST_INPUT_DTYPES and torch.is_autocast_enabled(x.device.type)
+    return routed_in_dtype(x, expert_idx, expert_weight, w_down, b_down, w_up, b_up, scale, activation=activation,
+                           residual=residual, row_scale=row_scale, dtype=compute_dtype(x), autocast=autocasts(x))
+
+
+def routed_in_dtype(x, expert_idx, expert_weight, w_down, b_down, w_up, b_up, scale, *, activation, residual,
+                    row_scale, dtype, autocast):
+    """routed_adapter with the compute dtype and the autocast promotion rule given, not read from
+    the ambient autocast state (custom-op implementations run with it in any state)."""
     dim = x.shape[-1]
     act = activation_fn(activation)
     with torch.autocast(x.device.type, enabled=False):
@@ -256,10 +270,39 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     return F.linear(x, weight, bias) + scale * F.linear(F.linear(x, lora_a), lora_b)
 
 
+def lora_linear_in_dtype(x, weight, bias, lora_a, lora_b, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """lora_linear with every operand cast to `dtype` (the compute dtype), as autocast would cast
+    them, whatever the ambient autocast state (custom-op implementations run in any state)."""
+    with torch.autocast(x.device.type, enabled=False):
+        x = x.to(dtype)
+        base = F.linear(x, weight.to(dtype), None if bias is None else bias.to(dtype))
+        return base + scale * F.linear(F.linear(x, lora_a.to(dtype)), lora_b.to(dtype))
+
+
+def lora_linear_backward(grad_y, x, weight, lora_a, lora_b, scale: float, dtype: torch.dtype):
+    """(dx, d lora_a, d lora_b) of lora_linear_in_dtype for the output gradient grad_y, in `dtype`
+    as autograd computes them there: du = scale * dy, dh = du B, dB = du^T h, dA = dh^T x,
+    dx = dy W + dh A."""
+    with torch.autocast(x.device.type, enabled=False):
+        x, grad_y = x.to(dtype), grad_y.to(dtype)
+        hidden = F.linear(x, lora_a.to(dtype))
+        grad_update = grad_y * scale
+        grad_hidden = grad_update @ lora_b.to(dtype)
+        grad_x = grad_y @ weight.to(dtype) + grad_hidden @ lora_a.to(dtype)
+        return grad_x, grad_hidden.t() @ x, grad_update.t() @ hidden
+
+
 def load_balancing_loss(logits: torch.Tensor, top_k: int) -> torch.Tensor:
     """The Switch Transformer auxiliary loss for top-k routing: E * sum_e f_e * P_e, where f_e is
     the share of the M * k routed slots that go to expert e (a constant) and P_e the mean over
-    rows of softmax(logits)[:, e]. 1.0 when both are uniform; it grows as routing collapses."""
+    rows of softmax(logits)[:, e]. 1.0 when both are uniform; it grows as routing collapses.
+    logits: [..., E] with E >= 1 (the gate's logits, e.g. sparse_adapter's return_logits)."""
+    if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
+        raise TypeError(f"logits must be a floating-point torch.Tensor [..., E], got "
+                        f"{logits.dtype if isinstance(logits, torch.Tensor) else type(logits).__name__}")
+    if logits.dim() < 1 or logits.shape[-1] == 0:
+        raise ValueError(f"logits must have shape [..., E] with at least one expert (E >= 1), got "
+                         f"{tuple(logits.shape)}")
     experts = logits.shape[-1]
     logits = logits.reshape(-1, experts).float()
     expert_idx, _ = topk_routing(logits, top_k)

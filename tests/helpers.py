@@ -121,14 +121,24 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 def poisoned_outputs(monkeypatch):
     """Every buffer the kernels write starts as NaN (an integer one as an index far out of
     range), so an unwritten element shows up."""
-    from fused_adapters.kernels import bottleneck, lora, sparse, sparse_grouped
+    from fused_adapters.kernels.bottleneck import plan as bottleneck_plan
+    from fused_adapters.kernels.lora import plan as lora_plan
+    from fused_adapters.kernels.sparse import op as sparse_op
+    from fused_adapters.kernels.sparse import plan as sparse_plan
 
     def nan_output(shape, dtype, device):
         return torch.full(shape, float("nan") if dtype.is_floating_point else 2**30, dtype=dtype, device=device)
 
-    for module in (bottleneck, lora, sparse, sparse_grouped):
+    for module in (bottleneck_plan, lora_plan, sparse_plan, sparse_op):
         monkeypatch.setattr(module, "new_output", nan_output)
     yield
+
+
+def force_reference(monkeypatch) -> None:
+    """Every op takes its plain-PyTorch path: the one rule (kernels/paths.py) answers "reference"."""
+    from fused_adapters.kernels import paths
+
+    monkeypatch.setattr(paths, "reference_reason", lambda device_type, dtypes, rank=0: "a test forcing the reference")
 
 
 @contextlib.contextmanager
@@ -170,6 +180,17 @@ class LaunchCounter:
         yield self
 
 
+def custom_op_impl(name: str):
+    """The Python implementation of the custom op fused_adapters::name."""
+    from fused_adapters.kernels.bottleneck import op as bottleneck_op
+    from fused_adapters.kernels.lora import op as lora_op
+    from fused_adapters.kernels.sparse import op as sparse_op
+
+    ops = {fused.name: fused for module in (bottleneck_op, lora_op, sparse_op)
+           for fused in (module.forward_op, module.backward_op)}
+    return ops[name].impl
+
+
 class AtenRecorder(TorchDispatchMode):
     """Records the aten ops the host side runs (outside Triton launches: the interpreter's own
     host copies are no part of a GPU launch) with the shapes of what they return."""
@@ -182,18 +203,8 @@ class AtenRecorder(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func.namespace == "fused_adapters":
             # Our custom ops are one node to the dispatcher; record what their implementation runs.
-            from fused_adapters.kernels import bottleneck, lora, sparse
-
-            impl = {"bottleneck_forward": bottleneck._forward_impl,
-                    "bottleneck_backward": bottleneck._backward_impl,
-                    "sparse_forward": sparse._forward_impl,
-                    "sparse_backward": sparse._backward_impl,
-                    "sparse_grouped_forward": sparse._grouped_forward_impl,
-                    "sparse_grouped_backward": sparse._grouped_backward_impl,
-                    "lora_linear_forward": lora._forward_impl,
-                    "lora_linear_backward": lora._backward_impl}[func.overloadpacket.__name__]
             with self:
-                return impl(*args, **(kwargs or {}))
+                return custom_op_impl(func.overloadpacket.__name__)(*args, **(kwargs or {}))
         out = func(*args, **(kwargs or {}))
         if self.launches is None or not self.launches.in_kernel:
             outs = out if isinstance(out, (tuple, list)) else [out]

@@ -9,7 +9,7 @@ import pytest
 
 from fused_adapters.adapters import AdapterConfig
 from fused_adapters.kernels.checks import MAX_RANK
-from fused_adapters.kernels.sparse import MAX_EXPERTS
+from fused_adapters.kernels.sparse.configs import MAX_EXPERTS
 
 ADAPTER_FIELDS = ("rank", "position", "activation", "scaling", "init", "drop_path", "dropout", "norm", "bias")
 

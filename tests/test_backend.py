@@ -11,11 +11,11 @@ import warnings
 import pytest
 import torch
 
-from fused_adapters.kernels import backend, bottleneck, bottleneck_adapter, launch, routed_adapter, sparse
+from fused_adapters.kernels import backend, bottleneck_adapter, paths, routed_adapter
 from fused_adapters.kernels import sparse_adapter, uses_triton
 from helpers import DEVICE, LaunchCounter
 
-interpreter_only = pytest.mark.skipif(not launch.is_interpreted(), reason="needs TRITON_INTERPRET=1")
+interpreter_only = pytest.mark.skipif(not paths.is_interpreted(), reason="needs TRITON_INTERPRET=1")
 
 AUTOCAST = {"none": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -32,7 +32,7 @@ def fused_warnings(record):
 @pytest.fixture(autouse=True)
 def fresh_warnings(monkeypatch):
     # Each test starts with no reference warning given yet (they are once per process).
-    monkeypatch.setattr(launch, "_warned", set())
+    monkeypatch.setattr(paths, "_warned", set())
 
 
 # --------------------------------------------------------------------------------------------
@@ -66,20 +66,20 @@ def test_cpu_autocast_under_the_interpreter():
 
 def test_the_rule(monkeypatch):
     # The decision itself, for every device type and mode, without a GPU.
-    monkeypatch.setattr(launch, "is_interpreted", lambda: False)
-    assert launch.kernel_path("cuda", (torch.float16, torch.float16)) == "triton"
-    assert launch.kernel_path("cuda", (torch.float32, torch.bfloat16)) == "triton"
-    assert launch.kernel_path("cuda", (torch.float64, torch.float64)) == "reference"
-    assert launch.kernel_path("cpu", (torch.float32, torch.float32)) == "reference"
-    assert "TRITON_INTERPRET" in launch.reference_reason("cpu", (torch.float32,))
-    monkeypatch.setattr(launch, "is_interpreted", lambda: True)
+    monkeypatch.setattr(paths, "is_interpreted", lambda: False)
+    assert paths.kernel_path("cuda", (torch.float16, torch.float16)) == "triton"
+    assert paths.kernel_path("cuda", (torch.float32, torch.bfloat16)) == "triton"
+    assert paths.kernel_path("cuda", (torch.float64, torch.float64)) == "reference"
+    assert paths.kernel_path("cpu", (torch.float32, torch.float32)) == "reference"
+    assert "TRITON_INTERPRET" in paths.reference_reason("cpu", (torch.float32,))
+    monkeypatch.setattr(paths, "is_interpreted", lambda: True)
     for device in ("cpu", "cuda"):
-        assert launch.kernel_path(device, (torch.float32, torch.float16)) == "interpreter"
-        assert launch.kernel_path(device, (torch.float32, torch.bfloat16)) == "reference"
-        assert launch.kernel_path(device, (torch.float64,)) == "reference"
-    assert launch.kernel_path("meta", (torch.float32,)) == "reference"
+        assert paths.kernel_path(device, (torch.float32, torch.float16)) == "interpreter"
+        assert paths.kernel_path(device, (torch.float32, torch.bfloat16)) == "reference"
+        assert paths.kernel_path(device, (torch.float64,)) == "reference"
+    assert paths.kernel_path("meta", (torch.float32,)) == "reference"
     for device_type, dtypes in [("cuda", (torch.float16,)), ("cpu", (torch.bfloat16,)), ("cuda", (torch.float64,))]:
-        assert launch.takes_triton(device_type, dtypes) == (launch.kernel_path(device_type, dtypes) != "reference")
+        assert paths.takes_triton(device_type, dtypes) == (paths.kernel_path(device_type, dtypes) != "reference")
 
 
 @pytest.mark.parametrize("bad", [None, 1.5, [1.0, 2.0], torch.ones(2, dtype=torch.int64)])
@@ -93,11 +93,12 @@ def test_cpu_without_the_interpreter_runs_the_reference(tmp_path):
     # reference path is the normal one there, so it must not warn (-W error).
     script = (
         "import torch\n"
-        "from fused_adapters.kernels import backend, bottleneck, bottleneck_adapter, launch, uses_triton\n"
-        "assert not launch.is_interpreted()\n"
+        "from fused_adapters.kernels import backend, bottleneck_adapter, paths, uses_triton\n"
+        "from fused_adapters.kernels.bottleneck import plan\n"
+        "assert not paths.is_interpreted()\n"
         "def no_kernels(*args, **kwargs):\n"
         "    raise AssertionError('the kernels ran')\n"
-        "bottleneck._forward_triton = no_kernels\n"
+        "plan.forward = plan.backward = no_kernels\n"
         "x = torch.randn(3, 8, requires_grad=True)\n"
         "answers = [backend(x), backend(x.half()), backend(x.double()), uses_triton(x)]\n"
         "with torch.autocast('cpu', dtype=torch.float16):\n"
@@ -153,8 +154,8 @@ def test_backend_is_what_runs(op, dtype, autocast_name, monkeypatch):
         y = call()
     assert said in ("triton", "interpreter", "reference")
     assert bool(counter.names) == (said != "reference"), (said, counter.names)
-    assert said != "interpreter" or launch.is_interpreted()
-    assert said != "triton" or (x.is_cuda and not launch.is_interpreted())
+    assert said != "interpreter" or paths.is_interpreted()
+    assert said != "triton" or (x.is_cuda and not paths.is_interpreted())
     assert y.shape == x.shape
 
 
@@ -167,16 +168,15 @@ def test_backend_is_what_runs(op, dtype, autocast_name, monkeypatch):
 def pretend_cuda(monkeypatch):
     """The ops' fallbacks on this machine's tensors, warned about as if they were CUDA tensors
     (no GPU needed): the op's own call of warn_reference, with the device type swapped."""
-    real = launch.warn_reference
+    real = paths.warn_reference
 
     def as_cuda(op, device_type, dtypes=(), reason=None):
         return real(op, "cuda", dtypes, reason)
 
     # Filed under the kernels' folder, as the real helper is, so the warning's stacklevel skips it
     # and still has to find the caller outside the package and torch.
-    as_cuda.__code__ = as_cuda.__code__.replace(co_filename=launch.__file__)
-    monkeypatch.setattr(bottleneck, "warn_reference", as_cuda)
-    monkeypatch.setattr(sparse, "warn_reference", as_cuda)
+    as_cuda.__code__ = as_cuda.__code__.replace(co_filename=paths.__file__)
+    monkeypatch.setattr(paths, "warn_reference", as_cuda)
 
 
 def test_reference_warning_on_cuda_once(pretend_cuda):
@@ -217,7 +217,7 @@ def test_bf16_under_the_interpreter_warns_on_cuda(pretend_cuda):
 
 
 def test_sparse_rank_above_the_kernels_warns_once(pretend_cuda):
-    rank = sparse.MAX_GROUPED_RANK + 1
+    rank = paths.MAX_RANK + 1
     x = torch.randn(3, 8)
     w_down, w_up = torch.randn(2, rank, 8) * 0.1, torch.randn(2, 8, rank) * 0.1
     with warnings.catch_warnings(record=True) as record:
@@ -225,7 +225,7 @@ def test_sparse_rank_above_the_kernels_warns_once(pretend_cuda):
         for _ in range(2):
             sparse_adapter(x, torch.randn(2, 8), None, w_down, None, w_up, None, top_k=1)
     [warning] = fused_warnings(record)
-    assert f"rank {rank} > {sparse.MAX_GROUPED_RANK}" in str(warning.message)
+    assert f"rank {rank} > {paths.MAX_RANK}" in str(warning.message)
     assert "sparse_adapter on CUDA" in str(warning.message)
 
 
@@ -237,7 +237,7 @@ def test_cpu_fallbacks_do_not_warn():
         for x in (x64, xbf16):
             for op in ("bottleneck", "sparse", "routed"):
                 small_call(op, x)()
-        rank = sparse.MAX_GROUPED_RANK + 1
+        rank = paths.MAX_RANK + 1
         sparse_adapter(torch.randn(3, 8), torch.randn(2, 8), None, torch.randn(2, rank, 8), None,
                        torch.randn(2, 8, rank), None, top_k=1)
     assert fused_warnings(record) == []
@@ -246,13 +246,13 @@ def test_cpu_fallbacks_do_not_warn():
 def test_warn_reference_directly():
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        launch.warn_reference("bottleneck_adapter", "cpu", (torch.float64,))
+        paths.warn_reference("bottleneck_adapter", "cpu", (torch.float64,))
         assert record == []
-        launch.warn_reference("bottleneck_adapter", "cuda", (torch.float64, torch.float64))
-        launch.warn_reference("bottleneck_adapter", "cuda", (torch.float32, torch.float64))
-        launch.warn_reference("bottleneck_adapter", "cuda", (torch.float16, torch.float64))
+        paths.warn_reference("bottleneck_adapter", "cuda", (torch.float64, torch.float64))
+        paths.warn_reference("bottleneck_adapter", "cuda", (torch.float32, torch.float64))
+        paths.warn_reference("bottleneck_adapter", "cuda", (torch.float16, torch.float64))
         assert len(record) == 1
-        launch.warn_reference("bottleneck_adapter", "cuda", (torch.float32, torch.complex64))
+        paths.warn_reference("bottleneck_adapter", "cuda", (torch.float32, torch.complex64))
         assert len(record) == 2
     assert "complex64" in str(record[1].message)
 
@@ -261,10 +261,10 @@ def test_warn_reference_directly():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_on_a_gpu():
     x = torch.randn(4, 8, device="cuda", dtype=torch.float16)
-    want = "interpreter" if launch.is_interpreted() else "triton"
+    want = "interpreter" if paths.is_interpreted() else "triton"
     assert backend(x) == want
     assert backend(x.float()) == want
-    assert backend(x.bfloat16()) == ("reference" if launch.is_interpreted() else "triton")
+    assert backend(x.bfloat16()) == ("reference" if paths.is_interpreted() else "triton")
     assert backend(x.double()) == "reference"
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from bench.measure import floor_bytes, rotation_count
-from fused_adapters.kernels import launch
+from fused_adapters.kernels import paths
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 ROW_KEYS = {"op", "pass", "device", "dtype", "shape", "rows", "dim", "rank", "provider", "variant",
@@ -75,7 +75,7 @@ def test_lora_suite_rows():
     assert {"_bottleneck_forward_kernel", "_backward_hidden_kernel"} <= suite.KERNEL_NAMES
 
 
-@pytest.mark.skipif(not launch.is_interpreted(), reason="counts launches in Triton's interpreter")
+@pytest.mark.skipif(not paths.is_interpreted(), reason="counts launches in Triton's interpreter")
 @pytest.mark.parametrize("variant", ["default", "store_act"])
 def test_lora_counts_match_the_planned_launches(variant):
     # count_case runs the base GEMM and the fused branch; the branch launches what fused_launches plans.
@@ -156,7 +156,7 @@ def test_sparse_suite_rows():
     assert all(suite.repeats_grouped(16, 32, name) for name in ("default", "rows16", "rows64", "store_act"))
 
 
-@pytest.mark.skipif(not launch.is_interpreted(), reason="counts launches in Triton's interpreter")
+@pytest.mark.skipif(not paths.is_interpreted(), reason="counts launches in Triton's interpreter")
 @pytest.mark.parametrize("variant, experts, rank", [("default", 4, 16), ("grouped", 4, 16), ("default", 16, 32)])
 def test_sparse_counts_match_the_planned_launches(variant, experts, rank):
     # count_case runs the public op with the row's variant; it launches what fused_launches plans.
@@ -171,6 +171,24 @@ def test_sparse_counts_match_the_planned_launches(variant, experts, rank):
 
 
 @pytest.mark.slow
+def test_counted_launches_come_from_the_ops_plans(monkeypatch):
+    # The benchmark's device-free counts mirror no launch rule: a change to an op's plan (here
+    # the bottleneck's act(h) rule and the grouped gate's chunks) changes what it counts.
+    from bench.measure import fused_launches
+    from fused_adapters.kernels.bottleneck import plan as bottleneck_plan
+    from fused_adapters.kernels.sparse import plan as sparse_plan
+
+    case = dict(op="bottleneck", rows=394, dim=768, rank=8, dtype="fp16", variant="default", sms=132,
+                **{"pass": "forward+backward"})
+    assert fused_launches(case)[1].constexprs["STORE_ACT"] is False
+    monkeypatch.setattr(bottleneck_plan, "stores_act", lambda rank, variant: True)
+    assert fused_launches(case)[1].constexprs["STORE_ACT"] is True
+    grouped = dict(op="sparse_adapter", rows=394, dim=768, rank=16, experts=8, top_k=2, dtype="fp16",
+                   variant="grouped", sms=132, **{"pass": "forward+backward"})
+    monkeypatch.setattr(sparse_plan, "gate_chunks", lambda *args: 5)
+    assert fused_launches(grouped)[-1].grid[0] == 8 + 5  # the experts' programs and the gate's chunks
+
+
 def test_plain_pytest_collects_no_benchmark():
     files = collected()
     assert files and all(path.startswith("tests/") for path in files)

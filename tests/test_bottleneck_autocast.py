@@ -6,7 +6,7 @@ in the interpreter; bf16 takes the reference there (the interpreter has no bf16)
 import pytest
 import torch
 
-from fused_adapters.kernels import bottleneck_adapter, launch, reference, uses_triton
+from fused_adapters.kernels import bottleneck_adapter, paths, reference, uses_triton
 from helpers import (
     DEVICE, NO_CUDA_REASON, TOLERANCE, LaunchCounter, make_case, poisoned_outputs, reference_grads,
     relative_error,
@@ -169,15 +169,15 @@ def test_autocast_reads_x_in_place(monkeypatch):
 def test_bf16_never_reaches_the_interpreter(monkeypatch):
     # With TRITON_INTERPRET=1 every device runs the interpreter, CUDA tensors included: bf16 in
     # any role (x, the compute dtype, y, the residual) must take the reference there.
-    monkeypatch.setattr(launch, "is_interpreted", lambda: True)
+    monkeypatch.setattr(paths, "is_interpreted", lambda: True)
     for device in ("cpu", "cuda"):
-        assert launch.takes_triton(device, (torch.float16, torch.float16))
-        assert not launch.takes_triton(device, (torch.float32, torch.bfloat16))
-        assert not launch.takes_triton(device, (torch.bfloat16,))
-        assert not launch.takes_triton(device, (torch.float16, torch.float16, torch.float32, torch.bfloat16))
-    monkeypatch.setattr(launch, "is_interpreted", lambda: False)
-    assert launch.takes_triton("cuda", (torch.float32, torch.bfloat16))
-    assert not launch.takes_triton("cpu", (torch.float32,))
+        assert paths.takes_triton(device, (torch.float16, torch.float16))
+        assert not paths.takes_triton(device, (torch.float32, torch.bfloat16))
+        assert not paths.takes_triton(device, (torch.bfloat16,))
+        assert not paths.takes_triton(device, (torch.float16, torch.float16, torch.float32, torch.bfloat16))
+    monkeypatch.setattr(paths, "is_interpreted", lambda: False)
+    assert paths.takes_triton("cuda", (torch.float32, torch.bfloat16))
+    assert not paths.takes_triton("cpu", (torch.float32,))
 
 
 def test_uses_triton_follows_autocast():

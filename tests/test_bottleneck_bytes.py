@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from bench.bytes import measure  # the counting bench/bytes.py prints: fp16, row_scale and channel scale on
-from fused_adapters.kernels import bottleneck, bottleneck_adapter, reference
+from fused_adapters.kernels import bottleneck_adapter, reference
+from fused_adapters.kernels.bottleneck import plan
 from fused_adapters.kernels.launch import launch_plan
 
 SMS = 132  # H100 SXM
@@ -53,13 +54,11 @@ def test_grids_fill_the_gpu_at_vit_sizes(rank, dtype):
     x = torch.empty(rows, dim, dtype=dtype)
     w_down, w_up = torch.empty(rank, dim, dtype=dtype), torch.empty(dim, rank, dtype=dtype)
     with launch_plan(SMS):
-        forward = bottleneck.forward_launch(x, w_down, None, w_up, None, None, 1.0, None, True, None, "gelu", dtype,
-                                            torch.empty(rows, dim, dtype=dtype), torch.empty(rows, rank, dtype=dtype))
-        hidden_launch, weights_launch, partials = bottleneck.backward_launches(
-            x, x, torch.empty(rows, rank, dtype=dtype), w_down, w_up, None, None, 1.0, None, "gelu", dtype, True,
-            torch.empty(rows, rank, dtype=dtype), torch.empty(rows, rank, dtype=dtype), torch.empty(rows, dim, dtype=dtype),
-        )
-    for launch in (forward, hidden_launch, weights_launch):
+        forward = plan.forward(x, w_down, None, w_up, None, None, 1.0, None, True, None, "gelu", dtype, dtype,
+                               True).launches["forward"]
+        backward = plan.backward(x, x, torch.empty(rows, rank, dtype=dtype), w_down, w_up, None, None, 1.0, None,
+                                 "gelu", dtype, True, True, torch.float32)
+    for launch in (forward, *backward.launches.values()):
         assert launch.programs >= 2 * SMS, (launch.kernel, launch.grid)
     # Block rows come from M: 64-row tiles would give 99 programs here.
     assert forward.constexprs["BLOCK_ROWS"] * 2 * SMS <= rows + forward.constexprs["BLOCK_ROWS"] * 2 * SMS // 2
@@ -73,11 +72,9 @@ def test_partials_are_sized_by_rows_below_gpu_filling_sizes():
     def chunks(rows):
         x = torch.empty(rows, dim, dtype=torch.float16)
         with launch_plan(SMS):
-            _, weights_launch, partials = bottleneck.backward_launches(
+            partials = plan.backward(
                 x, x, torch.empty(rows, rank, dtype=torch.float16), torch.empty(rank, dim), torch.empty(dim, rank),
-                None, None, 1.0, None, "gelu", torch.float16, True, torch.empty(rows, rank, dtype=torch.float16),
-                torch.empty(0, rank, dtype=torch.float16), torch.empty(rows, dim, dtype=torch.float16),
-            )
+                None, None, 1.0, None, "gelu", torch.float16, True, True, torch.float32).buffers["partials"]
         return partials.shape[0]
 
     assert chunks(1024) == 1

@@ -1,10 +1,12 @@
 """Bad input gets a ValueError or TypeError that names the argument, before any kernel runs."""
 
+import warnings
+
 import pytest
 import torch
 
-from fused_adapters.kernels import bottleneck_adapter
-from helpers import DEVICE
+from fused_adapters.kernels import bottleneck_adapter, reference
+from helpers import DEVICE, LaunchCounter
 
 D, R, M = 12, 4, 10
 
@@ -82,13 +84,21 @@ def _to_device(value):
     return value
 
 
-def test_rank_past_the_kernels_limit():
+def test_rank_past_the_kernels_limit_runs_the_reference(monkeypatch):
+    # One rule for every op and backend (kernels/paths.py): a rank above 256 runs the reference
+    # (a CUDA call warns once: test_backend), where the kernels' paths used to raise and the CPU's
+    # ran. The same input gets the same answer everywhere.
     args = good()
-    args["w_down"] = torch.randn(257, D, device=DEVICE)
-    args["w_up"] = torch.randn(D, 257, device=DEVICE)
+    args["w_down"] = torch.randn(257, D, device=DEVICE) * 0.1
+    args["w_up"] = torch.randn(D, 257, device=DEVICE) * 0.1
     args["b_down"] = None
-    with pytest.raises(ValueError, match="rank 1 to 256"):
-        call(args)
+    counter = LaunchCounter()
+    with counter.patch(monkeypatch), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the CUDA fallback's warning
+        y = call(args)
+    assert counter.names == []
+    positional = [args.pop(k) for k in ("x", "w_down", "b_down", "w_up", "b_up", "scale")]
+    torch.testing.assert_close(y, reference.bottleneck_adapter(*positional, **args))
 
 
 def test_good_arguments_pass():

@@ -275,17 +275,16 @@ def test_gradients_reduced_over_several_row_chunks(shape, rank, dtype, param_dty
     # The interpreter's own plan (2 SMs) mostly gives one chunk, whose kernel writes the
     # gradients directly; a larger SM count makes the weights kernel split M into row chunks
     # whose fp32 partials torch sums: both paths must agree with float64.
-    from fused_adapters.kernels.bottleneck import BACKWARD_WEIGHTS_CONFIGS, backward_launches, block_config
+    from fused_adapters.kernels.bottleneck import plan
+    from fused_adapters.kernels.bottleneck.configs import BACKWARD_WEIGHTS_CONFIGS, block_config
     from fused_adapters.kernels.launch import launch_plan
 
     case = make_case(shape, rank=rank, dtype=dtype, param_dtype=param_dtype)
     with launch_plan(sms):
         x = case.x.detach()
-        _, weights_launch, partials = backward_launches(
-            x, x, torch.empty(shape[0], rank, dtype=dtype), case.w_down.detach(), case.w_up.detach(), None, None, 1.0,
-            None, "gelu", dtype, True, torch.empty(shape[0], rank, dtype=dtype), torch.empty(0, rank, dtype=dtype),
-            torch.empty(shape, dtype=dtype),
-        )
+        planned = plan.backward(x, x, torch.empty(shape[0], rank, dtype=dtype), case.w_down.detach(),
+                                case.w_up.detach(), None, None, 1.0, None, "gelu", dtype, True, True, torch.float32)
+        weights_launch, partials = planned.launches["backward_weights"], planned.buffers["partials"]
         assert partials.shape[0] > 1, "the case must exercise the multi-chunk reduction"
         assert block_config(BACKWARD_WEIGHTS_CONFIGS, rank, dtype).rank_tile == 0 or weights_launch.grid[2] > 1
         with poisoned_outputs(monkeypatch):

@@ -12,7 +12,8 @@ from torch.autograd.graph import saved_tensors_hooks
 
 from fused_adapters.kernels import bottleneck_adapter, reference
 from helpers import (
-    DEVICE, TOLERANCE, AtenRecorder, LaunchCounter, allow_tf32, make_case, poisoned_outputs, relative_error,
+    DEVICE, TOLERANCE, AtenRecorder, LaunchCounter, allow_tf32, force_reference, make_case, poisoned_outputs,
+    relative_error,
 )
 
 MATMUL_OPS = {"mm", "addmm", "bmm", "baddbmm", "matmul", "linear", "mv", "addmv", "dot", "_scaled_mm", "convolution"}
@@ -198,14 +199,14 @@ def test_offsets_past_2_to_the_31(layout):
 
 
 def test_fp32_dots_follow_allow_tf32():
-    from fused_adapters.kernels.bottleneck import forward_launch
+    from fused_adapters.kernels.bottleneck import plan
 
     x = torch.randn(20, 32)
     w_down, w_up = torch.randn(4, 32), torch.randn(32, 4)
 
     def precision():
-        launch = forward_launch(x, w_down, None, w_up, None, None, 1.0, None, False, None, "gelu", torch.float32,
-                                torch.empty(20, 32), torch.empty(0, 4))
+        launch = plan.forward(x, w_down, None, w_up, None, None, 1.0, None, False, None, "gelu", torch.float32,
+                              torch.float32, False).launches["forward"]
         return launch.constexprs["INPUT_PRECISION"]
 
     with allow_tf32(False):
@@ -220,10 +221,8 @@ def test_column_major_x_gives_column_major_y(path, monkeypatch):
     # viewed as [(B, D), N] for a bottleneck over its tokens, is column-major; so is y, and
     # permuting it back gives the [N, B, D] layout again with no copy. Values are the
     # reference's, and opcheck's fake agrees with the real layout.
-    from fused_adapters.kernels import bottleneck
-
     if path == "reference":
-        monkeypatch.setattr(bottleneck, "takes_triton", lambda device_type, dtypes: False)
+        force_reference(monkeypatch)
     tokens, batch, dim, rank = 13, 3, 24, 4
     generator = torch.Generator().manual_seed(5)
     state = torch.randn(tokens, batch, dim, generator=generator).to(DEVICE).requires_grad_()
@@ -241,9 +240,10 @@ def test_column_major_x_gives_column_major_y(path, monkeypatch):
     y.backward(torch.ones_like(y))
     assert state.grad.shape == state.shape and torch.isfinite(state.grad).all()
     x2d = view.reshape(-1, tokens)
-    args = (x2d.detach(), w_down, None, w_up, None, None, 0.5, None, True, None, "gelu", torch.float32,
-            torch.float32, False, True)
-    torch.library.opcheck(torch.ops.fused_adapters.bottleneck_forward.default, args,
+    inputs = dict(x=x2d.detach(), w_down=w_down, b_down=None, w_up=w_up, b_up=None, scale=None, scale_value=0.5,
+                  residual=None, add_input=True, row_scale=None, activation="gelu", compute_dtype=torch.float32,
+                  out_dtype=torch.float32, autocast=False, save_hidden=True, op="bottleneck_adapter")
+    torch.library.opcheck(torch.ops.fused_adapters.bottleneck_forward.default, (), inputs,
                           test_utils=("test_schema", "test_faketensor"))
     # Row-major x, and D_out != D, keep row-major y.
     w_down_d, w_up_d = torch.randn(rank, dim).to(DEVICE), torch.randn(dim, rank).to(DEVICE)

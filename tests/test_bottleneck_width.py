@@ -58,16 +58,16 @@ def test_lora_form_and_scale_kinds(scale, activation, monkeypatch):
 def test_split_ranks_and_several_row_chunks(dim, dim_out, monkeypatch):
     # rank 100 pads to 128: the weights launch splits it over rank blocks; the SM counts give
     # several row chunks, whose fp32 partials torch sums (D_out narrower and wider than D).
-    from fused_adapters.kernels.bottleneck import backward_launches
+    from fused_adapters.kernels.bottleneck import plan
 
     rows = 600
     case = make_case((rows, dim), rank=100, dim_out=dim_out)
     with launch_plan(16):
-        empty = torch.empty(rows, 100, device=DEVICE)
-        _, weights_launch, partials = backward_launches(
-            torch.randn(rows, dim_out, device=DEVICE), case.x.detach(), empty, case.w_down.detach(),
-            case.w_up.detach(), None, None, 1.0, None, "gelu", torch.float32, False, empty, empty,
-            torch.empty(rows, dim, device=DEVICE))
+        planned = plan.backward(
+            torch.randn(rows, dim_out, device=DEVICE), case.x.detach(), torch.empty(rows, 100, device=DEVICE),
+            case.w_down.detach(), case.w_up.detach(), None, None, 1.0, None, "gelu", torch.float32, False, True,
+            torch.float32)
+        weights_launch, partials = planned.launches["backward_weights"], planned.buffers["partials"]
         assert partials.shape[0] > 1 and weights_launch.grid[2] > 1  # several chunks, split ranks
         assert weights_launch.grid[1] == -(-max(dim, dim_out) // weights_launch.constexprs["BLOCK_DIM"])
         assert weights_launch.config.name.startswith("bwd_weights_wide")  # tiles that do not spill here
@@ -119,7 +119,7 @@ def test_lora_branch_bytes():
     # reads dy in both launches (dh needs whole rows of dy, dw_up and dscale its column tiles),
     # and dy is 3x the size of x here. Counted: forward 1.013x, backward 1.656x (at M = 1576:
     # 1.004x and 1.620x; fc1's 4x: 1.686x), against 1.40x when D_out = D.
-    from fused_adapters.kernels.byte_count import count_bytes
+    from fused_adapters.tools.byte_count import count_bytes
 
     rows, dim, dim_out, rank = 394, 768, 2304, 8
     generator = torch.Generator().manual_seed(0)

@@ -5,10 +5,10 @@ import torch
 import triton
 import triton.language as tl
 
-from fused_adapters.kernels import launch
-from fused_adapters.kernels.byte_count import AtenBytes, LaunchBytes, count_bytes, tensor_bytes
+from fused_adapters.kernels import launch, paths
+from fused_adapters.tools.byte_count import AtenBytes, LaunchBytes, count_bytes, tensor_bytes
 
-pytestmark = pytest.mark.skipif(not launch.is_interpreted(), reason="counts bytes in Triton's interpreter")
+pytestmark = pytest.mark.skipif(not paths.is_interpreted(), reason="counts bytes in Triton's interpreter")
 
 
 @triton.jit
@@ -141,7 +141,7 @@ def test_works_alongside_the_launch_counter(monkeypatch):
 
 
 def test_needs_the_interpreter(monkeypatch):
-    from fused_adapters.kernels import byte_count
+    from fused_adapters.tools import byte_count
 
     monkeypatch.setattr(byte_count, "is_interpreted", lambda: False)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
@@ -208,7 +208,7 @@ def test_zero_dim_pointers_and_masks():
     import numpy as np
     from triton.runtime.interpreter import TensorHandle
 
-    from fused_adapters.kernels.byte_count import _unmasked_addresses
+    from fused_adapters.tools.byte_count import _unmasked_addresses
 
     pointer = TensorHandle(np.array(4096, dtype=np.uint64), tl.pointer_type(tl.float32))
     assert _unmasked_addresses(pointer, TensorHandle(np.array(True), tl.int1)).tolist() == [4096]

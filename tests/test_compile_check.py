@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from fused_adapters.kernels import bottleneck, sparse, sparse_grouped
+from fused_adapters.kernels.bottleneck import configs as bottleneck
+from fused_adapters.kernels.sparse import configs as sparse
 
 
 def _environment_without_interpreter():
@@ -21,10 +22,10 @@ def test_compile_check_passes_for_every_configuration():
     # The bottleneck kernels; the sparse ones (a run of their own, as long again) are compiled
     # one case per kernel by the test below, and the grouped design's (--kernel grouped_...)
     # one kernel's two forms.
-    from fused_adapters.kernels.compile_check import BOTTLENECK_KERNELS
+    from fused_adapters.tools.compile_check import BOTTLENECK_KERNELS
 
     result = subprocess.run(
-        [sys.executable, "-m", "fused_adapters.kernels.compile_check", "--kernel", *BOTTLENECK_KERNELS],
+        [sys.executable, "-m", "fused_adapters.tools.compile_check", "--kernel", *BOTTLENECK_KERNELS],
         capture_output=True, text=True, env=_environment_without_interpreter(), timeout=1200,
     )
     table = result.stdout
@@ -41,7 +42,7 @@ def test_compile_check_passes_for_every_configuration():
 def test_specialization_follows_the_jit():
     # What Triton's launcher does with arguments: pointers and integers divisible by 16 get
     # tt.divisibility=16, integers equal to 1 become constants, other integers stay i32.
-    from fused_adapters.kernels.compile_check import build_launches, specialize
+    from fused_adapters.tools.compile_check import build_launches, specialize
 
     launch = build_launches("forward", 16, "float16", "aligned")
     launch.kernel = _jit_view(launch.kernel)
@@ -64,10 +65,11 @@ def test_compile_check_compiles_a_sparse_and_a_wide_case_per_kernel():
     # specialized for a width-changing bottleneck (D_out = 3 D), and the LoRA linear's single
     # launch (forward and the backward's input launch, at rank 16 and 8) and the column-major forward (LoSA's
     # token mixers), through the CLI (16 compiles).
-    # Each must build and compile to a cubin with tensor-core dots; the spill and load rules are
-    # the full runs' (python -m fused_adapters.kernels.compile_check --kernel sparse_... / grouped_...).
+    # Each must build, compile to a cubin with tensor-core dots and pass every rule of the full
+    # runs (python -m fused_adapters.tools.compile_check --kernel sparse_... / grouped_...): no
+    # spills, vectorized loads; any op's failure fails the test.
     result = subprocess.run(
-        [sys.executable, "-m", "fused_adapters.kernels.compile_check",
+        [sys.executable, "-m", "fused_adapters.tools.compile_check",
          "--kernel", "sparse_forward", "sparse_backward_input", "sparse_backward_weights", "grouped_forward",
          "forward_wide", "backward_weights_wide", "forward_column_major", "lora_forward", "lora_backward_input",
          "--config", "sparse_fwd_c16_half_rows16", "sparse_bwd_input_c16_half_rows16", "sparse_bwd_weights_c16_half",
@@ -76,8 +78,8 @@ def test_compile_check_compiles_a_sparse_and_a_wide_case_per_kernel():
         capture_output=True, text=True, env=_environment_without_interpreter(), timeout=300,
     )
     table = result.stdout
-    assert result.returncode in (0, 1), f"compile check did not run:\n{table[-6000:]}\n{result.stderr[-3000:]}"
-    assert "compile error" not in table, table
+    assert result.returncode == 0, f"compile check failed:\n{table[-6000:]}\n{result.stderr[-3000:]}"
+    assert "FAIL" not in table and "compile error" not in table, table
     rows = [line.split() for line in table.splitlines() if line.startswith(("sparse_", "grouped_", "forward_wide",
                                                                             "backward_weights_wide", "lora_",
                                                                             "forward_column_major"))]
@@ -99,10 +101,38 @@ def test_compile_check_compiles_a_sparse_and_a_wide_case_per_kernel():
         assert int(row[5]) > 0 and row[9] in ("mma.sync", "wgmma"), row  # registers read from the cubin
 
 
+def test_cases_come_from_the_ops_plans(monkeypatch):
+    # The compile check mirrors no launch rule: its cases are what the ops' plans make, so a
+    # change to a plan (here the bottleneck's act(h) rule, the sparse forward's launch, the LoRA
+    # GEMM's tile choice) changes the cases with it.
+    from fused_adapters.kernels.bottleneck import plan as bottleneck_plan
+    from fused_adapters.kernels.lora import plan as lora_plan
+    from fused_adapters.kernels.sparse import plan as sparse_plan
+    from fused_adapters.tools.compile_check import build_launches
+
+    assert build_launches("backward_hidden", 16, "float16", "aligned").constexprs["STORE_ACT"] is False
+    monkeypatch.setattr(bottleneck_plan, "stores_act", lambda rank, variant: True)
+    assert build_launches("backward_hidden", 16, "float16", "aligned").constexprs["STORE_ACT"] is True
+    assert build_launches("backward_weights", 16, "float16", "aligned").constexprs["RECOMPUTE_ACT"] is False
+
+    original = sparse_plan.forward
+
+    def forward(*args, **kwargs):
+        planned = original(*args, **kwargs)
+        planned.launches["sparse_forward"].constexprs["ACTIVATION"] = "relu"
+        return planned
+
+    monkeypatch.setattr(sparse_plan, "forward", forward)
+    assert build_launches("sparse_forward", 128, "float16", "aligned").constexprs["ACTIVATION"] == "relu"
+    smallest = lora_plan.LORA_LINEAR_CONFIGS[(16, "half")][-1]
+    monkeypatch.setattr(lora_plan, "gemm_config", lambda *args: smallest)
+    assert build_launches("lora_forward", 16, "float16", "aligned").config is smallest
+
+
 def test_sparse_cases_cover_every_configuration_at_its_padded_columns():
     # Building the launches needs no compiler: every configuration key gets a case, each
     # scenario's (E, r) pads to that key, and the cases are the heaviest flags of each kernel.
-    from fused_adapters.kernels.compile_check import ARCHS, DTYPES, SCENARIOS, SPARSE_KERNELS, _cases, build_launches
+    from fused_adapters.tools.compile_check import ARCHS, DTYPES, SCENARIOS, SPARSE_KERNELS, _cases, build_launches
 
     cases = list(_cases(ARCHS, DTYPES, SCENARIOS, SPARSE_KERNELS))
     for kernel, table in (("sparse_forward", sparse.FORWARD_CONFIGS),
@@ -142,18 +172,18 @@ def test_grouped_cases_cover_every_configuration():
     # tables (the gate's block-rows variants included), the "+k1" forms of the two kernels that
     # change with k = 1, the gate's table picked by x's dtype (autocast: fp32 storage), and the
     # heaviest flags through the runtime's launch builders.
-    from fused_adapters.kernels.compile_check import (
+    from fused_adapters.tools.compile_check import (
         ARCHS, DTYPES, GROUPED_EXPERTS, GROUPED_KERNELS, SCENARIOS, _cases, build_launches,
     )
     from fused_adapters.kernels.launch import padded_rank, row_variants
 
     cases = list(_cases(ARCHS, DTYPES, SCENARIOS, GROUPED_KERNELS))
-    for kernel, table in (("grouped_gate", sparse_grouped.GATE_CONFIGS),
-                          ("grouped_forward", sparse_grouped.GROUPED_FORWARD_CONFIGS),
-                          ("grouped_combine", sparse_grouped.COMBINE_CONFIGS),
-                          ("grouped_backward_input", sparse_grouped.GROUPED_BACKWARD_INPUT_CONFIGS),
-                          ("grouped_backward_combine", sparse_grouped.BACKWARD_COMBINE_CONFIGS),
-                          ("grouped_backward_weights", sparse_grouped.GROUPED_BACKWARD_WEIGHTS_CONFIGS)):
+    for kernel, table in (("grouped_gate", sparse.GATE_CONFIGS),
+                          ("grouped_forward", sparse.GROUPED_FORWARD_CONFIGS),
+                          ("grouped_combine", sparse.COMBINE_CONFIGS),
+                          ("grouped_backward_input", sparse.GROUPED_BACKWARD_INPUT_CONFIGS),
+                          ("grouped_backward_combine", sparse.BACKWARD_COMBINE_CONFIGS),
+                          ("grouped_backward_weights", sparse.GROUPED_BACKWARD_WEIGHTS_CONFIGS)):
         names = {case[5].name for case in cases if case[0] == kernel}
         expected = {variant.name for config in table.values()
                     for variant in (row_variants(config) if kernel == "grouped_gate" else [config])}
@@ -190,7 +220,7 @@ def test_grouped_cases_cover_every_configuration():
         launch = build_launches("grouped_backward_weights", 16, "float16", scenario)
         assert launch.grid[0] > GROUPED_EXPERTS and launch.args["rows_per_gate_chunk"] > 0  # the gate's chunks
     # A gate variant given sets the tiles (the block rows the plan may pick from M).
-    variant = row_variants(sparse_grouped.GATE_CONFIGS["half"])[-1]
+    variant = row_variants(sparse.GATE_CONFIGS["half"])[-1]
     launch = build_launches("grouped_gate", 0, "float16", "aligned", variant)
     assert launch.constexprs["BLOCK_ROWS"] == variant.block_rows and launch.config is variant
 
@@ -211,7 +241,7 @@ def test_wide_cases_cover_every_configuration():
     # The width-changing specializations, built without a compiler: every forward configuration
     # (block-rows variants included) and every entry of the wide weights table, compiled with
     # SAME_WIDTH off and D_out = 3 D; the adapter's own cases keep SAME_WIDTH on.
-    from fused_adapters.kernels.compile_check import ARCHS, DTYPES, SCENARIOS, WIDE_KERNELS, _cases, build_launches
+    from fused_adapters.tools.compile_check import ARCHS, DTYPES, SCENARIOS, WIDE_KERNELS, _cases, build_launches
     from fused_adapters.kernels.launch import row_variants
 
     cases = list(_cases(ARCHS, DTYPES, SCENARIOS, WIDE_KERNELS))
@@ -234,8 +264,8 @@ def test_lora_cases_cover_every_configuration():
     # and at half of it) and the unaligned ones in the other, never plain fp32 (ieee dots: that
     # form is not used), and the weights launch (the bottleneck kernel without dx) from both its
     # tables, the same-width one at D_out = D.
-    from fused_adapters.kernels import lora
-    from fused_adapters.kernels.compile_check import ARCHS, DTYPES, LORA_KERNELS, SCENARIOS, _cases, build_launches
+    from fused_adapters.kernels.lora import configs as lora
+    from fused_adapters.tools.compile_check import ARCHS, DTYPES, LORA_KERNELS, SCENARIOS, _cases, build_launches
 
     cases = list(_cases(ARCHS, DTYPES, SCENARIOS, LORA_KERNELS))
     assert not [case for case in cases if case[2] == "float32"]
@@ -270,7 +300,7 @@ def test_column_major_cases():
     # The bottleneck kernels as LoSA's token mixers run them: every configuration and block-rows
     # variant, with x, the residual, y, dy and dx column-major (row stride 1, specialized as a
     # constant); the backward from its column-major tables, as the launch plan picks them.
-    from fused_adapters.kernels.compile_check import ARCHS, DTYPES, SCENARIOS, _cases, build_launches, specialize
+    from fused_adapters.tools.compile_check import ARCHS, DTYPES, SCENARIOS, _cases, build_launches, specialize
     from fused_adapters.kernels.launch import row_variants
 
     cases = list(_cases(ARCHS, DTYPES, SCENARIOS, ("forward_column_major", "backward_hidden_column_major",

@@ -345,7 +345,7 @@ def test_forward_bytes_per_block():
     # and read by the token mixer as a residual term (1); each mixer reads its input and writes
     # its output (2). About 8.2 passes a block where the feature is added, against 10 for a
     # separate add after the token mixer (which would read and write the state once more).
-    from fused_adapters.kernels.byte_count import count_bytes
+    from fused_adapters.tools.byte_count import count_bytes
 
     batch, tokens, dim = 2, 197, 768
     side = LosaSideNetwork(dim, tokens, range(2), LosaConfig(drop_path=0.0)).half().eval()
@@ -365,7 +365,7 @@ def test_backward_runs_no_copy_and_task_routing_turns_losa_off(monkeypatch):
     # copy) runs between the launches; one copy takes the output's [B, N, D] gradient into the
     # token-major layout, once. task_routing runs the backbone's own forward even while a LoSA
     # adapter is the active one, and puts it back after.
-    from fused_adapters.kernels.byte_count import count_bytes
+    from fused_adapters.tools.byte_count import count_bytes
 
     side = LosaSideNetwork(32, 13, range(2), LosaConfig(channel_rank=4, token_rank=3, drop_path=0.0)).eval()
     randomize(side)

@@ -6,8 +6,9 @@ gives the reference's answer."""
 import pytest
 import torch
 
-from fused_adapters.kernels import reference, routed_adapter, sparse, sparse_adapter
-from helpers import DEVICE, TOLERANCE, relative_error
+from fused_adapters.kernels import reference, routed_adapter, sparse_adapter
+from fused_adapters.kernels.sparse import op as sparse
+from helpers import DEVICE, TOLERANCE, force_reference, relative_error
 
 
 def tensors(rows=6, dim=8, rank=2, experts=3, top_k=2, seed=0):
@@ -86,8 +87,8 @@ def test_routed_accepts_leading_dims_like_x():
 
 def test_reference_path_matches_the_reference(monkeypatch):
     # Where the kernels cannot run (a CPU without the interpreter, bf16 in the interpreter), the
-    # ops run the eager expert loop, with autograd through it.
-    monkeypatch.setattr(sparse, "takes_triton", lambda device_type, dtypes: False)
+    # ops run the eager expert loop inside their custom op, and its backward differentiates it.
+    force_reference(monkeypatch)
     t = tensors(rows=10, dim=12, rank=3, experts=4)
     y, logits = sparse_adapter(t["x"], t["w_gate"], t["b_gate"], t["w_down"], t["b_down"], t["w_up"], t["b_up"],
                                0.5, top_k=2, residual=t["x"], return_logits=True)
@@ -96,51 +97,89 @@ def test_reference_path_matches_the_reference(monkeypatch):
                                                  return_logits=True)
     torch.testing.assert_close(y, want)
     torch.testing.assert_close(logits, want_logits)
-    y.sum().backward()
-    assert t["w_gate"].grad is not None and t["w_up"].grad is not None
+    names = ["x", "w_gate", "b_gate", "w_down", "b_down", "w_up", "b_up"]
+    grads = [torch.randn_like(y), torch.randn_like(logits)]
+    got = torch.autograd.grad([y, logits], [t[name] for name in names], grads)
+    expected = torch.autograd.grad([want, want_logits], [t[name] for name in names], grads)
+    for name, g, w in zip(names, got, expected):
+        torch.testing.assert_close(g, w, msg=name)
+    y, want = routed(t), reference.routed_adapter(t["x"], t["expert_idx"], t["expert_weight"], t["w_down"],
+                                                  t["b_down"], t["w_up"], t["b_up"])
+    names = ["x", "expert_weight", "w_down", "b_down", "w_up", "b_up"]
+    for name, g, w in zip(names, torch.autograd.grad(y.sum(), [t[n] for n in names]),
+                          torch.autograd.grad(want.sum(), [t[n] for n in names])):
+        torch.testing.assert_close(g, w, msg=name)
 
 
-def forward_args(t, gated_form=True, save=True, return_logits=True):
-    return (t["x"].detach(), t["w_gate"].detach() if gated_form else None, t["b_gate"].detach() if gated_form else None,
-            None if gated_form else t["expert_idx"], None if gated_form else t["expert_weight"].detach(),
-            t["w_down"].detach(), t["b_down"].detach(), t["w_up"].detach(), t["b_up"].detach(), None, 0.5,
-            t["x"].detach(), True, None, 2, "gelu", torch.float32, torch.float32, save,
-            return_logits and gated_form, "")
+@pytest.mark.slow
+def test_reference_path_is_one_node_under_torch_compile(monkeypatch):
+    # The reference runs inside the custom op: torch.compile sees one node on every backend.
+    force_reference(monkeypatch)
+    torch._dynamo.reset()
+    graphs = []
+
+    def backend(graph, example_inputs):
+        graphs.append(graph)
+        return graph
+
+    t = tensors(rows=10, dim=12, rank=3, experts=4)
+    compiled = torch.compile(lambda *args: sparse_adapter(*args, top_k=2), backend=backend, fullgraph=True)
+    y = compiled(t["x"], t["w_gate"], t["b_gate"], t["w_down"], t["b_down"], t["w_up"], t["b_up"])
+    torch.testing.assert_close(y, gated(t))
+    targets = [str(node.target) for graph in graphs for node in graph.graph.nodes if node.op == "call_function"]
+    assert sum("fused_adapters.sparse_forward" in target for target in targets) == 1, targets
 
 
-@pytest.mark.skipif(not sparse.uses_dense_kernels(torch.empty(1, device=DEVICE), 3, 2),
-                    reason="the sparse kernels do not run on this device")
-@pytest.mark.parametrize("gated_form", [True, False])
-def test_opcheck(gated_form):
-    t = tensors(rows=9, dim=20, rank=3, experts=4)
-    op = torch.ops.fused_adapters.sparse_forward.default
-    torch.library.opcheck(op, forward_args(t, gated_form), test_utils=("test_schema", "test_faketensor"))
-    torch.library.opcheck(op, forward_args(t, gated_form, save=False, return_logits=False),
-                          test_utils=("test_schema", "test_faketensor"))
-    y, hidden, weights, logits = op(*forward_args(t, gated_form))
-    backward_args = (torch.randn_like(y), torch.randn_like(logits) if gated_form else None, t["x"].detach(), hidden,
-                     weights, t["w_gate"].detach() if gated_form else None, t["w_down"].detach(), t["w_up"].detach(),
-                     t["b_up"].detach(), None, 0.5, None, "gelu", torch.float32, True, True, torch.float32, "")
-    torch.library.opcheck(torch.ops.fused_adapters.sparse_backward.default, backward_args,
-                          test_utils=("test_schema", "test_faketensor"))
+def test_routed_checks_devices_before_reading_indices():
+    # A routing on another device is named as such; its values are never read there first (a
+    # meta tensor has none: .item() would fail with an unrelated error).
+    t = tensors()
+    with pytest.raises(ValueError, match="expert_idx is on meta but x is on"):
+        routed(t, expert_idx=t["expert_idx"].to("meta"))
+
+
+def test_load_balancing_loss_names_bad_logits():
+    with pytest.raises(ValueError, match="logits must have shape"):
+        reference.load_balancing_loss(torch.randn(5, 0), 1)
+    with pytest.raises(TypeError, match="logits must be a floating-point"):
+        reference.load_balancing_loss(torch.ones(5, 3, dtype=torch.long), 1)
+
+
+def forward_kwargs(t, gated_form=True, save=True, return_logits=True, design="dense"):
+    """The forward custom op's inputs, by name: both residual forms (x itself and a tensor)."""
+    return dict(
+        x=t["x"].detach(), w_gate=t["w_gate"].detach() if gated_form else None,
+        b_gate=t["b_gate"].detach() if gated_form else None, expert_idx=None if gated_form else t["expert_idx"],
+        expert_weight=None if gated_form else t["expert_weight"].detach(), w_down=t["w_down"].detach(),
+        b_down=t["b_down"].detach(), w_up=t["w_up"].detach(), b_up=t["b_up"].detach(), scale=None, scale_value=0.5,
+        residual=t["x"].detach(), add_input=True, row_scale=None, top_k=2, activation="gelu",
+        compute_dtype=torch.float32, out_dtype=torch.float32, autocast=False, save=save,
+        return_logits=return_logits and gated_form, design=design, variant="",
+    )
 
 
 @pytest.mark.skipif(not sparse.uses_kernels(torch.empty(1, device=DEVICE), 3, 2),
                     reason="the sparse kernels do not run on this device")
+@pytest.mark.parametrize("design", ["dense", "grouped"])
 @pytest.mark.parametrize("gated_form", [True, False])
-def test_grouped_opcheck(gated_form):
+def test_opcheck(gated_form, design):
+    # One pair of custom ops for both designs: each returns the outputs of its own design, the
+    # other's empty.
     t = tensors(rows=9, dim=20, rank=3, experts=4)
-    op = torch.ops.fused_adapters.sparse_grouped_forward.default
-    args = forward_args(t, gated_form)[:-1]  # the grouped op takes no variant
-    torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
-    torch.library.opcheck(op, forward_args(t, gated_form, save=False, return_logits=False)[:-1],
+    op = torch.ops.fused_adapters.sparse_forward.default
+    kwargs = forward_kwargs(t, gated_form, design=design)
+    torch.library.opcheck(op, (), kwargs, test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(op, (), forward_kwargs(t, gated_form, save=False, return_logits=False, design=design),
                           test_utils=("test_schema", "test_faketensor"))
-    y, hidden, idx, weights, order, counts, logits = op(*args)
-    backward_args = (torch.randn_like(y), torch.randn_like(logits) if gated_form else None, t["x"].detach(), hidden,
-                     idx, weights, order, counts, t["w_gate"].detach() if gated_form else None, t["w_down"].detach(),
-                     t["w_up"].detach(), t["b_up"].detach(), None, 0.5, None, "gelu", torch.float32, True, True,
-                     torch.float32)
-    torch.library.opcheck(torch.ops.fused_adapters.sparse_grouped_backward.default, backward_args,
+    y, hidden, idx, weights, order, counts, logits = op(**kwargs)
+    backward_kwargs = dict(
+        grad_y=torch.randn_like(y), grad_logits=torch.randn_like(logits) if gated_form else None,
+        **{name: kwargs[name] for name in ("x", "w_gate", "b_gate", "expert_idx", "expert_weight", "w_down", "b_down",
+                                           "w_up", "b_up", "scale", "scale_value", "row_scale", "top_k", "activation",
+                                           "compute_dtype", "autocast", "design", "variant")},
+        add_grad_y=True, compute_dx=True, hidden=hidden, idx=idx, weights=weights, order=order, counts=counts,
+    )
+    torch.library.opcheck(torch.ops.fused_adapters.sparse_backward.default, (), backward_kwargs,
                           test_utils=("test_schema", "test_faketensor"))
 
 

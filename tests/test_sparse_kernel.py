@@ -9,9 +9,9 @@ default and the grouped variant (assignments sorted by expert)."""
 import pytest
 import torch
 
-from fused_adapters.kernels import (
-    list_variants, reference, routed_adapter, sparse, sparse_adapter, sparse_grouped, use_variant,
-)
+from fused_adapters.kernels import list_variants, reference, routed_adapter, sparse_adapter, use_variant
+from fused_adapters.kernels.sparse import op as sparse_op
+from fused_adapters.kernels.sparse import plan as sparse_plan
 from fused_adapters.kernels.launch import launch_plan
 from helpers import DEVICE, NO_CUDA_REASON, TOLERANCE, AtenRecorder, LaunchCounter, relative_error
 
@@ -26,8 +26,8 @@ def poison(shape, dtype, device):
 
 @pytest.fixture
 def poisoned(monkeypatch):
-    monkeypatch.setattr(sparse, "new_output", poison)
-    monkeypatch.setattr(sparse_grouped, "new_output", poison)
+    monkeypatch.setattr(sparse_plan, "new_output", poison)
+    monkeypatch.setattr(sparse_op, "new_output", poison)
 
 
 @pytest.fixture(params=["default", "grouped"])
@@ -145,10 +145,10 @@ def test_multi_chunk_backward_against_float64(poisoned):
     x = torch.empty(rows, dim)
     w_down, w_up = torch.empty(experts, rank, dim), torch.empty(experts, dim, rank)
     with launch_plan(8):
-        _, weights_launch, partials = sparse.backward_launches(
+        planned = sparse_plan.backward(
             x, None, x, torch.empty(rows, 72), torch.empty(rows, experts), torch.empty(experts, dim), w_down, w_up,
-            None, None, 1.0, None, "gelu", torch.float32, False, torch.empty(rows, 72), torch.empty(rows, experts),
-            torch.empty(0, 72), x)
+            None, None, 1.0, None, "gelu", torch.float32, False, True, torch.float32)
+        weights_launch, partials = planned.launches["sparse_backward_weights"], planned.buffers["partials"]
         assert weights_launch.grid[0] > 1 and weights_launch.grid[2] == 3
         assert partials.shape[0] == weights_launch.grid[0]
         case = make(rows, dim, rank, experts, torch.float32, seed=12)
@@ -164,6 +164,27 @@ def test_activations_and_epilogues(activation, design, poisoned):
     check(case, torch.float32, routed=True, activation=activation, scale="none", residual="skip+x", variant=design)
     check(case, torch.float32, routed=False, top_k=3, activation=activation, scale="tensor", residual="none",
           variant=design)
+
+
+# The interpreter's numpy arithmetic on the NaN rows warns, as it should.
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("where", ["w_gate", "b_gate", "x"])
+def test_nan_in_the_gate_propagates_as_in_the_reference(where, design, poisoned):
+    # torch.topk ranks a NaN logit first, so the reference's row (or every row, for a NaN gate
+    # parameter) comes out NaN; compared as NaN, the kernels' top-k never chose it: a dead expert
+    # and a finite output, silently. Now the NaN rows are the reference's, and the rest agree.
+    case = make(23, 16, 3, 5, torch.float32, seed=21)
+    with torch.no_grad():
+        if where == "x":
+            case["x"][4, 7] = float("nan")
+        else:
+            case[where][2] = float("nan")  # b_gate[2], or all of w_gate's row 2
+    y, logits = call(sparse_adapter, case, routed=False, variant=design)[0]
+    ref, ref_logits = call(reference.sparse_adapter, case, routed=False)[0]
+    assert torch.equal(torch.isnan(y), torch.isnan(ref)) and torch.isnan(y).any()
+    finite = ~torch.isnan(ref)
+    assert relative_error(y[finite], ref[finite]) <= TOLERANCE[torch.float32]
+    assert torch.equal(torch.isnan(logits), torch.isnan(ref_logits))
 
 
 def test_deliberate_ties_go_to_the_lower_expert(design, poisoned):
@@ -237,13 +258,13 @@ def test_every_variant_against_float64(variant, rank, experts, poisoned):
 
 def test_variant_argument_is_used_by_the_backward(monkeypatch):
     seen = []
-    original = sparse.backward_launches
+    original = sparse_plan.backward
 
     def spy(*args, **kwargs):
         seen.append(args[-1].name)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(sparse, "backward_launches", spy)
+    monkeypatch.setattr(sparse_plan, "backward", spy)
     case = make(20, 16, 2, 4, torch.float32, seed=2)
     y = sparse_adapter(case["x"], case["w_gate"], None, *(case[n] for n in PARAMS), top_k=2, variant="store_act")
     y.sum().backward()
@@ -257,7 +278,7 @@ def test_large_expert_count_runs_the_grouped_kernels(monkeypatch):
     with counter.patch(monkeypatch):
         check(case, torch.float32, routed=False, variant="rows16")
     assert "_grouped_forward_kernel" in counter.names and "_sparse_forward_kernel" not in counter.names
-    assert sparse.choose_design(16, 17, "rows16") == "grouped" and sparse.choose_design(16, 16) == "dense"
+    assert sparse_plan.choose_design(16, 17, "rows16") == "grouped" and sparse_plan.choose_design(16, 16) == "dense"
 
 
 # --------------------------------------------------------------------------------------------
@@ -367,7 +388,7 @@ def test_grouped_saves_no_m_by_d_tensor_besides_x():
 
 def test_grouped_gate_partials_over_several_chunks(monkeypatch, poisoned):
     # The gate's weight gradient summed over 3 row chunks of fp32 partials (big M plans more).
-    monkeypatch.setattr(sparse_grouped, "gate_chunks", lambda *args: 3)
+    monkeypatch.setattr(sparse_plan, "gate_chunks", lambda *args: 3)
     case = make(70, 40, 5, 6, torch.float32, seed=17)
     check(case, torch.float32, routed=False, variant="grouped")
 
@@ -376,7 +397,7 @@ def test_grouped_gate_partials_over_several_chunks(monkeypatch, poisoned):
 def test_grouped_weights_launch_splits_large_ranks(dtype, poisoned):
     # Rank 100 pads to 128: the weights launch splits it into two rank blocks (their dscale rows
     # folded); E*r = 300, so every variant runs the grouped design.
-    assert sparse_grouped.weights_rank_blocks(100, dtype) == 2
+    assert sparse_plan.weights_rank_blocks(100, dtype) == 2
     case = make(40, 24, 100, 3, dtype, seed=5)
     check(case, dtype, routed=False)
     check(case, dtype, routed=True, scale="tensor")
@@ -392,17 +413,15 @@ def test_grouped_launches_plan_for_the_gpu():
     w_down, w_up = torch.empty(experts, rank, dim, dtype=half), torch.empty(experts, dim, rank, dtype=half)
     idx, weights = torch.empty(rows, top_k, dtype=torch.int32), torch.empty(rows, top_k)
     order, counts = torch.empty(rows * top_k, dtype=torch.int64), torch.empty(experts, dtype=torch.int64)
-    hidden, parts = torch.empty(rows * top_k, rank, dtype=half), torch.empty(rows * top_k, dim, dtype=half)
-    chunks = sparse_grouped.gate_chunks(rows, dim, experts, top_k, 2, 32)
+    hidden = torch.empty(rows * top_k, rank, dtype=half)
     with launch_plan(132):
-        launches = [sparse_grouped.gate_launch(x, w_gate, None, top_k, torch.empty(0, experts), idx, weights, 132)]
-        launches += sparse_grouped.grouped_forward_launches(x, idx, weights, order, counts, w_down, None, w_up, None,
-                                                            None, 1.0, None, True, None, "gelu", half, x, hidden,
-                                                            parts)
-        launches += sparse_grouped.grouped_backward_launches(
-            x, None, x, hidden, idx, weights, order, counts, w_gate, w_down, w_up, None, None, 1.0, None, "gelu", half,
-            True, x, weights, hidden, parts, torch.empty(rows, experts), torch.empty(1),
-            torch.empty(chunks, experts * dim + experts))
+        plans = [sparse_plan.gate(x, w_gate, None, top_k, False)]
+        plans.append(sparse_plan.grouped_forward(x, idx, weights, order, counts, w_down, None, w_up, None, None, 1.0,
+                                                 None, True, None, "gelu", half, half, True))
+        plans.append(sparse_plan.grouped_backward(x, None, x, hidden, idx, weights, order, counts, w_gate, w_down, w_up,
+                                                  None, None, 1.0, None, "gelu", half, True, True, half))
+    launches = [launch for plan in plans for launch in plan.launches.values()]
+    assert len(launches) == 6
     for launch in launches:
         assert launch.programs >= 132, (launch.kernel.__name__, launch.grid)
 
@@ -417,11 +436,11 @@ def test_launches_plan_for_the_gpu():
     hidden = torch.empty(rows, experts * rank, dtype=torch.float16)
     weights = torch.empty(rows, experts)
     with launch_plan(132):
-        forward = sparse.forward_launch(x, torch.empty(experts, dim), None, None, None, w_down, None, w_up, None,
-                                        None, 1.0, None, True, None, 2, "gelu", torch.float16, x, hidden, weights,
-                                        torch.empty(0, experts))
-        input_launch, weights_launch, _ = sparse.backward_launches(
-            x, None, x, hidden, weights, torch.empty(experts, dim), w_down, w_up, None, None, 1.0, None, "gelu",
-            torch.float16, True, hidden, weights, torch.empty(0, experts * rank, dtype=torch.float16), x)
-    for launch in (forward, input_launch, weights_launch):
+        forward = sparse_plan.forward(x, torch.empty(experts, dim), None, None, None, w_down, None, w_up, None, None,
+                                      1.0, None, True, None, 2, "gelu", torch.float16, torch.float16, True, False)
+        backward = sparse_plan.backward(x, None, x, hidden, weights, torch.empty(experts, dim), w_down, w_up, None,
+                                        None, 1.0, None, "gelu", torch.float16, True, True, torch.float16)
+    launches = list(forward.launches.values()) + list(backward.launches.values())
+    assert len(launches) == 3
+    for launch in launches:
         assert launch.programs >= 132, (launch.kernel.__name__, launch.grid)

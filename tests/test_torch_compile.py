@@ -4,16 +4,19 @@ torch.compile(fullgraph=True) traces a function that calls it with no graph brea
 import pytest
 import torch
 
-from fused_adapters.kernels import bottleneck, bottleneck_adapter, reference
-from helpers import TOLERANCE, make_case, relative_error
+from fused_adapters.kernels import bottleneck_adapter, reference, uses_triton
+from helpers import TOLERANCE, force_reference, make_case, relative_error
 
 
-def op_args(case, save_hidden=True, add_input=False):
+def op_inputs(case, save_hidden=True, add_input=False):
+    """The forward custom op's inputs, by name."""
     dim = case.x.shape[-1]
     dtype = case.x.dtype
-    return (
-        case.x.reshape(-1, dim), case.w_down, case.b_down, case.w_up, case.b_up, case.scale, 1.0,
-        case.residual.reshape(-1, dim), add_input, case.row_scale, case.activation, dtype, dtype, False, save_hidden,
+    return dict(
+        x=case.x.reshape(-1, dim), w_down=case.w_down, b_down=case.b_down, w_up=case.w_up, b_up=case.b_up,
+        scale=case.scale, scale_value=1.0, residual=case.residual.reshape(-1, dim), add_input=add_input,
+        row_scale=case.row_scale, activation=case.activation, compute_dtype=dtype, out_dtype=dtype, autocast=False,
+        save_hidden=save_hidden, op="bottleneck_adapter",
     )
 
 
@@ -21,24 +24,27 @@ def op_args(case, save_hidden=True, add_input=False):
 def path(request, monkeypatch):
     """Both CPU paths: the kernels (interpreter, or CUDA) and the plain-PyTorch reference."""
     if request.param == "reference":
-        monkeypatch.setattr(bottleneck, "takes_triton", lambda device_type, dtypes: False)
-    elif not bottleneck.uses_triton(torch.empty(1, device=make_case().x.device)):
+        force_reference(monkeypatch)
+    elif not uses_triton(torch.empty(1, device=make_case().x.device)):
         pytest.skip("kernels not available on this device")
     return request.param
 
 
 def test_opcheck_forward_and_backward(path):
     case = make_case((2, 9, 20), rank=5)
-    torch.library.opcheck(torch.ops.fused_adapters.bottleneck_forward.default, op_args(case))
-    torch.library.opcheck(torch.ops.fused_adapters.bottleneck_forward.default, op_args(case, save_hidden=False),
-                          test_utils=("test_schema", "test_faketensor"))
-    torch.library.opcheck(torch.ops.fused_adapters.bottleneck_forward.default, op_args(case, add_input=True))
-    out, hidden = torch.ops.fused_adapters.bottleneck_forward(*op_args(case))
+    op = torch.ops.fused_adapters.bottleneck_forward.default
+    torch.library.opcheck(op, (), op_inputs(case))
+    torch.library.opcheck(op, (), op_inputs(case, save_hidden=False), test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(op, (), op_inputs(case, add_input=True))
+    out, hidden = op(**op_inputs(case))
     grad = torch.randn_like(out)
-    backward_args = (grad, case.x.detach().reshape(-1, 20), hidden, case.w_down.detach(), case.b_down.detach(),
-                     case.w_up.detach(), case.b_up.detach(), case.scale.detach(), 1.0, case.row_scale, "gelu", torch.float32,
-                     True, True)
-    torch.library.opcheck(torch.ops.fused_adapters.bottleneck_backward.default, backward_args,
+    backward_inputs = dict(
+        grad_y=grad, x=case.x.detach().reshape(-1, 20), hidden=hidden, w_down=case.w_down.detach(),
+        b_down=case.b_down.detach(), w_up=case.w_up.detach(), b_up=case.b_up.detach(), scale=case.scale.detach(),
+        scale_value=1.0, row_scale=case.row_scale, activation="gelu", compute_dtype=torch.float32, add_grad_y=True,
+        compute_dx=True,
+    )
+    torch.library.opcheck(torch.ops.fused_adapters.bottleneck_backward.default, (), backward_inputs,
                           test_utils=("test_schema", "test_faketensor"))
 
 
@@ -47,7 +53,7 @@ def test_opcheck_strided_inputs(path):
     case = make_case((13, 20), rank=3)
     case.residual = torch.randn(20, 13, device=case.x.device).t().requires_grad_(True)
     case.x = torch.randn(13, 40, device=case.x.device)[:, ::2].requires_grad_(True)
-    torch.library.opcheck(torch.ops.fused_adapters.bottleneck_forward.default, op_args(case),
+    torch.library.opcheck(torch.ops.fused_adapters.bottleneck_forward.default, (), op_inputs(case),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from fused_adapters.kernels import autotune, bottleneck_adapter, list_variants, tuned_variants, use_variant
-from fused_adapters.kernels import bottleneck
+from fused_adapters.kernels.bottleneck import configs as bottleneck_configs
+from fused_adapters.kernels.bottleneck import plan as bottleneck_plan
 from fused_adapters.kernels.launch import launch_plan
 from helpers import DEVICE, make_case, poisoned_outputs, relative_error
 from test_bottleneck_numerics import check_against_reference
@@ -73,13 +74,13 @@ def _plans(name, rows, rank, dtype=torch.float16):
     x = torch.empty(rows, dim, dtype=dtype)
     w_down, w_up = torch.empty(rank, dim, dtype=dtype), torch.empty(dim, rank, dtype=dtype)
     hidden = torch.empty(rows, rank, dtype=dtype)
-    variant = next(v for v in bottleneck.VARIANTS if v.name == name)
+    variant = next(v for v in bottleneck_configs.VARIANTS if v.name == name)
     with launch_plan(132):
-        forward = bottleneck.forward_launch(x, w_down, None, w_up, None, None, 1.0, None, True, None, "gelu", dtype,
-                                            x, hidden, variant)
-        hidden_launch, weights_launch, _ = bottleneck.backward_launches(
-            x, x, hidden, w_down, w_up, None, None, 1.0, None, "gelu", dtype, True, hidden, hidden, x, dtype, variant)
-    return forward, hidden_launch, weights_launch
+        forward = bottleneck_plan.forward(x, w_down, None, w_up, None, None, 1.0, None, True, None, "gelu", dtype, dtype,
+                                          True, variant).launches["forward"]
+        backward = bottleneck_plan.backward(x, x, hidden, w_down, w_up, None, None, 1.0, None, "gelu", dtype, True, True,
+                                            dtype, variant).launches
+    return forward, backward["backward_hidden"], backward["backward_weights"]
 
 
 def test_what_each_variant_changes():
@@ -104,14 +105,14 @@ def test_what_each_variant_changes():
 def test_variant_in_force_when_the_backward_runs(monkeypatch):
     # The backward takes the variant in force when it runs, not the forward's.
     seen = []
-    original = bottleneck.backward_launches
+    original = bottleneck_plan.backward
 
     def spy(*args, **kwargs):
         result = original(*args, **kwargs)
-        seen.append(result[0].constexprs["STORE_ACT"])
+        seen.append(result.launches["backward_hidden"].constexprs["STORE_ACT"])
         return result
 
-    monkeypatch.setattr(bottleneck, "backward_launches", spy)
+    monkeypatch.setattr(bottleneck_plan, "backward", spy)
     case = make_case((40, 24), rank=4)
     with use_variant(OP, "store_act"):
         out = case.call(bottleneck_adapter)

@@ -1,14 +1,14 @@
 """The Triton kernels of the sparse mixture of adapters (dense-masked design): the forward, and
 the backward's row-tile launch (dh, d logits or d weights, dx) and weights launch (partials of
-every parameter gradient). Launch plans, autograd and the public ops are in sparse.py, whose
-docstring describes the design."""
+every parameter gradient). plan.py makes their launches; op.py's docstring describes the
+design."""
 
 import triton
 import triton.language as tl
 
-from .activations import activation as _activation
-from .activations import activation_grad as _activation_grad
-from .epilogue import epilogue, epilogue_scalars
+from ..activations import activation as _activation
+from ..activations import activation_grad as _activation_grad
+from ..epilogue import epilogue, epilogue_scalars, scaled_grad
 
 
 @triton.jit
@@ -73,11 +73,14 @@ def _sparse_forward_kernel(
             tl.store(logits_ptr + row_ids[:, None] * experts + expert_ids[None, :], logits,
                      mask=row_mask[:, None] & expert_mask[None, :])
         logits = tl.where(expert_mask[None, :], logits, float("-inf"))
-        # Top-k: the largest remaining logit each round, the lowest expert index among equals.
+        # Top-k: the largest remaining logit each round, the lowest expert index among equals; a
+        # NaN logit ranks first, as torch.topk ranks it, so its row's weights (and y) come out NaN
+        # as the reference's do (compared as NaN, it would never be chosen: a dead expert).
+        ranked = tl.where(logits != logits, float("inf"), logits)
         chosen = tl.zeros((BLOCK_ROWS, BLOCK_EXPERTS), dtype=tl.int1)
         top = tl.max(logits, axis=1)
         for _ in tl.static_range(TOP_K):
-            remaining = tl.where(chosen, float("-inf"), logits)
+            remaining = tl.where(chosen, float("-inf"), ranked)
             best = tl.max(remaining, axis=1)
             first = tl.min(tl.where(remaining == best[:, None], expert_ids[None, :], BLOCK_EXPERTS), axis=1)
             chosen = chosen | (expert_ids[None, :] == first[:, None])
@@ -170,16 +173,8 @@ def _sparse_backward_input_kernel(
     for col_start in range(0, dim, BLOCK_DIM):
         col_ids = col_start + tl.arange(0, BLOCK_DIM)
         col_mask = col_ids < dim
-        grad_update = tl.load(
-            grad_y_ptr + row_ids[:, None] * stride_g_row + col_ids[None, :] * stride_g_col,
-            mask=row_mask[:, None] & col_mask[None, :], other=0.0,
-        ).to(tl.float32)
-        if HAS_ROW_SCALE:
-            grad_update = grad_update * row_scale[:, None]
-        if SCALE_MODE == "channel":
-            grad_update = grad_update * tl.load(scale_ptr + col_ids, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-        else:
-            grad_update = grad_update * scalar_scale
+        grad_update = scaled_grad(grad_y_ptr, scale_ptr, row_ids, row_mask, col_ids, col_mask, row_scale,
+                                  scalar_scale, stride_g_row, stride_g_col, SCALE_MODE, HAS_ROW_SCALE)
         w_up_tile = tl.load(
             w_up_ptr + col_ids[:, None] * rank + up_columns[None, :],
             mask=col_mask[:, None] & column_mask[None, :], other=0.0,

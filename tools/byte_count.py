@@ -1,7 +1,7 @@
 """Bytes moved by a block of code, per Triton launch and per host-side aten op, measured in
 Triton's interpreter.
 
-    from fused_adapters.kernels.byte_count import count_bytes
+    from fused_adapters.tools.byte_count import count_bytes
 
     with count_bytes(sm_count=132) as report:   # launches planned as for a 132-SM GPU
         y = bottleneck_adapter(x, w_down, b_down, w_up, b_up)
@@ -55,7 +55,8 @@ import torch
 import torch.utils._pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .launch import is_interpreted, launch_plan
+from ..kernels.launch import launch_plan
+from ..kernels.paths import is_interpreted
 
 __all__ = ["AtenBytes", "ByteReport", "LaunchBytes", "count_bytes", "tensor_bytes"]
 

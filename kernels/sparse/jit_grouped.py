@@ -1,7 +1,7 @@
 """The Triton kernels of the sparse mixture's grouped design: the gate (logits, top-k, weights),
 the grouped expert pass over assignments sorted by expert, the row combine with the epilogue,
-and the backward's grouped input pass, row combine (dx, d logits) and weights pass. Launch
-plans, autograd and the design's description are in sparse_grouped.py.
+and the backward's grouped input pass, row combine (dx, d logits) and weights pass. plan.py
+makes their launches; op.py's docstring describes the design.
 
 An assignment is one (row, slot) pair, numbered row * k + slot; `order` lists the assignments
 sorted by expert (stable) and `counts` holds each expert's number of assignments. A grouped
@@ -12,9 +12,9 @@ grid's size is bounded without reading the counts on the host (no device sync)."
 import triton
 import triton.language as tl
 
-from .activations import activation as _activation
-from .activations import activation_grad as _activation_grad
-from .epilogue import epilogue, epilogue_scalars
+from ..activations import activation as _activation
+from ..activations import activation_grad as _activation_grad
+from ..epilogue import epilogue, epilogue_scalars, scaled_grad
 
 
 @triton.jit
@@ -78,18 +78,21 @@ def _sparse_gate_kernel(
                  mask=row_mask[:, None] & expert_mask[None, :])
     logits = tl.where(expert_mask[None, :], logits, float("-inf"))
     top = tl.max(logits, axis=1)
-    # Top-k: the largest remaining logit each round, the lowest expert index among equals. The
+    # Top-k: the largest remaining logit each round, the lowest expert index among equals; a NaN
+    # logit ranks first, as torch.topk ranks it, so its row's weights come out NaN as the
+    # reference's do (compared as NaN, it would never be chosen: a dead expert, silently). The
     # first walk finds the softmax denominator, the second (the same rounds) writes the slots.
+    ranked = tl.where(logits != logits, float("inf"), logits)
     chosen = tl.zeros((BLOCK_ROWS, BLOCK_EXPERTS), dtype=tl.int1)
     for _ in tl.static_range(TOP_K):
-        remaining = tl.where(chosen, float("-inf"), logits)
+        remaining = tl.where(chosen, float("-inf"), ranked)
         best = tl.max(remaining, axis=1)
         first = tl.min(tl.where(remaining == best[:, None], expert_ids[None, :], BLOCK_EXPERTS), axis=1)
         chosen = chosen | (expert_ids[None, :] == first[:, None])
     total = tl.sum(tl.where(chosen, tl.exp(logits - top[:, None]), 0.0), axis=1)
     chosen = tl.zeros((BLOCK_ROWS, BLOCK_EXPERTS), dtype=tl.int1)
     for slot in tl.static_range(TOP_K):
-        remaining = tl.where(chosen, float("-inf"), logits)
+        remaining = tl.where(chosen, float("-inf"), ranked)
         best = tl.max(remaining, axis=1)
         first = tl.min(tl.where(remaining == best[:, None], expert_ids[None, :], BLOCK_EXPERTS), axis=1)
         chosen = chosen | (expert_ids[None, :] == first[:, None])
@@ -196,21 +199,6 @@ def _grouped_combine_kernel(
 
 
 @triton.jit
-def _scaled_grad(grad_y_ptr, scale_ptr, token, mask, col_ids, col_mask, row_scale, scalar_scale,
-                 stride_g_row, stride_g_col, SCALE_MODE: tl.constexpr, HAS_ROW_SCALE: tl.constexpr):
-    """g = dy * row_scale * scale on one [rows, D tile] tile of gathered rows, in fp32."""
-    grad = tl.load(grad_y_ptr + token[:, None] * stride_g_row + col_ids[None, :] * stride_g_col,
-                   mask=mask[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
-    if HAS_ROW_SCALE:
-        grad = grad * row_scale[:, None]
-    if SCALE_MODE == "channel":
-        grad = grad * tl.load(scale_ptr + col_ids, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-    else:
-        grad = grad * scalar_scale
-    return grad
-
-
-@triton.jit
 def _grouped_backward_input_kernel(
     grad_y_ptr, order_ptr, counts_ptr, weights_ptr, hidden_ptr, w_down_ptr, w_up_ptr, b_up_ptr, scale_ptr,
     row_scale_ptr, grad_hidden_ptr, grad_weights_ptr, out_ptr,
@@ -242,8 +230,8 @@ def _grouped_backward_input_kernel(
     for col_start in range(0, dim, BLOCK_DIM):
         col_ids = col_start + tl.arange(0, BLOCK_DIM)
         col_mask = col_ids < dim
-        grad = _scaled_grad(grad_y_ptr, scale_ptr, token, mask, col_ids, col_mask, row_scale, scalar_scale,
-                            stride_g_row, stride_g_col, SCALE_MODE, HAS_ROW_SCALE)
+        grad = scaled_grad(grad_y_ptr, scale_ptr, token, mask, col_ids, col_mask, row_scale, scalar_scale,
+                           stride_g_row, stride_g_col, SCALE_MODE, HAS_ROW_SCALE)
         w_up_tile = tl.load(w_up_e + col_ids[:, None] * rank + rank_ids[None, :],
                             mask=col_mask[:, None] & rank_mask[None, :], other=0.0).to(dtype)
         grad_act = tl.dot(grad.to(dtype), w_up_tile, grad_act, input_precision=INPUT_PRECISION)

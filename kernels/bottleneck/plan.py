@@ -1,0 +1,245 @@
+"""The bottleneck adapter's launch plans: the one place that turns shapes, dtypes, flags and a
+variant into Launch records and the buffers they write. The op runs these plans, the compile
+check compiles them and the benchmark counts them.
+
+Block rows and reduction chunks come from M and the GPU's SM count (launch.plan_block_rows and
+launch.plan_chunks), so the grids fill the GPU while the weight-gradient partials stay a small
+fraction of the bytes the backward must move anyway. What depends on shapes alone is worked out
+once per shape (cached); a call only binds its tensors.
+"""
+
+from __future__ import annotations
+
+import functools
+from types import MappingProxyType
+from typing import Optional
+
+import torch
+import triton
+
+from ..launch import (
+    TRITON_DTYPES, BlockConfig, Launch, PackedLayout, Plan, input_precision, new_output, optional, padded_rank,
+    plan_chunks, scale_mode, sm_count, variant_config,
+)
+from ..variants import Variant
+from .configs import (
+    BACKWARD_HIDDEN_COLUMN_MAJOR_CONFIGS, BACKWARD_HIDDEN_CONFIGS, BACKWARD_WEIGHTS_COLUMN_MAJOR_CONFIGS,
+    BACKWARD_WEIGHTS_CONFIGS, BACKWARD_WEIGHTS_WIDE_CONFIGS, DEFAULT_VARIANT, FORWARD_CONFIGS, block_config,
+)
+from .jit import _backward_hidden_kernel, _backward_input_and_weights_kernel, _bottleneck_forward_kernel
+
+__all__ = ["forward", "backward", "backward_weights", "grad_layout", "column_major_output", "new_like_x",
+           "stores_act"]
+
+
+def grad_layout(dim: int, rank: int, dim_out: int, rank_blocks: int = 1) -> PackedLayout:
+    """The packed parameter gradients, and one row chunk's partials in the weights launch:
+    [dw_up (D_out x r) | dw_down (r x D) | db_up (D_out) | db_down (r) | dscale per rank block
+    (blocks x D_out)]. The kernel writes this layout (jit.py's epilogue of the weights kernel)."""
+    return PackedLayout(("w_up", dim_out * rank), ("w_down", rank * dim), ("b_up", dim_out), ("b_down", rank),
+                        ("scale", rank_blocks * dim_out))
+
+
+def stores_act(rank: int, variant: Variant) -> bool:
+    """Whether the backward's first launch writes act(h) [M, r] for the second to read: at ranks
+    above 32 always (there the weights kernel spills when it recomputes act; compile check), and
+    with the store_act variant. At ranks up to 32 recomputing it from h saves one M x r pass each
+    way (rank 16, M = 768, D = 768: backward 1.407x -> 1.400x the floor)."""
+    return padded_rank(rank) > 32 or variant.store_act
+
+
+def column_major_output(x: torch.Tensor, dim_out: int) -> bool:
+    """Whether y [M, D_out] (and dx [M, D]) is laid out column-major: when x [M, D] is and
+    D_out = D, as torch's elementwise ops lay out their outputs like a dense input
+    (torch.empty_like). A tensor whose token axis is last in memory, viewed as [(B, D), N] for a
+    bottleneck over tokens, is such an x: its y (and, backward, its dx) then comes back in the
+    same layout, so the next op reads it without a copy. Not where the column offsets would pass
+    2^31 (the kernels keep them int32; launch.int32_columns copies such an x to row-major)."""
+    rows, dim = x.shape
+    # The stride test first: with a data-dependent M (torch.compile) it decides without M.
+    return (dim_out == dim and dim > 1 and x.stride(0) == 1 and x.stride(1) == rows and rows > 1
+            and rows * (dim - 1) < 2**31)
+
+
+def new_like_x(x: torch.Tensor, dim_out: int, dtype: torch.dtype, rows: Optional[int] = None) -> torch.Tensor:
+    """y [M, D_out] (or dx, dim_out = D), laid out as column_major_output says; rows: M (0 for an
+    unwanted dx)."""
+    rows = x.shape[0] if rows is None else rows
+    if rows == x.shape[0] and column_major_output(x, dim_out):
+        return new_output((dim_out, rows), dtype, x.device).t()
+    return new_output((rows, dim_out), dtype, x.device)
+
+
+def _sms(x: torch.Tensor, sms: Optional[int]) -> int:
+    return sm_count(x.device) if sms is None else sms
+
+
+# --------------------------------------------------------------------------------------------
+# Forward: one launch
+# --------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=4096)
+def _forward_tiles(rows: int, rank: int, same_width: bool, compute_dtype: torch.dtype, precision: str, flags: tuple,
+                   variant: Variant, sms: int, tile: Optional[BlockConfig]):
+    """(config, grid, constexprs) of the forward launch: what depends on shapes and flags only."""
+    config = tile or variant_config(block_config(FORWARD_CONFIGS, rank, compute_dtype), rows, sms, variant.block_rows)
+    activation, mode, has_b_down, has_b_up, has_residual, add_input, has_row_scale, store_hidden = flags
+    # Read-only: every call with this key shares it.
+    constexprs = MappingProxyType(dict(
+        ACTIVATION=activation, SCALE_MODE=mode, HAS_B_DOWN=has_b_down, HAS_B_UP=has_b_up, HAS_RESIDUAL=has_residual,
+        ADD_INPUT=add_input, HAS_ROW_SCALE=has_row_scale, STORE_HIDDEN=store_hidden, SAME_WIDTH=same_width,
+        COMPUTE_DTYPE=TRITON_DTYPES[compute_dtype], INPUT_PRECISION=precision,
+        BLOCK_ROWS=config.block_rows, BLOCK_DIM=config.block_dim, BLOCK_RANK=padded_rank(rank),
+    ))
+    return config, (triton.cdiv(rows, config.block_rows),), constexprs
+
+
+def forward(x, w_down, b_down, w_up, b_up, scale, scale_value, residual, add_input, row_scale, activation,
+            compute_dtype, out_dtype, save_hidden, variant: Variant = DEFAULT_VARIANT, sms: Optional[int] = None,
+            tile: Optional[BlockConfig] = None) -> Plan:
+    """The forward of 2-D x [M, D]: launch "forward", buffers "y" [M, D_out] (laid out like x) and
+    "hidden" [M, r] in the compute dtype ([0, r] unless save_hidden). residual: [M, D_out] or
+    None; add_input: x is a residual term too. tile: this tile instead of the planned one (the
+    compile check's cases)."""
+    rows, dim = x.shape
+    rank, dim_out = w_down.shape[0], w_up.shape[0]
+    y = new_like_x(x, dim_out, out_dtype)
+    hidden = new_output((rows if save_hidden else 0, rank), compute_dtype, x.device)
+    buffers = dict(y=y, hidden=hidden)
+    if rows == 0:
+        return Plan({}, buffers)
+    flags = (activation, scale_mode(scale), b_down is not None, b_up is not None, residual is not None, add_input,
+             row_scale is not None, save_hidden)
+    # The precision follows torch's tf32 switch, read at each call.
+    config, grid, constexprs = _forward_tiles(rows, rank, dim_out == dim, compute_dtype, input_precision(compute_dtype),
+                                              flags, variant, _sms(x, sms), tile)
+    args = dict(
+        x_ptr=x, w_down_ptr=w_down.contiguous(), b_down_ptr=optional(b_down, x), w_up_ptr=w_up.contiguous(),
+        b_up_ptr=optional(b_up, x), scale_ptr=optional(scale, x), residual_ptr=x if residual is None else residual,
+        row_scale_ptr=optional(row_scale, x), y_ptr=y, hidden_ptr=hidden if save_hidden else y,
+        rows=rows, dim=dim, dim_out=dim_out, rank=rank, scale_value=scale_value,
+        stride_x_row=x.stride(0), stride_x_col=x.stride(1),
+        stride_res_row=residual.stride(0) if residual is not None else 0,
+        stride_res_col=residual.stride(1) if residual is not None else 0,
+        stride_y_row=y.stride(0), stride_y_col=y.stride(1),
+    )
+    return Plan({"forward": Launch(_bottleneck_forward_kernel, grid, args, constexprs, config)}, buffers)
+
+
+# --------------------------------------------------------------------------------------------
+# Backward: two launches, and the partials the second fills
+# --------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=4096)
+def _weights_tiles(rows: int, dim: int, dim_out: int, rank: int, itemsize: int, table_name: str,
+                   compute_dtype: torch.dtype, sms: int, tile: Optional[BlockConfig]):
+    """(config, grid (chunks, column tiles, rank blocks), tiles per chunk) of the weights launch."""
+    config = tile or block_config(_WEIGHTS_TABLES[table_name], rank, compute_dtype)
+    block_rank = padded_rank(rank)
+    rank_blocks = triton.cdiv(rank, config.rank_tile or block_rank)
+    row_tiles = triton.cdiv(rows, config.block_rows)
+    col_tiles = triton.cdiv(max(dim, dim_out), config.block_dim)
+    chunks = plan_chunks(rows, min(dim, dim_out), row_tiles, col_tiles * rank_blocks, sms, itemsize,
+                         grad_layout(dim, rank, dim_out, rank_blocks).size)
+    tiles_per_chunk = triton.cdiv(row_tiles, chunks)
+    return config, (triton.cdiv(row_tiles, tiles_per_chunk), col_tiles, rank_blocks), tiles_per_chunk
+
+
+_WEIGHTS_TABLES = {"default": BACKWARD_WEIGHTS_CONFIGS, "wide": BACKWARD_WEIGHTS_WIDE_CONFIGS,
+                   "column_major": BACKWARD_WEIGHTS_COLUMN_MAJOR_CONFIGS}
+
+
+def backward_weights(grad_y, x, act, recompute_act, grad_hidden, w_down, w_up, b_up, scale, scale_value, row_scale,
+                     activation, compute_dtype, grad_x, add_grad_y, grad_dtype, sms: Optional[int] = None,
+                     tile: Optional[BlockConfig] = None) -> tuple[Launch, torch.Tensor]:
+    """The weights launch (dx too when grad_x has M rows, plus dy with add_grad_y) and the
+    partials buffer [chunks, grad_layout size] it fills: fp32 partial sums per row chunk, or,
+    with one chunk, the gradients themselves in grad_dtype. act: act(h) [M, r], or with
+    recompute_act the pre-activation h to recompute it from. grad_hidden: dh [M, r]."""
+    rows, dim = x.shape
+    rank, dim_out = w_down.shape[0], w_up.shape[0]
+    block_rank = padded_rank(rank)
+    compute_dx = grad_x.shape[0] == rows
+    if dim_out != dim:  # a second width and column mask: tiles of their own
+        table_name = "wide"
+    else:  # dx laid out like x: column-major tiles where x is
+        table_name = "column_major" if column_major_output(x, dim) else "default"
+    config, grid, tiles_per_chunk = _weights_tiles(rows, dim, dim_out, rank, x.element_size(), table_name,
+                                                   compute_dtype, _sms(x, sms), tile)
+    chunks, _, rank_blocks = grid
+    partials = new_output((chunks, grad_layout(dim, rank, dim_out, rank_blocks).size),
+                          grad_dtype if chunks == 1 else torch.float32, x.device)
+    launch = Launch(
+        _backward_input_and_weights_kernel, grid,
+        dict(
+            grad_y_ptr=grad_y, x_ptr=x, act_ptr=act, grad_hidden_ptr=grad_hidden, w_down_ptr=w_down.contiguous(),
+            w_up_ptr=w_up.contiguous(), b_up_ptr=optional(b_up, x), scale_ptr=optional(scale, x),
+            row_scale_ptr=optional(row_scale, x), grad_x_ptr=grad_x if compute_dx else grad_hidden,
+            partials_ptr=partials,
+            rows=rows, dim=dim, dim_out=dim_out, rank=rank, scale_value=scale_value, tiles_per_chunk=tiles_per_chunk,
+            stride_g_row=grad_y.stride(0), stride_g_col=grad_y.stride(1),
+            stride_x_row=x.stride(0), stride_x_col=x.stride(1),
+            stride_dx_row=grad_x.stride(0) if compute_dx else dim, stride_dx_col=grad_x.stride(1) if compute_dx else 1,
+        ),
+        dict(
+            ACTIVATION=activation, RECOMPUTE_ACT=recompute_act, SCALE_MODE=scale_mode(scale),
+            HAS_B_UP=b_up is not None, HAS_ROW_SCALE=row_scale is not None, COMPUTE_DX=compute_dx,
+            ADD_GRAD_Y=compute_dx and add_grad_y, SPLIT_RANK=(config.rank_tile or block_rank) < block_rank,
+            SAME_WIDTH=dim_out == dim, COMPUTE_DTYPE=TRITON_DTYPES[compute_dtype],
+            INPUT_PRECISION=input_precision(compute_dtype), BLOCK_ROWS=config.block_rows,
+            BLOCK_DIM=config.block_dim, BLOCK_RANK=config.rank_tile or block_rank,
+        ),
+        config,
+    )
+    return launch, partials
+
+
+def backward(grad_y, x, hidden, w_down, w_up, b_up, scale, scale_value, row_scale, activation, compute_dtype,
+             add_grad_y, compute_dx, grad_dtype, variant: Variant = DEFAULT_VARIANT, sms: Optional[int] = None,
+             tiles: Optional[dict] = None) -> Plan:
+    """The backward of the forward's 2-D x [M, D] given dy [M, D_out] and the saved pre-activation
+    hidden [M, r]: launches "backward_hidden" and "backward_weights"; buffers "grad_x" (laid out
+    like x; [0, D] unless compute_dx; plus dy with add_grad_y, x having been a residual term),
+    "grad_hidden" and "act" (the first launch's scratch for the second: act has M rows only where
+    stores_act) and "partials" (grad_layout per row chunk; see backward_weights). grad_dtype: the
+    parameter gradients' dtype. tiles: {"backward_hidden" / "backward_weights": tile} instead of
+    the planned ones."""
+    rows, dim = x.shape
+    rank, dim_out = w_down.shape[0], w_up.shape[0]
+    tiles = tiles or {}
+    sms = _sms(x, sms)
+    grad_x = new_like_x(x, dim, x.dtype, rows if compute_dx else 0)
+    grad_hidden = new_output((rows, rank), compute_dtype, x.device)
+    store_act = stores_act(rank, variant)
+    act = new_output((rows if store_act else 0, rank), compute_dtype, x.device)
+    if rows == 0:
+        partials = torch.zeros((1, grad_layout(dim, rank, dim_out).size), dtype=grad_dtype, device=x.device)
+        return Plan({}, dict(grad_x=grad_x, grad_hidden=grad_hidden, act=act, partials=partials))
+    # dx is laid out like x: column-major tiles where x is.
+    hidden_table = BACKWARD_HIDDEN_COLUMN_MAJOR_CONFIGS if column_major_output(x, dim) else BACKWARD_HIDDEN_CONFIGS
+    hidden_config = tiles.get("backward_hidden") or variant_config(
+        block_config(hidden_table, rank, compute_dtype), rows, sms, variant.block_rows)
+    mode = scale_mode(scale)
+    hidden_launch = Launch(
+        _backward_hidden_kernel, (triton.cdiv(rows, hidden_config.block_rows),),
+        dict(
+            grad_y_ptr=grad_y, hidden_ptr=hidden, w_up_ptr=w_up.contiguous(), scale_ptr=optional(scale, x),
+            row_scale_ptr=optional(row_scale, x), grad_hidden_ptr=grad_hidden,
+            act_ptr=act if store_act else grad_hidden,
+            rows=rows, dim=dim_out, rank=rank, scale_value=scale_value,  # its D loop walks dy's columns
+            stride_g_row=grad_y.stride(0), stride_g_col=grad_y.stride(1),
+        ),
+        dict(
+            ACTIVATION=activation, SCALE_MODE=mode, HAS_ROW_SCALE=row_scale is not None, STORE_ACT=store_act,
+            COMPUTE_DTYPE=TRITON_DTYPES[compute_dtype], INPUT_PRECISION=input_precision(compute_dtype),
+            BLOCK_ROWS=hidden_config.block_rows, BLOCK_DIM=hidden_config.block_dim, BLOCK_RANK=padded_rank(rank),
+        ),
+        hidden_config,
+    )
+    weights_launch, partials = backward_weights(
+        grad_y, x, act if store_act else hidden, not store_act, grad_hidden, w_down, w_up, b_up, scale, scale_value,
+        row_scale, activation, compute_dtype, grad_x, add_grad_y, grad_dtype, sms, tiles.get("backward_weights"))
+    return Plan({"backward_hidden": hidden_launch, "backward_weights": weights_launch},
+                dict(grad_x=grad_x, grad_hidden=grad_hidden, act=act, partials=partials))
