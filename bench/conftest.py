@@ -88,6 +88,8 @@ class Suite:
                 for key in ("triton_launches", "aten_kernels", "moved_bytes"):
                     if row[key] is None or key == "moved_bytes":
                         row[key] = sum(result[p][key] for p in passes)
+                if row.get("host_us") is None:  # no CUDA: the host time with no-op launches (measure.case_host_us)
+                    row["host_us"] = result["host_us"][case["pass"]]
         if self.compile_rows:
             _compile_check_rows(self.compile_rows)
 

@@ -2,27 +2,30 @@
 allocations, the custom op and autograd glue) costs, with every Triton launch replaced by a
 no-op, against the host time of the same math as a plain F.linear chain.
 
-    python bench/host.py [--rows 6304] [--dim 768] [--repeats 200] [--sms 132]
+    python bench/host.py [--rows 6304] [--dim 768] [--repeats 100] [--rounds 5] [--sms 132]
 
 Fused: CPU fp16 tensors, the kernels' path taken as under the interpreter but with Launch calls
-doing nothing, so what is timed is what a GPU's host thread would do before and between its
-launches. Eager: the same math as a plain chain of aten ops (F.linear, the activation, the
-epilogue; the sparse mixture over its stacked experts) on CPU tensors of 16 rows and 32
-columns in fp32 (the CPU's fp16 kernels take slow paths), where the arithmetic is next to nothing and what is timed is dispatch and autograd,
-which do not depend on the shape: about its host time on a GPU. Forward (a training
-forward: inputs require grad) and forward + backward, medians in microseconds. Shapes: ViT-B
-batch 32 (M = 6304, D = 768), bottleneck r = 8, sparse E = 8, k = 2, r = 16, LoRA qkv
-(768 -> 2304, r = 8; fused: the single-launch form, whose every launch is Triton's). On a GPU the enqueue time of each launch (a few microseconds) adds to
-both columns.
+doing nothing (measure.launches_as_no_ops), so what is timed is what a GPU's host thread does
+before and between its launches; the ops' reductions of gradient partials, device work on a GPU
+that the CPU runs in place here, are timed and taken out. Eager: the same math as a plain chain
+of aten ops (F.linear, the activation, the epilogue; the sparse mixture over its stacked
+experts) on CPU tensors of 16 rows and 32 columns in fp32 (the CPU's fp16 kernels take slow
+paths), where the arithmetic is next to nothing and what is timed is dispatch and autograd,
+which do not depend on the shape: about its host time on a GPU. A no-op autograd.Function with
+the bottleneck op's 6 gradients gives the floor of any Python autograd op.
+
+Forward (a training forward: inputs require grad) and forward + backward, in microseconds: the
+least and the median of many calls (the least is the figure free of the machine's noise).
+Shapes: ViT-B batch 32 (M = 6304, D = 768), bottleneck r = 8, sparse E = 8, k = 2, r = 16, LoRA
+qkv (768 -> 2304, r = 8; fused: the single-launch form, whose every launch is Triton's). On a
+GPU the enqueue time of each launch (a few microseconds) adds to both columns.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 os.environ["TRITON_INTERPRET"] = "1"  # the kernels' path on CPU tensors; the launches are no-ops below
 
@@ -31,14 +34,14 @@ import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.measure import bottleneck_inputs, lora_inputs, sparse_inputs  # noqa: E402
+from bench.measure import (  # noqa: E402
+    HOST_EAGER_DIM, HOST_EAGER_ROWS, bottleneck_inputs, host_time, launches_as_no_ops, lora_inputs, sparse_inputs,
+)
 from fused_adapters.kernels import (  # noqa: E402
     bottleneck_adapter, lora_linear, routed_adapter, sparse_adapter, use_variant,
 )
-from fused_adapters.kernels import launch as launch_module  # noqa: E402
 
 EXPERTS, TOP_K, SPARSE_RANK, RANK = 8, 2, 16, 8
-EAGER_ROWS, EAGER_DIM = 16, 32
 
 
 def sparse_chain(x, w_gate, b_gate, w_down, b_down, w_up, b_up, scale, residual):
@@ -101,30 +104,41 @@ def cases(rows: int, dim: int, device: str):
     ]
 
 
-def median_us(fn, repeats: int) -> float:
-    for _ in range(5):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e6
+class NoOp(torch.autograd.Function):
+    """An autograd op that does nothing: what any Python-level autograd op pays per call here."""
+
+    @staticmethod
+    def forward(ctx, x, *params):
+        ctx.shapes = [p.shape for p in params]
+        return x.new_empty(x.shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (grad, *(grad.new_empty(shape) for shape in ctx.shapes))
 
 
-def host_times(rows: int, dim: int, repeats: int, device: str) -> dict:
-    """{op: (forward us, forward+backward us)}: device "fused" (the fused ops, launches no-ops) or
-    "eager" (the aten chains)."""
+def floor_times(rows: int, dim: int, repeats: int, rounds: int) -> tuple:
+    """host_time of NoOp on the bottleneck op's tensors (x and 5 parameters), forward and
+    forward+backward: the floor of a Python autograd op with that many gradients."""
+    tensors = list(cases(rows, dim, "fused")[0][2].values())
+    grad = torch.ones_like(NoOp.apply(*tensors))
+    return (host_time(lambda: NoOp.apply(*tensors), repeats, rounds),
+            host_time(lambda: torch.autograd.grad(NoOp.apply(*tensors), tensors, grad), repeats, rounds))
+
+
+def host_times(rows: int, dim: int, repeats: int, rounds: int, device: str, device_work=None) -> dict:
+    """{op: ((least, median) forward us, (least, median) forward+backward us)}: device "fused"
+    (the fused ops; call it with launches_as_no_ops) or "eager" (the aten chains)."""
     results = {}
     for name, forward, tensors in cases(rows, dim, device):
         wanted = [t for t in tensors.values() if t.requires_grad]
-        y = forward()
-        grad = torch.ones_like(y)
+        grad = torch.ones_like(forward())
 
         def step():
             torch.autograd.grad(forward(), wanted, grad)
 
-        results[name] = (median_us(forward, repeats), median_us(step, repeats))
+        results[name] = (host_time(forward, repeats, rounds, device_work),
+                         host_time(step, repeats, rounds, device_work))
     return results
 
 
@@ -132,23 +146,23 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=6304)
     parser.add_argument("--dim", type=int, default=768)
-    parser.add_argument("--repeats", type=int, default=200)
+    parser.add_argument("--repeats", type=int, default=100, help="calls per round")
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--sms", type=int, default=132, help="SM count the launches are planned for")
     args = parser.parse_args(argv)
-    original = launch_module.Launch.__call__
-    launch_module.Launch.__call__ = lambda self: None
-    try:
-        with launch_module.launch_plan(args.sms):  # the plans (and partials) an H100 would get
-            fused = host_times(args.rows, args.dim, args.repeats, "fused")
-    finally:
-        launch_module.Launch.__call__ = original
-    eager = host_times(EAGER_ROWS, EAGER_DIM, args.repeats, "eager")
-    print(f"host time per call, us (median of {args.repeats}; fused fp16, M = {args.rows}, D = {args.dim}; "
-          f"eager fp32, M = {EAGER_ROWS}, D = {EAGER_DIM})")
-    print(f"{'op':<16} {'fused fwd':>10} {'fused f+b':>10} {'eager fwd':>10} {'eager f+b':>10}")
+    with launches_as_no_ops(args.sms) as device_work:  # the plans (and partials) an H100 would get
+        fused = host_times(args.rows, args.dim, args.repeats, args.rounds, "fused", device_work)
+    eager = host_times(HOST_EAGER_ROWS, HOST_EAGER_DIM, args.repeats, args.rounds, "eager")
+    print(f"host time per call, us: least / median of {args.rounds} x {args.repeats} calls; fused fp16, "
+          f"M = {args.rows}, D = {args.dim}; eager fp32, M = {HOST_EAGER_ROWS}, D = {HOST_EAGER_DIM}")
+    print(f"{'op':<16} {'fused fwd':>15} {'fused f+b':>15} {'eager fwd':>15} {'eager f+b':>15}")
     for name in fused:
-        print(f"{name:<16} {fused[name][0]:>10.1f} {fused[name][1]:>10.1f} {eager[name][0]:>10.1f} "
-              f"{eager[name][1]:>10.1f}")
+        cells = [f"{least:.0f} / {median:.0f}" for least, median in (*fused[name], *eager[name])]
+        print(f"{name:<16} " + " ".join(f"{cell:>15}" for cell in cells))
+    cells = [f"{least:.0f} / {median:.0f}" for least, median in floor_times(args.rows, args.dim, args.repeats,
+                                                                            args.rounds)]
+    print(f"{'no-op autograd':<16} " + " ".join(f"{cell:>15}" for cell in cells)
+          + "   (an autograd.Function doing nothing, 6 gradients: the floor of any Python autograd op)")
     return 0
 
 

@@ -417,57 +417,76 @@ def copy_gbps(device: torch.device, size: int = 1 << 30) -> float:
 # --------------------------------------------------------------------------------------------
 
 
-def count_case(case: dict) -> dict:
-    """Triton launches, aten kernels and bytes moved by one forward and one backward of a
-    provider ("eager" or "fused" with case["variant"]), counted in the interpreter with launches
-    planned for case["sms"] SMs. The interpreter has no bf16: bf16 cases are counted in fp16
-    (same element size, same plans). case["op"] "sparse_adapter" or "routed_adapter" (with
-    case["experts"] and case["top_k"]) counts that op on sparse_inputs; "lora" (with
-    case["dim_out"] and case["scale"]) a LoRA linear on lora_inputs (lora_fused, or lora_eager
-    for "eager"); otherwise the bottleneck op."""
+def _case_call(case: dict, rows: int, dim: int, dim_out: Optional[int], dtype, autocast):
+    """(forward call, its inputs, the context it runs in) of a count case's provider at these
+    sizes: the op on its inputs (the fused op with the case's variant, or eager PyTorch)."""
     from fused_adapters.kernels import bottleneck_adapter, reference, routed_adapter, sparse_adapter, use_variant
-    from fused_adapters.tools.byte_count import count_bytes
 
-    dtype, autocast = DTYPES[case["dtype"]]
-    dtype = torch.float16 if dtype == torch.bfloat16 else dtype
-    autocast = torch.float16 if autocast == torch.bfloat16 else autocast
     generator = torch.Generator().manual_seed(0)
     fused = case["provider"] == "fused"
     variant = case.get("variant") or "default"
     op = case.get("op")
     if op == "lora":
-        inputs = lora_inputs(case["rows"], case["dim"], case["dim_out"], case["rank"], dtype, "cpu", generator)
+        inputs = lora_inputs(rows, dim, dim_out, case["rank"], dtype, "cpu", generator)
         fn = lora_fused if fused else lora_eager
 
         def forward_call():
             return lora_call(fn, inputs, case["scale"])
     elif op in SPARSE_OPS:
-        inputs = sparse_inputs(case["rows"], case["dim"], case["rank"], case["experts"], case["top_k"], dtype, "cpu",
-                               True, op == "routed_adapter", generator)
-        fused_fn = sparse_adapter if op == "sparse_adapter" else routed_adapter
-        fn = fused_fn if fused else getattr(reference, op)
+        inputs = sparse_inputs(rows, dim, case["rank"], case["experts"], case["top_k"], dtype, "cpu", True,
+                               op == "routed_adapter", generator)
+        fn = (sparse_adapter if op == "sparse_adapter" else routed_adapter) if fused else getattr(reference, op)
 
         def forward_call():
             return sparse_call(op, fn, inputs, case["top_k"], **({"variant": variant} if fused else {}))
     else:
         op = "bottleneck_adapter"
-        inputs = bottleneck_inputs(case["rows"], case["dim"], case["rank"], dtype, "cpu", True, generator)
+        inputs = bottleneck_inputs(rows, dim, case["rank"], dtype, "cpu", True, generator)
         fn = bottleneck_adapter if fused else reference.bottleneck_adapter
 
         def forward_call():
             return fn(inputs["x"], inputs["w_down"], inputs["b_down"], inputs["w_up"], inputs["b_up"], inputs["scale"],
                       residual=inputs["x"])
-    autocast_context = (torch.autocast("cpu", dtype=autocast) if autocast is not None
-                        else torch.autocast("cpu", enabled=False))
-    # The sparse ops share the "sparse_adapter" variants (their variant= argument is passed too).
-    if op == "lora":
-        variant_context = lora_variant(variant if fused else "default")
-    else:
-        variant_context = use_variant("sparse_adapter" if op in SPARSE_OPS else op, variant if fused else "default")
-    with variant_context, autocast_context:
+
+    @contextlib.contextmanager
+    def context():
+        autocast_context = (torch.autocast("cpu", dtype=autocast) if autocast is not None
+                            else torch.autocast("cpu", enabled=False))
+        # The sparse ops share the "sparse_adapter" variants (their variant= argument is passed too).
+        if op == "lora":
+            variant_context = lora_variant(variant if fused else "default")
+        else:
+            variant_context = use_variant("sparse_adapter" if op in SPARSE_OPS else op, variant if fused else "default")
+        with variant_context, autocast_context:
+            yield
+
+    return forward_call, inputs, context
+
+
+def _count_dtypes(case: dict) -> tuple:
+    """(dtype, autocast dtype) a case is counted in: the interpreter has no bf16, so bf16 cases
+    are counted in fp16 (same element size, same plans)."""
+    dtype, autocast = DTYPES[case["dtype"]]
+    return (torch.float16 if dtype == torch.bfloat16 else dtype,
+            torch.float16 if autocast == torch.bfloat16 else autocast)
+
+
+def count_case(case: dict) -> dict:
+    """Triton launches, aten kernels and bytes moved by one forward and one backward of a
+    provider ("eager" or "fused" with case["variant"]), counted in the interpreter with launches
+    planned for case["sms"] SMs, and the host time per call (case_host_us). The interpreter has
+    no bf16: bf16 cases are counted in fp16 (same element size, same plans). case["op"]
+    "sparse_adapter" or "routed_adapter" (with case["experts"] and case["top_k"]) counts that op
+    on sparse_inputs; "lora" (with case["dim_out"] and case["scale"]) a LoRA linear on
+    lora_inputs (lora_fused, or lora_eager for "eager"); otherwise the bottleneck op."""
+    from fused_adapters.tools.byte_count import count_bytes
+
+    dtype, autocast = _count_dtypes(case)
+    forward_call, inputs, context = _case_call(case, case["rows"], case["dim"], case.get("dim_out"), dtype, autocast)
+    with context():
         with count_bytes(sm_count=case["sms"]) as forward:
             y = forward_call()
-        grad = torch.randn(y.shape, generator=generator).to(y.dtype)
+        grad = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y.dtype)
         with count_bytes(sm_count=case["sms"]) as backward:
             torch.autograd.grad(y, differentiable(inputs), grad)
     return {
@@ -475,7 +494,120 @@ def count_case(case: dict) -> dict:
                     "moved_bytes": forward.total()},
         "backward": {"triton_launches": backward.triton_launches, "aten_kernels": len(backward.aten),
                      "moved_bytes": backward.total()},
+        "host_us": case_host_us(case),
     }
+
+
+class DeviceWork:
+    """Times the fused ops' post-launch reductions (gradient partials summed over chunks, split
+    rows folded): on a GPU they are launches too, enqueued in microseconds; on the CPU they run
+    in place, and their time is taken out of a host time."""
+
+    def __init__(self):
+        self.seconds = 0.0
+        self.patches = []
+
+    def __enter__(self):
+        from fused_adapters.kernels.bottleneck import op as bottleneck_op
+        from fused_adapters.kernels.lora import op as lora_op
+        from fused_adapters.kernels.sparse import op as sparse_op
+
+        for module in (bottleneck_op, lora_op, sparse_op):
+            for name in ("reduce_partials", "fold_rows"):
+                if hasattr(module, name):
+                    original = getattr(module, name)
+                    self.patches.append((module, name, original))
+                    setattr(module, name, self._timed(original))
+        return self
+
+    def _timed(self, fn):
+        def run(*args, **kwargs):
+            start = time.perf_counter()
+            result = fn(*args, **kwargs)
+            self.seconds += time.perf_counter() - start
+            return result
+        return run
+
+    def __exit__(self, *exc):
+        for module, name, original in self.patches:
+            setattr(module, name, original)
+
+
+@contextlib.contextmanager
+def launches_as_no_ops(sms: int):
+    """Triton launches that do nothing (planned for `sms` SMs), and the reductions after them
+    timed (DeviceWork): what runs is the host side alone."""
+    from fused_adapters.kernels import launch
+    from fused_adapters.kernels.bottleneck import plan as bottleneck_plan
+    from fused_adapters.kernels.lora import plan as lora_plan
+    from fused_adapters.kernels.sparse import op as sparse_op
+    from fused_adapters.kernels.sparse import plan as sparse_plan
+
+    def new_output(shape, dtype, device):
+        # What the launches would have written to integer buffers (the grouped design's routing,
+        # sorted next): zeros, valid expert indices. Float buffers stay empty (no fill is timed).
+        if dtype.is_floating_point:
+            return torch.empty(shape, dtype=dtype, device=device)
+        return torch.zeros(shape, dtype=dtype, device=device)
+
+    modules = (bottleneck_plan, lora_plan, sparse_plan, sparse_op)
+    originals = [module.new_output for module in modules], launch.Launch.__call__
+    launch.Launch.__call__ = lambda self: None
+    for module in modules:
+        module.new_output = new_output
+    try:
+        with launch.launch_plan(sms), DeviceWork() as device_work:
+            yield device_work
+    finally:
+        launch.Launch.__call__ = originals[1]
+        for module, original in zip(modules, originals[0]):
+            module.new_output = original
+
+
+def host_time(fn: Callable[[], object], repeats: int, rounds: int, device_work: Optional[DeviceWork] = None) -> tuple:
+    """(least, median) microseconds per call of fn over `rounds` rounds of `repeats` calls, less
+    the device work the CPU ran in place. The least is the figure free of the machine's noise (a
+    shared VM's speed drifts by tens of percent between seconds)."""
+    for _ in range(5):
+        fn()
+    times = []
+    for _ in range(rounds):
+        for _ in range(repeats):
+            if device_work is not None:
+                device_work.seconds = 0.0
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start - (device_work.seconds if device_work is not None else 0.0))
+    return min(times) * 1e6, statistics.median(times) * 1e6
+
+
+# The eager chain's host time is timed at this size, where its arithmetic is next to nothing.
+HOST_EAGER_ROWS, HOST_EAGER_DIM = 16, 32
+
+
+def case_host_us(case: dict, repeats: int = 30, rounds: int = 3) -> dict:
+    """The least host time per call, us, of a count case's forward and forward+backward. Fused:
+    the case's sizes, Triton launches as no-ops (launches_as_no_ops). Eager: the same chain at
+    HOST_EAGER_ROWS x HOST_EAGER_DIM in fp32, where dispatch and autograd are what is timed (the
+    CPU's fp16 kernels take slow paths)."""
+    fused = case["provider"] == "fused"
+    if fused:
+        dtype, autocast = _count_dtypes(case)
+        rows, dim, dim_out = case["rows"], case["dim"], case.get("dim_out")
+    else:
+        dtype, autocast = torch.float32, None
+        rows, dim = HOST_EAGER_ROWS, HOST_EAGER_DIM
+        dim_out = 3 * dim if case.get("dim_out") else None
+    forward_call, inputs, context = _case_call(case, rows, dim, dim_out, dtype, autocast)
+    wanted = differentiable(inputs)
+    with context(), (launches_as_no_ops(case["sms"]) if fused else contextlib.nullcontext()) as device_work:
+        grad = torch.ones_like(forward_call())
+
+        def step():
+            torch.autograd.grad(forward_call(), wanted, grad)
+
+        forward, both = (host_time(fn, repeats, rounds, device_work)[0] for fn in (forward_call, step))
+    return {"forward": round(forward, 1), "forward+backward": round(both, 1)}
 
 
 def _count_or_error(case: dict) -> dict:

@@ -14,9 +14,64 @@ from . import reference
 MAX_RANK = 256
 
 
+# The checks depend on what a key of the arguments captures (types, shapes, dtypes, devices,
+# flags, which residual terms are x): they run once per key (about 13 us a call on 2 CPU cores,
+# the key about 5). The values a call reads besides (a float scale, the routing's range) are
+# read every call.
+_PASSED: set = set()
+_MAX_PASSED = 4096
+
+
+def _meta(value):
+    return (value.shape, value.dtype, value.device) if isinstance(value, torch.Tensor) else type(value)
+
+
+def _key(x, residual, *values):
+    """The arguments' key, or None where one cannot be made (an unhashable argument)."""
+    if residual is None or isinstance(residual, torch.Tensor):
+        terms = (_meta(residual), residual is x)
+    elif isinstance(residual, (tuple, list)):
+        terms = (type(residual),) + tuple((_meta(term), term is x) for term in residual)
+    else:
+        terms = type(residual)
+    key = (terms,) + tuple(_meta(value) if not isinstance(value, str) else value for value in values)
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
+
+
+def _checked(key, check) -> None:
+    """Run check() unless this key passed before."""
+    if key is not None and key in _PASSED:
+        return
+    check()
+    if key is not None:
+        if len(_PASSED) >= _MAX_PASSED:
+            _PASSED.clear()
+        _PASSED.add(key)
+
+
+def _epilogue_parts(scale, residual):
+    """(scale tensor or None, scale value, residual terms) of checked arguments."""
+    terms = reference.residual_terms(residual) if residual is None or isinstance(residual, torch.Tensor) \
+        else list(residual)
+    if isinstance(scale, torch.Tensor):
+        return scale, 1.0, terms
+    return None, 1.0 if scale is None else float(scale), terms
+
+
 def check_bottleneck_arguments(x, w_down, b_down, w_up, b_up, scale, activation, residual, row_scale):
     """Raise a TypeError/ValueError naming the argument; return (scale tensor or None, scale
     value, residual terms)."""
+    key = _key(x, residual, "bottleneck", x, w_down, b_down, w_up, b_up, scale, activation, row_scale)
+    _checked(key, lambda: _check_bottleneck_arguments(x, w_down, b_down, w_up, b_up, scale, activation, residual,
+                                                      row_scale))
+    return _epilogue_parts(scale, residual)
+
+
+def _check_bottleneck_arguments(x, w_down, b_down, w_up, b_up, scale, activation, residual, row_scale):
     check_float_tensor("x", x)
     if x.dim() < 1 or x.shape[-1] == 0:
         raise ValueError(f"x must have shape [..., D] with D >= 1, got {tuple(x.shape)}")
@@ -44,10 +99,8 @@ def check_bottleneck_arguments(x, w_down, b_down, w_up, b_up, scale, activation,
         if tuple(b_up.shape) != (dim_out,):
             raise ValueError(f"b_up must have shape [D_out] = [{dim_out}] (w_up's rows), got {tuple(b_up.shape)}")
     check_activation(activation)
-    scale_tensor, scale_value, terms = check_epilogue_arguments(x, scale, residual, row_scale, out_dim=dim_out)
-    named = [("w_down", w_down), ("b_down", b_down), ("w_up", w_up), ("b_up", b_up)]
-    check_same_device(x, named)
-    return scale_tensor, scale_value, terms
+    check_epilogue_arguments(x, scale, residual, row_scale, out_dim=dim_out)
+    check_same_device(x, [("w_down", w_down), ("b_down", b_down), ("w_up", w_up), ("b_up", b_up)])
 
 
 def check_epilogue_arguments(x, scale, residual, row_scale, out_dim=None):
@@ -174,6 +227,24 @@ def check_sparse_arguments(x, w_gate, b_gate, expert_idx, expert_weight, w_down,
     expert_weight given; check_range=False skips reading expert_idx's values, for callers whose
     indices are in range by construction). Raise a TypeError/ValueError naming the argument; return
     (scale tensor or None, scale value, residual terms)."""
+    top_k_key = top_k if isinstance(top_k, int) else type(top_k)
+    key = _key(x, residual, "sparse", x, w_gate, b_gate, expert_idx, expert_weight, w_down, b_down, w_up, b_up, scale,
+               activation, row_scale, max_experts, str(top_k_key))
+    _checked(key, lambda: _check_sparse_arguments(x, w_gate, b_gate, expert_idx, expert_weight, w_down, b_down, w_up,
+                                                  b_up, scale, activation, residual, row_scale, top_k, max_experts))
+    if w_gate is None and check_range and expert_idx.numel() > 0 and expert_idx.device.type != "meta" \
+            and not torch.compiler.is_compiling():
+        # One device sync on CUDA: the price of an error instead of silently dropped rows.
+        experts = w_down.shape[0]
+        low, high = torch.aminmax(expert_idx)
+        if int(low) < 0 or int(high) >= experts:
+            raise ValueError(f"expert_idx must hold expert indices from 0 to {experts - 1}, got values from "
+                             f"{int(low)} to {int(high)}")
+    return _epilogue_parts(scale, residual)
+
+
+def _check_sparse_arguments(x, w_gate, b_gate, expert_idx, expert_weight, w_down, b_down, w_up, b_up, scale,
+                            activation, residual, row_scale, top_k, max_experts):
     check_float_tensor("x", x)
     if x.dim() < 1 or x.shape[-1] == 0:
         raise ValueError(f"x must have shape [..., D] with D >= 1, got {tuple(x.shape)}")
@@ -211,12 +282,5 @@ def check_sparse_arguments(x, w_gate, b_gate, expert_idx, expert_weight, w_down,
                              f"{tuple(expert_weight.shape)}")
         named += [("expert_idx", expert_idx), ("expert_weight", expert_weight)]
     check_activation(activation)
-    check_same_device(x, named)  # before anything reads a value: a wrong device is the clearer error
-    if w_gate is None and check_range and expert_idx.numel() > 0 and expert_idx.device.type != "meta" \
-            and not torch.compiler.is_compiling():
-        # One device sync on CUDA: the price of an error instead of silently dropped rows.
-        low, high = torch.aminmax(expert_idx)
-        if int(low) < 0 or int(high) >= experts:
-            raise ValueError(f"expert_idx must hold expert indices from 0 to {experts - 1}, got values from "
-                             f"{int(low)} to {int(high)}")
-    return check_epilogue_arguments(x, scale, residual, row_scale)
+    check_same_device(x, named)  # before the range check reads a value: a wrong device is the clearer error
+    check_epilogue_arguments(x, scale, residual, row_scale)

@@ -18,7 +18,7 @@ from typing import Callable, Optional
 
 import torch
 
-__all__ = ["FusedOp", "refuse_double_backward"]
+__all__ = ["FusedOp", "refuse_double_backward", "wants_grad"]
 
 
 def _through_dispatcher(first: torch.Tensor) -> bool:
@@ -73,10 +73,15 @@ class FusedOp:
         args = [inputs[name] for name in self.names]
         if _through_dispatcher(args[0]):
             return self.op(*args)
-        if self.eager is not None and torch.is_grad_enabled() and any(
-                isinstance(arg, torch.Tensor) and arg.requires_grad for arg in args):
+        if self.eager is not None and wants_grad(*args):
             return self.eager.apply(*args)
         return self.impl(*args)
+
+
+def wants_grad(*tensors) -> bool:
+    """Whether autograd records a call on these tensors (None and non-tensors ignored): then its
+    forward saves what its backward needs."""
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
 
 
 def refuse_double_backward(op: str, reference: str) -> None:

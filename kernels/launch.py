@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
 import torch
-import triton
 import triton.language as tl
 
 from .paths import KERNEL_DTYPES
@@ -19,13 +18,25 @@ from .paths import KERNEL_DTYPES
 __all__ = [
     "BlockConfig", "Launch", "Plan", "PackedLayout", "launch_plan", "sm_count", "new_output", "device_context",
     "padded_rank", "dtype_group", "row_variants", "plan_block_rows", "plan_chunks", "variant_config", "scale_mode",
-    "packed_grad_dtype", "input_precision", "int32_columns", "reduce_partials", "fold_rows", "TRITON_DTYPES",
+    "packed_grad_dtype", "input_precision", "int32_columns", "reduce_partials", "fold_rows", "param_grad", "scale_grad",
+    "cdiv", "next_power_of_2", "TRITON_DTYPES",
 ]
 
 # tl.dot needs every dimension >= 16, and tl.arange a power of two.
 MIN_BLOCK_RANK = 16
 MIN_BLOCK_ROWS = 16
 TRITON_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for the host-side plans. (triton.cdiv is a Triton function: called from Python it
+    goes through the JIT's argument handling, about 8 us a call on 2 CPU cores.)"""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n (n >= 1), without triton's per-call overhead."""
+    return 1 << (n - 1).bit_length()
 
 
 @dataclass(frozen=True)
@@ -115,7 +126,28 @@ class PackedLayout:
 def reduce_partials(partials: torch.Tensor, grad_dtype: torch.dtype) -> torch.Tensor:
     """The per-chunk partial sums [chunks, size] of a weight-gradient launch, summed over chunks
     in order (deterministic); with one chunk they are the gradients already, in grad_dtype."""
-    return partials[0] if partials.shape[0] == 1 else partials.sum(dim=0).to(grad_dtype)
+    if partials.shape[0] == 1:
+        return partials[0]
+    total = partials.sum(dim=0)
+    return total if total.dtype == grad_dtype else total.to(grad_dtype)
+
+
+def param_grad(grad: torch.Tensor, param: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """A field of the packed gradients as `param`'s gradient: its shape and dtype (no op where they
+    match already: a no-op .to or .view still costs a dispatch), None for an absent parameter."""
+    if param is None:
+        return None
+    if grad.shape != param.shape:
+        grad = grad.view(param.shape)
+    return grad if grad.dtype == param.dtype else grad.to(param.dtype)
+
+
+def scale_grad(per_channel: torch.Tensor, scale: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """dscale from the packed per-channel sums: summed over channels for a layer-wise (one-element)
+    scale."""
+    if scale is not None and scale.numel() == 1:
+        return per_channel.float().sum().reshape(scale.shape).to(scale.dtype)
+    return param_grad(per_channel, scale)
 
 
 def fold_rows(packed: torch.Tensor, start: int, rows: int, width: int) -> None:
@@ -167,16 +199,15 @@ def new_output(shape, dtype, device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-class _NullContext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
+_SAME_DEVICE = contextlib.nullcontext()
 
 
 def device_context(x: torch.Tensor):
-    return torch.cuda.device(x.device) if x.device.type == "cuda" else _NullContext()
+    """Launches go to x's GPU: a device switch where another is current (a switch costs a few
+    microseconds a call; most calls need none)."""
+    if x.device.type == "cuda" and x.device.index != torch.cuda.current_device():
+        return torch.cuda.device(x.device)
+    return _SAME_DEVICE
 
 
 def optional(tensor: Optional[torch.Tensor], fallback: torch.Tensor) -> torch.Tensor:
@@ -188,7 +219,7 @@ def optional(tensor: Optional[torch.Tensor], fallback: torch.Tensor) -> torch.Te
 
 def padded_rank(rank: int) -> int:
     """The rank tile: the next power of two, at least tl.dot's minimum of 16."""
-    return max(MIN_BLOCK_RANK, triton.next_power_of_2(rank))
+    return max(MIN_BLOCK_RANK, next_power_of_2(rank))
 
 
 def dtype_group(dtype: torch.dtype) -> str:
@@ -201,7 +232,8 @@ def dtype_group(dtype: torch.dtype) -> str:
 PROGRAMS_PER_SM = 2
 
 
-def row_variants(config: BlockConfig) -> list[BlockConfig]:
+@functools.lru_cache(maxsize=4096)
+def row_variants(config: BlockConfig) -> tuple[BlockConfig, ...]:
     """The config and every smaller block-rows variant plan_block_rows may use (halving to 16),
     with the column tile widened up to config.wide_dim as the rows halve, and fewer warps where
     a thread would otherwise hold fewer than 4 elements of a tile (no 64-bit loads)."""
@@ -214,15 +246,16 @@ def row_variants(config: BlockConfig) -> list[BlockConfig]:
         warps = max(1, min(config.num_warps, block_rows * block_dim // (32 * 4)))
         variants.append(BlockConfig(f"{config.name}_rows{block_rows}", block_rows, block_dim, warps,
                                     config.num_stages, config.rank_tile, config.wide_dim))
-    return variants
+    return tuple(variants)  # cached: immutable
 
 
+@functools.lru_cache(maxsize=4096)
 def plan_block_rows(config: BlockConfig, rows: int, sms: int) -> BlockConfig:
     """The largest block rows (the config's, halved down to 16) whose row-tile grid gives every
     SM PROGRAMS_PER_SM programs; the smallest when M is too small for that. ViT-B/16 batch 32
     (M = 6304) on 132 SMs: 64 rows would give 99 programs, 16 rows give 394."""
     for variant in row_variants(config):
-        if triton.cdiv(rows, variant.block_rows) >= PROGRAMS_PER_SM * sms:
+        if cdiv(rows, variant.block_rows) >= PROGRAMS_PER_SM * sms:
             return variant
     return row_variants(config)[-1]
 
@@ -242,7 +275,7 @@ def plan_chunks(rows: int, dim: int, row_tiles: int, programs_per_chunk: int, sm
     programs per SM. Below that, the chunks are capped so that the partials, written and read,
     cost at most PARTIALS_BUDGET of one pass over x: for the bottleneck op at rank 8 and
     M = 1024 a single extra chunk would already cost 6% of it."""
-    fill = triton.cdiv(PROGRAMS_PER_SM * sms, programs_per_chunk)
+    fill = cdiv(PROGRAMS_PER_SM * sms, programs_per_chunk)
     if rows >= PROGRAMS_PER_SM * sms * MIN_BLOCK_ROWS:
         return max(1, min(row_tiles, fill))
     chunk_bytes = 2 * chunk_elements * 4
@@ -250,6 +283,7 @@ def plan_chunks(rows: int, dim: int, row_tiles: int, programs_per_chunk: int, sm
     return max(1, min(row_tiles, fill, budget))
 
 
+@functools.lru_cache(maxsize=4096)
 def variant_config(config: BlockConfig, rows: int, sms: int, block_rows: int) -> BlockConfig:
     """A row-tile kernel's configuration: planned from M and the SM count (block_rows 0), or the
     block-rows variant of a kernel variant's block_rows (the config's own rows where fewer)."""

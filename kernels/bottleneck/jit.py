@@ -271,7 +271,7 @@ def _backward_input_and_weights_kernel(
         b_up_term = tl.load(b_up_ptr + col_ids, mask=out_mask, other=0.0).to(dtype).to(tl.float32) * acc_gs
         grad_scale += tl.where(pid_rank == 0, b_up_term, 0.0)
 
-    # Partials of chunk c, in the layout of partials_size (in the parameters' dtype when there is
+    # Partials of chunk c, in the layout of plan.grad_layout (in the parameters' dtype when there is
     # one chunk: then they are the gradients, and no cast pass follows): [dw_up (D_out x r) |
     # dw_down (r x D) | db_up (D_out) | db_down (r) | dscale per rank block (blocks x D_out)].
     rank_blocks = tl.num_programs(2)

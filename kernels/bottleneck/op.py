@@ -28,8 +28,10 @@ import torch
 
 from .. import paths, reference
 from ..checks import check_bottleneck_arguments, epilogue_arguments
-from ..customop import FusedOp, refuse_double_backward
-from ..launch import device_context, fold_rows, int32_columns, packed_grad_dtype, reduce_partials, scale_mode
+from ..customop import FusedOp, refuse_double_backward, wants_grad
+from ..launch import (
+    device_context, fold_rows, int32_columns, packed_grad_dtype, param_grad, reduce_partials, scale_grad, scale_mode,
+)
 from ..variants import pick, time_cuda
 from . import plan
 from .plan import column_major_output, grad_layout
@@ -201,17 +203,14 @@ def _backward(ctx, needs, grad_y, grad_hidden):
     )
     rank, dim = w_down.shape
     grads = grad_layout(dim, rank, w_up.shape[0]).split(packed)
-    grad_scale = None
-    if scale is not None:  # a layer-wise scale sums its channels
-        grad_scale = grads["scale"].float().sum().reshape(scale.shape) if scale.numel() == 1 else grads["scale"]
-        grad_scale = grad_scale.to(scale.dtype)
+    residual_dtype = ctx.residual_dtype
     return dict(
-        x=grad_x, w_down=grads["w_down"].view(w_down.shape).to(w_down.dtype),
-        b_down=grads["b_down"].to(b_down.dtype) if b_down is not None else None,
-        w_up=grads["w_up"].view(w_up.shape).to(w_up.dtype),
-        b_up=grads["b_up"].to(b_up.dtype) if b_up is not None else None, scale=grad_scale,
+        x=grad_x, w_down=param_grad(grads["w_down"], w_down), b_down=param_grad(grads["b_down"], b_down),
+        w_up=param_grad(grads["w_up"], w_up), b_up=param_grad(grads["b_up"], b_up),
+        scale=scale_grad(grads["scale"], scale),
         # The residual's gradient is dy itself (cast to the residual's dtype where y was promoted).
-        residual=grad_y.to(ctx.residual_dtype) if ctx.residual_dtype is not None else None,
+        residual=None if residual_dtype is None else grad_y if grad_y.dtype == residual_dtype else
+        grad_y.to(residual_dtype),
     )
 
 
@@ -277,11 +276,11 @@ def _bottleneck(x, w_down, b_down, w_up, b_up, scale, activation, residual, row_
                                                                       out_dim=w_up.shape[0])
     if row_scale is not None:
         row_scale = row_scale.detach()
-    tensors = (x, w_down, b_down, w_up, b_up, scale_tensor, *terms)
-    save_hidden = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    save_hidden = wants_grad(x, w_down, b_down, w_up, b_up, scale_tensor, *terms)
+    # A 2-D x goes in as it is: a reshape is an autograd node each way, even as a no-op view.
     y, _ = forward_op(
-        x=x.reshape(-1, x.shape[-1]), w_down=w_down, b_down=b_down, w_up=w_up, b_up=b_up, scale=scale_tensor,
+        x=x if x.dim() == 2 else x.reshape(-1, x.shape[-1]), w_down=w_down, b_down=b_down, w_up=w_up, b_up=b_up, scale=scale_tensor,
         scale_value=scale_value, residual=skip2d, add_input=add_input, row_scale=row_scale, activation=activation,
         compute_dtype=compute_dtype, out_dtype=out_dtype, autocast=autocast, save_hidden=save_hidden, op=op,
     )
-    return y.view(*x.shape[:-1], w_up.shape[0])
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], w_up.shape[0])

@@ -15,11 +15,10 @@ from types import MappingProxyType
 from typing import Optional
 
 import torch
-import triton
 
 from ..launch import (
-    TRITON_DTYPES, BlockConfig, Launch, PackedLayout, Plan, input_precision, new_output, optional, padded_rank,
-    plan_chunks, scale_mode, sm_count, variant_config,
+    TRITON_DTYPES, BlockConfig, Launch, PackedLayout, Plan, cdiv, input_precision, new_output, optional,
+    padded_rank, plan_chunks, scale_mode, sm_count, variant_config,
 )
 from ..variants import Variant
 from .configs import (
@@ -92,7 +91,7 @@ def _forward_tiles(rows: int, rank: int, same_width: bool, compute_dtype: torch.
         COMPUTE_DTYPE=TRITON_DTYPES[compute_dtype], INPUT_PRECISION=precision,
         BLOCK_ROWS=config.block_rows, BLOCK_DIM=config.block_dim, BLOCK_RANK=padded_rank(rank),
     ))
-    return config, (triton.cdiv(rows, config.block_rows),), constexprs
+    return config, (cdiv(rows, config.block_rows),), constexprs
 
 
 def forward(x, w_down, b_down, w_up, b_up, scale, scale_value, residual, add_input, row_scale, activation,
@@ -134,17 +133,26 @@ def forward(x, w_down, b_down, w_up, b_up, scale, scale_value, residual, add_inp
 
 @functools.lru_cache(maxsize=4096)
 def _weights_tiles(rows: int, dim: int, dim_out: int, rank: int, itemsize: int, table_name: str,
-                   compute_dtype: torch.dtype, sms: int, tile: Optional[BlockConfig]):
-    """(config, grid (chunks, column tiles, rank blocks), tiles per chunk) of the weights launch."""
+                   compute_dtype: torch.dtype, precision: str, flags: tuple, sms: int, tile: Optional[BlockConfig]):
+    """(config, grid (chunks, column tiles, rank blocks), tiles per chunk, constexprs) of the
+    weights launch."""
     config = tile or block_config(_WEIGHTS_TABLES[table_name], rank, compute_dtype)
     block_rank = padded_rank(rank)
-    rank_blocks = triton.cdiv(rank, config.rank_tile or block_rank)
-    row_tiles = triton.cdiv(rows, config.block_rows)
-    col_tiles = triton.cdiv(max(dim, dim_out), config.block_dim)
+    rank_tile = config.rank_tile or block_rank
+    rank_blocks = cdiv(rank, rank_tile)
+    row_tiles = cdiv(rows, config.block_rows)
+    col_tiles = cdiv(max(dim, dim_out), config.block_dim)
     chunks = plan_chunks(rows, min(dim, dim_out), row_tiles, col_tiles * rank_blocks, sms, itemsize,
                          grad_layout(dim, rank, dim_out, rank_blocks).size)
-    tiles_per_chunk = triton.cdiv(row_tiles, chunks)
-    return config, (triton.cdiv(row_tiles, tiles_per_chunk), col_tiles, rank_blocks), tiles_per_chunk
+    tiles_per_chunk = cdiv(row_tiles, chunks)
+    activation, recompute_act, mode, has_b_up, has_row_scale, compute_dx, add_grad_y = flags
+    constexprs = MappingProxyType(dict(
+        ACTIVATION=activation, RECOMPUTE_ACT=recompute_act, SCALE_MODE=mode, HAS_B_UP=has_b_up,
+        HAS_ROW_SCALE=has_row_scale, COMPUTE_DX=compute_dx, ADD_GRAD_Y=compute_dx and add_grad_y,
+        SPLIT_RANK=rank_tile < block_rank, SAME_WIDTH=dim_out == dim, COMPUTE_DTYPE=TRITON_DTYPES[compute_dtype],
+        INPUT_PRECISION=precision, BLOCK_ROWS=config.block_rows, BLOCK_DIM=config.block_dim, BLOCK_RANK=rank_tile,
+    ))
+    return config, (cdiv(row_tiles, tiles_per_chunk), col_tiles, rank_blocks), tiles_per_chunk, constexprs
 
 
 _WEIGHTS_TABLES = {"default": BACKWARD_WEIGHTS_CONFIGS, "wide": BACKWARD_WEIGHTS_WIDE_CONFIGS,
@@ -160,40 +168,45 @@ def backward_weights(grad_y, x, act, recompute_act, grad_hidden, w_down, w_up, b
     recompute_act the pre-activation h to recompute it from. grad_hidden: dh [M, r]."""
     rows, dim = x.shape
     rank, dim_out = w_down.shape[0], w_up.shape[0]
-    block_rank = padded_rank(rank)
     compute_dx = grad_x.shape[0] == rows
     if dim_out != dim:  # a second width and column mask: tiles of their own
         table_name = "wide"
     else:  # dx laid out like x: column-major tiles where x is
         table_name = "column_major" if column_major_output(x, dim) else "default"
-    config, grid, tiles_per_chunk = _weights_tiles(rows, dim, dim_out, rank, x.element_size(), table_name,
-                                                   compute_dtype, _sms(x, sms), tile)
+    flags = (activation, recompute_act, scale_mode(scale), b_up is not None, row_scale is not None, compute_dx,
+             add_grad_y)
+    config, grid, tiles_per_chunk, constexprs = _weights_tiles(
+        rows, dim, dim_out, rank, x.element_size(), table_name, compute_dtype, input_precision(compute_dtype), flags,
+        _sms(x, sms), tile)
     chunks, _, rank_blocks = grid
     partials = new_output((chunks, grad_layout(dim, rank, dim_out, rank_blocks).size),
                           grad_dtype if chunks == 1 else torch.float32, x.device)
-    launch = Launch(
-        _backward_input_and_weights_kernel, grid,
-        dict(
-            grad_y_ptr=grad_y, x_ptr=x, act_ptr=act, grad_hidden_ptr=grad_hidden, w_down_ptr=w_down.contiguous(),
-            w_up_ptr=w_up.contiguous(), b_up_ptr=optional(b_up, x), scale_ptr=optional(scale, x),
-            row_scale_ptr=optional(row_scale, x), grad_x_ptr=grad_x if compute_dx else grad_hidden,
-            partials_ptr=partials,
-            rows=rows, dim=dim, dim_out=dim_out, rank=rank, scale_value=scale_value, tiles_per_chunk=tiles_per_chunk,
-            stride_g_row=grad_y.stride(0), stride_g_col=grad_y.stride(1),
-            stride_x_row=x.stride(0), stride_x_col=x.stride(1),
-            stride_dx_row=grad_x.stride(0) if compute_dx else dim, stride_dx_col=grad_x.stride(1) if compute_dx else 1,
-        ),
-        dict(
-            ACTIVATION=activation, RECOMPUTE_ACT=recompute_act, SCALE_MODE=scale_mode(scale),
-            HAS_B_UP=b_up is not None, HAS_ROW_SCALE=row_scale is not None, COMPUTE_DX=compute_dx,
-            ADD_GRAD_Y=compute_dx and add_grad_y, SPLIT_RANK=(config.rank_tile or block_rank) < block_rank,
-            SAME_WIDTH=dim_out == dim, COMPUTE_DTYPE=TRITON_DTYPES[compute_dtype],
-            INPUT_PRECISION=input_precision(compute_dtype), BLOCK_ROWS=config.block_rows,
-            BLOCK_DIM=config.block_dim, BLOCK_RANK=config.rank_tile or block_rank,
-        ),
-        config,
+    args = dict(
+        grad_y_ptr=grad_y, x_ptr=x, act_ptr=act, grad_hidden_ptr=grad_hidden, w_down_ptr=w_down.contiguous(),
+        w_up_ptr=w_up.contiguous(), b_up_ptr=optional(b_up, x), scale_ptr=optional(scale, x),
+        row_scale_ptr=optional(row_scale, x), grad_x_ptr=grad_x if compute_dx else grad_hidden, partials_ptr=partials,
+        rows=rows, dim=dim, dim_out=dim_out, rank=rank, scale_value=scale_value, tiles_per_chunk=tiles_per_chunk,
+        stride_g_row=grad_y.stride(0), stride_g_col=grad_y.stride(1),
+        stride_x_row=x.stride(0), stride_x_col=x.stride(1),
+        stride_dx_row=grad_x.stride(0) if compute_dx else dim, stride_dx_col=grad_x.stride(1) if compute_dx else 1,
     )
-    return launch, partials
+    return Launch(_backward_input_and_weights_kernel, grid, args, constexprs, config), partials
+
+
+@functools.lru_cache(maxsize=4096)
+def _hidden_tiles(rows: int, rank: int, column_major: bool, compute_dtype: torch.dtype, precision: str, flags: tuple,
+                  variant: Variant, sms: int, tile: Optional[BlockConfig]):
+    """(config, grid, constexprs) of the backward's first launch. dx is laid out like x:
+    column-major tiles where x is."""
+    table = BACKWARD_HIDDEN_COLUMN_MAJOR_CONFIGS if column_major else BACKWARD_HIDDEN_CONFIGS
+    config = tile or variant_config(block_config(table, rank, compute_dtype), rows, sms, variant.block_rows)
+    activation, mode, has_row_scale, store_act = flags
+    constexprs = MappingProxyType(dict(
+        ACTIVATION=activation, SCALE_MODE=mode, HAS_ROW_SCALE=has_row_scale, STORE_ACT=store_act,
+        COMPUTE_DTYPE=TRITON_DTYPES[compute_dtype], INPUT_PRECISION=precision,
+        BLOCK_ROWS=config.block_rows, BLOCK_DIM=config.block_dim, BLOCK_RANK=padded_rank(rank),
+    ))
+    return config, (cdiv(rows, config.block_rows),), constexprs
 
 
 def backward(grad_y, x, hidden, w_down, w_up, b_up, scale, scale_value, row_scale, activation, compute_dtype,
@@ -217,27 +230,16 @@ def backward(grad_y, x, hidden, w_down, w_up, b_up, scale, scale_value, row_scal
     if rows == 0:
         partials = torch.zeros((1, grad_layout(dim, rank, dim_out).size), dtype=grad_dtype, device=x.device)
         return Plan({}, dict(grad_x=grad_x, grad_hidden=grad_hidden, act=act, partials=partials))
-    # dx is laid out like x: column-major tiles where x is.
-    hidden_table = BACKWARD_HIDDEN_COLUMN_MAJOR_CONFIGS if column_major_output(x, dim) else BACKWARD_HIDDEN_CONFIGS
-    hidden_config = tiles.get("backward_hidden") or variant_config(
-        block_config(hidden_table, rank, compute_dtype), rows, sms, variant.block_rows)
-    mode = scale_mode(scale)
-    hidden_launch = Launch(
-        _backward_hidden_kernel, (triton.cdiv(rows, hidden_config.block_rows),),
-        dict(
-            grad_y_ptr=grad_y, hidden_ptr=hidden, w_up_ptr=w_up.contiguous(), scale_ptr=optional(scale, x),
-            row_scale_ptr=optional(row_scale, x), grad_hidden_ptr=grad_hidden,
-            act_ptr=act if store_act else grad_hidden,
-            rows=rows, dim=dim_out, rank=rank, scale_value=scale_value,  # its D loop walks dy's columns
-            stride_g_row=grad_y.stride(0), stride_g_col=grad_y.stride(1),
-        ),
-        dict(
-            ACTIVATION=activation, SCALE_MODE=mode, HAS_ROW_SCALE=row_scale is not None, STORE_ACT=store_act,
-            COMPUTE_DTYPE=TRITON_DTYPES[compute_dtype], INPUT_PRECISION=input_precision(compute_dtype),
-            BLOCK_ROWS=hidden_config.block_rows, BLOCK_DIM=hidden_config.block_dim, BLOCK_RANK=padded_rank(rank),
-        ),
-        hidden_config,
+    config, grid, constexprs = _hidden_tiles(
+        rows, rank, column_major_output(x, dim), compute_dtype, input_precision(compute_dtype),
+        (activation, scale_mode(scale), row_scale is not None, store_act), variant, sms, tiles.get("backward_hidden"))
+    args = dict(
+        grad_y_ptr=grad_y, hidden_ptr=hidden, w_up_ptr=w_up.contiguous(), scale_ptr=optional(scale, x),
+        row_scale_ptr=optional(row_scale, x), grad_hidden_ptr=grad_hidden, act_ptr=act if store_act else grad_hidden,
+        rows=rows, dim=dim_out, rank=rank, scale_value=scale_value,  # its D loop walks dy's columns
+        stride_g_row=grad_y.stride(0), stride_g_col=grad_y.stride(1),
     )
+    hidden_launch = Launch(_backward_hidden_kernel, grid, args, constexprs, config)
     weights_launch, partials = backward_weights(
         grad_y, x, act if store_act else hidden, not store_act, grad_hidden, w_down, w_up, b_up, scale, scale_value,
         row_scale, activation, compute_dtype, grad_x, add_grad_y, grad_dtype, sms, tiles.get("backward_weights"))

@@ -48,8 +48,8 @@ import torch.nn.functional as F
 from .. import paths, reference
 from ..bottleneck.op import _bottleneck
 from ..checks import check_bottleneck_arguments, check_float_tensor, check_same_device
-from ..customop import FusedOp, refuse_double_backward
-from ..launch import device_context, input_precision, int32_columns, packed_grad_dtype, reduce_partials
+from ..customop import FusedOp, refuse_double_backward, wants_grad
+from ..launch import device_context, input_precision, int32_columns, packed_grad_dtype, param_grad, reduce_partials
 from ..variants import AUTOTUNE, Variant, current_variant, pick, time_cuda
 from . import plan
 from .configs import VARIANTS
@@ -145,8 +145,7 @@ def _backward(ctx, needs, grad_y, grad_hidden):
             compute_dtype=ctx.compute_dtype, compute_dx=needs["x"], compute_weights=needs["lora_a"] or needs["lora_b"],
         )
         split = grad_layout(x.shape[1], weight.shape[0], lora_a.shape[0]).split(packed)
-        grads.update(x=grad_x, lora_a=split["lora_a"].view(lora_a.shape).to(lora_a.dtype),
-                     lora_b=split["lora_b"].view(lora_b.shape).to(lora_b.dtype))
+        grads.update(x=grad_x, lora_a=param_grad(split["lora_a"], lora_a), lora_b=param_grad(split["lora_b"], lora_b))
     if needs["weight"]:  # not LoRA's case (W is frozen): plain torch, in the compute dtype as F.linear's
         dtype = ctx.compute_dtype
         grads["weight"] = (grad_y.to(dtype).t() @ x.to(dtype)).to(weight.dtype)
@@ -206,11 +205,10 @@ def _two_launch(x, weight, bias, lora_a, lora_b, scale):
 
 
 def _single_launch(x, weight, bias, lora_a, lora_b, scale, compute_dtype):
-    tensors = (x, weight, bias, lora_a, lora_b)
-    save_hidden = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    y, _ = forward_op(x=x.reshape(-1, x.shape[-1]), weight=weight, bias=bias, lora_a=lora_a, lora_b=lora_b,
+    save_hidden = wants_grad(x, weight, bias, lora_a, lora_b)
+    y, _ = forward_op(x=x if x.dim() == 2 else x.reshape(-1, x.shape[-1]), weight=weight, bias=bias, lora_a=lora_a, lora_b=lora_b,
                       scale=scale, compute_dtype=compute_dtype, save_hidden=save_hidden)
-    return y.view(*x.shape[:-1], weight.shape[0])
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], weight.shape[0])
 
 
 def _takes_single_launch(lora_a, weight, compute_dtype) -> bool:
@@ -233,13 +231,13 @@ def _variant(x, weight, bias, lora_a, lora_b, scale, compute_dtype) -> Variant:
         # detached copies, so no real gradient accumulates; and with saved-tensor hooks of its
         # own, so that an enclosing activation checkpoint does not record the timing runs.
         inputs = [t.detach().requires_grad_(t.requires_grad) if t is not None else None for t in tensors]
-        wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
+        backward = wants_grad(*inputs)
 
         def run():
             with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t), \
-                    torch.set_grad_enabled(wants_grad):
+                    torch.set_grad_enabled(backward):
                 y = _run(variant, *inputs, scale, compute_dtype)
-                if wants_grad:
+                if backward:
                     y.backward(torch.ones_like(y))
         return time_cuda(run)
 

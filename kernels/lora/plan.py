@@ -8,15 +8,14 @@ import functools
 from typing import Optional
 
 import torch
-import triton
 
 from ..bottleneck.configs import DEFAULT_VARIANT as BOTTLENECK_DEFAULT
 from ..bottleneck.plan import backward_weights as bottleneck_backward_weights
 from ..bottleneck.plan import grad_layout as bottleneck_grad_layout
 from ..bottleneck.plan import stores_act
 from ..launch import (
-    TRITON_DTYPES, BlockConfig, Launch, PackedLayout, Plan, dtype_group, input_precision, new_output, padded_rank,
-    sm_count,
+    TRITON_DTYPES, BlockConfig, Launch, PackedLayout, Plan, cdiv, dtype_group, input_precision, new_output,
+    padded_rank, sm_count,
 )
 from .configs import LORA_LINEAR_CONFIGS, LORA_LINEAR_UNALIGNED_CONFIGS, MAX_SINGLE_LAUNCH_RANK
 from .jit import _lora_linear_kernel
@@ -46,7 +45,7 @@ def gemm_config(rank: int, compute_dtype: torch.dtype, rows: int, cols: int, sms
     table = LORA_LINEAR_CONFIGS if is_aligned else LORA_LINEAR_UNALIGNED_CONFIGS
     configs = table[(padded_rank(rank), dtype_group(compute_dtype))]
     for config in configs:
-        if triton.cdiv(rows, config.block_rows) * triton.cdiv(cols, config.block_dim) >= sms:
+        if cdiv(rows, config.block_rows) * cdiv(cols, config.block_dim) >= sms:
             return config
     return configs[-1]
 
@@ -89,7 +88,7 @@ def _gemm_launch(x, weight, weight_strides, bias, down, down_strides, up, up_str
         BLOCK_DIM=config.block_dim, BLOCK_K=config.block_k, BLOCK_RANK=padded_rank(rank),
         GROUP_ROWS=config.group_rows,
     )
-    grid = (triton.cdiv(rows, config.block_rows) * triton.cdiv(dim_out, config.block_dim),)
+    grid = (cdiv(rows, config.block_rows) * cdiv(dim_out, config.block_dim),)
     return Launch(_lora_linear_kernel, grid, args, constexprs, config)
 
 

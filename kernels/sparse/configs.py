@@ -2,9 +2,8 @@
 variants. plan.py chooses among them."""
 
 import torch
-import triton
 
-from ..launch import BlockConfig, dtype_group, padded_rank
+from ..launch import BlockConfig, dtype_group, next_power_of_2, padded_rank
 from ..variants import Variant, register_variants
 
 MAX_EXPERTS = 64
@@ -14,11 +13,11 @@ MIN_BLOCK = 16
 
 
 def block_columns(experts: int, rank: int) -> int:
-    return max(MIN_BLOCK, triton.next_power_of_2(experts * rank))
+    return max(MIN_BLOCK, next_power_of_2(experts * rank))
 
 
 def block_experts(experts: int) -> int:
-    return max(MIN_BLOCK, triton.next_power_of_2(experts))
+    return max(MIN_BLOCK, next_power_of_2(experts))
 
 
 # The dense design's tiles, keyed by (padded E*r, dtype group of the compute dtype): the largest

@@ -335,7 +335,7 @@ def _sparse_backward_weights_kernel(
         b_up_t = tl.load(b_up_ptr + expert_ids[None, :] * dim + col_ids[:, None], mask=b_up_mask, other=0.0)
         grad_scale += tl.sum(b_up_t.to(dtype).to(tl.float32) * acc_gp, axis=1)  # zero outside block 0
 
-    # Partials of chunk c, in the layout of partials_size (the gradients themselves, in their
+    # Partials of chunk c, in the layout of plan.grad_layout (the gradients themselves, in their
     # dtype, when there is one chunk): [dw_up (E x D x r) | dw_down (E*r x D) | db_up (E x D) |
     # db_down (E*r) | dw_gate (E x D) | db_gate (E) | dscale per stacked-column block (blocks x D)].
     out_dtype = partials_ptr.dtype.element_ty

@@ -398,7 +398,7 @@ def _grouped_backward_weights_kernel(
             b_up_tile = tl.load(b_up_ptr + expert * dim + col_ids, mask=col_mask & first_rank_block, other=0.0)
             grad_scale += b_up_tile.to(dtype).to(tl.float32) * acc_gp
 
-        # The packed layout of sparse.partials_size with one dscale row per (expert, rank block):
+        # The packed layout of plan.grad_layout with one dscale row per (expert, rank block):
         # [dw_up (E x D x r) | dw_down (E x r x D) | db_up (E x D) | db_down (E x r) |
         #  dw_gate (E x D) | db_gate (E) | dscale (E x blocks x D)]; the gate's two are filled
         # from its partials.

@@ -25,9 +25,11 @@ import torch
 
 from .. import paths, reference
 from ..checks import check_sparse_arguments, epilogue_arguments
-from ..customop import FusedOp, refuse_double_backward
-from ..launch import device_context, fold_rows, int32_columns, new_output, packed_grad_dtype, reduce_partials
-from ..launch import scale_mode
+from ..customop import FusedOp, refuse_double_backward, wants_grad
+from ..launch import (
+    device_context, fold_rows, int32_columns, new_output, packed_grad_dtype, param_grad, reduce_partials, scale_grad,
+    scale_mode,
+)
 from ..variants import Variant, pick, time_cuda
 from . import plan
 from .configs import DEFAULT_VARIANT, MAX_EXPERTS, VARIANTS_BY_NAME
@@ -223,7 +225,7 @@ def _backward_impl(
     packed, gate_partials = launches.buffers["packed"], launches.buffers["gate_partials"]
     gate_start, scale_start = layout.offset("w_gate"), layout.offset("scale")
     # The gate's partials, summed over chunks in order (deterministic).
-    packed[gate_start:scale_start] = gate_partials.sum(dim=0).to(grad_dtype) if gated else 0
+    packed[gate_start:scale_start] = reduce_partials(gate_partials, grad_dtype) if gated else 0
     # One dscale row per (expert, rank block): folded into the first, which ends the packed layout.
     fold_rows(packed, scale_start, (packed.numel() - scale_start) // dim, dim)
     return launches.buffers["grad_x"], packed[:layout.size], (no_routing if gated else launches.buffers["grad_weights"])
@@ -309,19 +311,12 @@ def _backward(ctx, needs, grad_y, grad_hidden, grad_idx, grad_weights, grad_orde
     )
     experts, rank, dim = w_down.shape
     split = grad_layout(experts, rank, dim).split(packed)
-
-    def cast(name, param):
-        return None if param is None else split[name].view(param.shape).to(param.dtype)
-
-    grad_scale = None
-    if scale is not None:  # a layer-wise scale sums its channels
-        grad_scale = split["scale"].float().sum().reshape(scale.shape) if scale.numel() == 1 else split["scale"]
-        grad_scale = grad_scale.to(scale.dtype)
     expert_weight = saved["expert_weight"]
     return dict(
-        x=grad_x, w_gate=cast("w_gate", w_gate), b_gate=cast("b_gate", b_gate), w_down=cast("w_down", w_down),
-        b_down=cast("b_down", b_down), w_up=cast("w_up", w_up), b_up=cast("b_up", b_up), scale=grad_scale,
-        expert_weight=grad_routing.to(expert_weight.dtype) if expert_weight is not None else None,
+        x=grad_x, w_gate=param_grad(split["w_gate"], w_gate), b_gate=param_grad(split["b_gate"], b_gate),
+        w_down=param_grad(split["w_down"], w_down), b_down=param_grad(split["b_down"], b_down),
+        w_up=param_grad(split["w_up"], w_up), b_up=param_grad(split["b_up"], b_up),
+        scale=scale_grad(split["scale"], scale), expert_weight=param_grad(grad_routing, expert_weight),
         residual=grad_y.to(ctx.residual_dtype) if ctx.residual_dtype is not None else None,
     )
 
@@ -374,16 +369,15 @@ def _run(x, w_gate, b_gate, expert_idx, expert_weight, w_down, b_down, w_up, b_u
         # [M, k] views, read through their strides (the kernel takes any layout: no copy).
         expert_idx = expert_idx.reshape(-1, top_k)
         expert_weight = expert_weight.reshape(-1, top_k)
-    tensors = (x, w_gate, b_gate, expert_weight, w_down, b_down, w_up, b_up, scale_tensor, *terms)
-    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    save = wants_grad(x, w_gate, b_gate, expert_weight, w_down, b_down, w_up, b_up, scale_tensor, *terms)
     y, *_, logits = forward_op(
-        x=x.reshape(-1, dim), w_gate=w_gate, b_gate=b_gate, expert_idx=expert_idx, expert_weight=expert_weight,
+        x=x if x.dim() == 2 else x.reshape(-1, dim), w_gate=w_gate, b_gate=b_gate, expert_idx=expert_idx, expert_weight=expert_weight,
         w_down=w_down, b_down=b_down, w_up=w_up, b_up=b_up, scale=scale_tensor, scale_value=scale_value,
         residual=skip2d, add_input=add_input, row_scale=row_scale, top_k=top_k, activation=activation,
         compute_dtype=compute_dtype, out_dtype=out_dtype, autocast=autocast, save=save, return_logits=return_logits,
         design=choose_design(experts, rank, variant), variant=variant,
     )
-    y = y.view(x.shape)
+    y = y if x.dim() == 2 else y.view(x.shape)
     return (y, logits) if return_logits else y
 
 

@@ -9,13 +9,13 @@ then, after the runtime's sort of the assignments, the grouped launch and the co
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
-import triton
 
 from ..launch import (
-    PARTIALS_BUDGET, TRITON_DTYPES, BlockConfig, Launch, PackedLayout, Plan, dtype_group, input_precision,
+    PARTIALS_BUDGET, TRITON_DTYPES, BlockConfig, Launch, PackedLayout, Plan, cdiv, dtype_group, input_precision,
     new_output, optional, padded_rank, plan_block_rows, plan_chunks, scale_mode, sm_count, variant_config,
 )
 from ..variants import Variant, current_variant
@@ -118,7 +118,7 @@ def forward(x, w_gate, b_gate, expert_idx, expert_weight, w_down, b_down, w_up, 
         INPUT_PRECISION=input_precision(compute_dtype), BLOCK_ROWS=config.block_rows, BLOCK_DIM=config.block_dim,
         BLOCK_EXPERTS=block_experts(experts), BLOCK_COLUMNS=block_columns(experts, rank),
     )
-    launch = Launch(_sparse_forward_kernel, (triton.cdiv(rows, config.block_rows),), args, constexprs, config)
+    launch = Launch(_sparse_forward_kernel, (cdiv(rows, config.block_rows),), args, constexprs, config)
     return Plan({"sparse_forward": launch}, buffers)
 
 
@@ -159,17 +159,17 @@ def backward(grad_y, grad_logits, x, hidden, weights, w_gate, w_down, w_up, b_up
     scale_c, row_scale_c, b_up_c = optional(scale, x), optional(row_scale, x), optional(b_up, x)
     w_down, w_up = w_down.contiguous(), w_up.contiguous()
     column_tile = weights_config.rank_tile or block_columns(experts, rank)
-    row_tiles = triton.cdiv(rows, weights_config.block_rows)
-    col_tiles = triton.cdiv(dim, weights_config.block_dim)
-    blocks = triton.cdiv(columns, column_tile)
+    row_tiles = cdiv(rows, weights_config.block_rows)
+    col_tiles = cdiv(dim, weights_config.block_dim)
+    blocks = cdiv(columns, column_tile)
     layout = grad_layout(experts, rank, dim, blocks)
     chunks = plan_chunks(rows, dim, row_tiles, col_tiles * blocks, sms, x.element_size(), layout.size)
-    tiles_per_chunk = triton.cdiv(row_tiles, chunks)
-    chunks = triton.cdiv(row_tiles, tiles_per_chunk)
+    tiles_per_chunk = cdiv(row_tiles, chunks)
+    chunks = cdiv(row_tiles, tiles_per_chunk)
     buffers["partials"] = partials = new_output((chunks, layout.size), grad_dtype if chunks == 1 else torch.float32,
                                                 x.device)
     input_launch = Launch(
-        _sparse_backward_input_kernel, (triton.cdiv(rows, input_config.block_rows),),
+        _sparse_backward_input_kernel, (cdiv(rows, input_config.block_rows),),
         dict(
             grad_y_ptr=grad_y, grad_logits_ptr=grad_logits if grad_logits is not None else grad_weights,
             hidden_ptr=hidden, weights_ptr=weights, w_gate_ptr=optional(w_gate, x), w_down_ptr=w_down,
@@ -216,21 +216,21 @@ def backward(grad_y, grad_logits, x, hidden, weights, w_gate, w_down, w_up, b_up
 
 def grouped_tiles(assignments: int, experts: int, block_rows: int) -> int:
     """An upper bound of sum_e ceil(count_e / block_rows) that needs no counts: the grid size."""
-    return triton.cdiv(assignments, block_rows) + experts if assignments else 0
+    return cdiv(assignments, block_rows) + experts if assignments else 0
 
 
 def weights_rank_blocks(rank: int, dtype: torch.dtype, tile: Optional[BlockConfig] = None) -> int:
     """The grouped weights launch's rank blocks: its configuration's rank tile splits the rank
     axis over the grid where two fp32 [D tile, rank] accumulators would not fit in registers."""
     config = tile or grouped_config(GROUPED_BACKWARD_WEIGHTS_CONFIGS, rank, dtype)
-    return triton.cdiv(padded_rank(rank), config.rank_tile or padded_rank(rank))
+    return cdiv(padded_rank(rank), config.rank_tile or padded_rank(rank))
 
 
 def gate_chunks(rows: int, dim: int, experts: int, top_k: int, itemsize: int, block_rows: int) -> int:
     """Row chunks of the gate's share of the grouped weights launch: about as many rows per
     program as an expert program has assignments (M*k/E), while the fp32 partials (E x (D + 1)
     per chunk, written and read) cost at most PARTIALS_BUDGET of one pass over x."""
-    balanced = triton.cdiv(rows, max(block_rows, triton.cdiv(rows * top_k, experts)))
+    balanced = cdiv(rows, max(block_rows, cdiv(rows * top_k, experts)))
     budget = int(PARTIALS_BUDGET * rows * dim * itemsize // (2 * 4 * experts * (dim + 1)))
     return max(1, min(balanced, budget))
 
@@ -250,7 +250,7 @@ def gate(x, w_gate, b_gate, top_k, return_logits, sms: Optional[int] = None,
         return Plan({}, buffers)
     config = tile or plan_block_rows(GATE_CONFIGS[dtype_group(x.dtype)], rows, _sms(x, sms))
     launch = Launch(
-        _sparse_gate_kernel, (triton.cdiv(rows, config.block_rows),),
+        _sparse_gate_kernel, (cdiv(rows, config.block_rows),),
         dict(x_ptr=x, w_gate_ptr=w_gate.contiguous(), b_gate_ptr=optional(b_gate, x),
              logits_ptr=logits if return_logits else weights, idx_ptr=idx, weights_ptr=weights,
              rows=rows, dim=dim, experts=experts, stride_x_row=x.stride(0), stride_x_col=x.stride(1)),
@@ -305,7 +305,7 @@ def grouped_forward(x, idx, weights, order, counts, w_down, b_down, w_up, b_up, 
         combine_config = tiles.get("grouped_combine") or COMBINE_CONFIGS[dtype_group(compute_dtype)]
         launches["grouped_combine"] = Launch(
             _grouped_combine_kernel,
-            (triton.cdiv(rows, combine_config.block_rows), triton.cdiv(dim, combine_config.block_dim)),
+            (cdiv(rows, combine_config.block_rows), cdiv(dim, combine_config.block_dim)),
             dict(parts_ptr=parts, x_ptr=x, y_ptr=y, rows=rows, dim=dim, **epilogue_args),
             dict(TOP_K=top_k, BLOCK_ROWS=combine_config.block_rows, BLOCK_DIM=combine_config.block_dim,
                  **epilogue_flags),
@@ -373,7 +373,7 @@ def grouped_backward(grad_y, grad_logits, x, hidden, idx, weights, order, counts
     if gated or (compute_dx and not single):
         combine_config = tiles.get("grouped_backward_combine") or BACKWARD_COMBINE_CONFIGS[dtype_group(compute_dtype)]
         launches["grouped_backward_combine"] = Launch(
-            _grouped_backward_combine_kernel, (triton.cdiv(rows, combine_config.block_rows),),
+            _grouped_backward_combine_kernel, (cdiv(rows, combine_config.block_rows),),
             dict(grad_y_ptr=grad_y, grad_logits_ptr=grad_logits if grad_logits is not None else grad_weights,
                  parts_ptr=parts, idx_ptr=idx, weights_ptr=weights, grad_weights_ptr=grad_weights,
                  w_gate_ptr=optional(w_gate, x), grad_gate_ptr=grad_gate, grad_x_ptr=grad_x,
@@ -385,12 +385,12 @@ def grouped_backward(grad_y, grad_logits, x, hidden, idx, weights, order, counts
         )
     launches["grouped_backward_weights"] = Launch(
         _grouped_backward_weights_kernel,
-        (experts + chunks, triton.cdiv(dim, weights_config.block_dim), rank_blocks),
+        (experts + chunks, cdiv(dim, weights_config.block_dim), rank_blocks),
         dict(grad_y_ptr=grad_y, x_ptr=x, order_ptr=order, counts_ptr=counts, weights_ptr=weights,
              hidden_ptr=hidden, grad_hidden_ptr=grad_hidden, grad_gate_ptr=grad_gate, w_up_ptr=w_up, b_up_ptr=b_up_c,
              scale_ptr=scale_c, row_scale_ptr=row_scale_c, packed_ptr=buffers["packed"],
              gate_partials_ptr=buffers["gate_partials"], rows=rows, dim=dim, rank=rank, experts=experts,
-             scale_value=scale_value, rows_per_gate_chunk=triton.cdiv(rows, chunks) if chunks else 0,
+             scale_value=scale_value, rows_per_gate_chunk=cdiv(rows, chunks) if chunks else 0,
              stride_g_row=grad_y.stride(0), stride_g_col=grad_y.stride(1), stride_x_row=x.stride(0),
              stride_x_col=x.stride(1)),
         dict(TOP_K=top_k, ACTIVATION=activation, SCALE_MODE=mode, HAS_B_UP=b_up is not None,
