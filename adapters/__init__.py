@@ -19,14 +19,20 @@ adapter calls the fused op in fused_adapters.kernels.
     features = losa_features(model, images)  # once; then losa_logits(model, features) per epoch
 """
 
-from .config import POSITIONS, AdapterConfig
+# The kinds register themselves on import (kinds.register_kind): one file each.
+from . import bottleneck, lora, losa  # noqa: F401
+from .config import POSITIONS, AdapterConfig, LoraConfig, LosaConfig
 from .io import load_adapters, save_adapters
-from .lora import LoraBranch, LoraConfig, LoraLinear
-from .losa import LosaConfig, LosaSideNetwork, losa_features, losa_logits
+from .kinds import AdapterKind, register_kind
+from .lora import LoraBranch, LoraLinear
+from .losa import LosaSideNetwork, losa_features, losa_logits
 from .modules import BottleneckAdapter, SparseAdapter
 from .timm_vit import (
+    Injection,
     active_adapter,
     adapter_configs,
+    adapter_state,
+    adapter_summary,
     delete_adapter,
     disable_adapters,
     inject,
@@ -43,7 +49,9 @@ from .timm_vit import (
 __all__ = [
     "POSITIONS",
     "AdapterConfig",
+    "AdapterKind",
     "BottleneckAdapter",
+    "Injection",
     "LoraBranch",
     "LoraConfig",
     "LoraLinear",
@@ -52,6 +60,8 @@ __all__ = [
     "SparseAdapter",
     "active_adapter",
     "adapter_configs",
+    "adapter_state",
+    "adapter_summary",
     "delete_adapter",
     "disable_adapters",
     "inject",
@@ -62,6 +72,7 @@ __all__ = [
     "merged_adapter",
     "model_aux_loss",
     "param_groups",
+    "register_kind",
     "save_adapters",
     "set_adapter",
     "task_routing",

@@ -1,6 +1,12 @@
-"""AdapterConfig: what an adapter is and where it sits. Defaults are Adapter+ (Steitz & Roth,
-"Adapters Strike Back", CVPR 2024): rank 8 after every block, channel-wise scale, Houlsby init,
-stochastic depth 0.1 on the adapter branch."""
+"""The configs of the adapter kinds, each a frozen dataclass checked at construction, with one
+to_dict/from_dict (the JSON of adapter_config.json):
+
+- AdapterConfig: bottleneck adapters (and mixtures of them) in the blocks. Defaults are Adapter+
+  (Steitz & Roth, "Adapters Strike Back", CVPR 2024): rank 8 after every block, channel-wise
+  scale, Houlsby init, stochastic depth 0.1 on the adapter branch.
+- LoraConfig: LoRA branches on the blocks' linears (adapters/lora.py).
+- LosaConfig: a LoSA side network beside the frozen backbone (adapters/losa.py).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +14,7 @@ import dataclasses
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Union
+from typing import Optional, Union
 
 from ..kernels.checks import MAX_RANK
 from ..kernels.reference import ACTIVATIONS
@@ -19,6 +25,11 @@ INITS = ("houlsby", "lora", "bert")
 SCALINGS = ("channel", "layer")
 ROUTINGS = ("token", "sample")
 BOOL_FIELDS = ("norm", "bias", "train_head", "train_norms", "noisy_gating")
+# LoraConfig target name -> the linear's path inside a timm Block.
+TARGET_PATHS = {"qkv": "attn.qkv", "proj": "attn.proj", "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
+TARGETS = tuple(TARGET_PATHS)
+LORA_INITS = ("lora", "gaussian")
+LOSA_INITS = ("lora", "houlsby")
 
 
 def check_rank(config, name: str = "rank") -> None:
@@ -44,8 +55,31 @@ def check_bool(config, name: str) -> None:
         raise ValueError(f"{type(config).__name__}.{name} must be a bool (True or False), got {value!r}")
 
 
+class ConfigDict:
+    """to_dict/from_dict for the config dataclasses: tuples become JSON lists and back (the
+    constructor normalizes them); fields missing from the data (saved before they existed) take
+    their defaults; unknown fields, or data that is not a dict, raise a ValueError."""
+
+    def to_dict(self) -> dict:
+        return {field.name: _jsonable(getattr(self, field.name)) for field in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict):
+        if not isinstance(data, dict):
+            raise ValueError(f"a {cls.__name__} is a JSON object of its fields, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} fields {unknown}; known: {sorted(known)}")
+        return cls(**data)
+
+
+def _jsonable(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
 @dataclass(frozen=True)
-class AdapterConfig:
+class AdapterConfig(ConfigDict):
     """How to build and place bottleneck adapters in a ViT.
 
     rank: bottleneck width r, an int from 1 to MAX_RANK (256, the fused kernels' limit).
@@ -192,15 +226,97 @@ class AdapterConfig:
         return cls(**{"rank": 8, "position": "parallel", "activation": "gelu", "scaling": 0.1, "init": "lora",
                       "drop_path": 0.1, "dropout": 0.0, "norm": False, "bias": True, **overrides})
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
-    @classmethod
-    def from_dict(cls, data: dict) -> "AdapterConfig":
-        """The config to_dict wrote. Fields missing from data (e.g. train_norms in configs saved
-        before it existed) take their defaults; unknown ones raise a ValueError."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown AdapterConfig fields {unknown}; known: {sorted(known)}")
-        return cls(**data)
+@dataclass(frozen=True)
+class LoraConfig(ConfigDict):
+    """How to build LoRA branches on the linears of every ViT block.
+
+    rank: r, an int from 1 to MAX_RANK (256, the fused kernels' limit). alpha: a positive
+    finite float; the update is scaled by alpha / rank. targets: which linears of every block
+    get a branch, a non-empty tuple of distinct names from "qkv" (attn.qkv), "proj"
+    (attn.proj), "fc1" (mlp.fc1), "fc2" (mlp.fc2); kept in that order, so configs that name
+    the same linears compare equal. dropout: on the branch's input only, in training (as
+    PEFT), run as plain PyTorch ops when > 0. init: "lora" (A kaiming-uniform with a=sqrt(5),
+    as nn.Linear and PEFT; B zero) or "gaussian" (A normal with std 1/rank; B zero).
+    train_head: the adapter owns a trainable copy of the classifier head, as AdapterConfig's.
+
+    Every field is checked at construction: a bad value raises a ValueError naming the field.
+    """
+
+    rank: int = 8
+    alpha: float = 8.0
+    targets: tuple = ("qkv",)
+    dropout: float = 0.0
+    init: str = "lora"
+    train_head: bool = True
+
+    def __post_init__(self):
+        check_rank(self)
+        alpha = self.alpha
+        if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not (math.isfinite(alpha) and alpha > 0):
+            raise ValueError(f"LoraConfig.alpha must be a positive finite float, got {alpha!r}")
+        object.__setattr__(self, "alpha", float(alpha))
+        targets = self.targets
+        if (not isinstance(targets, (tuple, list)) or not targets
+                or not all(isinstance(t, str) and t in TARGET_PATHS for t in targets)
+                or len(set(targets)) != len(targets)):
+            raise ValueError(f"LoraConfig.targets must be a non-empty tuple of distinct names from {TARGETS}, "
+                             f"got {targets!r}")
+        object.__setattr__(self, "targets", tuple(t for t in TARGETS if t in targets))
+        check_probability(self, "dropout")
+        if not isinstance(self.init, str) or self.init not in LORA_INITS:
+            raise ValueError(f"LoraConfig.init must be one of {LORA_INITS}, got {self.init!r}")
+        check_bool(self, "train_head")
+
+    @property
+    def scale(self) -> float:
+        """alpha / rank, the factor on the low-rank update."""
+        return self.alpha / self.rank
+
+
+@dataclass(frozen=True)
+class LosaConfig(ConfigDict):
+    """How to build a LoSA side network on a timm ViT.
+
+    channel_rank: the channel mixers' bottleneck rank (over D), 1..256. token_rank: the token
+    mixers' rank (over the N tokens), 1..256. blocks: the indices of the backbone blocks whose
+    outputs feed the side network, in increasing order (negative indices count from the end), or
+    None for every block; the last one given is the feature the output refines. init: "lora"
+    (down-projections kaiming-uniform, up-projections zero: the side network starts as the
+    identity on the backbone's features) or "houlsby" (both truncated normal, std 0.01).
+    drop_path: stochastic depth on every mixer's update, per image, in training. train_head: the
+    adapter owns a trainable copy of the classifier head, as the other kinds'.
+
+    Every field is checked at construction: a bad value raises a ValueError naming the field.
+    """
+
+    channel_rank: int = 16
+    token_rank: int = 16
+    blocks: Optional[tuple] = None
+    init: str = "lora"
+    drop_path: float = 0.1
+    train_head: bool = True
+
+    def __post_init__(self):
+        check_rank(self, "channel_rank")
+        check_rank(self, "token_rank")
+        blocks = self.blocks
+        if blocks is not None:
+            if (not isinstance(blocks, (tuple, list)) or not blocks
+                    or not all(isinstance(b, int) and not isinstance(b, bool) for b in blocks)):
+                raise ValueError(f"LosaConfig.blocks must be None or a non-empty tuple of block indices, got {blocks!r}")
+            object.__setattr__(self, "blocks", tuple(int(b) for b in blocks))
+        if not isinstance(self.init, str) or self.init not in LOSA_INITS:
+            raise ValueError(f"LosaConfig.init must be one of {LOSA_INITS}, got {self.init!r}")
+        check_probability(self, "drop_path")
+        check_bool(self, "train_head")
+
+    def block_indices(self, depth: int) -> tuple:
+        """The fed blocks' indices in a model of `depth` blocks, increasing; ValueError if out of range."""
+        if self.blocks is None:
+            return tuple(range(depth))
+        indices = [b + depth if b < 0 else b for b in self.blocks]
+        if not all(0 <= b < depth for b in indices) or sorted(set(indices)) != indices:
+            raise ValueError(f"LosaConfig.blocks {self.blocks} must name distinct blocks of this {depth}-block model "
+                             f"in increasing order")
+        return tuple(indices)

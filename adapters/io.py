@@ -22,20 +22,17 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from .config import AdapterConfig
-from .lora import TARGET_PATHS, LoraConfig, target_linears
-from .losa import LosaConfig, token_count
-from .owned import owned_modules
+from .kinds import file_kinds, kind_named, kind_of
+from .record import record_of, refuse_inside_frames
+from .surgery import block_dim, vit_blocks
 from .timm_vit import (
-    _activate,
-    _block_dim,
-    _blocks,
+    Injection,
     active_adapter,
     adapter_configs,
-    delete_adapter,
+    adapter_state,
+    adapter_summary,
     head_parameters,
-    inject,
-    merge_adapters,
+    logger,
     merged_adapter,
     set_adapter,
     unmerge_adapters,
@@ -45,64 +42,21 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 FORMAT_VERSION = 2  # 2 added "kind" and LoRA; 1 files are bottleneck adapters
 READ_VERSIONS = (1, 2)
-KINDS = {"adapter": AdapterConfig, "lora": LoraConfig, "losa": LosaConfig}
 
 __all__ = ["save_adapters", "load_adapters", "CONFIG_FILE", "WEIGHTS_FILE"]
 
 
-def _kind(config) -> str:
-    return next(kind for kind, cls in KINDS.items() if isinstance(config, cls))
-
-
-def _adapter_state(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
-    config = adapter_configs(model)[name]
-    state = {}
-    if isinstance(config, LosaConfig):
-        for key, tensor in model.losa[name].state_dict().items():
-            state[f"losa.{key}"] = tensor
-    for index, block in enumerate(_blocks(model)):
-        if isinstance(config, LosaConfig):
-            break
-        if isinstance(config, LoraConfig):
-            for target, linear in target_linears(block, config.targets).items():
-                for key, tensor in linear.lora[name].state_dict().items():
-                    state[f"blocks.{index}.{TARGET_PATHS[target]}.{key}"] = tensor
-            continue
-        for key, tensor in block.adapters[name].state_dict().items():
-            state[f"blocks.{index}.{key}"] = tensor
-    for path, module in owned_modules(model, name).items():
-        for key, tensor in module.state_dict().items():
-            if f"{path}.{key}" in state:
-                raise RuntimeError(f"adapter {name!r}: its own module {path} and its adapters both have {key}")
-            state[f"{path}.{key}"] = tensor
-    return state
-
-
 def _model_info(model: nn.Module, config) -> dict:
-    blocks = _blocks(model)
+    blocks = vit_blocks(model)
     head_params = list(head_parameters(model).values())
     info = {
         "depth": len(blocks),
-        "dim": _block_dim(blocks[0]),
+        "dim": block_dim(blocks[0]),
         "num_classes": int(getattr(model, "num_classes", 0) or 0),
         "head_shapes": [list(p.shape) for p in head_params],
     }
-    if isinstance(config, LoraConfig):
-        info["linears"] = _linear_shapes(model, config.targets)
-    if isinstance(config, LosaConfig):
-        info["tokens"] = token_count(model)
+    info.update(kind_of(config).model_info(model, config))
     return info
-
-
-def _linear_shapes(model: nn.Module, targets) -> dict[str, list]:
-    """target -> [out, in] of that linear in every block ([out, in] of block 0 when all agree,
-    else the list of every block's)."""
-    shapes = {target: [] for target in targets}
-    for block in _blocks(model):
-        for target, module in target_linears(block, targets).items():
-            weight = getattr(module, "weight", None)
-            shapes[target].append(list(weight.shape) if isinstance(weight, torch.Tensor) else None)
-    return {target: found[0] if all(s == found[0] for s in found) else found for target, found in shapes.items()}
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -134,13 +88,41 @@ def save_adapters(model: nn.Module, path: Union[str, os.PathLike], name: Optiona
     config = configs[name]
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in _adapter_state(model, name).items()}
-    meta = {"format_version": FORMAT_VERSION, "name": name, "kind": _kind(config), "config": config.to_dict(),
-            "model": _model_info(model, config)}
+    state = {k: v.detach().contiguous().cpu() for k, v in adapter_state(model, name).items()}
+    meta = {"format_version": FORMAT_VERSION, "name": name, "kind": kind_of(config).file_kind,
+            "config": config.to_dict(), "model": _model_info(model, config)}
     text = json.dumps(meta, indent=2, sort_keys=True, allow_nan=False)  # fails before anything is written
     _atomic_write(folder / WEIGHTS_FILE, lambda tmp: save_file(state, tmp, metadata={"name": name}))
     _atomic_write(folder / CONFIG_FILE, lambda tmp: Path(tmp).write_text(text))
     return folder
+
+
+def _read_meta(config_path: Path) -> dict:
+    """adapter_config.json, checked: a ValueError naming the file and what is wrong otherwise."""
+    try:
+        meta = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{config_path}: not valid JSON ({error}); load_adapters expects the file save_adapters "
+                         f"wrote") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{config_path}: a JSON object with format_version, name, kind, config and model was "
+                         f"expected, got a JSON {type(meta).__name__}")
+    version = meta.get("format_version")
+    if version not in READ_VERSIONS or isinstance(version, bool):
+        raise ValueError(f"{config_path}: format_version {version!r}, expected one of {READ_VERSIONS}")
+    expected = {"name": str, "config": dict, "model": dict}
+    for key, kind in expected.items():
+        if key not in meta:
+            raise ValueError(f"{config_path}: no {key!r} entry; save_adapters writes {sorted(expected)}")
+        if not isinstance(meta[key], kind):
+            raise ValueError(f"{config_path}: {key!r} must be a JSON {'object' if kind is dict else 'string'}, got "
+                             f"{meta[key]!r}")
+    info = meta["model"]
+    for key, kind in (("depth", int), ("dim", int), ("head_shapes", list)):
+        if not isinstance(info.get(key), kind):
+            raise ValueError(f"{config_path}: model.{key} must be a JSON {'list' if kind is list else 'integer'}, got "
+                             f"{info.get(key)!r}")
+    return meta
 
 
 def load_adapters(model: nn.Module, path: Union[str, os.PathLike], name: Optional[str] = None,
@@ -150,10 +132,12 @@ def load_adapters(model: nn.Module, path: Union[str, os.PathLike], name: Optiona
     the active adapters, and the model's other adapters stay as they are (stack tasks, then
     switch with set_adapter). A merged LoRA adapter is unmerged first. Returns the model.
 
-    Raises ValueError, naming what differs, for a model of another width or depth, a head of
-    another shape, LoRA target linears of other shapes, another token count (LoSA), or a file
-    with missing or unexpected tensors; the model is then left as it was.
+    Raises ValueError, naming the file and what is wrong or differs, for a malformed file, a
+    model of another width or depth, a head of another shape, LoRA target linears of other
+    shapes, another token count (LoSA), or a file with missing or unexpected tensors; the
+    model is then left as it was (its adapters, tensors and requires_grad flags).
     """
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     folder = Path(path)
@@ -161,15 +145,17 @@ def load_adapters(model: nn.Module, path: Union[str, os.PathLike], name: Optiona
     for file in (config_path, weights_path):
         if not file.is_file():
             raise FileNotFoundError(f"{file} not found: load_adapters expects a folder written by save_adapters")
-    meta = json.loads(config_path.read_text())
-    version = meta.get("format_version")
-    if version not in READ_VERSIONS:
-        raise ValueError(f"{config_path}: format_version {version!r}, expected one of {READ_VERSIONS}")
-    kind = meta.get("kind") if version >= 2 else "adapter"
-    if kind not in KINDS:
-        raise ValueError(f"{config_path}: kind {kind!r}, expected one of {sorted(KINDS)}")
-    config = KINDS[kind].from_dict(meta["config"])
+    meta = _read_meta(config_path)
+    file_kind = meta.get("kind") if meta["format_version"] >= 2 else "adapter"
+    kind = kind_named(file_kind) if isinstance(file_kind, str) else None
+    if kind is None:
+        raise ValueError(f"{config_path}: kind {file_kind!r}, expected one of {file_kinds()}")
+    try:
+        config = kind.config_class.from_dict(meta["config"])
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{config_path}: its config is not a valid {kind.config_class.__name__}: {error}") from None
     name = name or meta["name"]
+    refuse_inside_frames(record_of(model), "load_adapters")
     saved, current = meta["model"], _model_info(model, config)
     for key in ("depth", "dim"):
         if saved[key] != current[key]:
@@ -177,43 +163,37 @@ def load_adapters(model: nn.Module, path: Union[str, os.PathLike], name: Optiona
                              f"this model has {key} {current[key]}")
     if config.train_head and saved["head_shapes"] != current["head_shapes"]:
         raise ValueError(f"the saved head has shapes {saved['head_shapes']}; this model's head has "
-                         f"{current['head_shapes']} (create the model with num_classes={saved['num_classes']})")
-    if "tokens" in saved and saved["tokens"] != current["tokens"]:
-        raise ValueError(f"the LoSA adapter in {folder} was saved for {saved['tokens']} tokens per image; this model "
-                         f"has {current['tokens']} (another image or patch size)")
-    for target, shape in saved.get("linears", {}).items():
-        if current["linears"][target] != shape:
-            raise ValueError(f"LoRA adapters in {folder} were saved for a model whose {TARGET_PATHS[target]} "
-                             f"weights are [out, in] = {shape}; this model's are {current['linears'][target]}")
+                         f"{current['head_shapes']} (create the model with num_classes={saved.get('num_classes')})")
+    kind.check_model_info(saved, current, folder)
     existing = adapter_configs(model).get(name)
     if existing is not None and existing != config:
         raise ValueError(f"the model's adapters {name!r} were built from {existing}, but {folder} holds "
                          f"{config}; load into a model without them, or under another name")
-    state = load_file(str(weights_path))
-    previous, was_merged = active_adapter(model), merged_adapter(model)
-    if existing is None:
-        inject(model, config, name=name, verbose=verbose)
     try:
-        expected = _adapter_state(model, name)
-        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-        if missing or unexpected:
-            raise ValueError(f"{weights_path}: missing tensors {missing[:8]}{'...' if len(missing) > 8 else ''}, "
-                             f"unexpected tensors {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}")
-        for key, tensor in state.items():
-            if tensor.shape != expected[key].shape:
-                raise ValueError(f"{weights_path}: {key} has shape {tuple(tensor.shape)}, the model expects "
-                                 f"{tuple(expected[key].shape)}")
-    except ValueError:
-        if existing is None:  # take back what this call injected
-            delete_adapter(model, name)
-            _activate(model, previous)
-            if was_merged is not None:
-                merge_adapters(model, was_merged)
-        raise
-    if merged_adapter(model) == name:
+        state = load_file(str(weights_path))
+    except SafetensorError as error:
+        raise ValueError(f"{weights_path}: not a safetensors file save_adapters wrote ({error})") from None
+    if existing is None:  # inject's checks and build, nothing changed yet; attached once the tensors fit
+        injection = Injection(model, config, name)
+        expected = injection.state()
+    else:
+        expected = adapter_state(model, name)
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{weights_path}: missing tensors {missing[:8]}{'...' if len(missing) > 8 else ''}, "
+                         f"unexpected tensors {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}")
+    for key, tensor in state.items():
+        if tensor.shape != expected[key].shape:
+            raise ValueError(f"{weights_path}: {key} has shape {tuple(tensor.shape)}, the model expects "
+                             f"{tuple(expected[key].shape)}")
+    if existing is None:
+        injection.attach()
+        if verbose:
+            logger.info(adapter_summary(model, name))
+    elif merged_adapter(model) == name:
         unmerge_adapters(model)  # the merged weights would go stale
     with torch.no_grad():
-        for key, tensor in state.items():
-            expected[key].copy_(tensor)
+        for key, tensor in adapter_state(model, name).items():
+            tensor.copy_(state[key])
     set_adapter(model, name)
     return model

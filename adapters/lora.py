@@ -18,10 +18,7 @@ original W, so unmerging restores it bit for bit and disabled forwards still see
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import numbers
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -29,75 +26,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels import bottleneck_adapter, lora_linear, reference
-from .config import check_bool, check_probability, check_rank
+from .config import TARGET_PATHS, TARGETS, LoraConfig
+from .kinds import AdapterKind, Built, register_kind
+from .record import AdapterRecord
+from .surgery import vit_blocks
 
-__all__ = ["LoraConfig", "LoraBranch", "LoraLinear", "TARGETS", "TARGET_PATHS"]
+__all__ = ["LoraConfig", "LoraBranch", "LoraLinear", "LoraKind", "TARGETS", "TARGET_PATHS"]
 
-# Config target name -> the linear's path inside a timm Block.
-TARGET_PATHS = {"qkv": "attn.qkv", "proj": "attn.proj", "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
-TARGETS = tuple(TARGET_PATHS)
-LORA_INITS = ("lora", "gaussian")
-
-
-@dataclass(frozen=True)
-class LoraConfig:
-    """How to build LoRA branches on the linears of every ViT block.
-
-    rank: r, an int from 1 to MAX_RANK (256, the fused kernels' limit). alpha: a positive
-    finite float; the update is scaled by alpha / rank. targets: which linears of every block
-    get a branch, a non-empty tuple of distinct names from "qkv" (attn.qkv), "proj"
-    (attn.proj), "fc1" (mlp.fc1), "fc2" (mlp.fc2); kept in that order, so configs that name
-    the same linears compare equal. dropout: on the branch's input only, in training (as
-    PEFT), run as plain PyTorch ops when > 0. init: "lora" (A kaiming-uniform with a=sqrt(5),
-    as nn.Linear and PEFT; B zero) or "gaussian" (A normal with std 1/rank; B zero).
-    train_head: the adapter owns a trainable copy of the classifier head, as AdapterConfig's.
-
-    Every field is checked at construction: a bad value raises a ValueError naming the field.
-    """
-
-    rank: int = 8
-    alpha: float = 8.0
-    targets: tuple = ("qkv",)
-    dropout: float = 0.0
-    init: str = "lora"
-    train_head: bool = True
-
-    def __post_init__(self):
-        check_rank(self)
-        alpha = self.alpha
-        if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not (math.isfinite(alpha) and alpha > 0):
-            raise ValueError(f"LoraConfig.alpha must be a positive finite float, got {alpha!r}")
-        object.__setattr__(self, "alpha", float(alpha))
-        targets = self.targets
-        if (not isinstance(targets, (tuple, list)) or not targets
-                or not all(isinstance(t, str) and t in TARGET_PATHS for t in targets)
-                or len(set(targets)) != len(targets)):
-            raise ValueError(f"LoraConfig.targets must be a non-empty tuple of distinct names from {TARGETS}, "
-                             f"got {targets!r}")
-        object.__setattr__(self, "targets", tuple(t for t in TARGETS if t in targets))
-        check_probability(self, "dropout")
-        if not isinstance(self.init, str) or self.init not in LORA_INITS:
-            raise ValueError(f"LoraConfig.init must be one of {LORA_INITS}, got {self.init!r}")
-        check_bool(self, "train_head")
-
-    @property
-    def scale(self) -> float:
-        """alpha / rank, the factor on the low-rank update."""
-        return self.alpha / self.rank
-
-    def to_dict(self) -> dict:
-        data = dataclasses.asdict(self)
-        data["targets"] = list(self.targets)  # JSON has lists
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "LoraConfig":
-        """The config to_dict wrote; unknown fields raise a ValueError."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown LoraConfig fields {unknown}; known: {sorted(known)}")
-        return cls(**data)
+MERGED_METADATA = "fused_adapters_merged_lora"  # state-dict metadata: the adapter merged into a weight
 
 
 class LoraBranch(nn.Module):
@@ -145,46 +81,53 @@ class LoraBranch(nn.Module):
 
 
 class LoraLinear(nn.Linear):
-    """An nn.Linear with named LoRA branches (`lora`), the active one (`active_lora`, None for
-    the bare linear) and the merged one (`merged_lora`). inject makes one from a block's
-    nn.Linear in place (`adopt`), so its parameters, their keys and the module path stay.
+    """An nn.Linear with named LoRA branches (`lora`: name -> LoraBranch). inject makes one from a
+    block's nn.Linear in place, so its parameters, their keys and the module path stay; which
+    branch runs (`active_lora`) and which is merged into the weight (`merged_lora`) are read from
+    the model's record, as every adapted module's are.
 
     Merged, the forward is the plain F.linear on the merged weight; with no active branch it
     uses the original weight kept at merge (`lora_original`, a non-persistent buffer)."""
 
     lora: nn.ModuleDict
-    active_lora: Optional[str]
-    merged_lora: Optional[str]
+    _fused_record: AdapterRecord
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._init_lora()
+        self._init_lora(AdapterRecord())
 
-    def _init_lora(self) -> None:
+    def _init_lora(self, record: AdapterRecord) -> None:
         self.lora = nn.ModuleDict()
-        self.active_lora = None
-        self.merged_lora = None
+        self._fused_record = record
         self.register_buffer("lora_original", None, persistent=False)
 
+    @property
+    def active_lora(self) -> Optional[str]:
+        name = self._fused_record.running
+        return name if name in self.lora else None
+
+    @property
+    def merged_lora(self) -> Optional[str]:
+        name = self._fused_record.merged
+        return name if name in self.lora else None
+
     @classmethod
-    def adopt(cls, linear: nn.Linear) -> "LoraLinear":
-        """Turn `linear` (exactly an nn.Linear, or already a LoraLinear) into a LoraLinear in place."""
+    def adopt(cls, linear: nn.Linear, record: AdapterRecord) -> "LoraLinear":
+        """Turn `linear` (exactly an nn.Linear, or already a LoraLinear of this record) into a
+        LoraLinear in place."""
         if isinstance(linear, cls):
             return linear
-        if type(linear) is not nn.Linear:
-            raise TypeError(f"LoRA adapts torch.nn.Linear layers; got {type(linear).__module__}."
-                            f"{type(linear).__name__}")
         linear.__class__ = cls
-        linear._init_lora()
+        linear._init_lora(record)
         return linear
 
     def release(self) -> nn.Linear:
         """Back to a plain nn.Linear in place (no branches may be left)."""
-        if len(self.lora) or self.merged_lora is not None:
+        if len(self.lora) or self.lora_original is not None:
             raise ValueError(f"release needs a LoraLinear without branches; it has {list(self.lora)}")
         del self.lora
         del self._buffers["lora_original"]
-        del self.active_lora, self.merged_lora
+        del self._fused_record
         self.__class__ = nn.Linear
         return self
 
@@ -192,60 +135,68 @@ class LoraLinear(nn.Linear):
         return (f"{super().extra_repr()}, lora={list(self.lora)}, active={self.active_lora}, "
                 f"merged={self.merged_lora}")
 
-    def merge(self, name: str) -> None:
-        """W += scale * B A of branch `name`, summed in fp32 and cast to W's dtype; the original W is kept."""
-        if self.merged_lora is not None:
+    def merge_weight(self, name: str) -> None:
+        """W += scale * B A of branch `name`, summed in fp32 and cast to W's dtype; the original W is
+        kept. The record says what is merged: LoraKind.merge calls this for every linear first."""
+        if self.lora_original is not None:
             raise ValueError(f"{self.merged_lora!r} is merged already; unmerge first")
         delta = self.lora[name].delta_weight()
         with torch.no_grad():
             self.lora_original = self.weight.detach().clone()
             self.weight.copy_((self.weight.float() + delta).to(self.weight.dtype))
-        self.merged_lora = name
 
-    def unmerge(self) -> None:
+    def unmerge_weight(self) -> None:
         """Put the original weight back exactly."""
-        if self.merged_lora is None:
+        if self.lora_original is None:
             return
         with torch.no_grad():
             self.weight.copy_(self.lora_original)
         self.lora_original = None
-        self.merged_lora = None
 
     # A merged linear's weight is W + scale * B A, and its original W lives in a non-persistent
     # buffer: a state dict records the merge in its metadata (no extra key, so plain nn.Linear
-    # checkpoints keep loading), and loading checks it against this linear's state.
-    MERGED_METADATA = "fused_adapters_merged_lora"
+    # checkpoints keep loading), and loading checks it against this linear's state (the model's
+    # load_state_dict checks every linear before anything loads: LoraKind.check_load).
+    MERGED_METADATA = MERGED_METADATA
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         metadata = getattr(destination, "_metadata", None)
         if self.merged_lora is not None and metadata is not None and prefix[:-1] in metadata:
-            metadata[prefix[:-1]][self.MERGED_METADATA] = self.merged_lora
+            metadata[prefix[:-1]][MERGED_METADATA] = self.merged_lora
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        saved = local_metadata.get(self.MERGED_METADATA)
-        if self.merged_lora is not None and any(key.startswith(prefix) for key in state_dict):
-            raise ValueError(f"state_dict: {prefix[:-1] or 'this linear'} has LoRA adapter {self.merged_lora!r} merged "
-                             f"into its weight (merge_adapters); loaded weights would not match that merge and "
-                             f"unmerging would bring back the old ones. Call unmerge_adapters(model) first")
-        if saved is not None and self.merged_lora is None and prefix + "weight" in state_dict:
-            raise ValueError(f"state_dict: its {prefix}weight has LoRA adapter {saved!r} merged into it (saved after "
-                             f"merge_adapters); loaded here it would add that adapter twice, or keep it with the "
-                             f"adapter off. Save the state dict unmerged (unmerge_adapters before state_dict())")
+        _check_merge_state(self, prefix, state_dict, local_metadata.get(MERGED_METADATA))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        name = self.active_lora
-        if self.merged_lora is not None:
-            return F.linear(x, self.weight if name == self.merged_lora else self.lora_original, self.bias)
-        if name is None:
+        record = self._fused_record
+        name, merged = record.running, record.merged
+        if merged is not None and merged in self.lora:
+            return F.linear(x, self.weight if name == merged else self.lora_original, self.bias)
+        if name is None or name not in self.lora:
             return F.linear(x, self.weight, self.bias)
         branch = self.lora[name]
         if branch.fused and not (branch.dropout > 0.0 and branch.training):
             return lora_linear(x, self.weight, self.bias, branch.lora_A, branch.lora_B, branch.scale)
         return branch(x, F.linear(x, self.weight, self.bias))
+
+
+def _check_merge_state(linear: LoraLinear, prefix: str, state_dict, saved: Optional[str]) -> None:
+    """ValueError where loading state_dict's keys under prefix into linear would not match the merge
+    state: weights into a merged linear, or a merged weight (saved names the adapter) into an
+    unmerged one."""
+    merged = linear.merged_lora
+    if merged is not None and any(key.startswith(prefix) for key in state_dict):
+        raise ValueError(f"state_dict: {prefix[:-1] or 'this linear'} has LoRA adapter {merged!r} merged into its "
+                         f"weight (merge_adapters); loaded weights would not match that merge and unmerging would "
+                         f"bring back the old ones. Call unmerge_adapters(model) first")
+    if saved is not None and merged is None and prefix + "weight" in state_dict:
+        raise ValueError(f"state_dict: its {prefix}weight has LoRA adapter {saved!r} merged into it (saved after "
+                         f"merge_adapters); loaded here it would add that adapter twice, or keep it with the adapter "
+                         f"off. Save the state dict unmerged (unmerge_adapters before state_dict())")
 
 
 def target_linears(block: nn.Module, targets) -> dict[str, nn.Module]:
@@ -261,22 +212,109 @@ def target_linears(block: nn.Module, targets) -> dict[str, nn.Module]:
     return found
 
 
-def add_branches(blocks, name: str, config: LoraConfig) -> None:
-    """Give the target linears of every block a LoraBranch named `name`."""
-    linears = [target_linears(block, config.targets) for block in blocks]
-    for index, found in enumerate(linears):  # check every block before changing any
-        for target, linear in found.items():
-            if not isinstance(linear, LoraLinear) and type(linear) is not nn.Linear:
-                raise TypeError(f"LoRA adapts torch.nn.Linear layers; blocks[{index}].{TARGET_PATHS[target]} is "
-                                f"{type(linear).__module__}.{type(linear).__name__}")
-    for found in linears:
-        for linear in found.values():
-            linear = LoraLinear.adopt(linear)
-            linear.lora[name] = LoraBranch(
-                linear.in_features, linear.out_features, config.rank, config.alpha, dropout=config.dropout,
-                init=config.init, device=linear.weight.device, dtype=linear.weight.dtype,
-            )
+def _adapted_linears(model: nn.Module) -> dict[str, LoraLinear]:
+    """Module path -> LoraLinear, for every adapted target linear of the model's blocks."""
+    found = {}
+    for index, block in enumerate(model.blocks):
+        for path in TARGET_PATHS.values():
+            try:
+                module = block.get_submodule(path)
+            except AttributeError:
+                continue
+            if isinstance(module, LoraLinear):
+                found[f"blocks.{index}.{path}"] = module
+    return found
 
 
-def lora_linears(model: nn.Module) -> list[LoraLinear]:
-    return [module for module in model.modules() if isinstance(module, LoraLinear)]
+class LoraKind(AdapterKind):
+    """LoRA branches on the target linears of every block (LoraConfig)."""
+
+    file_kind = "lora"
+    config_class = LoraConfig
+    noun = "a LoRA adapter"
+
+    def build(self, model, name, config, record) -> Built:
+        blocks = vit_blocks(model)
+        linears = [target_linears(block, config.targets) for block in blocks]
+        for index, found in enumerate(linears):  # check every block before building any
+            for target, linear in found.items():
+                if not isinstance(linear, LoraLinear) and type(linear) is not nn.Linear:
+                    raise TypeError(f"LoRA adapts torch.nn.Linear layers; blocks[{index}].{TARGET_PATHS[target]} is "
+                                    f"{type(linear).__module__}.{type(linear).__name__}")
+        branches = {}
+        for index, found in enumerate(linears):
+            for target, linear in found.items():
+                branches[f"blocks.{index}.{TARGET_PATHS[target]}"] = (linear, LoraBranch(
+                    linear.in_features, linear.out_features, config.rank, config.alpha, dropout=config.dropout,
+                    init=config.init, device=linear.weight.device, dtype=linear.weight.dtype,
+                ))
+
+        def attach():
+            for linear, branch in branches.values():
+                LoraLinear.adopt(linear, record).lora[name] = branch
+
+        return Built({path: branch for path, (_, branch) in branches.items()}, attach)
+
+    def modules(self, model, name) -> dict:
+        return {path: linear.lora[name] for path, linear in _adapted_linears(model).items() if name in linear.lora}
+
+    def remove(self, model, name) -> None:
+        for linear in _adapted_linears(model).values():
+            if name in linear.lora:
+                del linear.lora[name]
+                if not len(linear.lora):
+                    linear.release()
+
+    def summary(self, model, name, config) -> str:
+        return f"LoRA on {'+'.join(config.targets)}, rank {config.rank}, alpha {config.alpha:g}"
+
+    def model_info(self, model, config) -> dict:
+        return {"linears": _linear_shapes(model, config.targets)}
+
+    def check_model_info(self, saved, current, source) -> None:
+        for target, shape in saved.get("linears", {}).items():
+            if target not in current["linears"]:
+                raise ValueError(f"{source}: model.linears lists {target!r}, which its config's targets "
+                                 f"{sorted(current['linears'])} do not name: the file was not written as one")
+            if current["linears"][target] != shape:
+                raise ValueError(f"LoRA adapters in {source} were saved for a model whose {TARGET_PATHS[target]} "
+                                 f"weights are [out, in] = {shape}; this model's are {current['linears'][target]}")
+
+    def merge_refusal(self, name, config):
+        return None
+
+    def merge(self, model, name) -> None:
+        for linear in _adapted_linears(model).values():
+            if name in linear.lora:
+                linear.merge_weight(name)
+
+    def unmerge(self, model, name) -> None:
+        for linear in _adapted_linears(model).values():
+            linear.unmerge_weight()
+
+    def check_load(self, model, state_dict, prefix, local_metadata) -> None:
+        saved = local_metadata.get(MERGED_METADATA)
+        metadata = getattr(state_dict, "_metadata", None) or {}
+        for path, linear in _adapted_linears(model).items():
+            at = f"{prefix}{path}"
+            merged = saved.get(path) if isinstance(saved, dict) else metadata.get(at, {}).get(MERGED_METADATA)
+            _check_merge_state(linear, at + ".", state_dict, merged)
+
+    def root_metadata(self, model) -> dict:
+        merged = {path: linear.merged_lora for path, linear in _adapted_linears(model).items()
+                  if linear.merged_lora is not None}
+        return {MERGED_METADATA: merged} if merged else {}
+
+
+def _linear_shapes(model: nn.Module, targets) -> dict:
+    """target -> [out, in] of that linear in every block ([out, in] of block 0 when all agree,
+    else the list of every block's)."""
+    shapes = {target: [] for target in targets}
+    for block in vit_blocks(model):
+        for target, module in target_linears(block, targets).items():
+            weight = getattr(module, "weight", None)
+            shapes[target].append(list(weight.shape) if isinstance(weight, torch.Tensor) else None)
+    return {target: found[0] if all(s == found[0] for s in found) else found for target, found in shapes.items()}
+
+
+register_kind(LoraKind())

@@ -49,83 +49,19 @@ many epochs on a fixed dataset without augmentation.
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
 from typing import Iterable, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
 
 from ..kernels import bottleneck_adapter, reference
-from .config import check_bool, check_probability, check_rank
+from .config import LosaConfig
+from .kinds import AdapterKind, Built, register_kind
 from .modules import drop_path_scale, init_projections
+from .record import record_of
+from .surgery import Swapped, block_dim, swap_in, swap_out, vit_blocks
 
-__all__ = ["LosaConfig", "LosaMixer", "LosaSideNetwork", "losa_features", "losa_logits"]
-
-LOSA_INITS = ("lora", "houlsby")
-
-
-@dataclass(frozen=True)
-class LosaConfig:
-    """How to build a LoSA side network on a timm ViT.
-
-    channel_rank: the channel mixers' bottleneck rank (over D), 1..256. token_rank: the token
-    mixers' rank (over the N tokens), 1..256. blocks: the indices of the backbone blocks whose
-    outputs feed the side network, in increasing order (negative indices count from the end), or
-    None for every block; the last one given is the feature the output refines. init: "lora"
-    (down-projections kaiming-uniform, up-projections zero: the side network starts as the
-    identity on the backbone's features) or "houlsby" (both truncated normal, std 0.01).
-    drop_path: stochastic depth on every mixer's update, per image, in training. train_head: the
-    adapter owns a trainable copy of the classifier head, as the other kinds'.
-
-    Every field is checked at construction: a bad value raises a ValueError naming the field.
-    """
-
-    channel_rank: int = 16
-    token_rank: int = 16
-    blocks: Optional[tuple] = None
-    init: str = "lora"
-    drop_path: float = 0.1
-    train_head: bool = True
-
-    def __post_init__(self):
-        check_rank(self, "channel_rank")
-        check_rank(self, "token_rank")
-        blocks = self.blocks
-        if blocks is not None:
-            if (not isinstance(blocks, (tuple, list)) or not blocks
-                    or not all(isinstance(b, int) and not isinstance(b, bool) for b in blocks)):
-                raise ValueError(f"LosaConfig.blocks must be None or a non-empty tuple of block indices, got {blocks!r}")
-            object.__setattr__(self, "blocks", tuple(int(b) for b in blocks))
-        if not isinstance(self.init, str) or self.init not in LOSA_INITS:
-            raise ValueError(f"LosaConfig.init must be one of {LOSA_INITS}, got {self.init!r}")
-        check_probability(self, "drop_path")
-        check_bool(self, "train_head")
-
-    def block_indices(self, depth: int) -> tuple:
-        """The fed blocks' indices in a model of `depth` blocks, increasing; ValueError if out of range."""
-        if self.blocks is None:
-            return tuple(range(depth))
-        indices = [b + depth if b < 0 else b for b in self.blocks]
-        if not all(0 <= b < depth for b in indices) or sorted(set(indices)) != indices:
-            raise ValueError(f"LosaConfig.blocks {self.blocks} must name distinct blocks of this {depth}-block model "
-                             f"in increasing order")
-        return tuple(indices)
-
-    def to_dict(self) -> dict:
-        data = dataclasses.asdict(self)
-        data["blocks"] = None if self.blocks is None else list(self.blocks)
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "LosaConfig":
-        """The config to_dict wrote; unknown fields raise a ValueError."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown LosaConfig fields {unknown}; known: {sorted(known)}")
-        return cls(**data)
-
+__all__ = ["LosaConfig", "LosaMixer", "LosaSideNetwork", "LosaKind", "losa_features", "losa_logits"]
 
 class LosaMixer(nn.Module):
     """One low-rank mixer over a width W (D for a channel mixer, N for a token mixer): w_down
@@ -291,15 +227,16 @@ def _side_network(model: nn.Module, name: Optional[str]) -> LosaSideNetwork:
         raise ValueError("this model has no LoSA adapter; inject(model, LosaConfig(), name=...) adds one")
     if name is not None and name not in names:
         raise ValueError(f"name: no LoSA adapter named {name!r} in this model; LoSA adapters: {names}")
-    active = getattr(model, "_fused_active_losa", None)
-    if active is None or (name is not None and name != active):
+    record = record_of(model)
+    running = record.running
+    if running not in names or (name is not None and name != running):
         wanted = name if name is not None else (names[0] if len(names) == 1 else "<name>")
-        now = getattr(model, "_fused_active_adapter", None)
-        state = f"{now!r} (inside disable_adapters or task_routing)" if active is None and now in names else repr(now)
+        now = record.active
+        state = f"{now!r} (inside {record.frames[-1].owner})" if record.frames else repr(now)
         raise ValueError(f"name: the LoSA adapter {wanted!r} must be the active adapter, since the backbone and the "
                          f"head run as the model is set (active now: {state}); call set_adapter(model, {wanted!r}) "
                          f"first")
-    return networks[active]
+    return networks[running]
 
 
 def token_count(model: nn.Module) -> int:
@@ -312,21 +249,17 @@ def token_count(model: nn.Module) -> int:
     return patches + int(getattr(model, "num_prefix_tokens", 0) or 0)
 
 
-class LosaModelMixin:
-    """Put before a timm VisionTransformer class in the MRO: while a LoSA adapter is active
-    (`_fused_active_losa`), forward_features runs the backbone without autograd, block by block,
-    feeding the side network, and returns the backbone's final norm of its output; forward_head
-    (pooling, head) is the model's own."""
+class LosaModelMixin(Swapped):
+    """Put before a timm VisionTransformer class in the MRO: while the record runs a LoSA adapter,
+    forward_features runs the backbone without autograd, block by block, feeding the side
+    network, and returns the backbone's final norm of its output; forward_head (pooling, head)
+    is the model's own."""
 
-    _losa_base: type
-
-    def __reduce_ex__(self, protocol):
-        # Pickle (torch.save of a whole model, deepcopy) by the timm class, importable anywhere.
-        return _rebuild_losa_model, (self._losa_base,), self.__getstate__()
+    swap_prefix = "Losa"
 
     def forward_features(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        name = getattr(self, "_fused_active_losa", None)
-        if name is None:
+        name = self._fused_record.running
+        if name is None or name not in self.losa:
             return super().forward_features(x, *args, **kwargs)
         if args or any(value is not None and value is not False for value in kwargs.values()):
             raise TypeError("a LoSA adapter runs the backbone block by block, without attention masks or causal "
@@ -335,46 +268,59 @@ class LosaModelMixin:
         return self.norm(side(backbone_features(self, x, side.blocks)))
 
 
-_LOSA_CLASSES: dict = {}
+class LosaKind(AdapterKind):
+    """A LoSA side network beside the frozen backbone (LosaConfig); the model's class gets the
+    LoSA forward_features while it has one."""
+
+    file_kind = "losa"
+    config_class = LosaConfig
+    noun = "a LoSA side network"
+
+    def build(self, model, name, config, record) -> Built:
+        blocks = vit_blocks(model)
+        for part in ("patch_embed", "_pos_embed", "patch_drop", "norm_pre", "norm", "forward_head"):
+            if not hasattr(model, part):
+                raise TypeError(f"LoSA needs a timm VisionTransformer (with {part}); {type(model).__name__} has none")
+        tokens = token_count(model)
+        indices = config.block_indices(len(blocks))
+        reference_param = next(blocks[0].parameters())
+        side = LosaSideNetwork(block_dim(blocks[0]), tokens, indices, config, device=reference_param.device,
+                               dtype=reference_param.dtype)
+
+        def attach():
+            if not isinstance(model, LosaModelMixin):
+                swap_in(model, LosaModelMixin)
+                model.losa = nn.ModuleDict()
+            model.losa[name] = side
+
+        return Built({"losa": side}, attach)
+
+    def modules(self, model, name) -> dict:
+        networks = getattr(model, "losa", None)
+        return {"losa": networks[name]} if isinstance(model, LosaModelMixin) and name in networks else {}
+
+    def remove(self, model, name) -> None:
+        if isinstance(model, LosaModelMixin) and name in model.losa:
+            del model.losa[name]
+            if not len(model.losa):
+                del model.losa
+                swap_out(model)
+
+    def summary(self, model, name, config) -> str:
+        return (f"LoSA side network on {len(model.losa[name].blocks)} blocks, channel rank {config.channel_rank}, "
+                f"token rank {config.token_rank}")
+
+    def model_info(self, model, config) -> dict:
+        return {"tokens": token_count(model)}
+
+    def check_model_info(self, saved, current, source) -> None:
+        if "tokens" in saved and saved["tokens"] != current["tokens"]:
+            raise ValueError(f"the LoSA adapter in {source} was saved for {saved['tokens']} tokens per image; this "
+                             f"model has {current['tokens']} (another image or patch size)")
+
+    def merge_refusal(self, name, config):
+        return (f"cannot merge adapter {name!r}: it is a LoSA side network, a network of its own beside the "
+                f"backbone, not a low-rank update of a linear's weight; only LoRA adapters merge")
 
 
-def losa_model_class(model_class: type) -> type:
-    """The subclass of a timm ViT class with the LoSA forward, made once per class."""
-    if issubclass(model_class, LosaModelMixin):
-        return model_class
-    if model_class not in _LOSA_CLASSES:
-        _LOSA_CLASSES[model_class] = type(f"Losa{model_class.__name__}", (LosaModelMixin, model_class),
-                                          {"__module__": __name__, "_losa_base": model_class})
-    return _LOSA_CLASSES[model_class]
-
-
-def _rebuild_losa_model(model_class: type) -> nn.Module:
-    adapted = losa_model_class(model_class)
-    return adapted.__new__(adapted)
-
-
-def add_side_network(model: nn.Module, blocks, name: str, config: LosaConfig, dim: int) -> None:
-    """Give the model a side network named `name` (in model.losa) and the LoSA forward."""
-    for part in ("patch_embed", "_pos_embed", "patch_drop", "norm_pre", "norm", "forward_head"):
-        if not hasattr(model, part):
-            raise TypeError(f"LoSA needs a timm VisionTransformer (with {part}); {type(model).__name__} has none")
-    tokens = token_count(model)
-    indices = config.block_indices(len(blocks))
-    reference_param = next(blocks[0].parameters())
-    side = LosaSideNetwork(dim, tokens, indices, config, device=reference_param.device, dtype=reference_param.dtype)
-    if not isinstance(model, LosaModelMixin):
-        model.__class__ = losa_model_class(type(model))
-        model.losa = nn.ModuleDict()
-        model._fused_active_losa = None
-    model.losa[name] = side
-
-
-def remove_side_network(model: nn.Module, name: str) -> None:
-    """Delete side network `name`; with none left the model gets its timm class back."""
-    del model.losa[name]
-    if model._fused_active_losa == name:
-        model._fused_active_losa = None
-    if not len(model.losa):
-        del model.losa
-        del model._fused_active_losa
-        model.__class__ = model._losa_base
+register_kind(LosaKind())

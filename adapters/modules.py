@@ -1,6 +1,6 @@
 """Adapters as nn.Modules, each computed by one fused op call: BottleneckAdapter (one
-bottleneck), SparseAdapter (a gated mixture of bottleneck experts), and mixed_task_forward
-(several named bottleneck adapters applied to one batch, each image with its own)."""
+bottleneck) and SparseAdapter (a gated mixture of bottleneck experts). Several named bottleneck
+adapters applied to one batch, each image with its own, are in adapters/routing.py."""
 
 from __future__ import annotations
 
@@ -128,18 +128,21 @@ class BottleneckAdapter(nn.Module):
         """The per-row DropPath factor [M] for x [batch, ..., D], or None outside training."""
         return drop_path_scale(x, self.drop_path, self.training)
 
-    def forward(self, x: torch.Tensor, residual=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual=None, *, return_aux_loss: bool = False):
         """residual: None, a tensor shaped like x, or a sequence of such tensors (their sum); x
-        itself may be one of them (see bottleneck_adapter)."""
+        itself may be one of them (see bottleneck_adapter). return_aux_loss: return (out, None),
+        the form SparseAdapter returns its auxiliary loss in."""
         if x.shape[-1] != self.dim:
             raise ValueError(f"BottleneckAdapter(dim={self.dim}) got input of width {x.shape[-1]}")
         row_scale = self.drop_path_scale(x)
         inputs = self.norm(x) if self.norm is not None else x
         if self.dropout > 0.0 and self.training:
-            return self._forward_unfused(inputs, residual, row_scale)
-        fn = bottleneck_adapter if self.fused else reference.bottleneck_adapter
-        return fn(inputs, self.down.weight, self.down.bias, self.up.weight, self.up.bias, self.scale,
-                  activation=self.activation, residual=residual, row_scale=row_scale)
+            out = self._forward_unfused(inputs, residual, row_scale)
+        else:
+            fn = bottleneck_adapter if self.fused else reference.bottleneck_adapter
+            out = fn(inputs, self.down.weight, self.down.bias, self.up.weight, self.up.bias, self.scale,
+                     activation=self.activation, residual=residual, row_scale=row_scale)
+        return (out, None) if return_aux_loss else out
 
     def _forward_unfused(self, x, residual, row_scale):
         dtype = reference.compute_dtype(x)
@@ -171,9 +174,10 @@ class SparseAdapter(nn.Module):
     expert initialized as a BottleneckAdapter with the same init), `scale` shared by the
     experts, `noise` (nn.Linear dim -> experts, zero init, only with noisy_gating), `norm`.
 
-    In training with aux_loss_weight > 0, each forward records `aux_loss`, aux_loss_weight times
-    the Switch load-balancing loss of its routing (fused_adapters.adapters.model_aux_loss sums
-    them over a model).
+    forward(x, residual, return_aux_loss=True) returns (out, aux_loss): in training with
+    aux_loss_weight > 0 and autograd on, aux_loss_weight times the Switch load-balancing loss of
+    this forward's routing (None otherwise); add it to the task loss. Inside an injected model
+    the blocks collect them per forward and model_aux_loss sums those of the last forward.
     """
 
     def __init__(
@@ -220,7 +224,6 @@ class SparseAdapter(nn.Module):
         self.up_weight = nn.Parameter(torch.empty(experts, dim, rank, **factory))
         self.up_bias = nn.Parameter(torch.empty(experts, dim, **factory)) if bias else None
         self.scale = make_scale(config.scaling, dim, factory)
-        self.aux_loss: Optional[torch.Tensor] = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -237,12 +240,6 @@ class SparseAdapter(nn.Module):
         if isinstance(self.scale, nn.Parameter):
             nn.init.ones_(self.scale)
 
-    def __getstate__(self):
-        # The last forward's aux loss is part of that forward's graph: a copy (deepcopy for an
-        # EMA model, pickling) must not carry it (deepcopy refuses non-leaf tensors).
-        state = super().__getstate__()
-        return {**state, "aux_loss": None}
-
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, rank={self.rank}, experts={self.experts}, top_k={self.top_k}, "
                 f"routing={self.routing}, activation={self.activation}, scale={describe_scale(self.scale)}, "
@@ -255,14 +252,14 @@ class SparseAdapter(nn.Module):
         pooled = inputs[:, 0] if self.class_token else inputs.mean(dim=1)
         return pooled.reshape(-1, self.dim)
 
-    def forward(self, x: torch.Tensor, residual=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual=None, *, return_aux_loss: bool = False):
         if x.shape[-1] != self.dim:
             raise ValueError(f"SparseAdapter(dim={self.dim}) got input of width {x.shape[-1]}")
         row_scale = drop_path_scale(x, self.drop_path, self.training)
         inputs = self.norm(x) if self.norm is not None else x
         experts = (self.down_weight, self.down_bias, self.up_weight, self.up_bias)
         common = dict(activation=self.activation, residual=residual, row_scale=row_scale)
-        want_loss = self.training and self.aux_loss_weight > 0 and torch.is_grad_enabled()
+        want_loss = return_aux_loss and self.training and self.aux_loss_weight > 0 and torch.is_grad_enabled()
         noisy = self.noise is not None and self.training
         if self.routing == "token" and not noisy:
             fn = sparse_adapter if self.fused else reference.sparse_adapter
@@ -278,66 +275,11 @@ class SparseAdapter(nn.Module):
                 logits = logits + torch.randn_like(logits) * (std + 1e-2)
             expert_idx, expert_weight = reference.topk_routing(logits, self.top_k)
             if self.routing == "sample" and inputs.dim() >= 3:
-                tokens = inputs[0].numel() // self.dim
+                tokens = math.prod(inputs.shape[1:-1])  # inputs[0] does not exist in an empty batch
                 expert_idx = expert_idx.repeat_interleave(tokens, dim=0)
                 expert_weight = expert_weight.repeat_interleave(tokens, dim=0)
             fn = routed_adapter_unchecked if self.fused else reference.routed_adapter
             out = fn(inputs, expert_idx, expert_weight, *experts, self.scale, **common)
-        self.aux_loss = self.aux_loss_weight * reference.load_balancing_loss(logits, self.top_k) if want_loss else None
-        return out
-
-
-def _folded_weights(adapter: "BottleneckAdapter"):
-    """(w_down, b_down, w_up, b_up) of one adapter with its LayerNorm affine and scale folded in."""
-    down_w, down_b = adapter.down.weight, adapter.down.bias
-    if adapter.norm is not None:
-        gamma, beta = adapter.norm.weight, adapter.norm.bias
-        shift = down_w @ beta if beta is not None else None
-        down_w = down_w * gamma[None, :] if gamma is not None else down_w
-        if shift is not None:
-            down_b = shift if down_b is None else down_b + shift
-    up_w, up_b = adapter.up.weight, adapter.up.bias
-    if isinstance(adapter.scale, torch.Tensor):
-        up_w = up_w * adapter.scale.reshape(-1, 1)
-        up_b = None if up_b is None else up_b * adapter.scale.reshape(-1)
-    elif adapter.scale is not None:
-        up_w = up_w * adapter.scale
-        up_b = None if up_b is None else up_b * adapter.scale
-    return down_w, down_b, up_w, up_b
-
-
-def mixed_task_forward(adapters: list, task_of_sample: torch.Tensor, x: torch.Tensor, residual=None) -> torch.Tensor:
-    """Each image of x [batch, ..., D] through its own task's BottleneckAdapter: row m of image b
-    uses adapters[task_of_sample[b]], in one routed_adapter launch over the whole batch.
-
-    The adapters must agree on dim, rank, activation, norm and bias (inject's named adapters of
-    one kind do). Their scales and LayerNorm affines are folded into the stacked weights
-    (scale_t * W_up_t, W_down_t * gamma_t, W_down_t beta_t + b_down_t): the same function,
-    differentiable into every adapter's own parameters, rounded at other points than one
-    adapter alone (the scale multiplies before the dot's rounding instead of after)."""
-    first = adapters[0]
-    dim = first.dim
-    tokens = x[0].numel() // dim if x.dim() > 1 else 1
-    norm = first.norm
-    if norm is not None:  # the normalization is shared; each task's affine goes into its weights
-        inputs = nn.functional.layer_norm(x, (dim,), None, None, norm.eps)
-    else:
-        inputs = x
-    with torch.autocast(x.device.type, enabled=False):  # folded weights in their own dtype
-        folded = [_folded_weights(adapter) for adapter in adapters]
-    w_down, b_down, w_up, b_up = (list(column) for column in zip(*folded))
-    if any(b is None for b in b_down) and not all(b is None for b in b_down):
-        b_down = [torch.zeros(first.rank, device=x.device, dtype=w_down[0].dtype) if b is None else b for b in b_down]
-    stacked_b_down = None if b_down[0] is None else torch.stack(b_down)
-    stacked_b_up = None if b_up[0] is None else torch.stack(b_up)
-    expert_idx = task_of_sample.to(x.device).repeat_interleave(tokens).reshape(-1, 1)
-    expert_weight = torch.ones(expert_idx.shape, device=x.device, dtype=torch.float32)
-    row_scale = None
-    rates = torch.tensor([adapter.drop_path for adapter in adapters], dtype=torch.float32)
-    if first.training and bool((rates > 0).any()) and x.numel() > 0:
-        # Each image's DropPath draw at its own task's rate.
-        keep = (1.0 - rates)[task_of_sample.cpu()].to(x.device)
-        row_scale = (torch.bernoulli(keep) / keep).repeat_interleave(tokens)
-    fn = routed_adapter_unchecked if first.fused else reference.routed_adapter
-    return fn(inputs, expert_idx, expert_weight, torch.stack(w_down), stacked_b_down, torch.stack(w_up),
-              stacked_b_up, None, activation=first.activation, residual=residual, row_scale=row_scale)
+        if not return_aux_loss:
+            return out
+        return out, self.aux_loss_weight * reference.load_balancing_loss(logits, self.top_k) if want_loss else None

@@ -14,8 +14,9 @@ from __future__ import annotations
 import copy
 from typing import Optional
 
-import torch
 from torch import nn
+
+from .surgery import classifier_heads
 
 OWNED = "adapter_modules"  # ModuleDict: adapter name -> ModuleDict(key -> its copy)
 BASE = "base_modules"  # ModuleDict: key -> the original module of that path
@@ -29,9 +30,7 @@ def key_of(path: str) -> str:
 def head_paths(model: nn.Module) -> list[str]:
     """Paths of the classifier modules that have parameters (distilled ViTs have two heads; a
     model made with num_classes=0 has none to own)."""
-    heads = model.get_classifier() if hasattr(model, "get_classifier") else getattr(model, "head", None)
-    heads = heads if isinstance(heads, (tuple, list)) else (heads,)
-    ids = {id(head) for head in heads if isinstance(head, nn.Module) and any(True for _ in head.parameters())}
+    ids = {id(head) for head in classifier_heads(model)}
     return [path for path, module in _backbone_modules(model) if id(module) in ids]
 
 
@@ -101,22 +100,25 @@ def owned_paths(model: nn.Module) -> dict[str, str]:
     return dict(getattr(model, "_fused_owned_paths", {}))
 
 
-def install(model: nn.Module, name: Optional[str]) -> dict[str, nn.Module]:
+def install(model: nn.Module, name: Optional[str]) -> None:
     """Put adapter `name`'s copies (the originals where it owns none; all originals for None) at
-    their paths. Returns what sat at every owned path before, for `restore`."""
-    previous = {}
+    their paths."""
     for key, path in owned_paths(model).items():
-        previous[path] = model.get_submodule(path)
         copies = getattr(model, OWNED)
         module = copies[name][key] if name is not None and name in copies and key in copies[name] else getattr(
             model, BASE)[key]
         set_module(model, path, module)
-    return previous
 
 
-def restore(model: nn.Module, previous: dict[str, nn.Module]) -> None:
-    for path, module in previous.items():
-        set_module(model, path, module)
+def expected_state(model: nn.Module, paths: list) -> dict:
+    """The state (path.key -> tensor) copies of the modules at `paths` would have: the originals'."""
+    base = getattr(model, BASE, {})
+    state = {}
+    for path in paths:
+        key = key_of(path)
+        module = base[key] if key in base else model.get_submodule(path)
+        state.update({f"{path}.{k}": v for k, v in module.state_dict().items()})
+    return state
 
 
 def set_module(model: nn.Module, path: str, module: nn.Module) -> None:
@@ -124,41 +126,12 @@ def set_module(model: nn.Module, path: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, leaf, module)
 
 
-class PerImage(nn.Module):
-    """Stands in for an owned module under task_routing: image b of the batch goes through
-    modules[task_of_sample[b]]. LayerNorms normalize once and apply each image's own affine;
-    other modules (the heads) run on the whole batch per task and each image keeps its own
-    task's output, which costs a tiny matmul per task and keeps the shapes static."""
-
-    def __init__(self, modules: list[nn.Module], task_of_sample: torch.Tensor, path: str):
-        super().__init__()
-        self.tasks = nn.ModuleList(modules)
-        self.task_of_sample = task_of_sample
-        self.path = path
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] != self.task_of_sample.shape[0]:
-            raise ValueError(f"task_routing was given {self.task_of_sample.shape[0]} task names but {self.path} "
-                             f"got a batch of {x.shape[0]}")
-        task = self.task_of_sample.to(x.device)
-        first = self.tasks[0]
-        if all(isinstance(m, nn.LayerNorm) for m in self.tasks) and first.elementwise_affine:
-            y = nn.functional.layer_norm(x, first.normalized_shape, None, None, first.eps)
-            view = (x.shape[0],) + (1,) * (x.dim() - 1 - len(first.normalized_shape)) + tuple(first.normalized_shape)
-            weight = torch.stack([m.weight for m in self.tasks])[task].reshape(view)
-            if first.bias is None:
-                return y * weight.to(y.dtype)
-            bias = torch.stack([m.bias for m in self.tasks])[task].reshape(view)
-            return torch.addcmul(bias.to(y.dtype), y, weight.to(y.dtype))
-        out = None
-        for index, module in enumerate(self.tasks):
-            y = module(x)
-            if out is None:
-                out = y
-                continue
-            if y.shape != out.shape:
-                raise ValueError(f"task_routing runs each image through its own task's {self.path}, but those "
-                                 f"give outputs of shapes {tuple(out.shape)} and {tuple(y.shape)}")
-            mask = (task == index).reshape((-1,) + (1,) * (y.dim() - 1))
-            out = torch.where(mask, y, out)
-        return out
+def sync(model: nn.Module, record) -> None:
+    """Put at every owned path what the record runs: inside a context manager's block, its
+    frame's modules (the originals elsewhere); otherwise the active adapter's copies."""
+    if record.frames:
+        install(model, None)
+        for path, module in record.frames[-1].modules.items():
+            set_module(model, path, module)
+    else:
+        install(model, record.active)

@@ -1,20 +1,19 @@
-"""Model surgery for timm Vision Transformers: inject adapters into every block, switch between
-named adapters, merge LoRA into the weights, delete adapters, freeze the backbone, build AdamW
-parameter groups.
+"""The public calls on a timm Vision Transformer's adapters: inject them, switch between named
+adapters, disable them for a block, merge LoRA into the weights, delete them, freeze the
+backbone, build AdamW parameter groups, sum the mixtures' auxiliary losses.
 
-Each timm `Block` in `model.blocks` keeps its weights and its state-dict keys; inject adds a
-ModuleDict `adapters` (name -> adapters of that name, one per adapted branch) and swaps the
-block's class for a subclass whose forward applies the active adapter at its position (the
-formulas in the README, as the Adapter+ code defines them). LoRA adapters (LoraConfig) swap
-the class of the block's target linears instead (adapters/lora.py); LoSA adapters (LosaConfig)
-swap the model's class, whose forward_features then feeds a side network (adapters/losa.py).
-Every adapter is one call of the fused op; its residual argument carries the skip connection
-(the base GEMM's output for LoRA).
+Every call goes through the adapter kind of the config it concerns (adapters/kinds.py: the
+bottleneck kind in bottleneck.py, LoRA in lora.py, LoSA in losa.py) and through the model's one
+record of what is injected, active and merged (adapters/record.py), which every adapted
+forward reads. A call either does all it says or raises before changing anything: the record,
+the tensors and the requires_grad flags stay as they were. Calls that change the adapters raise
+inside `disable_adapters` and `task_routing` blocks, which put the model back as it was on exit.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Iterator, Optional, Union
 
 import torch
@@ -22,161 +21,45 @@ from torch import nn
 
 from ..kernels import backend
 from . import owned
-from .config import AdapterConfig
-from .lora import LoraConfig, add_branches, lora_linears
-from .losa import LosaConfig, LosaModelMixin, add_side_network, remove_side_network
-from .modules import BottleneckAdapter, SparseAdapter, mixed_task_forward
+from .config import AdapterConfig, LoraConfig, LosaConfig
+from .kinds import kind_of
+from .record import ATTRIBUTE, AdapterRecord, Frame, record_of, refuse_inside_frames
+from .routing import task_routing
+from .surgery import classifier_heads, vit_blocks
 
 __all__ = ["inject", "set_adapter", "disable_adapters", "param_groups", "trainable_parameters", "adapter_configs",
            "model_aux_loss", "task_routing", "merge_adapters", "unmerge_adapters", "merged_adapter",
-           "delete_adapter"]
+           "delete_adapter", "active_adapter", "adapter_summary", "adapter_state", "Injection"]
 
 Config = Union[AdapterConfig, LoraConfig, LosaConfig]
-
-# Branch modules the positions other than "post" rebuild the block from.
-BLOCK_PARTS = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
+logger = logging.getLogger("fused_adapters")
 
 
-class AdaptedBlockMixin:
-    """Put before a timm Block class in the MRO; forward applies `self.active_adapter`."""
-
-    active_adapter: Optional[str]
-    adapters: nn.ModuleDict
-    adapter_positions: dict
-    _adapted_base: type  # the timm Block class this one extends
-
-    def __reduce_ex__(self, protocol):
-        # Pickle (torch.save of a whole model, deepcopy) by the base class, which is importable
-        # anywhere; the adapted subclass is rebuilt on load, in whatever process that is.
-        return _rebuild_adapted_block, (self._adapted_base,), self.__getstate__()
-
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        name = self.active_adapter
-        if name is None:
-            return super().forward(x, *args, **kwargs)
-        position = self.adapter_positions[name]
-        routing = getattr(self, "_task_routing", None)
-        adapter = _TaskMix(self, *routing) if routing is not None else self.adapters[name]
-        if position in ("post", "pfeiffer"):
-            # x = block(x); x = x + A(x). The original forward, whatever its timm version.
-            x = super().forward(x, *args, **kwargs)
-            return adapter["block"](x, residual=x)
-        attn_kwargs = _attention_kwargs(args, kwargs)
-        attn = self.drop_path1(self.ls1(self.attn(self.norm1(x), **attn_kwargs)))
-        if position == "pre":
-            x = x + attn
-            x = adapter["block"](x, residual=x)
-            return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
-        if position == "intermediate":
-            x = x + attn
-            y = self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
-            # x + y + A(y): the op reads x and y and adds them in its epilogue, and dy's share for
-            # y joins dA/dy in one store, so the skip sum costs no kernel in either direction.
-            return adapter["block"](y, residual=(x, y))
-        if position == "houlsby":
-            x = adapter["attn"](attn, residual=(x, attn))  # x + y + A_attn(y), y the attention branch
-            y = self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
-            return adapter["block"](y, residual=(x, y))
-        # parallel: y = x + attention branch, z = y + mlp branch(y), out = z + A(y)
-        y = x + attn
-        z = y + self.drop_path2(self.ls2(self.mlp(self.norm2(y))))
-        return adapter["block"](y, residual=z)
+def adapter_configs(model: nn.Module) -> dict:
+    """The configs of the adapters injected into model, by name, in injection order (a copy;
+    empty if none)."""
+    record = record_of(model)
+    return dict(record.configs) if record is not None else {}
 
 
-class _TaskMix:
-    """Stands in for a block's adapters under task_routing: slot -> a callable that runs each
-    image through its own task's adapter of that slot (mixed_task_forward)."""
-
-    def __init__(self, block, names, task_of_sample):
-        self.block, self.names, self.task_of_sample = block, names, task_of_sample
-
-    def __getitem__(self, slot):
-        adapters = [self.block.adapters[name][slot] for name in self.names]
-
-        def run(x, residual=None):
-            if x.shape[0] != self.task_of_sample.shape[0]:
-                raise ValueError(f"task_routing was given {self.task_of_sample.shape[0]} task names but the batch "
-                                 f"has {x.shape[0]} images")
-            return mixed_task_forward(adapters, self.task_of_sample, x, residual=residual)
-
-        return run
+def active_adapter(model: nn.Module) -> Optional[str]:
+    """The name set_adapter (or inject, load_adapters) made active, or None."""
+    record = record_of(model)
+    return record.active if record is not None else None
 
 
-def _attention_kwargs(args, kwargs) -> dict:
-    # timm 1.0.x Block.forward signatures: (x), (x, attn_mask=None), (x, attn_mask=None,
-    # is_causal=False). Whatever the caller passed goes to the attention, as timm's forward does.
-    names = ("attn_mask", "is_causal")
-    if len(args) > len(names):
-        raise TypeError(f"adapted Block.forward takes at most {len(names)} positional extras, got {len(args)}")
-    return {**dict(zip(names, args)), **kwargs}
-
-
-_ADAPTED_CLASSES: dict[type, type] = {}
-
-
-def _adapted_class(block_class: type) -> type:
-    """The subclass of block_class with the adapter forward, made once per class."""
-    if issubclass(block_class, AdaptedBlockMixin):
-        return block_class
-    if block_class not in _ADAPTED_CLASSES:
-        _ADAPTED_CLASSES[block_class] = type(
-            f"Adapted{block_class.__name__}", (AdaptedBlockMixin, block_class),
-            {"__module__": __name__, "_adapted_base": block_class},
-        )
-    return _ADAPTED_CLASSES[block_class]
-
-
-def _rebuild_adapted_block(block_class: type) -> nn.Module:
-    adapted = _adapted_class(block_class)
-    return adapted.__new__(adapted)
-
-
-def _blocks(model: nn.Module) -> nn.Sequential:
-    from timm.models.vision_transformer import Block
-
-    blocks = getattr(model, "blocks", None)
-    if not isinstance(blocks, (nn.Sequential, nn.ModuleList)) or len(blocks) == 0:
-        raise TypeError(
-            f"inject needs a timm Vision Transformer with a non-empty `blocks` Sequential/ModuleList; "
-            f"{type(model).__name__} has {'no blocks' if blocks is None else type(blocks).__name__}"
-        )
-    for index, block in enumerate(blocks):
-        if not isinstance(block, Block):
-            raise TypeError(
-                f"inject adapts timm.models.vision_transformer.Block; blocks[{index}] is "
-                f"{type(block).__module__}.{type(block).__name__}"
-            )
-        missing = [part for part in BLOCK_PARTS if not hasattr(block, part)]
-        if missing:
-            raise TypeError(f"blocks[{index}] ({type(block).__name__}) lacks {missing}, which the adapters need")
-    return blocks
-
-
-def _block_dim(block: nn.Module) -> int:
-    norm = block.norm1
-    shape = getattr(norm, "normalized_shape", None) or (getattr(norm, "weight", None).shape[-1],)
-    return int(shape[-1])
-
-
-def head_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    """The classifier's parameters by their names in the model (distilled models have two heads)."""
-    heads = model.get_classifier() if hasattr(model, "get_classifier") else getattr(model, "head", None)
-    heads = heads if isinstance(heads, (tuple, list)) else (heads,)
-    ids = {id(p) for head in heads if isinstance(head, nn.Module) for p in head.parameters()}
-    return {name: p for name, p in model.named_parameters() if id(p) in ids}
-
-
-def adapter_configs(model: nn.Module) -> dict[str, Config]:
-    """The configs of the adapters injected into model, by name (empty if none)."""
-    return getattr(model, "_fused_adapter_configs", {})
+def merged_adapter(model: nn.Module) -> Optional[str]:
+    """The name of the LoRA adapter merged into the base weights, or None."""
+    record = record_of(model)
+    return record.merged if record is not None else None
 
 
 def inject(model: nn.Module, config: Optional[Config] = None, name: str = "default",
            verbose: bool = True) -> nn.Module:
-    """Add adapters named `name` to every block of a timm ViT, make them the active ones, freeze
-    everything else, and return the model.
+    """Add adapters named `name` to a timm ViT, make them the active ones, freeze everything
+    else, and return the model.
 
-    config: an AdapterConfig (bottleneck adapters in the blocks; the default), a LoraConfig
+    config: an AdapterConfig (bottleneck adapters in every block; the default), a LoraConfig
     (LoRA branches on the blocks' target linears) or a LosaConfig (a side network on the frozen
     backbone's block features, which then runs without autograd; see adapters/losa.py). A model
     may hold every kind under different names; one name is active at a time.
@@ -187,91 +70,140 @@ def inject(model: nn.Module, config: Optional[Config] = None, name: str = "defau
     the originals. A merged LoRA adapter is unmerged first (the new adapter becomes active).
     The new modules take the model's train/eval mode.
 
-    With verbose, prints the trainable parameter count and the path the adapters' kernels take
-    for the model's parameters outside autocast (kernels.backend: "triton", "interpreter" or
-    "reference"). Raises TypeError for models whose blocks (or LoRA target linears) are not
-    timm Blocks (nn.Linear), ValueError for a name already injected.
+    With verbose, logs (logger "fused_adapters", level INFO) what adapter_summary returns: the
+    trainable parameter count and the path the kernels take. Raises TypeError for models whose
+    blocks (or LoRA target linears) are not timm Blocks (nn.Linear), ValueError for a name
+    already injected; either leaves the model as it was.
     """
-    config = config if config is not None else AdapterConfig()
-    if not isinstance(config, (AdapterConfig, LoraConfig, LosaConfig)):
-        raise TypeError(f"config must be an AdapterConfig, a LoraConfig or a LosaConfig, got {type(config).__name__}")
-    if not isinstance(name, str) or not name.isidentifier():
-        raise ValueError(f"adapter name must be an identifier-like string, got {name!r}")
-    if hasattr(nn.ModuleDict(), name):  # adapters live in ModuleDicts keyed by name
-        raise ValueError(f"adapter name {name!r} is an attribute of torch.nn.ModuleDict, which holds the adapters "
-                         f"by name; pick another name")
-    blocks = _blocks(model)
-    configs = dict(adapter_configs(model))
-    if name in configs:
-        raise ValueError(f"model already has adapters named {name!r}; pick another name")
-    existing = {id(module) for module in model.modules()}
-    if isinstance(config, LoraConfig):
-        add_branches(blocks, name, config)
-    elif isinstance(config, LosaConfig):
-        add_side_network(model, blocks, name, config, _block_dim(blocks[0]))
-    else:
-        _add_bottlenecks(model, blocks, name, config)
-    owned.add_owner(model, name, _paths_to_own(model, config))
-    for module in model.modules():  # new modules follow the model's train/eval mode
-        if id(module) not in existing:
-            module.training = model.training
-    configs[name] = config
-    model._fused_adapter_configs = configs
-    set_adapter(model, name)
+    Injection(model, config, name).attach()
     if verbose:
-        trainable, total = trainable_parameters(model)
-        path = backend(next(_blocks(model)[0].parameters()))
-        if isinstance(config, LoraConfig):
-            what = f"LoRA on {'+'.join(config.targets)}, rank {config.rank}, alpha {config.alpha:g}"
-        elif isinstance(config, LosaConfig):
-            what = (f"LoSA side network on {len(model.losa[name].blocks)} blocks, channel rank {config.channel_rank}, "
-                    f"token rank {config.token_rank}")
-        else:
-            mixture = f", {config.experts} experts top-{config.top_k} by {config.routing}" if config.sparse else ""
-            what = f"{config.position}, rank {config.rank}{mixture}"
-        print(f"fused_adapters: injected {name!r} ({what}; kernels: {path}): "
-              f"trainable params {trainable:,} || all params {total:,} || trainable {100 * trainable / total:.3f}%")
+        logger.info(adapter_summary(model, name))
     return model
 
 
-def _add_bottlenecks(model: nn.Module, blocks, name: str, config: AdapterConfig) -> None:
-    for block in blocks:
-        dim = _block_dim(block)
-        reference_param = next(block.parameters())
-        factory = {"device": reference_param.device, "dtype": reference_param.dtype}
+class Injection:
+    """inject in two steps. Injection(model, config, name) runs every check inject runs and builds
+    the adapter's modules, without changing the model; state() is what adapter_state will return
+    for it once attached (the tensors a saved copy must hold); attach() puts it in, makes it the
+    active adapter and returns the model, and cannot fail. load_adapters checks a file against
+    state() in between, so that a refused load leaves the model as it was."""
 
-        norm_eps = getattr(block.norm1, "eps", 1e-6)
-        class_token = getattr(model, "cls_token", None) is not None
+    def __init__(self, model: nn.Module, config: Optional[Config] = None, name: str = "default"):
+        config = config if config is not None else AdapterConfig()
+        kind = kind_of(config)
+        if not isinstance(name, str) or not name.isidentifier():
+            raise ValueError(f"adapter name must be an identifier-like string, got {name!r}")
+        if hasattr(nn.ModuleDict(), name):  # adapters live in ModuleDicts keyed by name
+            raise ValueError(f"adapter name {name!r} is an attribute of torch.nn.ModuleDict, which holds the "
+                             f"adapters by name; pick another name")
+        record = record_of(model)
+        refuse_inside_frames(record, "inject")
+        vit_blocks(model)
+        if record is not None and name in record.configs:
+            raise ValueError(f"model already has adapters named {name!r}; pick another name")
+        self.model, self.config, self.name = model, config, name
+        self.record = record if record is not None else AdapterRecord()
+        self.paths = kind.owned_paths(model, config)
+        self.built = kind.build(model, name, config, self.record)
+        self._attached = False
 
-        def make():
-            if config.sparse:
-                return SparseAdapter(
-                    dim, config.rank, config.experts, config.top_k, routing=config.routing, class_token=class_token,
-                    activation=config.activation, scaling=config.scaling, init=config.init,
-                    drop_path=config.drop_path, norm=config.norm, norm_eps=norm_eps, bias=config.bias,
-                    aux_loss_weight=config.aux_loss_weight, noisy_gating=config.noisy_gating, **factory,
-                )
-            return BottleneckAdapter(
-                dim, config.rank, activation=config.activation, scaling=config.scaling, init=config.init,
-                drop_path=config.drop_path, dropout=config.dropout, norm=config.norm, norm_eps=norm_eps,
-                bias=config.bias, **factory,
-            )
+    def state(self) -> dict:
+        return {**_state(self.built.modules, {}, self.name), **owned.expected_state(self.model, self.paths)}
 
-        # houlsby: the attention-branch adapter first, so model.modules() lists them in block order.
-        slots = {"attn": make(), "block": make()} if config.position == "houlsby" else {"block": make()}
-        if not isinstance(block, AdaptedBlockMixin):
-            block.__class__ = _adapted_class(type(block))
-            block.adapters = nn.ModuleDict()
-            block.adapter_positions = {}
-        block.adapters[name] = nn.ModuleDict(slots)
-        block.adapter_positions[name] = config.position
+    def attach(self) -> nn.Module:
+        """Attach what the kind built, the owned copies and the record entry; then set_adapter.
+        A model's first adapter gives it the record, and the load_state_dict guard that lets each
+        kind refuse a state dict before anything of it loads."""
+        if self._attached:
+            raise RuntimeError(f"adapter {self.name!r} was attached already")
+        model, record, name = self.model, self.record, self.name
+        if record_of(model) is None:
+            setattr(model, ATTRIBUTE, record)
+            model.register_load_state_dict_pre_hook(_check_load)
+            model.register_state_dict_post_hook(_note_state)
+        existing = {id(module) for module in model.modules()}
+        self.built.attach()
+        owned.add_owner(model, name, self.paths)
+        for module in model.modules():  # new modules follow the model's train/eval mode
+            if id(module) not in existing:
+                module.training = model.training
+        record.configs[name] = self.config
+        _switch(model, record, name)
+        self._attached = True
+        return model
 
 
-def _paths_to_own(model: nn.Module, config: Config) -> list[str]:
-    paths = owned.head_paths(model) if config.train_head else []
-    if getattr(config, "train_norms", False):
-        paths += owned.norm_paths(model)
-    return paths
+def adapter_state(model: nn.Module, name: str) -> dict:
+    """The tensors of adapter `name` as save_adapters writes them: its kind's modules under their
+    file prefixes ("blocks.0.block.down.weight", "blocks.0.attn.qkv.lora_A", "losa.channel.0.w_down")
+    and its own modules (head, LayerNorms) under their module paths ("head.weight")."""
+    config = _config_named(model, name)
+    return _state(kind_of(config).modules(model, name), owned.owned_modules(model, name), name)
+
+
+def _state(modules: dict, own: dict, name: str) -> dict:
+    state = {}
+    for prefix, module in modules.items():
+        state.update({f"{prefix}.{key}": tensor for key, tensor in module.state_dict().items()})
+    for path, module in own.items():
+        for key, tensor in module.state_dict().items():
+            if f"{path}.{key}" in state:
+                raise RuntimeError(f"adapter {name!r}: its own module {path} and its adapters both have {key}")
+            state[f"{path}.{key}"] = tensor
+    return state
+
+
+def _kinds(record: AdapterRecord) -> list:
+    kinds = []
+    for config in record.configs.values():
+        kind = kind_of(config)
+        if kind not in kinds:
+            kinds.append(kind)
+    return kinds
+
+
+def _check_load(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    record = record_of(module)
+    if record is not None:
+        for kind in _kinds(record):
+            kind.check_load(module, state_dict, prefix, local_metadata)
+
+
+def _note_state(module, state_dict, prefix, local_metadata):
+    record = record_of(module)
+    if record is not None:
+        for kind in _kinds(record):
+            local_metadata.update(kind.root_metadata(module))
+
+
+def _drop_record(model: nn.Module) -> None:
+    """The model's last adapter is gone: no record, no guard, the plain model."""
+    delattr(model, ATTRIBUTE)
+    for hooks, ours in ((model._load_state_dict_pre_hooks, _check_load), (model._state_dict_hooks, _note_state)):
+        for key, hook in list(hooks.items()):
+            if getattr(hook, "hook", hook) is ours:
+                del hooks[key]
+
+
+def adapter_summary(model: nn.Module, name: Optional[str] = None) -> str:
+    """One line on adapter `name` (default: the active one): what it is, the path its kernels take
+    for the model's parameters outside autocast (kernels.backend: "triton", "interpreter" or
+    "reference"), and the model's trainable parameter count."""
+    name = name if name is not None else active_adapter(model)
+    config = _config_named(model, name)
+    trainable, total = trainable_parameters(model)
+    path = backend(next(vit_blocks(model)[0].parameters()))
+    what = kind_of(config).summary(model, name, config)
+    return (f"fused_adapters: injected {name!r} ({what}; kernels: {path}): trainable params {trainable:,} || "
+            f"all params {total:,} || trainable {100 * trainable / total:.3f}%")
+
+
+def _config_named(model: nn.Module, name) -> Config:
+    """The config of the adapters named `name`; ValueError naming the injected ones if none."""
+    configs = adapter_configs(model)
+    if name not in configs:
+        raise ValueError(f"no adapters named {name!r}; injected: {sorted(configs)}")
+    return configs[name]
 
 
 def set_adapter(model: nn.Module, name: str) -> None:
@@ -280,83 +212,48 @@ def set_adapter(model: nn.Module, name: str) -> None:
     adapters of the other names (of any kind) are inactive. If another LoRA adapter is
     merged it is unmerged first; `name` itself stays merged if it is."""
     _config_named(model, name)
-    _activate(model, name)
+    record = record_of(model)
+    refuse_inside_frames(record, "set_adapter")
+    _switch(model, record, name)
 
 
-def _config_named(model: nn.Module, name: str) -> Config:
-    """The config of the adapters named `name`; ValueError naming the injected ones if none."""
-    configs = adapter_configs(model)
-    if name not in configs:
-        raise ValueError(f"no adapters named {name!r}; injected: {sorted(configs)}")
-    return configs[name]
-
-
-def _activate(model: nn.Module, name: Optional[str]) -> None:
-    """set_adapter, or for None: no active adapter (the bare backbone, everything frozen)."""
-    merged = merged_adapter(model)
-    if merged is not None and merged != name:
-        unmerge_adapters(model)
-    config = adapter_configs(model)[name] if name is not None else None
-    lora = isinstance(config, LoraConfig)
-    owned.install(model, name)
+def _switch(model: nn.Module, record: AdapterRecord, name: Optional[str]) -> None:
+    """Make `name` (None: none, the bare backbone) the active adapter: unmerge another merged one,
+    put its owned copies in place, train its parameters only."""
+    if record.merged is not None and record.merged != name:
+        kind_of(record.configs[record.merged]).unmerge(model, record.merged)
+        record.merged = None
+    record.active = name
+    record.aux.clear()
+    owned.sync(model, record)
     for parameter in model.parameters():
         parameter.requires_grad_(False)
-    for block in _blocks(model):
-        if isinstance(block, AdaptedBlockMixin):
-            block.active_adapter = name if name in block.adapters and isinstance(config, AdapterConfig) else None
-            if block.active_adapter is not None:
-                block.adapters[name].requires_grad_(True)
-    for linear in lora_linears(model):
-        linear.active_lora = name if lora and name in linear.lora else None
-        if linear.active_lora is not None:
-            linear.lora[name].requires_grad_(True)
-    if isinstance(model, LosaModelMixin):
-        model._fused_active_losa = name if isinstance(config, LosaConfig) else None
-        if model._fused_active_losa is not None:
-            model.losa[name].requires_grad_(True)
     if name is not None:
-        for module in owned.owned_modules(model, name).values():
+        kind = kind_of(record.configs[name])
+        for module in (*kind.modules(model, name).values(), *owned.owned_modules(model, name).values()):
             module.requires_grad_(True)
-    model._fused_active_adapter = name
-
-
-def active_adapter(model: nn.Module) -> Optional[str]:
-    return getattr(model, "_fused_active_adapter", None)
 
 
 @contextlib.contextmanager
 def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     """Run the original model inside the block (no adapters, the original head and LayerNorms,
-    the original weights of a merged LoRA adapter): `with disable_adapters(model): base = model(x)`."""
-    blocks = _blocks(model)
-    previous = [getattr(block, "active_adapter", None) for block in blocks]
-    linears = lora_linears(model)
-    previous_lora = [linear.active_lora for linear in linears]
-    previous_losa = getattr(model, "_fused_active_losa", None)
-    for block in blocks:
-        if isinstance(block, AdaptedBlockMixin):
-            block.active_adapter = None
-    for linear in linears:
-        linear.active_lora = None
-    if isinstance(model, LosaModelMixin):
-        model._fused_active_losa = None
-    modules = owned.install(model, None)
+    the original weights of a merged LoRA adapter): `with disable_adapters(model): base = model(x)`.
+    active_adapter still names the active adapter, and requires_grad flags do not change. Calls
+    that change the adapters raise inside the block."""
+    record = record_of(model)
+    if record is None:  # nothing to disable
+        yield model
+        return
+    frame = Frame("disable_adapters")
+    record.frames.append(frame)
+    record.aux.clear()
+    owned.sync(model, record)
     try:
         yield model
     finally:
-        owned.restore(model, modules)
-        if isinstance(model, LosaModelMixin):
-            model._fused_active_losa = previous_losa
-        for block, name in zip(blocks, previous):
-            if isinstance(block, AdaptedBlockMixin):
-                block.active_adapter = name
-        for linear, name in zip(linears, previous_lora):
-            linear.active_lora = name
-
-
-def merged_adapter(model: nn.Module) -> Optional[str]:
-    """The name of the LoRA adapter merged into the base weights, or None."""
-    return getattr(model, "_fused_merged_adapter", None)
+        record.frames.remove(frame)
+        record.aux.clear()
+        owned.sync(model, record)
 
 
 def merge_adapters(model: nn.Module, name: Optional[str] = None) -> nn.Module:
@@ -370,38 +267,36 @@ def merge_adapters(model: nn.Module, name: Optional[str] = None) -> nn.Module:
     it unmerge first. The state dict of a merged model holds the merged weights at the usual
     keys, and records in the state dict's metadata that it is merged: load_state_dict refuses
     to load weights into a merged linear, and a merged state dict into an unmerged one (either
-    would leave weights that do not match the merge state). Raises ValueError with no active
-    adapter or for a bottleneck or LoSA adapter, before changing anything."""
+    would leave weights that do not match the merge state), before loading anything. Raises
+    ValueError with no active adapter or for a bottleneck or LoSA adapter, before changing
+    anything."""
+    record = record_of(model)
     target = name if name is not None else active_adapter(model)
     if target is None:
         raise ValueError("merge_adapters needs an active LoRA adapter; the model has none "
                          f"(injected: {sorted(adapter_configs(model))})")
     config = _config_named(model, target)
-    if isinstance(config, LosaConfig):
-        raise ValueError(f"cannot merge adapter {target!r}: it is a LoSA side network, a network of its own beside the "
-                         f"backbone, not a low-rank update of a linear's weight; only LoRA adapters merge")
-    if not isinstance(config, LoraConfig):
-        raise ValueError(f"cannot merge adapter {target!r}: it is a bottleneck adapter (position {config.position!r}, "
-                         f"activation {config.activation!r}), a branch with its own input and residual, not a "
-                         f"low-rank update of a linear's weight; only LoRA adapters merge")
-    if name is not None:  # checked first: a refused merge leaves the model as it was
-        set_adapter(model, name)
-    name = target
-    if merged_adapter(model) == name:
-        return model
-    for linear in lora_linears(model):
-        if name in linear.lora:
-            linear.merge(name)
-    model._fused_merged_adapter = name
+    refusal = kind_of(config).merge_refusal(target, config)
+    if refusal is not None:
+        raise ValueError(refusal)
+    refuse_inside_frames(record, "merge_adapters")
+    if record.active != target:
+        _switch(model, record, target)
+    if record.merged != target:
+        kind_of(config).merge(model, target)
+        record.merged = target
     return model
 
 
 def unmerge_adapters(model: nn.Module) -> nn.Module:
     """Put back the exact original weights merge_adapters kept; the LoRA branch runs again
     (as the fused op). Does nothing when no adapter is merged."""
-    for linear in lora_linears(model):
-        linear.unmerge()
-    model._fused_merged_adapter = None
+    record = record_of(model)
+    if record is None or record.merged is None:
+        return model
+    refuse_inside_frames(record, "unmerge_adapters")
+    kind_of(record.configs[record.merged]).unmerge(model, record.merged)
+    record.merged = None
     return model
 
 
@@ -409,37 +304,24 @@ def delete_adapter(model: nn.Module, name: str) -> nn.Module:
     """Remove the adapters named `name` (any kind): their modules, their own head (and
     LayerNorm) copies and their config; a merged one is unmerged first. Deleting the active
     adapter leaves none active: the model runs the bare backbone, all frozen, until
-    set_adapter; deleting another keeps the active one. Blocks and linears with no adapters
-    left get their original timm classes back, so deleting every adapter restores the plain
-    model (its modules, state-dict keys and outputs)."""
-    configs = dict(adapter_configs(model))
+    set_adapter; deleting another keeps the active one. Modules with no adapters left get
+    their original timm classes back, so deleting every adapter restores the plain model (its
+    modules, state-dict keys and outputs)."""
+    configs = adapter_configs(model)
     if name not in configs:
         raise ValueError(f"no adapters named {name!r} to delete; injected: {sorted(configs)}")
-    if merged_adapter(model) == name:
-        unmerge_adapters(model)
-    active = active_adapter(model)
-    for block in _blocks(model):
-        if isinstance(block, AdaptedBlockMixin) and name in block.adapters:
-            del block.adapters[name]
-            del block.adapter_positions[name]
-            if not len(block.adapters):
-                del block.adapters
-                del block.adapter_positions, block.active_adapter
-                block.__dict__.pop("_task_routing", None)
-                block.__class__ = block._adapted_base
-    for linear in lora_linears(model):
-        if name in linear.lora:
-            del linear.lora[name]
-            if linear.active_lora == name:
-                linear.active_lora = None
-            if not len(linear.lora):
-                linear.release()
-    if isinstance(model, LosaModelMixin) and name in model.losa:
-        remove_side_network(model, name)
+    record = record_of(model)
+    refuse_inside_frames(record, "delete_adapter")
+    kind = kind_of(configs[name])
+    if record.merged == name:
+        kind.unmerge(model, name)
+        record.merged = None
+    kind.remove(model, name)
     owned.remove_owner(model, name)
-    del configs[name]
-    model._fused_adapter_configs = configs
-    _activate(model, None if active == name else active)
+    del record.configs[name]
+    _switch(model, record, None if record.active == name else record.active)
+    if not record.configs:
+        _drop_record(model)
     return model
 
 
@@ -463,93 +345,20 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float) -> list[dict]
     ]
 
 
+def head_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The classifier's parameters by their names in the model (distilled models have two heads)."""
+    ids = {id(p) for head in classifier_heads(model) for p in head.parameters()}
+    return {name: p for name, p in model.named_parameters() if id(p) in ids}
+
+
 def model_aux_loss(model: nn.Module) -> torch.Tensor:
-    """The sum of the auxiliary (load-balancing) losses the active sparse adapters recorded in
-    the model's last training forward, each already times its aux_loss_weight: add it to the
-    task loss. A zero tensor when there are none (no sparse adapters, eval mode, no grad)."""
-    losses = [module.aux_loss for module in model.modules()
-              if isinstance(module, SparseAdapter) and module.aux_loss is not None]
+    """The sum of the auxiliary (load-balancing) losses the model's last forward produced (its
+    running mixture adapters', in training, each already times its aux_loss_weight): add it to
+    the task loss. A zero tensor when there are none (no mixture ran, eval mode, no grad, or
+    the adapters changed since: set_adapter, disable_adapters, ...)."""
+    record = record_of(model)
+    losses = list(record.aux.values()) if record is not None else []
     if not losses:
         parameter = next(model.parameters(), None)
         return torch.zeros((), device=parameter.device if parameter is not None else None)
     return torch.stack([loss.float() for loss in losses]).sum()
-
-
-@contextlib.contextmanager
-def task_routing(model: nn.Module, names_per_image) -> Iterator[nn.Module]:
-    """Run a batch in which each image uses its own named adapters, all in one launch per adapter
-    slot: `with task_routing(model, ["cars", "birds", "cars", ...]): logits = model(images)`.
-
-    names_per_image: one adapter name per image of the batch (or a tensor of indices into the
-    sorted distinct names). The named adapters must be plain bottleneck adapters (experts = 1; no LoRA
-    or LoSA; an active LoSA side network is off inside the block)
-    of one position, rank, activation, norm and bias; their scales may differ. Each image is
-    classified by its own task's head where that task owns one (train_head; the heads must give
-    outputs of one shape), by the original head otherwise, and likewise for the LayerNorms of
-    tasks with train_norms. Inside the block every named adapter's parameters and own modules
-    train (gradients reach each image's own ones); their previous requires_grad flags come back
-    on exit.
-    """
-    configs = adapter_configs(model)
-    if isinstance(names_per_image, str) or not hasattr(names_per_image, "__len__") or len(names_per_image) == 0:
-        raise ValueError("names_per_image must be a non-empty sequence of adapter names, one per image")
-    names = sorted(set(names_per_image))
-    unknown = [name for name in names if name not in configs]
-    if unknown:
-        raise ValueError(f"no adapters named {unknown}; injected: {sorted(configs)}")
-    for name in names:
-        if isinstance(configs[name], (LoraConfig, LosaConfig)):
-            kind = "a LoRA adapter" if isinstance(configs[name], LoraConfig) else "a LoSA side network"
-            raise ValueError(f"task_routing mixes bottleneck adapters; {name!r} is {kind} (set_adapter runs "
-                             f"it, one name per batch)")
-    first = configs[names[0]]
-    for name in names:
-        config = configs[name]
-        if config.sparse:
-            raise ValueError(f"task_routing mixes plain bottleneck adapters; {name!r} is a mixture of experts "
-                             f"(experts = {config.experts}), which routes itself")
-        if config.dropout > 0:
-            raise ValueError(f"task_routing runs the fused op, which has no dropout inside the bottleneck; "
-                             f"{name!r} has dropout {config.dropout}")
-        for field in ("position", "rank", "activation", "norm", "bias"):
-            if getattr(config, field) != getattr(first, field):
-                raise ValueError(f"task_routing needs adapters of one {field}: {names[0]!r} has "
-                                 f"{getattr(first, field)!r}, {name!r} has {getattr(config, field)!r}")
-    index = {name: i for i, name in enumerate(names)}
-    task_of_sample = torch.tensor([index[name] for name in names_per_image], dtype=torch.long)
-    blocks = _blocks(model)
-    parameters = [p for block in blocks for name in names for p in block.adapters[name].parameters()]
-    copies = [owned.owned_modules(model, name) for name in names]
-    parameters += [p for own in copies for module in own.values() for p in module.parameters()]
-    flags = [p.requires_grad for p in parameters]
-    previous = [(getattr(block, "active_adapter", None), getattr(block, "_task_routing", None)) for block in blocks]
-    linears = lora_linears(model)
-    previous_lora = [linear.active_lora for linear in linears]
-    for linear in linears:  # the base weights only (the originals of a merged LoRA adapter)
-        linear.active_lora = None
-    previous_losa = getattr(model, "_fused_active_losa", None)
-    if isinstance(model, LosaModelMixin):  # the backbone's own forward, whatever LoSA adapter was active
-        model._fused_active_losa = None
-    modules = owned.install(model, None)
-    for key, path in owned.owned_paths(model).items():
-        if any(path in own for own in copies):
-            per_task = [own.get(path, getattr(model, owned.BASE)[key]) for own in copies]
-            owned.set_module(model, path, owned.PerImage(per_task, task_of_sample, path))
-    for block in blocks:
-        block.active_adapter = names[0]
-        block._task_routing = (names, task_of_sample)
-    for parameter in parameters:
-        parameter.requires_grad_(True)
-    try:
-        yield model
-    finally:
-        owned.restore(model, modules)
-        for block, (active, routing) in zip(blocks, previous):
-            block.active_adapter = active
-            block._task_routing = routing
-        for linear, name in zip(linears, previous_lora):
-            linear.active_lora = name
-        if isinstance(model, LosaModelMixin):
-            model._fused_active_losa = previous_losa
-        for parameter, flag in zip(parameters, flags):
-            parameter.requires_grad_(flag)

@@ -235,13 +235,18 @@ def test_task_routing_with_own_layernorms_matches_each_image_alone():
     torch.testing.assert_close(mixed, want, atol=1e-5, rtol=1e-5)
 
 
-def test_inject_summary_names_the_kernel_path(capsys):
+def test_inject_summary_names_the_kernel_path(caplog, capsys):
+    # The summary goes to the "fused_adapters" logger (INFO), never to stdout.
     from fused_adapters.kernels import backend
 
     model = vit()
-    inject(model, AdapterConfig())
+    with caplog.at_level("INFO", logger="fused_adapters"):
+        inject(model, AdapterConfig())
     expected = backend(next(model.parameters()))
     assert expected in ("triton", "interpreter")  # the suite runs the kernels (CUDA or interpreter)
-    assert f"kernels: {expected})" in capsys.readouterr().out
-    inject(model.double(), AdapterConfig(), name="wide")
-    assert "kernels: reference)" in capsys.readouterr().out  # float64 runs the plain-PyTorch reference
+    assert f"kernels: {expected})" in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO", logger="fused_adapters"):
+        inject(model.double(), AdapterConfig(), name="wide")
+    assert "kernels: reference)" in caplog.text  # float64 runs the plain-PyTorch reference
+    assert capsys.readouterr().out == ""

@@ -187,15 +187,16 @@ def test_freezing_and_counts():
     assert not any(p.requires_grad for p in frozen_head.get_classifier().parameters())
 
 
-def test_vit_base_adapter_plus_count(capsys):
+def test_vit_base_adapter_plus_count(caplog):
     torch.manual_seed(0)
     model = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=10)
-    inject(model, AdapterConfig())
+    with caplog.at_level("INFO", logger="fused_adapters"):
+        inject(model, AdapterConfig())
     adapters = sum(p.numel() for n, p in model.named_parameters() if ".adapters." in n and p.requires_grad)
     assert adapters == 12 * (2 * 768 * 8 + 8 + 768 + 768) == 165_984
     trainable, _ = trainable_parameters(model)
     assert trainable == 165_984 + 768 * 10 + 10
-    assert "trainable params 173,674" in capsys.readouterr().out
+    assert "trainable params 173,674" in caplog.text
 
 
 def test_adamw_steps_lower_the_loss():

@@ -205,15 +205,16 @@ def test_keys_stay_and_only_lora_and_head_train():
     assert len(decay["params"]) == 6 * 4 + 1 and len(no_decay["params"]) == 1  # A, B and head.weight
 
 
-def test_vit_base_qkv_count_and_summary(capsys):
+def test_vit_base_qkv_count_and_summary(caplog):
     torch.manual_seed(0)
     model = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=10)
-    inject(model, LoraConfig(rank=8, targets=("qkv",)))
+    with caplog.at_level("INFO", logger="fused_adapters"):
+        inject(model, LoraConfig(rank=8, targets=("qkv",)))
     lora = sum(p.numel() for n, p in model.named_parameters() if ".lora." in n and p.requires_grad)
     assert lora == 12 * 8 * (768 + 2304) == 294_912
     trainable, total = trainable_parameters(model)
     assert trainable == 294_912 + 768 * 10 + 10
-    printed = capsys.readouterr().out
+    printed = caplog.text
     assert "injected 'default' (LoRA on qkv, rank 8, alpha 8; kernels: " in printed
     assert f"trainable params 302,602 || all params {total:,}" in printed
 

@@ -243,15 +243,16 @@ def test_cached_features_need_the_losa_adapter_active():
             model.losa.side([features[0], features[1, :1], *features[2:]])
 
 
-def test_fed_blocks_subset_and_trainable_count(capsys):
-    model = inject(vit(), LosaConfig(channel_rank=4, token_rank=3, blocks=(0, 2, 5)), name="side")
+def test_fed_blocks_subset_and_trainable_count(caplog):
+    with caplog.at_level("INFO", logger="fused_adapters"):
+        model = inject(vit(), LosaConfig(channel_rank=4, token_rank=3, blocks=(0, 2, 5)), name="side")
     side = model.losa.side
     assert side.blocks == (0, 2, 5) and len(side.channel) == 3
     tokens, dim = 5, 64
     per_block = (2 * dim * 4 + 4 + 2 * dim) + (2 * tokens * 3 + 3 + 2 * tokens)
     head = sum(p.numel() for p in model.head.parameters())
     assert trainable_parameters(model)[0] == 3 * per_block + head
-    assert "LoSA side network on 3 blocks" in capsys.readouterr().out
+    assert "LoSA side network on 3 blocks" in caplog.text
     with pytest.raises(ValueError, match="distinct blocks"):
         inject(vit(), LosaConfig(blocks=(3, 1)), name="bad", verbose=False)
 
