@@ -17,6 +17,12 @@ adapter calls the fused op in fused_adapters.kernels.
 
     inject(model, LosaConfig(), name="side")  # a side network; the backbone runs without autograd
     features = losa_features(model, images)  # once; then losa_logits(model, features) per epoch
+
+Each kind of adapter is one AdapterKind class in its own file (bottleneck.py, lora.py, losa.py),
+registered with register_kind; the public calls dispatch through it. What a model holds, which
+adapter is active and which is merged live in one record per model (record.py), read by every
+adapted module's forward and changed only by the public calls; a refused call leaves the record,
+the tensors and the requires_grad flags as they were.
 """
 
 # The kinds register themselves on import (kinds.register_kind): one file each.

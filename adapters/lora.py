@@ -12,7 +12,7 @@ output; under kernels.use_variant("lora_linear", "single_launch") one Triton lau
 A is [r, D_in], B is [D_out, r] (zero at init, so a fresh adapter computes exactly what the
 backbone did).
 
-Merging (LoraLinear.merge) folds s * B A into W in fp32 and keeps an exact copy of the
+Merging (LoraLinear.merge_weight) folds s * B A into W in fp32 and keeps an exact copy of the
 original W, so unmerging restores it bit for bit and disabled forwards still see it.
 """
 
