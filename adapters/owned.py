@@ -11,8 +11,9 @@ originals of every path some adapter owns in `model.base_modules`; both move wit
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from typing import Optional
+from typing import Iterator, Optional
 
 from torch import nn
 
@@ -135,3 +136,18 @@ def sync(model: nn.Module, record) -> None:
             set_module(model, path, module)
     else:
         install(model, record.active)
+
+
+@contextlib.contextmanager
+def framed(model: nn.Module, record, frame) -> Iterator[None]:
+    """Run the block inside `frame` (a context manager's view of the model): push it, put its
+    owned modules in place and clear the auxiliary losses; on exit pop it and do the same."""
+    record.frames.append(frame)
+    record.aux.clear()
+    sync(model, record)
+    try:
+        yield
+    finally:
+        record.frames.remove(frame)
+        record.aux.clear()
+        sync(model, record)

@@ -69,22 +69,16 @@ def task_routing(model: nn.Module, names_per_image) -> Iterator[nn.Module]:
             modules[path] = PerImage(per_task, task_of_sample, path)
     parameters = list(model.parameters())
     flags = [p.requires_grad for p in parameters]
-    frame = Frame("task_routing", Routing(tuple(names), task_of_sample), modules)
-    record.frames.append(frame)
-    record.aux.clear()
-    owned.sync(model, record)
-    for name in names:
-        kind = kind_of(configs[name])
-        for module in (*kind.modules(model, name).values(), *copies[index[name]].values()):
-            module.requires_grad_(True)
-    try:
-        yield model
-    finally:
-        record.frames.remove(frame)
-        record.aux.clear()
-        owned.sync(model, record)
-        for parameter, flag in zip(parameters, flags):
-            parameter.requires_grad_(flag)
+    with owned.framed(model, record, Frame("task_routing", Routing(tuple(names), task_of_sample), modules)):
+        for name in names:
+            kind = kind_of(configs[name])
+            for module in (*kind.modules(model, name).values(), *copies[index[name]].values()):
+                module.requires_grad_(True)
+        try:
+            yield model
+        finally:
+            for parameter, flag in zip(parameters, flags):
+                parameter.requires_grad_(flag)
 
 
 def _names(names_per_image, sorted_names: list) -> list:

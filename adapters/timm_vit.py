@@ -244,16 +244,8 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     if record is None:  # nothing to disable
         yield model
         return
-    frame = Frame("disable_adapters")
-    record.frames.append(frame)
-    record.aux.clear()
-    owned.sync(model, record)
-    try:
+    with owned.framed(model, record, Frame("disable_adapters")):
         yield model
-    finally:
-        record.frames.remove(frame)
-        record.aux.clear()
-        owned.sync(model, record)
 
 
 def merge_adapters(model: nn.Module, name: Optional[str] = None) -> nn.Module:
