@@ -77,7 +77,8 @@ class AdapterKind:
 
     def routing_refusal(self, name: str, config) -> Optional[str]:
         """Why task_routing cannot route this adapter per image, or None if it can."""
-        return f"task_routing mixes bottleneck adapters; {name!r} is {self.noun} (set_adapter runs it, one name per batch)"
+        return (f"task_routing mixes bottleneck adapters; {name!r} is {self.noun} (set_adapter runs it, one name "
+                f"per batch)")
 
     def merge_refusal(self, name: str, config) -> Optional[str]:
         """Why merge_adapters cannot fold this adapter into the weights, or None if it can."""

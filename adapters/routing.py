@@ -7,7 +7,7 @@ and LayerNorms)."""
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 from torch import nn
@@ -16,8 +16,11 @@ from ..kernels import reference
 from ..kernels.sparse import routed_adapter_unchecked
 from . import owned
 from .kinds import kind_of
-from .record import Frame, Routing, record_of, refuse_inside_frames
+from .record import Frame, Routing, record_of
 from .surgery import vit_blocks
+
+if TYPE_CHECKING:
+    from .modules import BottleneckAdapter
 
 __all__ = ["task_routing", "mixed_task_forward", "PerImageSlots", "PerImage"]
 

@@ -21,6 +21,7 @@ KINDS = {
     "lora": LoraConfig(rank=4, targets=("qkv", "fc2")),
     "losa": LosaConfig(channel_rank=4, token_rank=2, drop_path=0.0),
 }
+WRAPPERS = ("ddp", "fsdp2")
 
 
 def _model_and_batch(kind):
@@ -56,24 +57,26 @@ def _full(parameter):
     return parameter.full_tensor() if hasattr(parameter, "full_tensor") else parameter
 
 
-def _worker(rank, world_size, init_file, result_file, wrapper):
+def _worker(rank, world_size, init_file, result_file):
+    torch.set_num_threads(1)  # two processes on the machine's cores: no oversubscribed thread pools
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
-        results = {}
-        for kind in KINDS:
-            model, x, target = _model_and_batch(kind)
-            if wrapper == "ddp":
-                forward = nn.parallel.DistributedDataParallel(model)
-            else:
-                from torch.distributed.device_mesh import init_device_mesh
-                from torch.distributed.fsdp import fully_shard
+        results = {wrapper: {} for wrapper in WRAPPERS}
+        for wrapper in WRAPPERS:
+            for kind in KINDS:
+                model, x, target = _model_and_batch(kind)
+                if wrapper == "ddp":
+                    forward = nn.parallel.DistributedDataParallel(model)
+                else:
+                    from torch.distributed.device_mesh import init_device_mesh
+                    from torch.distributed.fsdp import fully_shard
 
-                mesh = init_device_mesh("cpu", (world_size,))
-                for block in model.blocks:
-                    fully_shard(block, mesh=mesh)
-                forward = fully_shard(model, mesh=mesh)
-            shard = slice(rank * BATCH // world_size, (rank + 1) * BATCH // world_size)
-            results[kind] = _train(model, forward, x[shard], target[shard])
+                    mesh = init_device_mesh("cpu", (world_size,))
+                    for block in model.blocks:
+                        fully_shard(block, mesh=mesh)
+                    forward = fully_shard(model, mesh=mesh)
+                shard = slice(rank * BATCH // world_size, (rank + 1) * BATCH // world_size)
+                results[wrapper][kind] = _train(model, forward, x[shard], target[shard])
         if rank == 0:
             torch.save(results, result_file)
     finally:
@@ -81,21 +84,25 @@ def _worker(rank, world_size, init_file, result_file, wrapper):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("wrapper", ["ddp", "fsdp2"])
-def test_two_processes_match_one_for_every_kind(tmp_path, wrapper):
+def test_two_processes_match_one_for_every_kind(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("the gloo CPU test covers the wiring; the kernels' CUDA path is tested elsewhere")
     result_file = str(tmp_path / "distributed.pt")
-    # Children inherit os.environ, TRITON_INTERPRET included: they run the same kernels.
-    mp.spawn(_worker, args=(2, str(tmp_path / "init"), result_file, wrapper), nprocs=2, join=True)
+    # One spawn for both wrappers. Children inherit os.environ, TRITON_INTERPRET included: they
+    # run the same kernels.
+    mp.spawn(_worker, args=(2, str(tmp_path / "init"), result_file), nprocs=2, join=True)
     distributed = torch.load(result_file)
-    assert sorted(distributed) == sorted(KINDS)
+    assert sorted(distributed) == sorted(WRAPPERS)
+    for wrapper in WRAPPERS:
+        assert sorted(distributed[wrapper]) == sorted(KINDS), wrapper
     for kind in KINDS:
         model, x, target = _model_and_batch(kind)
         single = _train(model, model, x, target, shards=2)
-        assert distributed[kind].keys() == single.keys() and len(single) > 0, kind
-        for name, weight in single.items():
-            assert torch.allclose(distributed[kind][name], weight, rtol=1e-4, atol=1e-6), (kind, name)
+        for wrapper in WRAPPERS:
+            assert distributed[wrapper][kind].keys() == single.keys() and len(single) > 0, (wrapper, kind)
+            trained = distributed[wrapper][kind]
+            for name, weight in single.items():
+                assert torch.allclose(trained[name], weight, rtol=1e-4, atol=1e-6), (wrapper, kind, name)
         start, _, _ = _model_and_batch(kind)
         moved = [n for n, p in start.named_parameters() if p.requires_grad and not torch.equal(p, single[n])]
         assert len(moved) == len(single), (kind, "training left some trainable tensors as they were")
