@@ -188,14 +188,22 @@ def _drop_record(model: nn.Module) -> None:
 def adapter_summary(model: nn.Module, name: Optional[str] = None) -> str:
     """One line on adapter `name` (default: the active one): what it is, the path its kernels take
     for the model's parameters outside autocast (kernels.backend: "triton", "interpreter" or
-    "reference"), and the model's trainable parameter count."""
+    "reference"), and the model's trainable parameter count with what it is made of: the
+    adapter's own parameters, its head and its LayerNorms (e.g. "165,984 adapter + 7,690 head")."""
     name = name if name is not None else active_adapter(model)
     config = _config_named(model, name)
     trainable, total = trainable_parameters(model)
-    path = backend(next(vit_blocks(model)[0].parameters()))
-    what = kind_of(config).summary(model, name, config)
-    return (f"fused_adapters: injected {name!r} ({what}; kernels: {path}): trainable params {trainable:,} || "
-            f"all params {total:,} || trainable {100 * trainable / total:.3f}%")
+    kernels = backend(next(vit_blocks(model)[0].parameters()))
+    kind = kind_of(config)
+    what = kind.summary(model, name, config)
+    heads = set(owned.head_paths(model))
+    counts = {"adapter": sum(p.numel() for module in kind.modules(model, name).values() for p in module.parameters()),
+              "head": 0, "LayerNorm": 0}
+    for path, module in owned.owned_modules(model, name).items():
+        counts["head" if path in heads else "LayerNorm"] += sum(p.numel() for p in module.parameters())
+    counted = " + ".join(f"{count:,} {part}" for part, count in counts.items() if count or part == "adapter")
+    return (f"fused_adapters: injected {name!r} ({what}; kernels: {kernels}): trainable params {trainable:,} || "
+            f"all params {total:,} || trainable {100 * trainable / total:.3f}% ({counted})")
 
 
 def _config_named(model: nn.Module, name) -> Config:

@@ -14,6 +14,7 @@ from fused_adapters.adapters import (
     AdapterConfig,
     BottleneckAdapter,
     adapter_configs,
+    adapter_summary,
     disable_adapters,
     inject,
     load_adapters,
@@ -197,6 +198,9 @@ def test_vit_base_adapter_plus_count(caplog):
     trainable, _ = trainable_parameters(model)
     assert trainable == 165_984 + 768 * 10 + 10
     assert "trainable params 173,674" in caplog.text
+    assert "(165,984 adapter + 7,690 head)" in caplog.text  # what the count is made of
+    inject(model, AdapterConfig.houlsby(), name="houlsby", verbose=False)
+    assert adapter_summary(model).endswith("(313,536 adapter + 7,690 head + 38,400 LayerNorm)")
 
 
 def test_adamw_steps_lower_the_loss():
