@@ -9,7 +9,6 @@ then, after the runtime's sort of the assignments, the grouped launch and the co
 
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
