@@ -6,12 +6,23 @@ the report reads (see ROW_KEYS). Fused rows that cannot be timed (no CUDA) are s
 that reason and kept as "untimed" rows: their device-free numbers (launches, bytes moved
 against the floor, registers and spills of their kernels) go to the terminal summary and to
 the JSON's "fused_adapters" block.
+
+No number goes missing without a reason in the JSON: a row that is not timed (its test skipped,
+or failed before timing) is kept among the untimed rows with "not_timed", a few words for its
+time cell ("needs CUDA"), and "not_timed_reason", the skip message or the error; every row's
+"missing" maps each number it lacks (MEASURED_KEYS) to why, e.g. "needs CUDA" or "not counted:
+M above --benchmark-count-rows 1576". The block's "versions" holds torch's, triton's and timm's
+versions, and with CUDA the CUDA version, the driver's and the GPU's name.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import sys
+from importlib import metadata
+from pathlib import Path
 
 import pytest
 import torch
@@ -26,6 +37,14 @@ from bench.measure import copy_gbps, in_subprocess  # noqa: E402
 ROW_KEYS = ("op", "pass", "device", "dtype", "shape", "rows", "dim", "rank", "provider", "variant",
             "triton_launches", "aten_kernels", "saved_bytes", "floor_bytes", "moved_bytes", "gbps", "copy_gbps",
             "peak_mem_bytes", "host_us")
+
+# The measured numbers of a row (ROW_KEYS' and the compile check's registers) that the report shows;
+# the row's "missing" says why each of them it lacks is missing.
+MEASURED_KEYS = ("triton_launches", "aten_kernels", "saved_bytes", "floor_bytes", "moved_bytes", "gbps",
+                 "peak_mem_bytes", "host_us", "registers")
+# The numbers that come from the interpreter's counts at the end of the session (on a GPU the
+# profiler gives the launches and the timing run the host time first).
+COUNT_KEYS = ("triton_launches", "aten_kernels", "moved_bytes", "host_us")
 
 NOTE_NO_CUDA = ("fused timings need CUDA: on this machine the fused kernels run only in Triton's interpreter, "
                 "whose speed means nothing; their rows give launches, bytes saved for backward, bytes moved "
@@ -46,6 +65,9 @@ class Suite:
         self.sms = torch.cuda.get_device_properties(0).multi_processor_count if self.cuda else 132
         self._copy_gbps = None
         self.untimed: list[dict] = []
+        self.skipped: list[dict] = []  # rows of tests that skipped (or failed) with nothing kept, and why
+        self.made: list[dict] = []  # the rows made by the test now running
+        self._versions = None
         self.pending: list[tuple[dict, dict]] = []  # (count case, row to fill)
         self.compile_rows: list[dict] = []  # untimed fused rows whose kernels get compile-checked
 
@@ -59,13 +81,86 @@ class Suite:
         row = {key: None for key in ROW_KEYS}
         row.update(device=self.device_name, copy_gbps=round(self.copy_gbps, 1))
         row.update(values)
+        self.made.append(row)
         return row
+
+    @property
+    def versions(self) -> dict:
+        if self._versions is None:
+            self._versions = library_versions(self.cuda)
+        return self._versions
 
     def count_later(self, row: dict, case: dict) -> None:
         """Fill the row's launch counts and moved bytes from the interpreter at the end of the
         session (one subprocess for all rows), if its shape is small enough to count."""
         if row["rows"] <= self.count_rows:
             self.pending.append((dict(case, sms=self.sms), row))
+        else:
+            reason = f"not counted: M above --benchmark-count-rows {self.count_rows}"
+            row.setdefault("missing", {}).update({key: reason for key in COUNT_KEYS})
+
+    def not_timed(self, row: dict, short: str, reason: str) -> None:
+        """Mark a row whose test did not time it: short for its time cell, reason in full. A row
+        the test did not keep among the untimed rows is kept now, every number missing for short
+        (its time cell gives the reason in full)."""
+        row["not_timed"], row["not_timed_reason"] = short, reason
+        if not any(kept is row for kept in self.untimed):
+            row.setdefault("missing", {}).update({key: f"not run: {short}" for key in MEASURED_KEYS})
+            self.skipped.append(row)
+
+    def missing_reasons(self, row: dict) -> dict:
+        """Why each of the row's MEASURED_KEYS without a value has none: the reasons recorded along
+        the way (rows above --benchmark-count-rows, rows not run), else the rule that left it out."""
+        recorded = row.get("missing") if isinstance(row.get("missing"), dict) else {}
+        return {key: recorded.get(key) or self._why_missing(row, key)
+                for key in MEASURED_KEYS if row.get(key) in (None, [])}
+
+    def _why_missing(self, row: dict, key: str) -> str:
+        provider = str(row.get("provider") or "")
+        fused = provider.startswith("fused") or provider == "losa"
+        compiled = "compile" in provider
+        model = row.get("floor_bytes") is None  # a whole model has no byte floor
+        not_timed = row.get("not_timed")
+        if key == "floor_bytes":
+            return "no byte floor for a whole model"
+        if key == "gbps":
+            if model:
+                return "no byte floor for a whole model"
+            return "needs CUDA" if not self.cuda else not_timed or "not measured"
+        if key == "peak_mem_bytes":
+            return "needs CUDA" if not self.cuda else not_timed or "not measured"
+        if key == "saved_bytes":
+            if row.get("pass") == "inference":
+                return "inference keeps nothing for backward"
+            if compiled and not self.cuda:
+                return "not measured: the CPU's saved-tensor hooks cannot see inside a compiled graph"
+            return not_timed or "not measured"
+        if key == "registers":
+            if row.get("compile_error"):
+                return f"compile check failed: {row['compile_error']}"
+            if not fused:
+                return "no fused kernels"
+            if model:
+                return "compile check of op rows only"
+            if self.cuda:
+                return "compile check of rows without CUDA only"
+            return "not compile-checked with --benchmark-quick" if self.quick else "not compile-checked"
+        # The interpreter's counts (COUNT_KEYS).
+        if row.get("count_error"):
+            return f"count failed: {row['count_error']}"
+        if model:
+            if key == "moved_bytes":
+                return "no byte count for a whole model"
+            if key == "host_us":
+                return "not measured for a whole model"
+            return "needs CUDA" if not self.cuda else not_timed or "not counted"
+        if compiled:
+            if key == "host_us":
+                return "not measured: without CUDA the host time comes from the interpreter's counts"
+            return "not counted: the interpreter cannot count inside a compiled graph"
+        if self.quick:
+            return "not counted with --benchmark-quick"
+        return "not counted"
 
     def finish(self) -> None:
         if self.pending:
@@ -132,18 +227,114 @@ def suite(request):
     SUITE.finish()
 
 
+def library_versions(cuda: bool) -> dict:
+    """torch's, triton's and timm's versions; with CUDA also the CUDA version torch was built
+    with, the driver's version and the GPU's name. None for what cannot be found."""
+    versions = {"torch": torch.__version__, "triton": None, "timm": None}
+    for name, distributions in (("triton", ("triton", "pytorch-triton")), ("timm", ("timm",))):
+        for distribution in distributions:
+            try:
+                versions[name] = metadata.version(distribution)
+                break
+            except metadata.PackageNotFoundError:
+                continue
+        if versions[name] is None and name in sys.modules:
+            versions[name] = getattr(sys.modules[name], "__version__", None)
+    if cuda:
+        versions.update(cuda=torch.version.cuda, driver=_driver_version(), gpu=torch.cuda.get_device_name())
+    return versions
+
+
+def _driver_version() -> str | None:
+    """The NVIDIA driver's version (e.g. 570.124.06), from NVML or nvidia-smi; None without either."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        version = pynvml.nvmlSystemGetDriverVersion()
+        return version.decode() if isinstance(version, bytes) else str(version)
+    except Exception:  # no pynvml, or no NVML library: ask nvidia-smi
+        pass
+    try:
+        done = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                              capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    lines = done.stdout.strip().splitlines() if done.returncode == 0 else []
+    return lines[0].strip() if lines else None
+
+
+def _short_reason(message: str) -> str:
+    """A few words for the time cell of a row whose test skipped with this message."""
+    if message.startswith("fused timings need CUDA"):
+        return "needs CUDA"
+    if "--benchmark-quick" in message:
+        return "skipped (quick run)"
+    return "skipped"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A row whose test skipped, or failed before it was timed, is kept with its reason."""
+    yield
+    if SUITE is None or call.when != "call":
+        return
+    made, SUITE.made = SUITE.made, []
+    if call.excinfo is None:
+        return
+    if call.excinfo.errisinstance(pytest.skip.Exception):
+        message = str(call.excinfo.value.msg or "skipped")
+        short = _short_reason(message)
+    else:
+        fixture = getattr(item, "funcargs", {}).get("benchmark")
+        if fixture is not None and fixture.stats is not None and not fixture.has_error:
+            return  # it failed after the timing: the timed row is in the JSON
+        error = call.excinfo.value
+        message = f"failed: {type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"[:300]
+        short = "failed"
+    for row in made:
+        SUITE.not_timed(row, short, message)
+
+
 def pytest_benchmark_update_json(config, benchmarks, output_json):
     if SUITE is None:
         return
+    untimed = SUITE.untimed + SUITE.skipped
+    for row in [bench.get("extra_info") for bench in output_json.get("benchmarks") or []] + untimed:
+        if isinstance(row, dict) and "provider" in row:
+            row["missing"] = SUITE.missing_reasons(row)
     output_json["fused_adapters"] = {
         "device": SUITE.device_name,
         "timed_fused": SUITE.cuda,
         "copy_gbps": SUITE._copy_gbps,
         "sms": SUITE.sms,
         "quick": SUITE.quick,
+        "count_rows": SUITE.count_rows,
+        "versions": SUITE.versions,
         "note": None if SUITE.cuda else NOTE_NO_CUDA.format(sms=SUITE.sms),
-        "untimed": SUITE.untimed,
+        "untimed": untimed,
     }
+
+
+def pytest_sessionfinish(session):
+    """pytest-benchmark writes no JSON when nothing was timed (a module whose every row skipped, as
+    the multitask rows of a quick run without CUDA): the untimed rows and their reasons still go to
+    --benchmark-json, in the same form, so that the report shows their groups."""
+    config = session.config
+    path = config.getoption("benchmark_json", None)
+    benchmark_session = getattr(config, "_benchmarksession", None)
+    if (SUITE is None or path is None or benchmark_session is None or getattr(benchmark_session, "benchmarks", True)
+            or not (SUITE.untimed or SUITE.skipped)):
+        return
+    hook = config.hook
+    machine_info = hook.pytest_benchmark_generate_machine_info(config=config)
+    hook.pytest_benchmark_update_machine_info(config=config, machine_info=machine_info)
+    commit_info = hook.pytest_benchmark_generate_commit_info(config=config)
+    hook.pytest_benchmark_update_commit_info(config=config, commit_info=commit_info)
+    output_json = hook.pytest_benchmark_generate_json(config=config, benchmarks=[], include_data=True,
+                                                      machine_info=machine_info, commit_info=commit_info)
+    hook.pytest_benchmark_update_json(config=config, benchmarks=[], output_json=output_json)
+    Path(path).write_text(json.dumps(output_json, indent=4, default=str), encoding="utf-8")
 
 
 def _mib(value):

@@ -8,8 +8,12 @@ of one run, such as one per benchmark module, are merged). The report
 rows, experts and top_k; for LoRA's, the output width D_out): a row per shape, a column per
 provider (and kernel variant), each cell the median time and the speedup over eager on the same
 shape, then tables of bandwidth, peak memory, bytes moved, bytes saved for backward and launch
-counts. Fused rows that could not be timed (no CUDA) appear in the same tables as "needs CUDA".
-Each group with a timed row also gets PNG plots of time, speedup and peak memory against rows.
+counts. Rows that were not timed appear in the same tables with the suite's reason ("needs CUDA"
+for fused rows on a machine without CUDA). No cell is left blank without a reason: a number in
+brackets, [1], refers to the reasons listed under its table, and a line under the table says why
+the remaining blank cells (rows not in the run, results that give no reason) are empty.
+Each group with a timed row also gets PNG plots of time, speedup and peak memory against rows,
+except in a quick run where the group has fewer than MIN_PLOT_SIZES sizes: tables only there.
 """
 
 from __future__ import annotations
@@ -37,6 +41,12 @@ MEBIBYTE = 2 ** 20
 PASS_ORDER = {"forward": 0, "forward+backward": 1, "inference": 2, "train_step": 3}
 # Variant names that mean "the only variant", left out of column labels.
 PLAIN_VARIANTS = {None, "", "-", "default"}
+# What a time cell says for an untimed row whose results give no reason (written before the suite
+# gave reasons): such rows were fused rows on a machine without CUDA.
+NEEDS_CUDA = "needs CUDA"
+# A quick run's group with fewer distinct sizes (rows) than this gets tables only: a plot of one or
+# two points says nothing that its table does not.
+MIN_PLOT_SIZES = 3
 
 
 class ReportError(Exception):
@@ -60,6 +70,23 @@ class Row:
     median: float | None  # seconds; None when the row was not timed
     not_timed_text: str  # what a timing cell says when median is None
     info: dict = field(compare=False, hash=False)
+
+    @property
+    def not_timed_reason(self) -> str | None:
+        """The suite's full reason for an untimed row (a skip message, an error), if it gave one."""
+        reason = self.info.get("not_timed_reason")
+        return reason if isinstance(reason, str) and reason else None
+
+    def missing_reason(self, keys: tuple) -> str | None:
+        """The suite's reason for the first of `keys` that the row has no value for (see the
+        "missing" entry that bench/conftest.py writes into each row), or None without one."""
+        missing = self.info.get("missing")
+        if not isinstance(missing, dict):
+            return None
+        for key in keys:
+            if self.info.get(key) in (None, "", []) and isinstance(missing.get(key), str) and missing[key]:
+                return missing[key]
+        return None
 
     @property
     def column(self) -> str:
@@ -246,7 +273,8 @@ def collect_rows(results: dict) -> list[Row]:
         rows.append(_make_row(info, stats.get("median"), name, None, "-"))
     for info in untimed:
         if isinstance(info, dict):
-            rows.append(_make_row(info, None, "fused", fused_block.get("device"), "needs CUDA"))
+            rows.append(_make_row(info, None, "fused", fused_block.get("device"),
+                                  _as_text(info.get("not_timed"), NEEDS_CUDA)))
     if not rows:
         raise ReportError("no benchmarks in the input (was the suite run with --benchmark?)")
     return rows
@@ -318,11 +346,54 @@ def speedup(group: Group, row: Row) -> float | None:
     return baseline.median / row.median
 
 
-def timing_cell(group: Group, row: Row | None, bold: bool) -> str:
+class Notes:
+    """Why the cells of one table have no number. A reason the suite gave gets a note number, [1],
+    written in its cells and listed under the table; the cells without a given reason (no row for
+    that shape in the run, or results written before the suite gave reasons) stay blank and are
+    listed by column in one line under the table."""
+
+    def __init__(self, shapes: list[tuple]):
+        self.shapes = [shape for _, shape in shapes]
+        self.reasons: list[str] = []
+        self.blanks: dict[str, dict[str, list[str]]] = {}  # why -> column -> shapes
+
+    def marker(self, reason: str) -> str:
+        if reason not in self.reasons:
+            self.reasons.append(reason)
+        return f"[{self.reasons.index(reason) + 1}]"
+
+    def blank(self, row: Row | None, keys: tuple, shape_key: tuple, column: str) -> str:
+        """The text of a cell with no number: the note number of the suite's reason, or "" (then
+        listed in the line of blank cells)."""
+        reason = row.missing_reason(keys) if row is not None else None
+        if reason is not None:
+            return self.marker(reason)
+        why = "no such row in this run" if row is None else "no value, and the results give no reason"
+        self.blanks.setdefault(why, {}).setdefault(column, []).append(shape_key[1])
+        return ""
+
+    def lines(self) -> list[str]:
+        lines = [f"- [{number}] {reason}" for number, reason in enumerate(self.reasons, 1)]
+        for why, where in self.blanks.items():
+            # Columns blank at the same shapes share one entry; a column blank everywhere needs no shapes.
+            by_shapes: dict[tuple, list[str]] = {}
+            for column, shapes in where.items():
+                by_shapes.setdefault(tuple(shapes), []).append(column)
+            parts = [", ".join(columns) + ("" if list(shapes) == self.shapes else f" at {', '.join(shapes)}")
+                     for shapes, columns in by_shapes.items()]
+            lines.append(f"- Empty cells: {'; '.join(parts)} ({why})")
+        return lines + [""] if lines else []
+
+
+def timing_cell(group: Group, row: Row | None, bold: bool, notes: Notes | None = None) -> str:
     if row is None:
         return ""
     if not row.timed:
-        return row.not_timed_text
+        # "needs CUDA" is explained in the report's header; any other reason gets a note.
+        text, reason = row.not_timed_text, row.not_timed_reason
+        if notes is not None and reason and text != NEEDS_CUDA and reason != text:
+            text += f" {notes.marker(reason)}"
+        return text
     text = format_time(row.median)
     images_per_s = row.number("images_per_s")
     if images_per_s is not None:
@@ -357,25 +428,43 @@ def _devices(rows: list[Row], results: dict) -> list[str]:
     return [cpu.get("brand_raw")] if isinstance(cpu, dict) and cpu.get("brand_raw") else ["unknown"]
 
 
-def _versions(machine_info: dict) -> list[str]:
-    """torch, triton and CUDA versions, wherever the suite put them in machine_info."""
-    if not isinstance(machine_info, dict):
-        return []
-    # The suite may store them at the top level or one level down (e.g. under "versions").
+# (key, label) of each version in the header, in order; the GPU's name goes in without a label.
+VERSION_KEYS = (("torch", "torch"), ("triton", "triton"), ("timm", "timm"), ("cuda", "CUDA"),
+                ("driver", "driver"), ("gpu", None))
+
+
+def _versions(results: dict) -> list[str]:
+    """torch, triton and timm versions, and with CUDA its version, the driver and the GPU, from
+    the suite's "fused_adapters" block (its "versions") or wherever else they are in machine_info;
+    then Python's."""
+    sources = []
+    fused_block = results.get("fused_adapters")
+    if isinstance(fused_block, dict) and isinstance(fused_block.get("versions"), dict):
+        sources.append(fused_block["versions"])
+    machine_info = results.get("machine_info")
+    machine_info = machine_info if isinstance(machine_info, dict) else {}
+    # machine_info may hold them at the top level or one level down (e.g. under "versions").
     candidates = dict(machine_info)
-    for value in machine_info.values():
-        if isinstance(value, dict):
+    for name, value in machine_info.items():
+        if isinstance(value, dict) and name != "cpu":
             for key, inner in value.items():
                 candidates.setdefault(key, inner)
+    sources.append(candidates)
     found = []
-    for library in ("torch", "triton", "cuda"):
-        for key in (library, f"{library}_version", f"{library}version"):
-            value = candidates.get(key)
-            if isinstance(value, dict):
-                value = value.get("version")
-            if value not in (None, "") and not isinstance(value, (dict, list)):
-                found.append(f"{library} {value}")
+    for library, label in VERSION_KEYS:
+        value = None
+        for source in sources:
+            for key in (library, f"{library}_version", f"{library}version", f"{library}_name"):
+                value = source.get(key)
+                if isinstance(value, dict):
+                    value = value.get("version")
+                if value not in (None, "") and not isinstance(value, (dict, list)):
+                    break
+                value = None
+            if value is not None:
                 break
+        if value is not None:
+            found.append(f"{label} {value}" if label else str(value))
     if machine_info.get("python_version"):
         found.append(f"python {machine_info['python_version']}")
     return found
@@ -401,7 +490,7 @@ def header_lines(rows: list[Row], results: dict) -> list[str]:
     lines.append(f"- Device: {', '.join(_devices(rows, results))}")
     if results.get("datetime"):
         lines.append(f"- Date: {results['datetime']}")
-    versions = _versions(results.get("machine_info") or {})
+    versions = _versions(results)
     if versions:
         lines.append(f"- Versions: {', '.join(versions)}")
     commit = results.get("commit_info") or {}
@@ -413,8 +502,8 @@ def header_lines(rows: list[Row], results: dict) -> list[str]:
             text += " (uncommitted changes)"
         lines.append(f"- Commit: {text}")
     bandwidths = copy_bandwidths(rows, results)
-    if len(set(bandwidths.values())) > 1:
-        # Several devices measured different copy speeds: say which is which.
+    if len({significant(value) for value in bandwidths.values()}) > 1:
+        # Several devices measured copy speeds that differ in the digits shown: say which is which.
         parts = [f"{significant(value)} GB/s ({device or 'run'})" for device, value in bandwidths.items()]
         lines.append(f"- Copy bandwidth: {', '.join(parts)}")
     elif bandwidths:
@@ -429,8 +518,10 @@ def header_lines(rows: list[Row], results: dict) -> list[str]:
         lines += [f"> **Note:** {fused_block['note']}", ""]
     lines += ["Time cells: median time (speedup over eager on the same shape); model rows lead with "
               "images per second. Bold: the fastest timed fused variant on that shape. "
-              "\"needs CUDA\": a fused row that this machine could not time. "
-              "A variant other than the default is written in brackets, e.g. fused[rows16].", ""]
+              "\"needs CUDA\": a fused row that this machine could not time; other rows that were not "
+              "timed say why. A variant other than the default is written in brackets, e.g. fused[rows16]. "
+              "A cell with no number says why, or holds a note number such as [1] whose reason is listed "
+              "under its table.", ""]
     return lines
 
 
@@ -485,37 +576,69 @@ def _registers_cell(row: Row, bandwidths: dict) -> str:
     return text
 
 
+# (title, short name, cell maker, the row keys whose absence leaves the cell blank: the suite's
+# reasons are keyed by them)
 DETAIL_TABLES = [
-    ("GB/s (% of copy)", _bandwidth_cell),
-    ("peak memory (MiB)", _bytes_cell("peak_mem_bytes")),
-    ("bytes moved / floor", _moved_cell),
-    ("saved for backward (MiB)", _bytes_cell("saved_bytes")),
-    ("launches (triton + aten)", _launches_cell),
-    ("host time to enqueue one call (us)", _host_cell),
-    ("registers per launch, spill bytes (sm_90)", _registers_cell),
+    ("GB/s (% of copy)", "GB/s", _bandwidth_cell, ("gbps",)),
+    ("peak memory (MiB)", "peak memory", _bytes_cell("peak_mem_bytes"), ("peak_mem_bytes",)),
+    ("bytes moved / floor", "bytes moved", _moved_cell, ("moved_bytes", "floor_bytes")),
+    ("saved for backward (MiB)", "saved for backward", _bytes_cell("saved_bytes"), ("saved_bytes",)),
+    ("launches (triton + aten)", "launches", _launches_cell, ("triton_launches", "aten_kernels")),
+    ("host time to enqueue one call (us)", "host time", _host_cell, ("host_us",)),
+    ("registers per launch, spill bytes (sm_90)", "registers", _registers_cell, ("registers",)),
 ]
+MEASURED_KEYS = tuple(dict.fromkeys(key for *_, keys in DETAIL_TABLES for key in keys if key != "floor_bytes"))
 
 
-def group_lines(group: Group, bandwidths: dict, plots: list[tuple[str, str]]) -> list[str]:
+def _left_out_reasons(group: Group, keys: tuple) -> tuple:
+    """Why a table of the group has no number at all: the distinct reasons the suite gave for its
+    rows that have some number (a row with none is explained in the time table); none for results
+    written before the suite gave reasons."""
+    reasons = []
+    for row in group.rows:
+        if row.timed or any(row.info.get(key) not in (None, "", []) for key in MEASURED_KEYS):
+            if (reason := row.missing_reason(keys)) is not None:
+                reasons.append(reason)
+    return tuple(dict.fromkeys(reasons))
+
+
+def group_lines(group: Group, bandwidths: dict, plots: list[tuple[str, str]], no_plots: str | None = None) -> list[str]:
+    """The group's tables, each with the reasons for its cells without a number under it, then
+    its plots (or no_plots: why it has none)."""
     columns, shapes = group.columns, group.shapes
     lines = [f"## {group.title}", ""]
+    notes = Notes(shapes)
     body = []
     for shape_key in shapes:
         fastest = group.fastest_fused(shape_key)
         line = [shape_key[1]]
         for column in columns:
             row = group.cell(shape_key, column)
-            line.append(timing_cell(group, row, bold=row is not None and row is fastest))
+            text = timing_cell(group, row, bold=row is not None and row is fastest, notes=notes)
+            line.append(text or notes.blank(row, (), shape_key, column))
         body.append(line)
-    lines += markdown_table(["shape", *columns], body) + [""]
-    for title, make_cell in DETAIL_TABLES:
-        body = [[shape_key[1]] + [make_cell(row, bandwidths) if (row := group.cell(shape_key, column)) else ""
-                                  for column in columns]
-                for shape_key in shapes]
-        if any(any(line[1:]) for line in body):
-            lines += [f"{title}:", ""] + markdown_table(["shape", *columns], body) + [""]
+    lines += markdown_table(["shape", *columns], body) + [""] + notes.lines()
+    left_out: dict[tuple, list[str]] = {}  # reasons -> short names of the tables left out for them
+    for title, name, make_cell, keys in DETAIL_TABLES:
+        notes = Notes(shapes)
+        values = [[make_cell(row, bandwidths) if (row := group.cell(shape_key, column)) else ""
+                   for column in columns] for shape_key in shapes]
+        if not any(any(line) for line in values):
+            # A table with no number at all is left out; one line at the end says why.
+            if reasons := _left_out_reasons(group, keys):
+                left_out.setdefault(reasons, []).append(name)
+            continue
+        body = [[shape_key[1]] + [text or notes.blank(group.cell(shape_key, column), keys, shape_key, column)
+                                  for column, text in zip(columns, line)]
+                for shape_key, line in zip(shapes, values)]
+        lines += [f"{title}:", ""] + markdown_table(["shape", *columns], body) + [""] + notes.lines()
+    if left_out:
+        parts = [f"{', '.join(names)} ({'; '.join(reasons)})" for reasons, names in left_out.items()]
+        lines += [f"No tables of {'; '.join(parts)}.", ""]
     if plots:
         lines += [" ".join(f"![{caption}]({name})" for caption, name in plots), ""]
+    elif no_plots:
+        lines += [no_plots, ""]
     return lines
 
 
@@ -527,19 +650,28 @@ def fastest_lines(groups: list[Group]) -> list[str]:
             lines.append(f"- {group.title}: no fused rows")
             continue
         if not any(row.timed for row in fused):
-            lines.append(f"- {group.title}: fused timings need CUDA (not timed on this machine)")
+            lines.append(f"- {group.title}: {_not_timed_text(fused)}")
             continue
         lines.append(f"- {group.title}:")
         for shape_key in group.shapes:
             fastest = group.fastest_fused(shape_key)
+            here = [row for row in fused if row.shape_key == shape_key]
             if fastest is not None:
                 text = f"{fastest.column}, {timing_cell(group, fastest, bold=False)}"
-            elif any(row.shape_key == shape_key for row in fused):
-                text = "fused timings need CUDA"
+            elif here:
+                text = _not_timed_text(here)
             else:
                 text = "no fused row"
             lines.append(f"  - {shape_key[1]}: {text}")
     return lines + [""]
+
+
+def _not_timed_text(rows: list[Row]) -> str:
+    """Why none of these fused rows was timed, in a few words."""
+    reasons = list(dict.fromkeys(row.not_timed_text for row in rows))
+    if reasons == [NEEDS_CUDA]:
+        return "fused timings need CUDA (not timed on this machine)"
+    return f"fused rows not timed: {'; '.join(reasons)}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -571,9 +703,15 @@ def _new_axes(group: Group, ylabel: str, rows: list[int], log_y: bool):
     axes.set_ylabel(ylabel)
     axes.set_title(group.title, fontsize=10)
     axes.grid(True, which="major", alpha=0.3)
-    if not log_y:
-        axes.set_ylim(bottom=0)  # speedups and memory read as proportions: start the axis at zero
     return figure, axes
+
+
+def _from_zero(axes) -> None:
+    """Start a linear axis at zero (speedups and memory read as proportions), once its lines are
+    drawn: set before them, the top would stay at matplotlib's empty-axes 1 and hide every larger
+    value. The top is where the plotted values put it, raised by 5% so that the highest marker is
+    not cut in half by the frame."""
+    axes.set_ylim(0, axes.get_ylim()[1] * 1.05)
 
 
 def _save(figure, axes, path: Path) -> None:
@@ -595,8 +733,30 @@ def _series(group: Group, column: str, value) -> tuple[list[int], list[float]]:
     return [x for x, _ in points], [y for _, y in points]
 
 
-def write_plots(group: Group, out_dir: Path) -> list[tuple[str, str]]:
-    """PNG plots for one group; returns (caption, file name) pairs to link from the report."""
+@dataclass
+class Plot:
+    """One figure of a group, drawn but not saved: its caption, file name, figure and axes."""
+
+    caption: str
+    name: str
+    figure: object
+    axes: object
+
+
+def no_plots_reason(group: Group, quick: bool) -> str | None:
+    """Why the group gets no plots (a line for the report), or None when it gets them."""
+    sizes = {row.rows for row in group.rows if row.timed and row.rows is not None}
+    if not sizes:
+        return "No plots: nothing in this group was timed."
+    if quick and len(sizes) < MIN_PLOT_SIZES:
+        return (f"No plots: this quick run timed {len(sizes)} size{'s' if len(sizes) > 1 else ''} of this group "
+                f"(plots need {MIN_PLOT_SIZES}); the tables above have its numbers.")
+    return None
+
+
+def make_plots(group: Group) -> list[Plot]:
+    """The group's figures of time, speedup and peak memory against rows (those it has values
+    for), drawn and not yet saved; write_plots saves them."""
     timed = [row for row in group.rows if row.timed and row.rows is not None]
     if not timed or plt is None:
         return []
@@ -611,9 +771,7 @@ def write_plots(group: Group, out_dir: Path) -> list[tuple[str, str]]:
         xs, ys = _series(group, column, lambda row: row.median * scale if row.timed else None)
         if xs:
             axes.plot(xs, ys, marker="o", color=colors[column], label=column)
-    name = f"{group.slug}-time.png"
-    _save(figure, axes, out_dir / name)
-    plots.append(("median time", name))
+    plots.append(Plot("median time", f"{group.slug}-time.png", figure, axes))
 
     speedup_series = [(column, *_series(group, column, lambda row: speedup(group, row)))
                       for column in columns if column != BASELINE]
@@ -623,9 +781,8 @@ def write_plots(group: Group, out_dir: Path) -> list[tuple[str, str]]:
         axes.axhline(1.0, color="grey", linestyle="--", linewidth=1)
         for column, xs, ys in speedup_series:
             axes.plot(xs, ys, marker="o", color=colors[column], label=column)
-        name = f"{group.slug}-speedup.png"
-        _save(figure, axes, out_dir / name)
-        plots.append(("speedup over eager", name))
+        _from_zero(axes)
+        plots.append(Plot("speedup over eager", f"{group.slug}-speedup.png", figure, axes))
 
     def peak(row):
         value = row.number("peak_mem_bytes")
@@ -638,10 +795,17 @@ def write_plots(group: Group, out_dir: Path) -> list[tuple[str, str]]:
         figure, axes = _new_axes(group, "peak memory (MiB)", memory_rows, log_y=False)
         for column, xs, ys in memory_series:
             axes.plot(xs, ys, marker="o", color=colors[column], label=column)
-        name = f"{group.slug}-memory.png"
-        _save(figure, axes, out_dir / name)
-        plots.append(("peak memory", name))
+        _from_zero(axes)
+        plots.append(Plot("peak memory", f"{group.slug}-memory.png", figure, axes))
     return plots
+
+
+def write_plots(group: Group, out_dir: Path) -> list[tuple[str, str]]:
+    """PNG plots for one group; returns (caption, file name) pairs to link from the report."""
+    plots = make_plots(group)
+    for plot in plots:
+        _save(plot.figure, plot.axes, out_dir / plot.name)
+    return [(plot.caption, plot.name) for plot in plots]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -656,8 +820,12 @@ def render(results: dict, out_dir: Path) -> Path:
     bandwidths = copy_bandwidths(rows, results)
     out_dir.mkdir(parents=True, exist_ok=True)
     lines = header_lines(rows, results)
+    fused_block = results.get("fused_adapters")
+    quick = isinstance(fused_block, dict) and fused_block.get("quick") is True
     for group in groups:
-        lines += group_lines(group, bandwidths, write_plots(group, out_dir))
+        no_plots = no_plots_reason(group, quick)
+        plots = [] if no_plots else write_plots(group, out_dir)
+        lines += group_lines(group, bandwidths, plots, no_plots)
     lines += fastest_lines(groups)
     if plt is None:
         lines.append("(No plots: matplotlib is not installed.)")

@@ -7,6 +7,7 @@ from the medians in those inputs.
 
 import copy
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -315,3 +316,280 @@ def test_sparse_rows_get_a_table_per_experts_and_top_k(tmp_path):
     assert cells(table_line(text, "M=1576 D=768 r=16 E=8 k=2")) == [
         "M=1576 D=768 r=16 E=8 k=2", "4.00 ms (1.00x)", "2.00 ms (2.00x)"]
     assert_png(tmp_path / "sparse-adapter-forward-fp32-d768-r16-e16-k2-time.png")
+
+
+# ---------------------------------------------------------------------------------------------
+# Plot axes, reasons for cells without a number, versions, quick runs and groups of untimed rows
+
+
+def lines_under(text: str, *after: str) -> list[str]:
+    """The list lines ("- [1] ...", "- Empty cells: ...") under the first table after the headings
+    in `after`, found one after another."""
+    start = 0
+    for heading in after:
+        start = text.index(heading, start)
+    lines = text[start:].splitlines()
+    first = next(index for index, line in enumerate(lines) if line.startswith("|"))
+    end = next(index for index in range(first, len(lines)) if not lines[index].startswith("|"))
+    under = []
+    for line in lines[end + 1:]:
+        if not line.startswith("- "):
+            break
+        under.append(line)
+    return under
+
+
+def notes_under(text: str, *after: str) -> dict:
+    """The notes under that table: "[1]" -> its reason."""
+    return dict(line[2:].split(" ", 1) for line in lines_under(text, *after) if line.startswith("- ["))
+
+
+def tables(text: str) -> list[tuple[list[str], list[list[str]], list[str]]]:
+    """Every table of the report: its header cells, its body rows' cells and the list lines under it."""
+    lines = text.splitlines()
+    found, index = [], 0
+    while index < len(lines):
+        if not lines[index].startswith("|"):
+            index += 1
+            continue
+        start = index
+        while index < len(lines) and lines[index].startswith("|"):
+            index += 1
+        after = index + 1
+        notes = []
+        while after < len(lines) and lines[after].startswith("- "):
+            notes.append(lines[after])
+            after += 1
+        found.append((cells(lines[start]), [cells(line) for line in lines[start + 2:index]], notes))
+    return found
+
+
+def assert_every_blank_cell_explained(text: str) -> None:
+    """A blank cell is listed in an "Empty cells" line under its table, and every note number in
+    a cell is listed under it."""
+    for header, body, notes in tables(text):
+        empty = " ".join(line for line in notes if line.startswith("- Empty cells: "))
+        listed = {line[2:].split(" ")[0] for line in notes if line.startswith("- [")}
+        for line in body:
+            for column, cell in zip(header[1:], line[1:]):
+                if not cell:
+                    assert column in empty, (header, line)
+                for marker in re.findall(r"\[\d+\]", cell):
+                    assert marker in listed, (header, line, notes)
+
+
+def speedup_results(median_compile: dict) -> dict:
+    """eager and compile rows of the bottleneck op at the given rows, compile with the given medians
+    (eager 1 ms at every size), with peak memory; no fused rows."""
+    results = cpu_results()
+    del results["fused_adapters"]
+    results["benchmarks"] = []
+    for rows, median in median_compile.items():
+        for provider, value in (("eager", 1e-3), ("compile", median)):
+            peak = rows * 4096 * (2 if provider == "eager" else 1)
+            results["benchmarks"].append(cpu_benchmark(cpu_info(rows, provider, peak_mem_bytes=peak), value))
+    return results
+
+
+def test_speedup_and_memory_axes_show_every_value(tmp_path):
+    # A speedup above 1 used to fall off the plot: the axis was started at zero before anything was
+    # drawn, which fixed its top at 1.
+    results = speedup_results({394: 1e-3 / 1.26, 1576: 1e-3 / 1.10, 6304: 1e-3 / 0.95})
+    text = report.render(results, tmp_path).read_text(encoding="utf-8")
+    assert cells(table_line(text, "M=394 D=768 r=8"))[2] == "794 us (1.26x)"
+    slug = "bottleneck-forward-fp32-d768-r8"
+    for kind in ("time", "speedup", "memory"):
+        assert_png(tmp_path / f"{slug}-{kind}.png")
+    [group] = report.group_rows(report.collect_rows(results))
+    plots = {plot.caption: plot for plot in report.make_plots(group)}
+    try:
+        bottom, top = plots["speedup over eager"].axes.get_ylim()
+        assert bottom == 0 and top > 1.26
+        bottom, top = plots["peak memory"].axes.get_ylim()
+        assert bottom == 0 and top > 6304 * 4096 * 2 / 2 ** 20  # eager's 50.2 MiB at M=6304
+    finally:
+        for plot in plots.values():
+            report.plt.close(plot.figure)
+
+
+def suite_style_results() -> dict:
+    """A CPU run as the suite now writes it: every row says why each number it lacks is missing,
+    and untimed rows say why they were not timed."""
+    count_rows = "not counted: M above --benchmark-count-rows 1000"
+    compiled = "not counted: the interpreter cannot count inside a compiled graph"
+    cpu_only = {"gbps": "needs CUDA", "peak_mem_bytes": "needs CUDA"}
+    quick_message = ("torch.compile of the expert loop takes tens of seconds on a few CPU cores: run without "
+                     "--benchmark-quick")
+
+    def counts(reason):
+        return {key: reason for key in ("triton_launches", "aten_kernels", "moved_bytes", "host_us")}
+
+    floor_394 = 2 * 394 * 768 * 4
+    results = cpu_results()
+    results["benchmarks"] = [
+        cpu_benchmark(cpu_info(394, "eager", moved_bytes=floor_394 * 3, saved_bytes=1 << 20, host_us=40.0,
+                               triton_launches=0, missing={**cpu_only, "registers": "no fused kernels"}), 7e-4),
+        cpu_benchmark(cpu_info(1576, "eager", aten_kernels=None, saved_bytes=4 << 20,
+                               missing={**cpu_only, **counts(count_rows), "registers": "no fused kernels"}), 2.4e-3),
+        cpu_benchmark(cpu_info(394, "compile", aten_kernels=None, missing={
+            **cpu_only, **counts(compiled), "registers": "no fused kernels",
+            "saved_bytes": "not measured: the CPU's saved-tensor hooks cannot see inside a compiled graph"}), 5e-4),
+    ]
+    results["fused_adapters"]["quick"] = False
+    results["fused_adapters"]["untimed"] = [
+        cpu_info(394, "fused", "default", triton_launches=1, aten_kernels=0, moved_bytes=round(floor_394 * 1.02),
+                 saved_bytes=394 * 8 * 4, host_us=25.0, registers=[48], spill_bytes=[0], not_timed="needs CUDA",
+                 not_timed_reason="fused timings need CUDA: device-free counts for this row are in the summary",
+                 missing=cpu_only),
+        # Untimed, and no bytes either: the shape is above --benchmark-count-rows.
+        cpu_info(1576, "fused", "default", aten_kernels=None, saved_bytes=1576 * 8 * 4, registers=[48],
+                 spill_bytes=[0], not_timed="needs CUDA", not_timed_reason="fused timings need CUDA",
+                 missing={**cpu_only, **counts(count_rows)}),
+        # Skipped before anything was measured.
+        cpu_info(1576, "compile", aten_kernels=None, not_timed="skipped (quick run)", not_timed_reason=quick_message,
+                 missing={key: "not run: skipped (quick run)" for key in (
+                     "triton_launches", "aten_kernels", "saved_bytes", "moved_bytes", "gbps", "peak_mem_bytes",
+                     "host_us", "registers")}),
+    ]
+    return results
+
+
+def test_cells_without_a_number_say_why(tmp_path):
+    text = report.render(suite_style_results(), tmp_path).read_text(encoding="utf-8")
+    group = "## bottleneck forward fp32 D=768 r=8"
+    # Time cells: "needs CUDA" (explained in the header), and a skipped row with its reason as a note.
+    assert cells(table_line(text, "M=1576 D=768 r=8", group)) == [
+        "M=1576 D=768 r=8", "2.40 ms (1.00x)", "skipped (quick run) [1]", "needs CUDA"]
+    assert notes_under(text, group) == {"[1]": "torch.compile of the expert loop takes tens of seconds on a few "
+                                               "CPU cores: run without --benchmark-quick"}
+    # Bytes moved: the untimed fused row at M=1576 has no bytes, and says why.
+    moved = cells(table_line(text, "M=1576 D=768 r=8", group, "bytes moved / floor"))
+    notes = notes_under(text, group, "bytes moved / floor")
+    assert notes[moved[3]] == "not counted: M above --benchmark-count-rows 1000"
+    assert notes[moved[1]] == notes[moved[3]]  # eager at M=1576: the same reason, the same note
+    assert notes[moved[2]] == "not run: skipped (quick run)"
+    line = cells(table_line(text, "M=394 D=768 r=8", group, "bytes moved / floor"))
+    assert line[1] == "3.00x" and line[3] == "1.02x"
+    assert notes[line[2]] == "not counted: the interpreter cannot count inside a compiled graph"
+    saved = cells(table_line(text, "M=394 D=768 r=8", group, "saved for backward (MiB)"))
+    assert "saved-tensor hooks" in notes_under(text, group, "saved for backward (MiB)")[saved[2]]
+    # Tables with no number at all are left out, and one line says why.
+    assert "No tables of GB/s, peak memory (needs CUDA)." in text
+    # No cell of any table is blank: every row gave its reasons.
+    for header, body, _ in tables(text):
+        assert all(all(line) for line in body), (header, body)
+    assert_every_blank_cell_explained(text)
+
+
+def test_blank_cells_without_a_reason_are_listed_under_the_table(cpu_report, gpu_report):
+    # Results written before the suite gave reasons, and a shape the fused rows did not run at.
+    _, text = cpu_report
+    assert lines_under(text, "## bottleneck forward fp32 D=768 r=8") == [
+        "- Empty cells: fused, fused[rows16] at M=6304 D=768 r=8 (no such row in this run)"]
+    assert "- Empty cells: eager, compile (no value, and the results give no reason)" in lines_under(
+        text, "## bottleneck forward fp32 D=768 r=8", "bytes moved / floor")
+    assert_every_blank_cell_explained(text)
+    assert_every_blank_cell_explained(gpu_report[1])
+
+
+def test_suite_gives_a_reason_for_every_missing_number():
+    # bench/conftest.py's Suite: what the report reads from a run without CUDA.
+    import types
+
+    from bench import conftest
+
+    options = {"--benchmark-quick": True, "--benchmark-count-rows": 1000}
+    suite = conftest.Suite(types.SimpleNamespace(getoption=options.__getitem__))
+    suite.cuda = False
+
+    def row(**values):
+        made = {key: None for key in conftest.ROW_KEYS}
+        made.update(op="bottleneck", rows=394, floor_bytes=1, **{"pass": "forward"})
+        made.update(values)
+        return made
+
+    big = row(provider="eager", variant="-", rows=1576)
+    suite.count_later(big, {})
+    assert suite.missing_reasons(big)["moved_bytes"] == "not counted: M above --benchmark-count-rows 1000"
+    compiled = row(provider="compile", variant="-")
+    assert "compiled graph" in suite.missing_reasons(compiled)["moved_bytes"]
+    assert "compiled graph" in suite.missing_reasons(compiled)["saved_bytes"]
+    fused = row(provider="fused", variant="rows16", saved_bytes=100)
+    suite.untimed.append(fused)
+    suite.not_timed(fused, "needs CUDA", "fused timings need CUDA: ...")
+    reasons = suite.missing_reasons(fused)
+    assert reasons["gbps"] == reasons["peak_mem_bytes"] == "needs CUDA"
+    assert reasons["moved_bytes"] == "not counted with --benchmark-quick"
+    assert reasons["registers"] == "not compile-checked with --benchmark-quick"
+    assert "saved_bytes" not in reasons and suite.skipped == []
+    # A row whose test skipped before measuring anything is kept, every number missing for that reason.
+    skipped = row(provider="compile", variant="-", op="vit_b16", floor_bytes=None)
+    suite.not_timed(skipped, conftest._short_reason("slow: run without --benchmark-quick"),
+                    "slow: run without --benchmark-quick")
+    assert suite.skipped == [skipped] and skipped["not_timed"] == "skipped (quick run)"
+    assert set(suite.missing_reasons(skipped).values()) == {"not run: skipped (quick run)"}
+    assert conftest._short_reason("fused timings need CUDA: on the CPU ...") == "needs CUDA"
+    versions = conftest.library_versions(False)
+    assert set(versions) == {"torch", "triton", "timm"} and all(versions.values())
+
+
+def test_versions_line_lists_the_libraries_and_with_cuda_the_driver_and_gpu(tmp_path):
+    results = cpu_results()
+    results["fused_adapters"]["versions"] = {"torch": "2.14.1+cu128", "triton": "3.8.0", "timm": "1.0.31"}
+    text = report.render(results, tmp_path / "cpu").read_text(encoding="utf-8")
+    assert "- Versions: torch 2.14.1+cu128, triton 3.8.0, timm 1.0.31, python 3.11.7\n" in text
+    results["fused_adapters"]["versions"].update(cuda="12.8", driver="570.124.06", gpu="NVIDIA H100 80GB HBM3")
+    text = report.render(results, tmp_path / "gpu").read_text(encoding="utf-8")
+    assert ("- Versions: torch 2.14.1+cu128, triton 3.8.0, timm 1.0.31, CUDA 12.8, driver 570.124.06, "
+            "NVIDIA H100 80GB HBM3, python 3.11.7\n") in text
+
+
+def test_quick_run_groups_with_few_sizes_get_tables_only(tmp_path):
+    results = cpu_results()
+    results["fused_adapters"]["quick"] = True
+    # A second group with three sizes keeps its plots.
+    results["benchmarks"] += [cpu_benchmark(cpu_info(rows, "eager", rank=16), rows * 1e-6)
+                              for rows in (394, 1576, 6304)]
+    text = report.render(results, tmp_path).read_text(encoding="utf-8")
+    r8 = text[text.index("## bottleneck forward fp32 D=768 r=8\n"):text.index("## bottleneck forward fp32 D=768 r=16")]
+    assert "No plots: this quick run timed 2 sizes of this group (plots need 3)" in r8
+    assert cells(table_line(r8, "M=6304 D=768 r=8"))[1] == "9.60 ms (1.00x)"  # the table is still there
+    assert not list(tmp_path.glob("*r8-*.png")) and ".png)" not in r8
+    assert_png(tmp_path / "bottleneck-forward-fp32-d768-r16-time.png")
+    assert "](bottleneck-forward-fp32-d768-r16-time.png)" in text
+    # The same results from a full run plot every group.
+    results["fused_adapters"]["quick"] = False
+    report.render(results, tmp_path / "full")
+    assert_png(tmp_path / "full" / "bottleneck-forward-fp32-d768-r8-time.png")
+
+
+def test_every_group_that_ran_appears(tmp_path):
+    # Eager timed and every fused row untimed; fused rows only; and a group whose every row was
+    # skipped, written by a module run (its own JSON) that timed nothing.
+    results = cpu_results()
+    message = "a ViT-B with 8 adapters per block is slow on a few CPU cores: run without --benchmark-quick"
+    skipped = [dict(cpu_info(8, provider, op="vit_b16_8tasks", shape="batch=8 224px 8 tasks", floor_bytes=None,
+                             aten_kernels=None, **{"pass": "train_step"}),
+                    not_timed="skipped (quick run)", not_timed_reason=message)
+               for provider in ("loop-eager", "task_routing")]
+    only_skipped = {"machine_info": results["machine_info"], "commit_info": results["commit_info"],
+                    "benchmarks": [], "datetime": results["datetime"], "version": results["version"],
+                    "fused_adapters": dict(results["fused_adapters"], untimed=skipped)}
+    paths = [tmp_path / "bottleneck.json", tmp_path / "multitask.json"]
+    for path, content in zip(paths, (results, only_skipped)):
+        path.write_text(json.dumps(content), encoding="utf-8")
+    assert report.main([*map(str, paths), "--out", str(tmp_path / "report")]) == 0
+    text = (tmp_path / "report" / "report.md").read_text(encoding="utf-8")
+    for title in ("bottleneck forward fp32 D=768 r=8", "bottleneck forward fp32 D=768 r=64",
+                  "vit_b16_8tasks train_step fp32 D=768 r=8"):
+        assert f"## {title}\n" in text
+    assert cells(table_line(text, "M=1576 D=768 r=8"))[3:] == ["needs CUDA", "needs CUDA"]
+    tasks = "## vit_b16_8tasks train_step fp32 D=768 r=8"
+    assert cells(table_line(text, "batch=8 224px 8 tasks", tasks)) == [
+        "batch=8 224px 8 tasks", "skipped (quick run) [1]", "skipped (quick run) [1]"]
+    assert notes_under(text, tasks) == {"[1]": message}
+    assert "No plots: nothing in this group was timed." in text[text.index(tasks):]
+    assert_every_blank_cell_explained(text)
+    # The single file with only untimed rows makes a report of its own too.
+    assert report.main([str(paths[1]), "--out", str(tmp_path / "alone")]) == 0
+    assert tasks in (tmp_path / "alone" / "report.md").read_text(encoding="utf-8")
