@@ -332,6 +332,7 @@ def _edit_meta(folder, **fields):
 
 @pytest.mark.parametrize("merged", [False, True], ids=["unmerged", "lora_merged"])
 @pytest.mark.parametrize("refusal", sorted(REFUSALS))
+@pytest.mark.slow  # fast mode: the seven reproduced refusals above
 def test_every_refusal_leaves_record_tensors_and_flags(tmp_path, refusal, merged):
     exception, message, call, *prepare = REFUSALS[refusal]
     model = all_kinds()
@@ -476,6 +477,7 @@ def step(rng, model, spec, folders, x, tmp_path, counter):
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.slow
 def test_random_call_sequences_agree_with_a_fresh_model(tmp_path, seed):
     import itertools
 

@@ -203,6 +203,7 @@ def test_vit_base_adapter_plus_count(caplog):
     assert adapter_summary(model).endswith("(313,536 adapter + 7,690 head + 38,400 LayerNorm)")
 
 
+@pytest.mark.slow
 def test_adamw_steps_lower_the_loss():
     model = inject(vit(), AdapterConfig(drop_path=0.0), verbose=False).train()
     optimizer = torch.optim.AdamW(param_groups(model, lr=1e-2, weight_decay=0.05))
@@ -258,6 +259,7 @@ def test_round_trip_scalings_and_distilled_heads(scaling, tmp_path):
     assert adapter_configs(fresh)["default"] == adapter_configs(model)["default"]
 
 
+@pytest.mark.slow
 def test_whole_model_pickles_into_a_fresh_process(tmp_path):
     import subprocess
     import sys
@@ -449,8 +451,10 @@ def fused_and_reference(position, seed=0):
     return fused, reference_model
 
 
-@pytest.mark.parametrize("autocast_dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-@pytest.mark.parametrize("position", POSITIONS)
+@pytest.mark.parametrize("autocast_dtype", [torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.slow)],
+                         ids=["fp16", "bf16"])
+@pytest.mark.parametrize("position", [p if p in ("post", "houlsby") else pytest.param(p, marks=pytest.mark.slow)
+                                      for p in POSITIONS])  # fast mode: one branch, and two with their own norms
 def test_every_position_trains_under_autocast(position, autocast_dtype):
     # An fp32 model under autocast, as users train: forward and backward of every position,
     # DropPath on, against the same model in fp32. Both the fused model and the eager reference

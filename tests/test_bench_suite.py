@@ -157,7 +157,8 @@ def test_sparse_suite_rows():
 
 
 @pytest.mark.skipif(not paths.is_interpreted(), reason="counts launches in Triton's interpreter")
-@pytest.mark.parametrize("variant, experts, rank", [("default", 4, 16), ("grouped", 4, 16), ("default", 16, 32)])
+@pytest.mark.parametrize("variant, experts, rank", [("default", 4, 16), ("grouped", 4, 16),
+                                                    pytest.param("default", 16, 32, marks=pytest.mark.slow)])
 def test_sparse_counts_match_the_planned_launches(variant, experts, rank):
     # count_case runs the public op with the row's variant; it launches what fused_launches plans.
     from bench.measure import count_case, fused_launches
@@ -189,6 +190,7 @@ def test_counted_launches_come_from_the_ops_plans(monkeypatch):
     assert fused_launches(grouped)[-1].grid[0] == 8 + 5  # the experts' programs and the gate's chunks
 
 
+@pytest.mark.slow
 def test_plain_pytest_collects_no_benchmark():
     files = collected()
     assert files and all(path.startswith("tests/") for path in files)
@@ -201,6 +203,7 @@ def test_plain_pytest_collects_no_benchmark():
     ["--benchmark-quick"],
     ["--benchmark-only"],  # pytest-benchmark's flag: it used to skip every test and run nothing
 ])
+@pytest.mark.slow
 def test_benchmark_collects_only_bench(args):
     files = collected(*args)
     assert files and all(path.startswith("bench/") for path in files)

@@ -20,6 +20,7 @@ BACKWARD_LIMIT = {8: 1.40, 16: 1.40, 64: 1.70}
 
 
 @pytest.mark.parametrize("rows, dim, rank", [(768, 768, 16), (768, 1024, 16), (768, 768, 64)])
+@pytest.mark.slow
 def test_fused_bytes_are_near_the_floor(rows, dim, rank):
     forward_ratio, backward_ratio, forward, backward = measure(bottleneck_adapter, rows, dim, rank, "x", SMS)
     assert forward.triton_launches == 1 and backward.triton_launches == 2
@@ -31,6 +32,7 @@ def test_fused_bytes_are_near_the_floor(rows, dim, rank):
 
 
 @pytest.mark.parametrize("residual", ["x", "skip+x"])
+@pytest.mark.slow
 def test_fused_moves_fewer_bytes_than_eager(residual):
     # Rank 8 (Adapter+), x as the residual (post, pre) or the skip sum (intermediate, houlsby),
     # against eager PyTorch (the reference) at the same shape, its aten ops counted the same way.

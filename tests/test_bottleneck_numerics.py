@@ -221,6 +221,7 @@ def _property(test):
 
 
 @_property
+@pytest.mark.slow
 def test_property_any_shape(rows, dim, rank, activation, scale, bias, residual, row_scale, seed):
     generator = torch.Generator().manual_seed(seed)
     case = make_case((rows, dim), rank=rank, activation=activation, scale=scale, bias=bias, residual=residual,
@@ -271,6 +272,7 @@ def test_cuda_tf32():
         ((600, 40), 100, torch.float16, torch.float32, 16),
     ],
 )
+@pytest.mark.slow
 def test_gradients_reduced_over_several_row_chunks(shape, rank, dtype, param_dtype, sms, monkeypatch):
     # The interpreter's own plan (2 SMs) mostly gives one chunk, whose kernel writes the
     # gradients directly; a larger SM count makes the weights kernel split M into row chunks

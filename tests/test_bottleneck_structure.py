@@ -156,6 +156,7 @@ def test_backward_is_deterministic():
 
 
 @pytest.mark.parametrize("layout", ["rows", "columns"])
+@pytest.mark.slow
 def test_offsets_past_2_to_the_31(layout):
     # Views whose elements lie past 2^31 elements from the base pointer, in a 4 GiB virtual
     # storage of which only the touched pages become resident. rows: the row stride 2^30 + 8

@@ -55,6 +55,7 @@ def test_lora_form_and_scale_kinds(scale, activation, monkeypatch):
 
 
 @pytest.mark.parametrize("dim, dim_out", [(40, 30), (16, 64)])
+@pytest.mark.slow
 def test_split_ranks_and_several_row_chunks(dim, dim_out, monkeypatch):
     # rank 100 pads to 128: the weights launch splits it over rank blocks; the SM counts give
     # several row chunks, whose fp32 partials torch sums (D_out narrower and wider than D).
@@ -112,6 +113,7 @@ def test_bad_widths_are_named():
         bottleneck_adapter(*args[:3], torch.zeros(0, 4), None)
 
 
+@pytest.mark.slow
 def test_lora_branch_bytes():
     # LoRA on a ViT-B qkv (768 -> 2304) at batch 2 (M = 394), rank 8, fp16, launches planned for
     # 132 SMs. Floor: forward reads x and the base output and writes y; backward reads dy and x

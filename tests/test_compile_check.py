@@ -58,6 +58,7 @@ def test_specialization_follows_the_jit():
     assert (names.index("x_ptr"),) not in attrs and (names.index("dim"),) not in attrs  # 771, offset x
 
 
+@pytest.mark.slow
 def test_compile_check_compiles_a_sparse_and_a_wide_case_per_kernel():
     # The smallest sparse configurations, fp16 on sm_90, aligned: the gated and routed forward
     # and both backward kernels with act recomputed and stored, the grouped forward with k = 2

@@ -39,6 +39,7 @@ def summary(out) -> list[tuple[str, str]]:
     ([], SMOKE_STEPS + QUICK_STEPS),
     (["--full", "--no-smoke"], ["install"] + QUICK_STEPS),
 ])
+@pytest.mark.slow
 def test_every_step_is_skipped_without_cuda(tmp_path, flags, steps):
     done = gpu_check(tmp_path, *flags)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -60,6 +61,7 @@ def test_no_output_folder_is_refused():
     assert done.returncode == 2 and "usage" in done.stderr
 
 
+@pytest.mark.slow
 def test_step_runner_limits_and_records(tmp_path):
     # The step runner as gpu_check.sh sources it, with CUDA declared present.
     marker = tmp_path / "survived"
@@ -112,6 +114,7 @@ def test_smoke_op_timings_run(tmp_path):
     assert all("error" not in r for r in data["rows"])
 
 
+@pytest.mark.slow
 def test_smoke_vit_step_runs(tmp_path):
     from bench import smoke
 

@@ -4,7 +4,8 @@ every gradient against float64, outputs poisoned with NaN.
 
 `bash bench/gpu_check.sh OUT --smoke` runs this file first on a CUDA machine: the first check
 of real launches and of bf16 (a few dozen kernel compiles, seconds each). Elsewhere it runs in
-Triton's interpreter like the rest of the suite, bf16 skipped (the interpreter has none)."""
+Triton's interpreter like the rest of the suite, bf16 skipped (the interpreter has none); the
+fast mode (-m "not slow") leaves it out: the op tests cover the same paths on the CPU."""
 
 import pytest
 import torch
@@ -23,6 +24,8 @@ DTYPES = [torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.skipif(D
 SHAPE, RANK = (3, 37, 96), 8
 # The sparse mixture as the timings run it: E = 8 experts, top-2, rank 16.
 EXPERTS, TOP_K, EXPERT_RANK = 8, 2, 16
+
+pytestmark = pytest.mark.slow
 
 
 def randn(generator, *size, dtype, std=1.0, grad=True):

@@ -46,7 +46,7 @@ from helpers import DEVICE, LaunchCounter, relative_error
 
 IMG = 32
 PROJ = ("proj",)  # D -> D: runs on the fused op as it is
-TARGET_SETS = [pytest.param(PROJ, id="proj"), pytest.param(TARGETS, id="all_targets")]
+TARGET_SETS = [pytest.param(PROJ, id="proj"), pytest.param(TARGETS, id="all_targets", marks=pytest.mark.slow)]
 
 
 def vit(seed=0, num_classes=5, **kwargs):
@@ -220,6 +220,7 @@ def test_vit_base_qkv_count_and_summary(caplog):
 
 
 @pytest.mark.parametrize("targets", TARGET_SETS)
+@pytest.mark.slow
 def test_training_lowers_the_loss(targets):
     model = inject(vit(), LoraConfig(targets=targets, alpha=16), verbose=False).train()
     optimizer = torch.optim.AdamW(param_groups(model, lr=1e-2, weight_decay=0.0))
@@ -667,6 +668,7 @@ def test_compile_one_lora_block_fullgraph():
 
 
 @pytest.mark.parametrize("targets", TARGET_SETS)
+@pytest.mark.slow
 def test_single_launch_variant_matches_the_default_form(targets, monkeypatch):
     # The same model under use_variant("lora_linear", "single_launch"): every adapted linear runs
     # one Triton launch for its GEMM and branch, with the default form's outputs and gradients.

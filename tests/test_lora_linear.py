@@ -91,6 +91,7 @@ def test_single_launch_against_float64(shape, dim_out, rank, dtype, monkeypatch)
         assert launches.names[0] == "_lora_linear_kernel", launches.names
 
 
+@pytest.mark.slow
 def test_many_tiles_and_several_row_chunks(monkeypatch):
     # Planned for 4 SMs: M = 300 and D_out = 200 in the unaligned 32 x 32 tiles give 10 row
     # tiles by 7 column tiles, so the grouped program order runs a full group of 8 row tiles and
@@ -253,6 +254,7 @@ def test_rank_past_the_kernels_limit_runs_the_reference(monkeypatch):
         torch.testing.assert_close(y, reference.lora_linear(*inputs, 0.5))
 
 
+@pytest.mark.slow
 def test_single_launch_bytes_against_the_default_form():
     # ViT-B qkv, fp16, M = 394 on a 132-SM plan: the single launch reads x and W once, writes y
     # once (no [M, D_out] base output written and read back): within 5% of the floor, and below
@@ -275,6 +277,7 @@ def test_single_launch_bytes_against_the_default_form():
     assert totals[SINGLE] < 0.75 * totals["default"], totals
 
 
+@pytest.mark.slow
 def test_torch_compile_fullgraph(monkeypatch):
     # The single launch is one graph node forward and one backward: a fullgraph compile traces
     # it (the fake implementations give the shapes) and computes what the eager call does.

@@ -339,6 +339,7 @@ def test_config_checks_and_round_trip():
         LosaConfig.from_dict({"rank": 3})
 
 
+@pytest.mark.slow
 def test_forward_bytes_per_block():
     # ViT-B widths (N 197, D 768), batch 2, fp16, two fed blocks, launches planned for 132 SMs.
     # One M x D pass = B * N * D elements. The first feature is copied token-major once (2

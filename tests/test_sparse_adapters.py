@@ -187,8 +187,9 @@ def multi_task_model(configs):
     return model
 
 
-@pytest.mark.parametrize("position, scaling, norm", [("post", "channel", False), ("houlsby", 0.7, False),
-                                                     ("pfeiffer", "layer", True)])
+@pytest.mark.parametrize("position, scaling, norm", [("post", "channel", False),
+                                                     pytest.param("houlsby", 0.7, False, marks=pytest.mark.slow),
+                                                     pytest.param("pfeiffer", "layer", True, marks=pytest.mark.slow)])
 def test_multi_task_batch_equals_each_image_alone(position, scaling, norm):
     config = AdapterConfig(position=position, scaling=scaling, norm=norm)
     model = multi_task_model({"cars": config, "birds": config, "dogs": config})

@@ -3,6 +3,8 @@ planned for a 132-SM GPU; see test_bottleneck_bytes.py for the counting rules). 
 bottleneck op's: forward reads x and writes y, backward reads dy and x and writes dx; the gate
 and the expert weights are small next to them at ViT sizes."""
 
+import pytest
+
 from bench.bytes import measure_sparse
 from fused_adapters.kernels import reference, routed_adapter, sparse_adapter
 
@@ -16,6 +18,7 @@ SMS = 132
 FORWARD_LIMIT, BACKWARD_LIMIT = 1.2, 1.8
 
 
+@pytest.mark.slow
 def test_fused_bytes_meet_the_goal():
     rows, dim, rank, experts, top_k = 1576, 768, 16, 8, 2
     forward_ratio, backward_ratio, forward, backward = measure_sparse(sparse_adapter, rows, dim, rank, experts,
@@ -25,6 +28,7 @@ def test_fused_bytes_meet_the_goal():
     assert backward_ratio <= BACKWARD_LIMIT, backward.summary()
 
 
+@pytest.mark.slow
 def test_fused_moves_a_fraction_of_the_expert_loops_bytes():
     # The eager expert loop (kernels.reference) and the routed form, counted the same way at a
     # smaller M: measured 2026-11-30 at M = 1576, the loop moves 24.9x the floor forward and

@@ -113,14 +113,17 @@ def check(case, dtype, *, routed, top_k=2, **options):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("experts, top_k", [(1, 1), (5, 1), (5, 2), (5, 5), (8, 2), (16, 3)])
+# Fast mode keeps a single expert, an odd E with k = 2 and the widest k.
+@pytest.mark.parametrize("experts, top_k", [(1, 1), pytest.param(5, 1, marks=pytest.mark.slow), (5, 2),
+                                            pytest.param(5, 5, marks=pytest.mark.slow),
+                                            pytest.param(8, 2, marks=pytest.mark.slow), (16, 3)])
 def test_gated_against_float64(experts, top_k, dtype, design, poisoned):
     case = make(37, 45, 3, experts, dtype, seed=experts * 10 + top_k)
     check(case, dtype, routed=False, top_k=top_k, variant=design)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("experts, top_k", [(1, 1), (4, 1), (6, 3)])
+@pytest.mark.parametrize("experts, top_k", [(1, 1), pytest.param(4, 1, marks=pytest.mark.slow), (6, 3)])
 def test_routed_against_float64(experts, top_k, dtype, design, poisoned):
     # Row 0 names one expert twice: its weights add up, and each slot gets that expert's gradient.
     case = make(41, 36, 5, experts, dtype, seed=experts + top_k, top_k=top_k)
@@ -129,6 +132,7 @@ def test_routed_against_float64(experts, top_k, dtype, design, poisoned):
 
 @pytest.mark.parametrize("rows, dim, rank, experts", [(1, 1, 1, 2), (70, 33, 5, 4), (150, 70, 9, 8),
                                                       (40, 96, 16, 16)])
+@pytest.mark.slow
 def test_odd_shapes_and_plans(rows, dim, rank, experts, design, poisoned):
     # (150, 70, 9, 8): E*r = 72 splits the weights launch into 3 stacked-column blocks and M into
     # several row chunks; (40, 96, 16, 16): E*r = 256, the largest dense tile. Grouped: experts
@@ -138,6 +142,7 @@ def test_odd_shapes_and_plans(rows, dim, rank, experts, design, poisoned):
     check(case, torch.float32, routed=True, variant=design)
 
 
+@pytest.mark.slow
 def test_multi_chunk_backward_against_float64(poisoned):
     # Planned for 8 SMs, M = 260 fills them: the weights launch splits M into row chunks whose
     # fp32 partials torch sums, and E*r = 72 into 3 stacked-column blocks (dscale folded).
@@ -156,7 +161,8 @@ def test_multi_chunk_backward_against_float64(poisoned):
         check(case, torch.float32, routed=True, scale="tensor")
 
 
-@pytest.mark.parametrize("activation", sorted(reference.ACTIVATIONS))
+@pytest.mark.parametrize("activation", [a if a in ("gelu", "identity") else pytest.param(a, marks=pytest.mark.slow)
+                                        for a in sorted(reference.ACTIVATIONS)])  # all in the bottleneck tests
 def test_activations_and_epilogues(activation, design, poisoned):
     case = make(29, 40, 4, 6, torch.float32, seed=3, bias=activation != "relu")
     check(case, torch.float32, routed=False, activation=activation, scale="float", residual="x", row_scale=False,
@@ -248,7 +254,7 @@ def test_aux_loss_gradient_reaches_the_gate(design):
 
 
 @pytest.mark.parametrize("variant", sorted(list_variants("sparse_adapter")))
-@pytest.mark.parametrize("rank,experts", [(5, 6), (30, 8)])  # E*r pads to 32 and to 256
+@pytest.mark.parametrize("rank,experts", [(5, 6), pytest.param(30, 8, marks=pytest.mark.slow)])  # E*r pads to 32, 256
 def test_every_variant_against_float64(variant, rank, experts, poisoned):
     case = make(70, 40, rank, experts, torch.float32, seed=31)
     with use_variant("sparse_adapter", variant):
@@ -334,6 +340,7 @@ def test_grouped_launches(routed, top_k, monkeypatch):
     assert all(op in ("ones_like", "empty", "view", "reshape", "_reshape_alias") for op, _ in big), big
 
 
+@pytest.mark.slow
 def test_backward_is_bitwise_deterministic(design):
     case = make(150, 70, 9, 8, torch.float32, seed=8)
     results = []
