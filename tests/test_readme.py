@@ -1,7 +1,7 @@
 """The README and the docs stay true: the set-up commands are what CI runs, every Python example
 in README.md and docs/*.md runs and asserts what it claims (none prints a bool for a reader to
 check), the README's results table is the render of the newest committed counts file, and every
-relative link points to a file that exists."""
+relative link points to a file (and heading) that exists."""
 
 import json
 import pathlib
@@ -77,8 +77,19 @@ def test_results_table_is_the_newest_counts_file():
         "run python -m bench.headline --readme on it")
 
 
+def anchors(page: pathlib.Path) -> set:
+    """The anchors of a markdown page's headings, as GitHub makes them (code blocks left out)."""
+    text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
+    titles = re.findall(r"^#+ (.+)$", text, flags=re.M)
+    return {re.sub(r"[^\w\- ]", "", title.strip().lower()).replace(" ", "-") for title in titles}
+
+
 @pytest.mark.parametrize("page", PAGES, ids=lambda page: str(page.relative_to(ROOT)))
 def test_relative_links_resolve(page):
-    for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
-        if "://" not in target:
-            assert (page.parent / target).exists(), f"{page.name} links to {target}, which does not exist"
+    for target, anchor in re.findall(r"\]\(([^)#\s]*)(?:#([^)\s]*))?\)", page.read_text()):
+        if "://" in target:
+            continue
+        linked = page.parent / target if target else page
+        assert linked.exists(), f"{page.name} links to {target}, which does not exist"
+        if anchor and linked.suffix == ".md":
+            assert anchor in anchors(linked), f"{page.name} links to {target}#{anchor}, a heading that does not exist"
