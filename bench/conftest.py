@@ -156,7 +156,7 @@ class Suite:
             return "needs CUDA" if not self.cuda else not_timed or "not counted"
         if compiled:
             if key == "host_us":
-                return "not measured: without CUDA the host time comes from the interpreter's counts"
+                return "not measured: on the CPU a compiled graph's host time is not separable from its compute"
             return "not counted: the interpreter cannot count inside a compiled graph"
         if self.quick:
             return "not counted with --benchmark-quick"
