@@ -57,8 +57,8 @@ def _floor(case: dict, pass_name: str, rows: int) -> int:
 
 
 def kept_bytes(case: dict) -> int:
-    """Bytes one forward of a count case keeps for backward: activations only (every input,
-    parameters and frozen weights included, and the outputs excluded)."""
+    """Bytes one forward of a count case keeps for backward: activations only. Every input
+    (parameters and frozen weights included) and the outputs are left out."""
     import torch
 
     from bench.measure import _case_call, saved_bytes
