@@ -2,7 +2,8 @@
 
 `bottleneck_adapter` is the fused bottleneck adapter; `lora_linear` a LoRA-adapted linear (base GEMM
 and low-rank branch); `sparse_adapter` and `routed_adapter` the sparse mixture of adapters (gated
-top-k, or routed by the caller); `reference` holds the spec of every op. `list_variants`,
+top-k, or routed by the caller); `adapter_fusion` AdapterFusion, an attention over N bottleneck
+adapters computed in rank space; `reference` holds the spec of every op. `list_variants`,
 `use_variant` and `autotune` name and choose the kernels' launch variants. `backend(x)` says which
 path ("triton", "interpreter" or "reference") the ops take for x.
 
@@ -15,11 +16,12 @@ customop.py (custom-op glue), checks.py, variants.py, epilogue.py and activation
 
 from . import reference
 from .bottleneck import bottleneck_adapter
+from .fusion import adapter_fusion
 from .lora import lora_linear
 from .paths import backend, uses_triton
 from .reference import load_balancing_loss
 from .sparse import routed_adapter, sparse_adapter
 from .variants import autotune, list_variants, tuned_variants, use_variant
 
-__all__ = ["bottleneck_adapter", "lora_linear", "sparse_adapter", "routed_adapter", "reference", "backend",
+__all__ = ["bottleneck_adapter", "adapter_fusion", "lora_linear", "sparse_adapter", "routed_adapter", "reference", "backend",
            "uses_triton", "list_variants", "use_variant", "autotune", "tuned_variants", "load_balancing_loss"]

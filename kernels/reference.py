@@ -17,6 +17,8 @@ __all__ = [
     "ACTIVATIONS",
     "activation_fn",
     "activation_grad",
+    "adapter_fusion",
+    "adapter_fusion_in_dtype",
     "bottleneck_adapter",
     "bottleneck_adapter_backward",
     "bottleneck_hidden",
@@ -290,6 +292,77 @@ def lora_linear_backward(grad_y, x, weight, lora_a, lora_b, scale: float, dtype:
         grad_hidden = grad_update @ lora_b.to(dtype)
         grad_x = grad_y @ weight.to(dtype) + grad_hidden @ lora_a.to(dtype)
         return grad_x, grad_hidden.t() @ x, grad_update.t() @ hidden
+
+
+# --------------------------------------------------------------------------------------------
+# AdapterFusion: an attention over N frozen bottleneck adapters at one site
+# --------------------------------------------------------------------------------------------
+
+
+def adapter_fusion(
+    x: torch.Tensor,
+    w_down: torch.Tensor,
+    b_down: Optional[torch.Tensor],
+    w_up: torch.Tensor,
+    b_up: Optional[torch.Tensor],
+    scale: Optional[torch.Tensor],
+    w_query: torch.Tensor,
+    b_query: Optional[torch.Tensor],
+    w_key: torch.Tensor,
+    b_key: Optional[torch.Tensor],
+    w_value: torch.Tensor,
+    *,
+    activation: str = "gelu",
+    residual=None,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """AdapterFusion over N bottleneck adapters that read the same x [..., D] (M rows):
+
+        a_i = scale_i * (act(x @ w_down[i].T + b_down[i]) @ w_up[i].T + b_up[i])    [M, D]
+        q = x @ w_query.T + b_query,  k_i = a_i @ w_key.T + b_key,  v_i = a_i @ w_value.T
+        p = softmax_i(q . k_i / temperature)                                          [M, N], fp32
+        y = residual + sum_i p_i v_i
+
+    w_down [N, r, D], b_down [N, r] or None, w_up [N, D, r], b_up [N, D] or None; scale [N, D]
+    (channel-wise), [N] (one per adapter) or None; w_query, w_key, w_value [D, D], b_query and
+    b_key [D] or None. The N x M x D way: every a_i, k_i and v_i is formed. The dots run in
+    compute_dtype(x) as F.linear would under autocast; the scores are summed and the softmax
+    taken in fp32; y has output_dtype's dtype (the compute dtype, promoted by the residual).
+    """
+    y, _ = adapter_fusion_in_dtype(x, w_down, b_down, w_up, b_up, scale, w_query, b_query, w_key, b_key, w_value,
+                                   activation=activation, residual=residual_terms(residual),
+                                   temperature=temperature, dtype=compute_dtype(x), autocast=autocasts(x))
+    return y
+
+
+def adapter_fusion_in_dtype(x, w_down, b_down, w_up, b_up, scale, w_query, b_query, w_key, b_key, w_value, *,
+                            activation, residual, temperature, dtype, autocast):
+    """adapter_fusion with the compute dtype and the autocast promotion rule given (residual a
+    list of tensors); returns (y, p) with p [M, N] fp32."""
+    dim = x.shape[-1]
+    act = activation_fn(activation)
+
+    def cast(t):
+        return None if t is None else t.to(dtype)
+
+    with torch.autocast(x.device.type, enabled=False):
+        rows = x.reshape(-1, dim).to(dtype)
+        branches = []
+        for i in range(w_down.shape[0]):
+            branch = F.linear(act(F.linear(rows, cast(w_down[i]), cast(None if b_down is None else b_down[i]))),
+                              cast(w_up[i]), cast(None if b_up is None else b_up[i]))
+            if scale is not None:
+                branch = branch * scale[i].to(dtype)
+            branches.append(branch)
+        adapters = torch.stack(branches, dim=1)                                # [M, N, D]
+        query = F.linear(rows, cast(w_query), cast(b_query))                   # [M, D]
+        key = F.linear(adapters, cast(w_key), cast(b_key))                     # [M, N, D]
+        value = F.linear(adapters, cast(w_value))                              # [M, N, D]
+        scores = (query.float()[:, None, :] * key.float()).sum(-1) / temperature
+        probs = torch.softmax(scores, dim=-1)                                  # [M, N] fp32
+        mixed = torch.matmul(probs.to(dtype)[:, None, :], value)[:, 0]         # [M, D]
+        y = _epilogue(mixed.reshape(x.shape), x, None, residual, None, dtype, autocast)
+        return y, probs
 
 
 def load_balancing_loss(logits: torch.Tensor, top_k: int) -> torch.Tensor:
