@@ -1,14 +1,226 @@
-"""AdapterFusion: y = residual + sum_i p_i (a_i W_v^T), p = softmax_i(q . k_i / T) (reference.adapter_fusion)."""
+"""AdapterFusion in rank space: y = residual + sum_i p_i (a_i W_v^T), p = softmax_i(q . k_i / T),
+over N frozen-or-not bottleneck adapters a_i that read the same x (reference.adapter_fusion is
+the spec).
+
+The eager form writes every a_i, k_i and v_i (3 N x M x D) and keeps them for backward. Here no
+a_i is ever formed. With up_i = scale_i W_up_i and c_i = scale_i b_up_i, a_i = up_i act_i + c_i:
+
+- scores: q . k_i = q^T W_k a_i + q . b_k, and q . b_k is the same for every i (it cancels in the
+  softmax). q^T W_k a_i = (x Q_i^T + e_i) . act_i + x . f_i + o_i, with the [r, D] matrix
+  Q_i = (W_k up_i)^T W_q, e_i = b_q W_k up_i, f_i = W_q^T W_k c_i and o_i = b_q . W_k c_i: weight-
+  space products of N r x D (folded per call, like the scale). So the scores need act_i = act(x
+  W_down_i^T + b_down_i) and two more projections of x: one kernel, one sweep over x, writing
+  only p [M, N] ("fusion_scores");
+- mixing: sum_i p_i (a_i W_v^T) = sum_i p_i (act_i (W_v up_i)^T + W_v c_i) since the p_i sum to 1,
+  which is the sparse mixture's routed form with every adapter chosen, weights p, up-projections
+  W_v up_i and biases W_v c_i, and the residual in its epilogue: one launch.
+
+Forward: two launches, no M x D intermediate, no D x D GEMM on M rows. Saved for backward: p
+[M, N] here and the mixture's [M, N r] pre-activation and [M, N] weights. Backward: the
+mixture's two launches give dx, d p and the folded weights' gradients; "fusion_scores_backward"
+turns d p into the rank-space gradient [M, 2 N r + N], and two GEMMs over it give this part of
+dx and the stacked weights' gradients; autograd carries the folds' gradients back to W_q, b_q,
+W_k, W_v and the adapters. Every reduction is a GEMM or an in-order sum: deterministic.
+"""
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Optional
 
 import torch
 
-from .. import reference
+from .. import paths, reference
+from ..checks import check_activation, check_experts, check_float_tensor, check_residual, check_same_device
+from ..customop import FusedOp, refuse_double_backward
+from ..launch import device_context, int32_columns
+from ..sparse.op import routed_adapter_unchecked
+from . import plan
+from .configs import MAX_ADAPTERS, MAX_COLUMNS
 
-__all__ = ["adapter_fusion"]
+__all__ = ["adapter_fusion", "uses_kernels", "fold_weights", "scores_op", "scores_backward_op"]
+
+
+# --------------------------------------------------------------------------------------------
+# The scores: one custom op (fused_adapters::fusion_scores) and its backward
+# --------------------------------------------------------------------------------------------
+
+
+def _scores_impl(x: torch.Tensor, w_down: torch.Tensor, b_down: Optional[torch.Tensor], w_query_hidden: torch.Tensor,
+                 b_query_hidden: torch.Tensor, w_query_bias: torch.Tensor, b_query_bias: torch.Tensor,
+                 activation: str, compute_dtype: torch.dtype, temperature: float) -> torch.Tensor:
+    """p [M, N] fp32 of 2-D x [M, D]; the stacked weights as plan.scores takes them."""
+    x = int32_columns(x)
+    with device_context(x):
+        launches = plan.scores(x, w_down.contiguous(), b_down, w_query_hidden.contiguous(), b_query_hidden,
+                               w_query_bias.contiguous(), b_query_bias, activation, compute_dtype, temperature)
+        launches()
+    return launches.buffers["probs"]
+
+
+def _scores_fake(x, w_down, b_down, w_query_hidden, b_query_hidden, w_query_bias, b_query_bias, activation,
+                 compute_dtype, temperature):
+    return x.new_empty((x.shape[0], w_query_bias.shape[0]), dtype=torch.float32)
+
+
+def _scores_backward_impl(grad_probs: torch.Tensor, x: torch.Tensor, probs: torch.Tensor, w_down: torch.Tensor,
+                          b_down: Optional[torch.Tensor], w_query_hidden: torch.Tensor, b_query_hidden: torch.Tensor,
+                          w_query_bias: torch.Tensor, activation: str, compute_dtype: torch.dtype,
+                          temperature: float, compute_dx: bool, compute_weights: bool
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx [M, D] in x's dtype or [0, D]; d [W_down | W_query_hidden | W_query_bias] [2 N r + N, D]
+    fp32 and d of their biases [2 N r + N] fp32, both [0, ...] unless compute_weights)."""
+    dim = x.shape[1]
+    # The GEMMs run in x's dtype: under autocast with fp32 x that reads x as it is (no M x D cast
+    # copy) and gives dx in its dtype directly.
+    gemm_dtype = x.dtype
+    x = int32_columns(x)
+    with device_context(x):
+        launches = plan.scores_backward(x, probs, grad_probs, w_down.contiguous(), b_down,
+                                        w_query_hidden.contiguous(), b_query_hidden, w_query_bias.contiguous(),
+                                        activation, compute_dtype, temperature, gemm_dtype)
+        launches()
+    grad_rank = launches.buffers["grad_rank"]
+    empty = x.new_empty((0, dim), dtype=torch.float32)
+    grad_x = x.new_empty((0, dim))
+    if compute_dx:
+        stacked = torch.cat([w_down.reshape(-1, dim), w_query_hidden.reshape(-1, dim), w_query_bias]).to(gemm_dtype)
+        grad_x = grad_rank @ stacked
+    if not compute_weights:
+        return grad_x, empty, x.new_empty((0,), dtype=torch.float32)
+    grad_weights = (grad_rank.t() @ x).float()
+    return grad_x, grad_weights, grad_rank.float().sum(0)
+
+
+def _scores_backward_fake(grad_probs, x, probs, w_down, b_down, w_query_hidden, b_query_hidden, w_query_bias,
+                          activation, compute_dtype, temperature, compute_dx, compute_weights):
+    adapters, rank, dim = w_down.shape
+    width = plan.rank_space_width(adapters, rank)
+    return (x.new_empty((x.shape[0] if compute_dx else 0, dim)),
+            x.new_empty((width if compute_weights else 0, dim), dtype=torch.float32),
+            x.new_empty((width if compute_weights else 0,), dtype=torch.float32))
+
+
+_SCORES_SAVED = ("x", "w_down", "b_down", "w_query_hidden", "b_query_hidden", "w_query_bias")
+
+
+def _scores_setup_context(ctx, inputs, output):
+    # x by reference and the [N r, D] stacked weights; p [M, N]: nothing M x D, nothing N x M x D.
+    ctx.save_for_backward(*(inputs[name] for name in _SCORES_SAVED), output)
+    ctx.flags = {name: inputs[name] for name in ("activation", "compute_dtype", "temperature")}
+
+
+def _scores_backward(ctx, needs, grad_probs):
+    if grad_probs is None:
+        return {}
+    refuse_double_backward("adapter_fusion", "adapter_fusion")
+    x, w_down, b_down, w_query_hidden, b_query_hidden, w_query_bias, probs = ctx.saved_tensors
+    weights = ("w_down", "b_down", "w_query_hidden", "b_query_hidden", "w_query_bias", "b_query_bias")
+    grad_x, grad_weights, grad_biases = scores_backward_op(
+        grad_probs=grad_probs, x=x, probs=probs, w_down=w_down, b_down=b_down, w_query_hidden=w_query_hidden,
+        b_query_hidden=b_query_hidden, w_query_bias=w_query_bias, compute_dx=needs["x"],
+        compute_weights=any(needs[name] for name in weights), **ctx.flags)
+    grads = dict(x=grad_x)
+    if grad_weights.shape[0]:
+        adapters, rank, dim = w_down.shape
+        columns = adapters * rank
+        split = (columns, columns, adapters)
+        dw_down, dw_query_hidden, dw_query_bias = grad_weights.split(split)
+        db_down, db_query_hidden, db_query_bias = grad_biases.split(split)
+        grads.update(
+            w_down=dw_down.view(w_down.shape).to(w_down.dtype),
+            b_down=None if b_down is None else db_down.view(b_down.shape).to(b_down.dtype),
+            w_query_hidden=dw_query_hidden.view(w_query_hidden.shape).to(w_query_hidden.dtype),
+            b_query_hidden=db_query_hidden.view(b_query_hidden.shape).to(b_query_hidden.dtype),
+            w_query_bias=dw_query_bias.to(w_query_bias.dtype), b_query_bias=db_query_bias,
+        )
+    return grads
+
+
+scores_backward_op = FusedOp("fusion_scores_backward", _scores_backward_impl, _scores_backward_fake)
+scores_op = FusedOp("fusion_scores", _scores_impl, _scores_fake, _scores_setup_context, _scores_backward)
+
+
+# --------------------------------------------------------------------------------------------
+# The weight-space folds and the public function
+# --------------------------------------------------------------------------------------------
+
+
+def fold_weights(w_up, b_up, scale, w_query, b_query, w_key, b_key, w_value) -> dict:
+    """The weight-space products the two launches read (see the module docstring), differentiable,
+    in fp32 (float64 stays float64) whatever the autocast state: "value_up" [N, D, r] = W_v up_i,
+    "value_bias" [N, D] = W_v c_i (or None), "query_hidden" [N, r, D] = Q_i, "query_hidden_bias"
+    [N, r] = e_i, "query_bias" [N, D] = f_i, "query_bias_bias" [N] = o_i (plus b_q . b_k, the
+    same for every adapter: it cancels in the softmax and gives b_k its zero gradient). The
+    products are ordered so that none costs D^3: at N = 8, r = 8, D = 768 they are ~0.1 GFLOP."""
+    fold = torch.float64 if w_up.dtype == torch.float64 else torch.float32
+    with torch.autocast(w_up.device.type, enabled=False):
+        up = w_up.to(fold)
+        bias = None if b_up is None else b_up.to(fold)
+        if scale is not None:
+            scale = scale.to(fold)
+            up = up * (scale[:, :, None] if scale.dim() == 2 else scale[:, None, None])
+            bias = None if bias is None else bias * (scale if scale.dim() == 2 else scale[:, None])
+        w_query, w_key, w_value = w_query.to(fold), w_key.to(fold), w_value.to(fold)
+        key_up = torch.matmul(w_key, up)                                    # [N, D, r]: W_k up_i
+        folds = dict(value_up=torch.matmul(w_value, up),
+                     value_bias=None if bias is None else bias @ w_value.t(),
+                     query_hidden=torch.matmul(key_up.transpose(1, 2), w_query))
+        adapters, rank = up.shape[0], up.shape[2]
+        b_query = None if b_query is None else b_query.to(fold)
+        folds["query_hidden_bias"] = (up.new_zeros((adapters, rank)) if b_query is None
+                                      else torch.matmul(b_query, key_up))
+        if bias is None:
+            folds["query_bias"] = up.new_zeros((adapters, up.shape[1]))
+            folds["query_bias_bias"] = up.new_zeros((adapters,))
+        else:
+            key_bias = bias @ w_key.t()                                      # [N, D]: W_k c_i
+            folds["query_bias"] = key_bias @ w_query
+            folds["query_bias_bias"] = (up.new_zeros((adapters,)) if b_query is None else key_bias @ b_query)
+        if b_query is not None and b_key is not None:
+            folds["query_bias_bias"] = folds["query_bias_bias"] + b_query @ b_key.to(fold)
+        return folds
+
+
+def uses_kernels(x: torch.Tensor, adapters: int, rank: int) -> bool:
+    """Whether adapter_fusion on x with N adapters of rank r takes the Triton kernels here (CUDA or
+    the interpreter, N * r <= 256) rather than the reference."""
+    return (adapters * rank <= MAX_COLUMNS
+            and paths.takes_triton(x.device.type, (x.dtype, reference.compute_dtype(x)), rank))
+
+
+def _check_arguments(x, w_down, b_down, w_up, b_up, scale, w_query, b_query, w_key, b_key, w_value, activation,
+                     residual, temperature) -> list:
+    check_float_tensor("x", x)
+    if x.dim() < 1 or x.shape[-1] == 0:
+        raise ValueError(f"x must have shape [..., D] with D >= 1, got {tuple(x.shape)}")
+    dim = x.shape[-1]
+    adapters, _ = check_experts(x, w_down, b_down, w_up, b_up)
+    if adapters > MAX_ADAPTERS:
+        raise ValueError(f"w_down stacks {adapters} adapters; adapter_fusion takes 1 to {MAX_ADAPTERS}")
+    if scale is not None:
+        check_float_tensor("scale", scale)
+        if tuple(scale.shape) not in ((adapters,), (adapters, dim)):
+            raise ValueError(f"scale must be None, [N] = [{adapters}] (one per adapter) or [N, D] = [{adapters}, {dim}] "
+                             f"(channel-wise), got {tuple(scale.shape)}")
+    for name, weight in (("w_query", w_query), ("w_key", w_key), ("w_value", w_value)):
+        check_float_tensor(name, weight)
+        if tuple(weight.shape) != (dim, dim):
+            raise ValueError(f"{name} must have shape [D, D] = [{dim}, {dim}], got {tuple(weight.shape)}")
+    for name, bias in (("b_query", b_query), ("b_key", b_key)):
+        if bias is not None:
+            check_float_tensor(name, bias)
+            if tuple(bias.shape) != (dim,):
+                raise ValueError(f"{name} must have shape [D] = [{dim}] or be None, got {tuple(bias.shape)}")
+    check_activation(activation)
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not (
+            math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a positive finite float, got {temperature!r}")
+    check_same_device(x, (("w_down", w_down), ("b_down", b_down), ("w_up", w_up), ("b_up", b_up), ("scale", scale),
+                          ("w_query", w_query), ("b_query", b_query), ("w_key", w_key), ("b_key", b_key),
+                          ("w_value", w_value)))
+    return check_residual(x, residual)
 
 
 def adapter_fusion(
@@ -28,5 +240,40 @@ def adapter_fusion(
     residual=None,
     temperature: float = 1.0,
 ) -> torch.Tensor:
-    return reference.adapter_fusion(x, w_down, b_down, w_up, b_up, scale, w_query, b_query, w_key, b_key, w_value,
-                                    activation=activation, residual=residual, temperature=temperature)
+    """AdapterFusion over N bottleneck adapters that read x [..., D]:
+    a_i = scale_i * (act(x @ w_down[i].T + b_down[i]) @ w_up[i].T + b_up[i]),
+    q = x @ w_query.T + b_query, k_i = a_i @ w_key.T + b_key, v_i = a_i @ w_value.T,
+    p = softmax_i(q . k_i / temperature) and y = residual + sum_i p_i v_i.
+
+    w_down [N, r, D], b_down [N, r] or None, w_up [N, D, r], b_up [N, D] or None (N from 1 to
+    16); scale [N, D] (channel-wise), [N] or None; w_query, w_key, w_value [D, D]; b_query, b_key
+    [D] or None; residual None, a tensor shaped like x, or a sequence of them (summed).
+
+    Computed in rank space (this module's docstring): the fusion probabilities in one launch,
+    the mixture (with W_v and the residual folded in) in one more; nothing N x M x D is formed or
+    saved. Gradients reach x, every weight (the adapters' too, when they require it) and the
+    residual; b_key's is zero, as it is in exact arithmetic (q . b_k is the same for every
+    adapter). Dtypes as bottleneck_adapter: dots in the autocast dtype under torch.autocast, the
+    scores and the softmax in fp32. CUDA tensors and the interpreter run the kernels for
+    N * r <= 256; elsewhere the reference.
+    """
+    terms = _check_arguments(x, w_down, b_down, w_up, b_up, scale, w_query, b_query, w_key, b_key, w_value,
+                             activation, residual, temperature)
+    adapters, rank, dim = w_down.shape
+    compute_dtype = reference.compute_dtype(x)
+    params = (w_down, b_down, w_up, b_up, scale, w_query, b_query, w_key, b_key, w_value)
+    dtypes = (x.dtype, compute_dtype) + tuple(p.dtype for p in params if p is not None) + tuple(t.dtype for t in terms)
+    if adapters * rank > MAX_COLUMNS or not paths.use_kernels("adapter_fusion", x.device.type, dtypes, rank):
+        return reference.adapter_fusion(x, w_down, b_down, w_up, b_up, scale, w_query, b_query, w_key, b_key,
+                                        w_value, activation=activation, residual=residual, temperature=temperature)
+    folds = fold_weights(w_up, b_up, scale, w_query, b_query, w_key, b_key, w_value)
+    rows = x.reshape(-1, dim)
+    probs = scores_op(x=rows, w_down=w_down, b_down=b_down, w_query_hidden=folds["query_hidden"],
+                      b_query_hidden=folds["query_hidden_bias"].reshape(-1), w_query_bias=folds["query_bias"],
+                      b_query_bias=folds["query_bias_bias"], activation=activation, compute_dtype=compute_dtype,
+                      temperature=float(temperature))
+    # Every adapter in every row, weights p: [M, N] indices as a broadcast view (no copy).
+    every = torch.arange(adapters, device=x.device).expand(rows.shape[0], adapters)
+    return routed_adapter_unchecked(x, every, probs.view(*x.shape[:-1], adapters), w_down, b_down,
+                                    folds["value_up"], folds["value_bias"], None, activation=activation,
+                                    residual=residual)
