@@ -122,6 +122,7 @@ def poisoned_outputs(monkeypatch):
     """Every buffer the kernels write starts as NaN (an integer one as an index far out of
     range), so an unwritten element shows up."""
     from fused_adapters.kernels.bottleneck import plan as bottleneck_plan
+    from fused_adapters.kernels.fusion import plan as fusion_plan
     from fused_adapters.kernels.lora import plan as lora_plan
     from fused_adapters.kernels.sparse import op as sparse_op
     from fused_adapters.kernels.sparse import plan as sparse_plan
@@ -129,7 +130,7 @@ def poisoned_outputs(monkeypatch):
     def nan_output(shape, dtype, device):
         return torch.full(shape, float("nan") if dtype.is_floating_point else 2**30, dtype=dtype, device=device)
 
-    for module in (bottleneck_plan, lora_plan, sparse_plan, sparse_op):
+    for module in (bottleneck_plan, fusion_plan, lora_plan, sparse_plan, sparse_op):
         monkeypatch.setattr(module, "new_output", nan_output)
     yield
 
@@ -183,11 +184,13 @@ class LaunchCounter:
 def custom_op_impl(name: str):
     """The Python implementation of the custom op fused_adapters::name."""
     from fused_adapters.kernels.bottleneck import op as bottleneck_op
+    from fused_adapters.kernels.fusion import op as fusion_op
     from fused_adapters.kernels.lora import op as lora_op
     from fused_adapters.kernels.sparse import op as sparse_op
 
     ops = {fused.name: fused for module in (bottleneck_op, lora_op, sparse_op)
            for fused in (module.forward_op, module.backward_op)}
+    ops.update({fused.name: fused for fused in (fusion_op.scores_op, fusion_op.scores_backward_op)})
     return ops[name].impl
 
 

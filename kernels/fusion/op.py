@@ -273,7 +273,7 @@ def adapter_fusion(
                       b_query_bias=folds["query_bias_bias"], activation=activation, compute_dtype=compute_dtype,
                       temperature=float(temperature))
     # Every adapter in every row, weights p: [M, N] indices as a broadcast view (no copy).
-    every = torch.arange(adapters, device=x.device).expand(rows.shape[0], adapters)
+    every = torch.arange(adapters, device=x.device).expand(*x.shape[:-1], adapters)
     return routed_adapter_unchecked(x, every, probs.view(*x.shape[:-1], adapters), w_down, b_down,
                                     folds["value_up"], folds["value_bias"], None, activation=activation,
                                     residual=residual)
