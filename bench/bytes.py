@@ -3,6 +3,7 @@
     python bench/bytes.py [--sms 132] [--shapes 768x768x8 6304x768x8 ...] [--residual x|skip+x]
     python bench/bytes.py --op sparse [--experts 8] [--top-k 2] [--shapes 1576x768x16 ...]
     python bench/bytes.py --op sparse --variant grouped [--experts 16] [--shapes 1576x768x32 ...]
+    python bench/bytes.py --op fusion [--adapters 2 4 8] [--shapes 1576x768x8 ...]
 
 Runs the op forward and backward in Triton's interpreter (set here when CUDA is absent) with
 launches planned for a GPU of --sms SMs, and counts every load and store of its launches
@@ -13,6 +14,10 @@ The sparse mixture (--op sparse: gated by a learned top-k gate, or --op routed: 
 given, as in a multi-task batch) has the same floor; its gate and expert weights are small.
 --variant runs the fused op with one of its kernel variants (kernels.list_variants), e.g. the
 sparse mixture's grouped design; where E*r > 256 every sparse variant runs the grouped design.
+AdapterFusion (--op fusion) over N frozen adapters of rank r at the post position (residual x),
+the fusion's W_q, b_q, W_k, b_k and W_v trainable, has that floor plus its three D x D weights
+(read once a pass; the backward also writes their gradients); eager is the reference, which
+forms every adapter's output, key and value.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ if "TRITON_INTERPRET" not in os.environ:
     os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: bytes are counted there
 
 from fused_adapters.kernels import (  # noqa: E402
-    bottleneck_adapter, list_variants, reference, routed_adapter, sparse_adapter, use_variant,
+    adapter_fusion, bottleneck_adapter, list_variants, reference, routed_adapter, sparse_adapter, use_variant,
 )
 from fused_adapters.tools.byte_count import count_bytes  # noqa: E402
 
@@ -96,13 +101,41 @@ def measure_sparse(fn, rows, dim, rank, experts, top_k, residual, sms, routed=Fa
     return forward.total() / forward_floor, backward.total() / backward_floor, forward, backward
 
 
+def measure_fusion(fn, rows, dim, rank, adapters, sms):
+    """As measure, for adapter_fusion over N frozen adapters (fp16, channel scales, residual x)
+    with trainable fusion weights at BERT-like scale; returns the same four values."""
+    generator = torch.Generator().manual_seed(0)
+
+    def randn(*shape, std=1.0, grad=True):
+        return (torch.randn(*shape, generator=generator) * std).half().requires_grad_(grad)
+
+    x = randn(rows, dim)
+    frozen = [randn(adapters, rank, dim, std=dim ** -0.5, grad=False), randn(adapters, rank, std=0.5, grad=False),
+              randn(adapters, dim, rank, std=rank ** -0.5, grad=False), randn(adapters, dim, std=0.5, grad=False),
+              randn(adapters, dim, grad=False)]
+    fusion = [randn(dim, dim, std=0.02), randn(dim, std=0.02), randn(dim, dim, std=0.02), randn(dim, std=0.02),
+              randn(dim, dim, std=dim ** -0.5)]
+    with count_bytes(sm_count=sms) as forward:
+        y = fn(x, *frozen, *fusion, residual=x)
+    grad = torch.randn(y.shape, generator=generator).to(y.dtype)
+    with count_bytes(sm_count=sms) as backward:
+        torch.autograd.grad(y, [x, *fusion], grad)
+    # Any fusion reads W_q, W_k and W_v (D x D each) once a pass, and the backward writes their
+    # gradients: at M = 1576, D = 768 they are 73% of the forward's floor.
+    weights = 3 * dim * dim * 2
+    forward_floor = floor_bytes("forward", rows, dim, 2, 2, "x", weight_bytes=weights)
+    backward_floor = floor_bytes("backward", rows, dim, 2, 2, "x", weight_bytes=2 * weights)
+    return forward.total() / forward_floor, backward.total() / backward_floor, forward, backward
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sms", type=int, default=132, help="SM count the launches are planned for (H100: 132)")
     parser.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES, help="MxDxr, e.g. 6304x768x8")
     parser.add_argument("--residual", choices=["x", "skip+x"], default="x")
     parser.add_argument("--no-eager", action="store_true", help="skip the eager baseline (faster)")
-    parser.add_argument("--op", choices=["bottleneck", "sparse", "routed"], default="bottleneck")
+    parser.add_argument("--op", choices=["bottleneck", "sparse", "routed", "fusion"], default="bottleneck")
+    parser.add_argument("--adapters", type=int, nargs="+", default=[2, 4, 8], help="fusion: adapters N (each a row)")
     parser.add_argument("--experts", type=int, default=8, help="sparse/routed: experts E")
     parser.add_argument("--top-k", type=int, default=2, help="sparse/routed: experts per row k")
     parser.add_argument("--variant", help="the fused op's kernel variant (default: the one in force); sparse/routed: "
@@ -111,8 +144,29 @@ def main() -> None:
     family = "bottleneck_adapter" if args.op == "bottleneck" else "sparse_adapter"
     if args.variant is not None and args.variant not in list_variants(family):
         parser.error(f"--variant for --op {args.op} must be one of {', '.join(list_variants(family))}")
-    if args.op != "bottleneck" and args.shapes == DEFAULT_SHAPES:
+    if args.op == "fusion" and args.shapes == DEFAULT_SHAPES:
+        args.shapes = ["1576x768x8"]
+    elif args.op != "bottleneck" and args.shapes == DEFAULT_SHAPES:
         args.shapes = ["768x768x16", "1576x768x16", "6304x768x16"]
+    if args.op == "fusion":
+        print(f"bytes moved / floor, fp16, AdapterFusion at the post position (residual x), launches planned for "
+              f"{args.sms} SMs")
+        print(f"{'M':>6} {'D':>5} {'r':>3} {'N':>3}  {'fwd':>6} {'bwd':>6}  {'eager fwd':>9} {'eager bwd':>9}  "
+              f"{'launches':<9} {'aten':<9} seconds")
+        for shape in args.shapes:
+            rows, dim, rank = (int(v) for v in shape.split("x"))
+            for adapters in args.adapters:
+                start = time.time()
+                forward_ratio, backward_ratio, forward, backward = measure_fusion(adapter_fusion, rows, dim, rank,
+                                                                                  adapters, args.sms)
+                eager = ("-", "-") if args.no_eager else measure_fusion(reference.adapter_fusion, rows, dim, rank,
+                                                                        adapters, args.sms)[:2]
+                eager_text = "  ".join(f"{v:>8.2f}x" if isinstance(v, float) else f"{v:>9}" for v in eager)
+                launches = f"{forward.triton_launches}/{backward.triton_launches}"
+                aten = f"{len(forward.aten)}/{len(backward.aten)}"
+                print(f"{rows:>6} {dim:>5} {rank:>3} {adapters:>3}  {forward_ratio:>5.3f}x {backward_ratio:>5.3f}x  "
+                      f"{eager_text}  {launches:<9} {aten:<9} {time.time() - start:.0f}", flush=True)
+        return
     mixture = "" if args.op == "bottleneck" else f", {args.op} E {args.experts} k {args.top_k}"
     mixture += f", variant {args.variant}" if args.variant else ""
     print(f"bytes moved / floor, fp16, residual {args.residual}{mixture}, launches planned for {args.sms} SMs")

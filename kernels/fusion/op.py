@@ -148,13 +148,20 @@ scores_op = FusedOp("fusion_scores", _scores_impl, _scores_fake, _scores_setup_c
 
 
 def fold_weights(w_up, b_up, scale, w_query, b_query, w_key, b_key, w_value) -> dict:
-    """The weight-space products the two launches read (see the module docstring), differentiable,
-    in fp32 (float64 stays float64) whatever the autocast state: "value_up" [N, D, r] = W_v up_i,
-    "value_bias" [N, D] = W_v c_i (or None), "query_hidden" [N, r, D] = Q_i, "query_hidden_bias"
-    [N, r] = e_i, "query_bias" [N, D] = f_i, "query_bias_bias" [N] = o_i (plus b_q . b_k, the
-    same for every adapter: it cancels in the softmax and gives b_k its zero gradient). The
-    products are ordered so that none costs D^3: at N = 8, r = 8, D = 768 they are ~0.1 GFLOP."""
-    fold = torch.float64 if w_up.dtype == torch.float64 else torch.float32
+    """The weight-space products the two launches read (see the module docstring), differentiable:
+    "value_up" [N, D, r] = W_v up_i, "value_bias" [N, D] = W_v c_i (or None), "query_hidden"
+    [N, r, D] = Q_i, "query_hidden_bias" [N, r] = e_i, "query_bias" [N, D] = f_i,
+    "query_bias_bias" [N] = o_i (plus b_q . b_k, the same for every adapter: it cancels in the
+    softmax and gives b_k its zero gradient).
+
+    Three GEMMs, each reading one D x D weight once ([up | c] stacked as D x (N r + N) columns), in
+    the weights' dtype when they share one (fp32 or fp16/bf16 master weights: no D x D cast copy;
+    the products accumulate in fp32 inside the GEMM), else fp32; autocast off. None costs D^3: at
+    N = 8, r = 8, D = 768 they are ~0.1 GFLOP."""
+    dtypes = {t.dtype for t in (w_up, w_query, w_key, w_value)}
+    fold = dtypes.pop() if len(dtypes) == 1 else torch.float32
+    adapters, dim, rank = w_up.shape
+    columns = adapters * rank
     with torch.autocast(w_up.device.type, enabled=False):
         up = w_up.to(fold)
         bias = None if b_up is None else b_up.to(fold)
@@ -162,22 +169,23 @@ def fold_weights(w_up, b_up, scale, w_query, b_query, w_key, b_key, w_value) -> 
             scale = scale.to(fold)
             up = up * (scale[:, :, None] if scale.dim() == 2 else scale[:, None, None])
             bias = None if bias is None else bias * (scale if scale.dim() == 2 else scale[:, None])
-        w_query, w_key, w_value = w_query.to(fold), w_key.to(fold), w_value.to(fold)
-        key_up = torch.matmul(w_key, up)                                    # [N, D, r]: W_k up_i
-        folds = dict(value_up=torch.matmul(w_value, up),
-                     value_bias=None if bias is None else bias @ w_value.t(),
-                     query_hidden=torch.matmul(key_up.transpose(1, 2), w_query))
-        adapters, rank = up.shape[0], up.shape[2]
+        # [D, N r (+ N)]: column (i, j) is up_i's column j; then one column per c_i.
+        stacked = up.permute(1, 0, 2).reshape(dim, columns)
+        if bias is not None:
+            stacked = torch.cat([stacked, bias.t()], dim=1)
+        keyed = w_key.to(fold) @ stacked                                   # W_k [up | c]
+        queried = keyed.t() @ w_query.to(fold)                             # [N r (+ N), D]
+        valued = w_value.to(fold) @ stacked                                # W_v [up | c]
+        folds = dict(value_up=valued[:, :columns].reshape(dim, adapters, rank).permute(1, 0, 2),
+                     value_bias=None if bias is None else valued[:, columns:].t(),
+                     query_hidden=queried[:columns].reshape(adapters, rank, dim))
         b_query = None if b_query is None else b_query.to(fold)
-        folds["query_hidden_bias"] = (up.new_zeros((adapters, rank)) if b_query is None
-                                      else torch.matmul(b_query, key_up))
-        if bias is None:
-            folds["query_bias"] = up.new_zeros((adapters, up.shape[1]))
-            folds["query_bias_bias"] = up.new_zeros((adapters,))
-        else:
-            key_bias = bias @ w_key.t()                                      # [N, D]: W_k c_i
-            folds["query_bias"] = key_bias @ w_query
-            folds["query_bias_bias"] = (up.new_zeros((adapters,)) if b_query is None else key_bias @ b_query)
+        projected = None if b_query is None else b_query @ keyed             # [N r (+ N)]
+        folds["query_hidden_bias"] = (up.new_zeros((adapters, rank)) if projected is None
+                                      else projected[:columns].reshape(adapters, rank))
+        folds["query_bias"] = queried[columns:] if bias is not None else up.new_zeros((adapters, dim))
+        folds["query_bias_bias"] = (projected[columns:] if projected is not None and bias is not None
+                                    else up.new_zeros((adapters,)))
         if b_query is not None and b_key is not None:
             folds["query_bias_bias"] = folds["query_bias_bias"] + b_query @ b_key.to(fold)
         return folds
