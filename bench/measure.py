@@ -196,6 +196,38 @@ def sparse_call(op: str, fn: Callable, inputs: dict, top_k: int, **kwargs):
     raise ValueError(f"op must be one of {SPARSE_OPS}, got {op!r}")
 
 
+def fusion_inputs(rows: int, dim: int, rank: int, adapters: int, dtype: torch.dtype, device, requires_grad: bool,
+                  generator: Optional[torch.Generator] = None) -> dict:
+    """One set of AdapterFusion inputs: x [M, D]; N frozen Adapter+ adapters stacked (w_down
+    [N, r, D], b_down [N, r], w_up [N, D, r], b_up [N, D], channel scales [N, D]; no gradient, as
+    in I2I's fusion phase); the fusion's w_query, b_query, w_key, b_key (BERT-like std 0.02) and
+    w_value (the library's identity init plus 1e-6 everywhere off the diagonal), trainable."""
+
+    def randn(*shape, std=1.0, grad=requires_grad):
+        t = torch.randn(*shape, generator=generator) * std
+        return t.to(device=device, dtype=dtype).requires_grad_(grad)
+
+    value = torch.full((dim, dim), 1e-6).fill_diagonal_(1.0)
+    return dict(
+        x=randn(rows, dim),
+        w_down=randn(adapters, rank, dim, std=dim ** -0.5, grad=False), b_down=randn(adapters, rank, std=0.1, grad=False),
+        w_up=randn(adapters, dim, rank, std=rank ** -0.5, grad=False), b_up=randn(adapters, dim, std=0.1, grad=False),
+        scale=randn(adapters, dim, grad=False),
+        w_query=randn(dim, dim, std=0.02), b_query=randn(dim, std=0.02), w_key=randn(dim, dim, std=0.02),
+        b_key=randn(dim, std=0.02), w_value=value.to(device=device, dtype=dtype).requires_grad_(requires_grad),
+    )
+
+
+FUSION_ARGUMENTS = ("x", "w_down", "b_down", "w_up", "b_up", "scale", "w_query", "b_query", "w_key", "b_key",
+                    "w_value")
+
+
+def fusion_call(fn: Callable, inputs: dict):
+    """fn (adapter_fusion, its reference, or a compiled reference) on fusion_inputs, at the post
+    position: the residual is x."""
+    return fn(*(inputs[name] for name in FUSION_ARGUMENTS), residual=inputs["x"])
+
+
 def differentiable(inputs: dict) -> list:
     """The inputs a backward differentiates: every tensor that requires grad (not expert_idx)."""
     return [t for t in inputs.values() if t.requires_grad]
@@ -432,6 +464,14 @@ def _case_call(case: dict, rows: int, dim: int, dim_out: Optional[int], dtype, a
 
         def forward_call():
             return lora_call(fn, inputs, case["scale"])
+    elif op == "adapter_fusion":
+        from fused_adapters.kernels import adapter_fusion
+
+        inputs = fusion_inputs(rows, dim, case["rank"], case["adapters"], dtype, "cpu", True, generator)
+        fn = adapter_fusion if fused else reference.adapter_fusion
+
+        def forward_call():
+            return fusion_call(fn, inputs)
     elif op in SPARSE_OPS:
         inputs = sparse_inputs(rows, dim, case["rank"], case["experts"], case["top_k"], dtype, "cpu", True,
                                op == "routed_adapter", generator)
@@ -456,7 +496,9 @@ def _case_call(case: dict, rows: int, dim: int, dim_out: Optional[int], dtype, a
         if op == "lora":
             variant_context = lora_variant(variant if fused else "default")
         else:
-            variant_context = use_variant("sparse_adapter" if op in SPARSE_OPS else op, variant if fused else "default")
+            # AdapterFusion mixes through the routed mixture's kernels: their default variant.
+            family = "sparse_adapter" if op in SPARSE_OPS + ("adapter_fusion",) else op
+            variant_context = use_variant(family, variant if fused else "default")
         with variant_context, autocast_context:
             yield
 
@@ -478,7 +520,8 @@ def count_case(case: dict) -> dict:
     no bf16: bf16 cases are counted in fp16 (same element size, same plans). case["op"]
     "sparse_adapter" or "routed_adapter" (with case["experts"] and case["top_k"]) counts that op
     on sparse_inputs; "lora" (with case["dim_out"] and case["scale"]) a LoRA linear on
-    lora_inputs (lora_fused, or lora_eager for "eager"); otherwise the bottleneck op."""
+    lora_inputs (lora_fused, or lora_eager for "eager"); "adapter_fusion" (with case["adapters"])
+    AdapterFusion on fusion_inputs; otherwise the bottleneck op."""
     from fused_adapters.tools.byte_count import count_bytes
 
     dtype, autocast = _count_dtypes(case)
@@ -654,6 +697,8 @@ def fused_launches(case: dict) -> list:
     with launch_plan(case["sms"]):
         if case.get("op") in SPARSE_OPS:
             plans = _sparse_plans(case, dtype, compute, backward)
+        elif case.get("op") == "adapter_fusion":
+            plans = _fusion_plans(case, dtype, compute, backward)
         elif case.get("op") == "lora":
             plans = _lora_plans(case, dtype, compute, backward)
         else:
@@ -748,6 +793,39 @@ def _sparse_plans(case: dict, dtype, compute, backward: bool) -> list:
                                            order, counts, w_gate, w_down, w_up, b_up, scale, 1.0, None, "gelu",
                                            compute, True, True, grad_dtype))
     return plans
+
+
+def _fusion_plans(case: dict, dtype, compute, backward: bool) -> list:
+    """The scores launch and the routed mixture's dense launches (every adapter chosen, the folded
+    up-projections, residual x), as adapter_fusion makes them on fusion_inputs; backward: the
+    mixture's launches, then the scores' backward launch."""
+    from fused_adapters.kernels.fusion import op as fusion_op
+    from fused_adapters.kernels.fusion import plan as fusion_plan
+    from fused_adapters.kernels.sparse import configs, plan as sparse_plan
+
+    rows, dim, rank, adapters = case["rows"], case["dim"], case["rank"], case["adapters"]
+    params = {k: v.detach() for k, v in fusion_inputs(1, dim, rank, adapters, dtype, "cpu", False).items()}
+    folds = fusion_op.fold_weights(*(params[k] for k in ("w_up", "b_up", "scale", "w_query", "b_query", "w_key",
+                                                         "b_key", "w_value")))
+    x = torch.empty(rows, dim, dtype=dtype)
+    w_down, b_down = params["w_down"], params["b_down"]
+    scores = fusion_plan.scores(x, w_down, b_down, folds["query_hidden"], folds["query_hidden_bias"].reshape(-1),
+                                folds["query_bias"], folds["query_bias_bias"], "gelu", compute, 1.0)
+    every = torch.arange(adapters).expand(rows, adapters)
+    probs = torch.empty(rows, adapters, dtype=torch.float32)
+    value_up = folds["value_up"].contiguous()
+    forward = sparse_plan.forward(x, None, None, every, probs, w_down, b_down, value_up, folds["value_bias"], None,
+                                  1.0, None, True, None, adapters, "gelu", compute, dtype, True, False,
+                                  configs.DEFAULT_VARIANT)
+    if not backward:
+        return [scores, forward]
+    mixture = sparse_plan.backward(torch.empty_like(x), None, x, forward.buffers["hidden"], forward.buffers["weights"],
+                                   None, w_down, value_up, folds["value_bias"], None, 1.0, None, "gelu", compute, True,
+                                   True, torch.float32, configs.DEFAULT_VARIANT)
+    scores_backward = fusion_plan.scores_backward(x, probs, probs, w_down, b_down, folds["query_hidden"],
+                                                  folds["query_hidden_bias"].reshape(-1), folds["query_bias"], "gelu",
+                                                  compute, 1.0, dtype)
+    return [scores, forward, mixture, scores_backward]
 
 
 def register_usage(cases: list[dict], arch: int = 90) -> list[dict]:

@@ -96,7 +96,8 @@ class Row:
 
     @property
     def group_key(self) -> tuple:
-        return (self.op, self.pass_name, self.dtype, self.dim, self.dim_out, self.rank, self.experts, self.top_k)
+        return (self.op, self.pass_name, self.dtype, self.dim, self.dim_out, self.rank, self.experts, self.top_k,
+                self.adapters)
 
     @property
     def dim_out(self) -> int | None:
@@ -112,6 +113,11 @@ class Row:
     def top_k(self) -> int | None:
         """The sparse mixture's experts per row k (None for rows of other ops)."""
         return _as_int(self.info.get("top_k"))
+
+    @property
+    def adapters(self) -> int | None:
+        """AdapterFusion's fused adapter count N (None for rows of other ops)."""
+        return _as_int(self.info.get("adapters"))
 
     @property
     def shape_key(self) -> tuple:
@@ -135,7 +141,8 @@ class Row:
 
 @dataclass
 class Group:
-    """The rows of one table: same op, pass, dtype, dim and rank (and dim_out, experts and top_k)."""
+    """The rows of one table: same op, pass, dtype, dim and rank (and dim_out, experts, top_k and
+    adapters)."""
 
     key: tuple
     rows: list[Row]
@@ -143,7 +150,7 @@ class Group:
 
     @property
     def title(self) -> str:
-        op, pass_name, dtype, dim, dim_out, rank, experts, top_k = self.key
+        op, pass_name, dtype, dim, dim_out, rank, experts, top_k, adapters = self.key
         parts = [op, pass_name, dtype]
         if dim is not None:
             parts.append(f"D={dim}")
@@ -155,6 +162,8 @@ class Group:
             parts.append(f"E={experts}")
         if top_k is not None:
             parts.append(f"k={top_k}")
+        if adapters is not None:
+            parts.append(f"N={adapters}")
         return " ".join(parts)
 
     @property
@@ -204,10 +213,10 @@ def _column_order(row: Row) -> tuple:
 
 
 def _group_order(group: Group) -> tuple:
-    op, pass_name, dtype, dim, dim_out, rank, experts, top_k = group.key
+    op, pass_name, dtype, dim, dim_out, rank, experts, top_k, adapters = group.key
     return (group.is_model, op, PASS_ORDER.get(pass_name, len(PASS_ORDER)), pass_name, dtype,
             dim is None, dim or 0, dim_out is None, dim_out or 0, rank is None, rank or 0,
-            experts is None, experts or 0, top_k is None, top_k or 0)
+            experts is None, experts or 0, top_k is None, top_k or 0, adapters is None, adapters or 0)
 
 
 # ---------------------------------------------------------------------------------------------
