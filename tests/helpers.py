@@ -188,9 +188,8 @@ def custom_op_impl(name: str):
     from fused_adapters.kernels.lora import op as lora_op
     from fused_adapters.kernels.sparse import op as sparse_op
 
-    ops = {fused.name: fused for module in (bottleneck_op, lora_op, sparse_op)
+    ops = {fused.name: fused for module in (bottleneck_op, fusion_op, lora_op, sparse_op)
            for fused in (module.forward_op, module.backward_op)}
-    ops.update({fused.name: fused for fused in (fusion_op.scores_op, fusion_op.scores_backward_op)})
     return ops[name].impl
 
 

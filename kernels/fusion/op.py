@@ -32,114 +32,153 @@ from typing import Optional
 import torch
 
 from .. import paths, reference
-from ..checks import check_activation, check_experts, check_float_tensor, check_residual, check_same_device
-from ..customop import FusedOp, refuse_double_backward
-from ..launch import device_context, int32_columns
-from ..sparse.op import routed_adapter_unchecked
+from ..checks import (
+    check_activation, check_experts, check_float_tensor, check_residual, check_same_device, epilogue_arguments,
+)
+from ..customop import FusedOp, refuse_double_backward, wants_grad
+from ..launch import device_context, int32_columns, packed_grad_dtype, param_grad
+from ..sparse import op as sparse_op
+from ..sparse.plan import grad_layout
 from . import plan
 from .configs import MAX_ADAPTERS, MAX_COLUMNS
 
-__all__ = ["adapter_fusion", "uses_kernels", "fold_weights", "scores_op", "scores_backward_op"]
+__all__ = ["adapter_fusion", "uses_kernels", "fold_weights", "forward_op", "backward_op"]
 
 
 # --------------------------------------------------------------------------------------------
-# The scores: one custom op (fused_adapters::fusion_scores) and its backward
+# The custom ops (fused_adapters::fusion_forward and fusion_backward): scores, then mixture
 # --------------------------------------------------------------------------------------------
 
 
-def _scores_impl(x: torch.Tensor, w_down: torch.Tensor, b_down: Optional[torch.Tensor], w_query_hidden: torch.Tensor,
-                 b_query_hidden: torch.Tensor, w_query_bias: torch.Tensor, b_query_bias: torch.Tensor,
-                 activation: str, compute_dtype: torch.dtype, temperature: float) -> torch.Tensor:
-    """p [M, N] fp32 of 2-D x [M, D]; the stacked weights as plan.scores takes them."""
+def _forward_impl(
+    x: torch.Tensor, w_down: torch.Tensor, b_down: Optional[torch.Tensor], value_up: torch.Tensor,
+    value_bias: Optional[torch.Tensor], query_hidden: torch.Tensor, query_hidden_bias: torch.Tensor,
+    query_bias: torch.Tensor, query_bias_bias: torch.Tensor, residual: Optional[torch.Tensor], add_input: bool,
+    activation: str, compute_dtype: torch.dtype, out_dtype: torch.dtype, autocast: bool, temperature: float,
+    save: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """2-D x [M, D]: (y [M, D]; p [M, N] fp32; what the mixture saves for backward, its
+    pre-activation [M, N r] and weights [M, N], 0 rows unless save)."""
+    adapters = w_down.shape[0]
     x = int32_columns(x)
     with device_context(x):
-        launches = plan.scores(x, w_down.contiguous(), b_down, w_query_hidden.contiguous(), b_query_hidden,
-                               w_query_bias.contiguous(), b_query_bias, activation, compute_dtype, temperature)
+        launches = plan.scores(x, w_down.contiguous(), b_down, query_hidden.contiguous(), query_hidden_bias,
+                               query_bias.contiguous(), query_bias_bias, activation, compute_dtype, temperature)
         launches()
-    return launches.buffers["probs"]
+    probs = launches.buffers["probs"]
+    y, hidden, _, weights, *_ = sparse_op._forward_impl(
+        x, None, None, _every(x, adapters), probs, w_down, b_down, value_up, value_bias, None, 1.0, residual,
+        add_input, None, adapters, activation, compute_dtype, out_dtype, autocast, save, False, "dense", "")
+    return y, probs, hidden, weights
 
 
-def _scores_fake(x, w_down, b_down, w_query_hidden, b_query_hidden, w_query_bias, b_query_bias, activation,
-                 compute_dtype, temperature):
-    return x.new_empty((x.shape[0], w_query_bias.shape[0]), dtype=torch.float32)
+def _every(x: torch.Tensor, adapters: int) -> torch.Tensor:
+    """Every adapter in every row: [M, N] indices as a broadcast view of an [N] arange (no copy)."""
+    return torch.arange(adapters, device=x.device).expand(x.shape[0], adapters)
 
 
-def _scores_backward_impl(grad_probs: torch.Tensor, x: torch.Tensor, probs: torch.Tensor, w_down: torch.Tensor,
-                          b_down: Optional[torch.Tensor], w_query_hidden: torch.Tensor, b_query_hidden: torch.Tensor,
-                          w_query_bias: torch.Tensor, activation: str, compute_dtype: torch.dtype,
-                          temperature: float, compute_dx: bool, compute_weights: bool
-                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx [M, D] in x's dtype or [0, D]; d [W_down | W_query_hidden | W_query_bias] [2 N r + N, D]
-    fp32 and d of their biases [2 N r + N] fp32, both [0, ...] unless compute_weights)."""
-    dim = x.shape[1]
-    # The GEMMs run in x's dtype: under autocast with fp32 x that reads x as it is (no M x D cast
-    # copy) and gives dx in its dtype directly.
+def _forward_fake(x, w_down, b_down, value_up, value_bias, query_hidden, query_hidden_bias, query_bias,
+                  query_bias_bias, residual, add_input, activation, compute_dtype, out_dtype, autocast, temperature,
+                  save):
+    rows, dim = x.shape
+    adapters, rank, _ = w_down.shape
+    saved = rows if save else 0
+    return (x.new_empty((rows, dim), dtype=out_dtype), x.new_empty((rows, adapters), dtype=torch.float32),
+            x.new_empty((saved, adapters * rank), dtype=compute_dtype),
+            x.new_empty((saved, adapters), dtype=torch.float32))
+
+
+def _backward_impl(
+    grad_y: torch.Tensor, x: torch.Tensor, probs: torch.Tensor, hidden: torch.Tensor, weights: torch.Tensor,
+    w_down: torch.Tensor, b_down: Optional[torch.Tensor], value_up: torch.Tensor, value_bias: Optional[torch.Tensor],
+    query_hidden: torch.Tensor, query_hidden_bias: torch.Tensor, query_bias: torch.Tensor, add_input: bool,
+    activation: str, compute_dtype: torch.dtype, autocast: bool, temperature: float, compute_dx: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx [M, D] in x's dtype, dy included with add_input, or [0, D]; the mixture's packed
+    parameter gradients (kernels/sparse/plan.grad_layout: w_down, b_down, value_up, value_bias);
+    d [w_down | query_hidden | query_bias] [2 N r + N, D] fp32 and d of their biases [2 N r + N]
+    fp32 from the scores)."""
+    rows, dim = x.shape
+    adapters = w_down.shape[0]
+    every = _every(x, adapters)
+    # The mixture's backward: dx (with dy for a residual x), its weights' gradients and d p.
+    grad_x, packed, grad_probs = sparse_op._backward_impl(
+        grad_y, None, x, None, None, every, probs, w_down, b_down, value_up, value_bias, None, 1.0, None, adapters,
+        activation, compute_dtype, autocast, add_input, True, hidden, every.int(), weights, None, None, "dense", "")
+    # The scores' backward: d p to the rank-space gradient, one launch; then this share of dx
+    # added into the mixture's in the GEMM's own epilogue (beta = 1: no separate M x D add), and the
+    # stacked weights' gradients. The GEMMs run in x's dtype: under autocast with fp32 x they read
+    # x as it is (no M x D cast copy).
     gemm_dtype = x.dtype
     x = int32_columns(x)
     with device_context(x):
-        launches = plan.scores_backward(x, probs, grad_probs, w_down.contiguous(), b_down,
-                                        w_query_hidden.contiguous(), b_query_hidden, w_query_bias.contiguous(),
-                                        activation, compute_dtype, temperature, gemm_dtype)
+        launches = plan.scores_backward(x, probs, grad_probs, w_down.contiguous(), b_down, query_hidden.contiguous(),
+                                        query_hidden_bias, query_bias.contiguous(), activation, compute_dtype,
+                                        temperature, gemm_dtype)
         launches()
     grad_rank = launches.buffers["grad_rank"]
-    empty = x.new_empty((0, dim), dtype=torch.float32)
-    grad_x = x.new_empty((0, dim))
-    if compute_dx:
-        stacked = torch.cat([w_down.reshape(-1, dim), w_query_hidden.reshape(-1, dim), w_query_bias]).to(gemm_dtype)
-        grad_x = grad_rank @ stacked
-    if not compute_weights:
-        return grad_x, empty, x.new_empty((0,), dtype=torch.float32)
+    stacked = torch.cat([w_down.reshape(-1, dim), query_hidden.reshape(-1, dim), query_bias]).to(gemm_dtype)
+    grad_x = grad_x.addmm_(grad_rank, stacked) if compute_dx else x.new_empty((0, dim))
     grad_weights = (grad_rank.t() @ x).float()
-    return grad_x, grad_weights, grad_rank.float().sum(0)
+    return grad_x, packed, grad_weights, grad_rank.float().sum(0)
 
 
-def _scores_backward_fake(grad_probs, x, probs, w_down, b_down, w_query_hidden, b_query_hidden, w_query_bias,
-                          activation, compute_dtype, temperature, compute_dx, compute_weights):
+def _backward_fake(grad_y, x, probs, hidden, weights, w_down, b_down, value_up, value_bias, query_hidden,
+                   query_hidden_bias, query_bias, add_input, activation, compute_dtype, autocast, temperature,
+                   compute_dx):
     adapters, rank, dim = w_down.shape
     width = plan.rank_space_width(adapters, rank)
+    grad_dtype = packed_grad_dtype(x, None, None, w_down, b_down, value_up, value_bias, None)
     return (x.new_empty((x.shape[0] if compute_dx else 0, dim)),
-            x.new_empty((width if compute_weights else 0, dim), dtype=torch.float32),
-            x.new_empty((width if compute_weights else 0,), dtype=torch.float32))
+            x.new_empty(grad_layout(adapters, rank, dim).size, dtype=grad_dtype),
+            x.new_empty((width, dim), dtype=torch.float32), x.new_empty((width,), dtype=torch.float32))
 
 
-_SCORES_SAVED = ("x", "w_down", "b_down", "w_query_hidden", "b_query_hidden", "w_query_bias")
+_SAVED = ("x", "w_down", "b_down", "value_up", "value_bias", "query_hidden", "query_hidden_bias", "query_bias")
 
 
-def _scores_setup_context(ctx, inputs, output):
-    # x by reference and the [N r, D] stacked weights; p [M, N]: nothing M x D, nothing N x M x D.
-    ctx.save_for_backward(*(inputs[name] for name in _SCORES_SAVED), output)
-    ctx.flags = {name: inputs[name] for name in ("activation", "compute_dtype", "temperature")}
+def _setup_context(ctx, inputs, output):
+    _, probs, hidden, weights = output
+    ctx.mark_non_differentiable(probs, hidden, weights)
+    ctx.set_materialize_grads(False)
+    # x by reference, the parameter-sized folds, p [M, N], the mixture's [M, N r] and [M, N]:
+    # nothing M x D, nothing N x M x D.
+    ctx.save_for_backward(*(inputs[name] for name in _SAVED), probs, hidden, weights)
+    ctx.flags = {name: inputs[name] for name in ("add_input", "activation", "compute_dtype", "autocast",
+                                                 "temperature")}
+    ctx.residual_dtype = inputs["residual"].dtype if inputs["residual"] is not None else None
 
 
-def _scores_backward(ctx, needs, grad_probs):
-    if grad_probs is None:
+def _backward(ctx, needs, grad_y, grad_probs, grad_hidden, grad_weights):
+    if grad_y is None:
         return {}
     refuse_double_backward("adapter_fusion", "adapter_fusion")
-    x, w_down, b_down, w_query_hidden, b_query_hidden, w_query_bias, probs = ctx.saved_tensors
-    weights = ("w_down", "b_down", "w_query_hidden", "b_query_hidden", "w_query_bias", "b_query_bias")
-    grad_x, grad_weights, grad_biases = scores_backward_op(
-        grad_probs=grad_probs, x=x, probs=probs, w_down=w_down, b_down=b_down, w_query_hidden=w_query_hidden,
-        b_query_hidden=b_query_hidden, w_query_bias=w_query_bias, compute_dx=needs["x"],
-        compute_weights=any(needs[name] for name in weights), **ctx.flags)
-    grads = dict(x=grad_x)
-    if grad_weights.shape[0]:
-        adapters, rank, dim = w_down.shape
-        columns = adapters * rank
-        split = (columns, columns, adapters)
-        dw_down, dw_query_hidden, dw_query_bias = grad_weights.split(split)
-        db_down, db_query_hidden, db_query_bias = grad_biases.split(split)
-        grads.update(
-            w_down=dw_down.view(w_down.shape).to(w_down.dtype),
-            b_down=None if b_down is None else db_down.view(b_down.shape).to(b_down.dtype),
-            w_query_hidden=dw_query_hidden.view(w_query_hidden.shape).to(w_query_hidden.dtype),
-            b_query_hidden=db_query_hidden.view(b_query_hidden.shape).to(b_query_hidden.dtype),
-            w_query_bias=dw_query_bias.to(w_query_bias.dtype), b_query_bias=db_query_bias,
-        )
-    return grads
+    saved = dict(zip(_SAVED + ("probs", "hidden", "weights"), ctx.saved_tensors))
+    grad_x, packed, grad_stacked, grad_biases = backward_op(grad_y=grad_y, compute_dx=needs["x"], **saved,
+                                                            **ctx.flags)
+    w_down, b_down = saved["w_down"], saved["b_down"]
+    adapters, rank, dim = w_down.shape
+    split = grad_layout(adapters, rank, dim).split(packed)
+    columns = adapters * rank
+    dw_down, dw_query_hidden, dw_query_bias = grad_stacked.split((columns, columns, adapters))
+    db_down, db_query_hidden, db_query_bias = grad_biases.split((columns, columns, adapters))
+    # w_down and b_down feed both launches: their two shares, summed.
+    w_down_grad = (split["w_down"].float() + dw_down.reshape(-1)).view(w_down.shape).to(w_down.dtype)
+    b_down_grad = None if b_down is None else (split["b_down"].float() + db_down).view(b_down.shape).to(b_down.dtype)
+    value_up, value_bias = saved["value_up"], saved["value_bias"]
+    query_hidden, query_hidden_bias = saved["query_hidden"], saved["query_hidden_bias"]
+    return dict(
+        x=grad_x, w_down=w_down_grad, b_down=b_down_grad,
+        value_up=param_grad(split["w_up"], value_up), value_bias=param_grad(split["b_up"], value_bias),
+        query_hidden=dw_query_hidden.view(query_hidden.shape).to(query_hidden.dtype),
+        query_hidden_bias=db_query_hidden.to(query_hidden_bias.dtype),
+        query_bias=dw_query_bias.to(saved["query_bias"].dtype), query_bias_bias=db_query_bias,
+        residual=grad_y.to(ctx.residual_dtype) if ctx.residual_dtype is not None else None,
+    )
 
 
-scores_backward_op = FusedOp("fusion_scores_backward", _scores_backward_impl, _scores_backward_fake)
-scores_op = FusedOp("fusion_scores", _scores_impl, _scores_fake, _scores_setup_context, _scores_backward)
+backward_op = FusedOp("fusion_backward", _backward_impl, _backward_fake)
+forward_op = FusedOp("fusion_forward", _forward_impl, _forward_fake, _setup_context, _backward)
 
 
 # --------------------------------------------------------------------------------------------
@@ -275,13 +314,14 @@ def adapter_fusion(
         return reference.adapter_fusion(x, w_down, b_down, w_up, b_up, scale, w_query, b_query, w_key, b_key,
                                         w_value, activation=activation, residual=residual, temperature=temperature)
     folds = fold_weights(w_up, b_up, scale, w_query, b_query, w_key, b_key, w_value)
-    rows = x.reshape(-1, dim)
-    probs = scores_op(x=rows, w_down=w_down, b_down=b_down, w_query_hidden=folds["query_hidden"],
-                      b_query_hidden=folds["query_hidden_bias"].reshape(-1), w_query_bias=folds["query_bias"],
-                      b_query_bias=folds["query_bias_bias"], activation=activation, compute_dtype=compute_dtype,
-                      temperature=float(temperature))
-    # Every adapter in every row, weights p: [M, N] indices as a broadcast view (no copy).
-    every = torch.arange(adapters, device=x.device).expand(*x.shape[:-1], adapters)
-    return routed_adapter_unchecked(x, every, probs.view(*x.shape[:-1], adapters), w_down, b_down,
-                                    folds["value_up"], folds["value_bias"], None, activation=activation,
-                                    residual=residual)
+    autocast = reference.autocasts(x)
+    out_dtype = reference.output_dtype(compute_dtype, autocast, None, terms)
+    _, _, add_input, skip = epilogue_arguments(x, None, 1.0, terms)
+    save = wants_grad(x, w_down, b_down, *folds.values(), *terms)
+    y, *_ = forward_op(
+        x=x.reshape(-1, dim), w_down=w_down, b_down=b_down, value_up=folds["value_up"], value_bias=folds["value_bias"],
+        query_hidden=folds["query_hidden"], query_hidden_bias=folds["query_hidden_bias"].reshape(-1),
+        query_bias=folds["query_bias"], query_bias_bias=folds["query_bias_bias"], residual=skip, add_input=add_input,
+        activation=activation, compute_dtype=compute_dtype, out_dtype=out_dtype, autocast=autocast,
+        temperature=float(temperature), save=save)
+    return y.view(x.shape)
