@@ -26,8 +26,10 @@ the tensors and the requires_grad flags as they were.
 """
 
 # The kinds register themselves on import (kinds.register_kind): one file each.
-from . import bottleneck, lora, losa  # noqa: F401
+from . import bottleneck, fusion, lora, losa  # noqa: F401
 from .config import POSITIONS, AdapterConfig, LoraConfig, LosaConfig
+from .continual import I2IResult, evaluate_tasks, i2i_initialize
+from .fusion import AdapterFusion, FusionConfig, fusion_regularization
 from .io import load_adapters, save_adapters
 from .kinds import AdapterKind, register_kind
 from .lora import LoraBranch, LoraLinear
@@ -55,8 +57,11 @@ from .timm_vit import (
 __all__ = [
     "POSITIONS",
     "AdapterConfig",
+    "AdapterFusion",
     "AdapterKind",
     "BottleneckAdapter",
+    "FusionConfig",
+    "I2IResult",
     "Injection",
     "LoraBranch",
     "LoraConfig",
@@ -70,6 +75,9 @@ __all__ = [
     "adapter_summary",
     "delete_adapter",
     "disable_adapters",
+    "evaluate_tasks",
+    "fusion_regularization",
+    "i2i_initialize",
     "inject",
     "load_adapters",
     "losa_features",

@@ -46,7 +46,8 @@ class AdaptedBlockMixin(Swapped):
             if name is None or name not in self.adapters:
                 return super().forward(x, *args, **kwargs)
             adapter = _RecordingSlots(self.adapters[name], record, (self._fused_index, name))
-        position = record.configs[name].position
+        # A fusion's slots carry the position of the adapters it runs over (adapters/fusion.py).
+        position = getattr(self.adapters[name], "position", None) or record.configs[name].position
         if position in ("post", "pfeiffer"):
             # x = block(x); x = x + A(x). The original forward, whatever its timm version.
             x = super().forward(x, *args, **kwargs)

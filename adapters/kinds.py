@@ -39,6 +39,9 @@ class AdapterKind:
     file_kind: str = ""
     config_class: type = type(None)
     noun: str = "an adapter"
+    # For kinds whose adapters run over adapters already in the model (AdapterFusion): what they
+    # need, said after their config class in kind_of's error.
+    runs_over: str = ""
 
     def build(self, model: nn.Module, name: str, config, record) -> Built:
         """Check the model can take this adapter (TypeError/ValueError naming what is wrong) and
@@ -85,6 +88,11 @@ class AdapterKind:
         return (f"cannot merge adapter {name!r}: it is {self.noun}, not a low-rank update of a linear's weight; only "
                 f"LoRA adapters merge")
 
+    def delete_refusal(self, name: str, config, deleted: str) -> Optional[str]:
+        """Why adapter `deleted` cannot be deleted while this kind's adapter `name` (with `config`)
+        is in the model, e.g. because it runs over it; None if it can."""
+        return None
+
     def merge(self, model: nn.Module, name: str) -> None:
         raise NotImplementedError
 
@@ -130,8 +138,12 @@ def kind_of(config) -> AdapterKind:
     """The kind a config builds; TypeError naming the accepted config classes otherwise."""
     kind = _BY_CONFIG.get(type(config))
     if kind is None:
-        names = [("an " if cls.__name__[0] in "AEIOU" else "a ") + cls.__name__ for cls in _BY_CONFIG]
-        accepted = ", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else names[0]
+        def named(cls):
+            return ("an " if cls.__name__[0] in "AEIOU" else "a ") + cls.__name__
+
+        names = [named(cls) for cls, each in _BY_CONFIG.items() if not each.runs_over]
+        accepted = ", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else "".join(names)
+        accepted += "".join(f" (or {named(cls)} {each.runs_over})" for cls, each in _BY_CONFIG.items() if each.runs_over)
         raise TypeError(f"config must be {accepted}, got {type(config).__name__}")
     return kind
 

@@ -306,12 +306,17 @@ def delete_adapter(model: nn.Module, name: str) -> nn.Module:
     adapter leaves none active: the model runs the bare backbone, all frozen, until
     set_adapter; deleting another keeps the active one. Modules with no adapters left get
     their original timm classes back, so deleting every adapter restores the plain model (its
-    modules, state-dict keys and outputs)."""
+    modules, state-dict keys and outputs). An adapter another one runs over (the adapters of an
+    AdapterFusion) is refused with a ValueError while that one is in the model."""
     configs = adapter_configs(model)
     if name not in configs:
         raise ValueError(f"no adapters named {name!r} to delete; injected: {sorted(configs)}")
     record = record_of(model)
     refuse_inside_frames(record, "delete_adapter")
+    for other, other_config in configs.items():  # adapters that run over this one (a fusion) refuse
+        refusal = None if other == name else kind_of(other_config).delete_refusal(other, other_config, name)
+        if refusal is not None:
+            raise ValueError(refusal)
     kind = kind_of(configs[name])
     if record.merged == name:
         kind.unmerge(model, name)
