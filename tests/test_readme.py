@@ -6,6 +6,7 @@ relative link points to a file (and heading) that exists."""
 import json
 import pathlib
 import re
+import textwrap
 
 import pytest
 
@@ -27,11 +28,13 @@ def marked_block(marker: str, language: str = "bash") -> str:
 def python_examples():
     for page in PAGES:
         text = page.read_text()
-        for block in re.finditer(r"```python\n(.*?)```", text, flags=re.S):
+        # A block may sit indented inside a list item: its code is dedented by the fence's indent.
+        for block in re.finditer(r"^( *)```python\n(.*?)^\1```", text, flags=re.S | re.M):
             line = text.count("\n", 0, block.start()) + 2
             # The docs pages' examples train small ViTs: the fast mode (-m "not slow") runs the README's.
             marks = () if page.name == "README.md" else pytest.mark.slow
-            yield pytest.param(page, line, block.group(1), id=f"{page.relative_to(ROOT)}:{line}", marks=marks)
+            code = textwrap.dedent(block.group(2))
+            yield pytest.param(page, line, code, id=f"{page.relative_to(ROOT)}:{line}", marks=marks)
 
 
 EXAMPLES = list(python_examples())
