@@ -117,6 +117,7 @@ def assert_same(before, after) -> None:
                 assert torch.equal(value_before, value_after)
 
 
+@pytest.mark.slow  # 48 optimizer steps of a float64 ViT: about a minute on 2 cores
 def test_i2i_starts_the_new_task_lower_than_a_fresh_adapter_and_keeps_the_old_ones(model, caplog):
     before = old_state(model)
     set_adapter(model, "t1")
