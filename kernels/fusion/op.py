@@ -18,9 +18,11 @@ a_i is ever formed. With up_i = scale_i W_up_i and c_i = scale_i b_up_i, a_i = u
 Forward: two launches, no M x D intermediate, no D x D GEMM on M rows. Saved for backward: p
 [M, N] here and the mixture's [M, N r] pre-activation and [M, N] weights. Backward: the
 mixture's two launches give dx, d p and the folded weights' gradients; "fusion_scores_backward"
-turns d p into the rank-space gradient [M, 2 N r + N], and two GEMMs over it give this part of
-dx and the stacked weights' gradients; autograd carries the folds' gradients back to W_q, b_q,
-W_k, W_v and the adapters. Every reduction is a GEMM or an in-order sum: deterministic.
+turns d p into the rank-space gradient [M, 2 N r + N]; one GEMM over it adds this share of dx
+into the mixture's (beta = 1: no separate M x D add), another gives the stacked weights'
+gradients; autograd carries the folds' gradients back to W_q, b_q, W_k, W_v and the adapters.
+Every reduction is a GEMM or an in-order sum: deterministic. Both passes are one custom op each
+(fused_adapters::fusion_forward and fusion_backward), so torch.compile sees one node.
 """
 
 from __future__ import annotations
