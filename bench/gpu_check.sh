@@ -80,11 +80,11 @@ install() {
     && echo "installed through a PYTHONPATH shim"
 }
 
-# The smoke selection in three processes at once (each compiles its own kernels: the cold
+# The smoke selection in four processes at once (each compiles its own kernels: the cold
 # compiles are most of this step's time).
 correctness() {
   local group pid rc=0 pids=()
-  for group in bottleneck lora sparse; do
+  for group in bottleneck lora sparse fusion; do
     "$python" -m pytest -q -rs -p no:cacheprovider tests/test_gpu_smoke.py -k "$group" \
       > "$out/correctness-$group.txt" 2>&1 &
     pids+=($!)

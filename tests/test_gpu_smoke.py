@@ -1,5 +1,5 @@
-"""The smoke selection: every op's default path once, with the LoRA linear's single launch and
-the sparse mixture's grouped design beside it, at one small shape, in fp16 and bf16, forward and
+"""The smoke selection: every op's default path once (AdapterFusion's included), with the LoRA
+linear's single launch and the sparse mixture's grouped design beside it, at one small shape, in fp16 and bf16, forward and
 every gradient against float64, outputs poisoned with NaN.
 
 `bash bench/gpu_check.sh OUT --smoke` runs this file first on a CUDA machine: the first check
@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from fused_adapters.kernels import (
-    backend, bottleneck_adapter, lora_linear, reference, routed_adapter, sparse_adapter, use_variant,
+    adapter_fusion, backend, bottleneck_adapter, lora_linear, reference, routed_adapter, sparse_adapter, use_variant,
 )
 from helpers import (
     DEVICE, NO_CUDA_REASON, TOLERANCE, LaunchCounter, check_against_float64, poisoned_outputs,
@@ -151,3 +151,34 @@ def test_sparse(op, design, dtype):
         names = check_kernels(sparse_call, fused, ref, sparse_tensors(dtype, routed), dtype, grad_factor=2.0)
     grouped = any("grouped" in name for name in names)
     assert names and grouped == (design == "grouped"), names
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fusion(dtype):
+    """AdapterFusion over 4 frozen adapters (the fusion's weights trainable): the scores launch,
+    the mixture's launch, and backward the mixture's two and the scores' one."""
+    generator = torch.Generator().manual_seed(5)
+    dim, adapters = SHAPE[-1], 4
+    tensors = dict(
+        x=randn(generator, *SHAPE, dtype=dtype),
+        w_down=randn(generator, adapters, RANK, dim, dtype=dtype, std=dim ** -0.5, grad=False),
+        b_down=randn(generator, adapters, RANK, dtype=dtype, std=0.5, grad=False),
+        w_up=randn(generator, adapters, dim, RANK, dtype=dtype, std=RANK ** -0.5, grad=False),
+        b_up=randn(generator, adapters, dim, dtype=dtype, std=0.5, grad=False),
+        scale=randn(generator, adapters, dim, dtype=dtype, grad=False),
+        w_query=randn(generator, dim, dim, dtype=dtype, std=dim ** -0.5),
+        b_query=randn(generator, dim, dtype=dtype, std=0.3),
+        w_key=randn(generator, dim, dim, dtype=dtype, std=dim ** -0.5),
+        w_value=randn(generator, dim, dim, dtype=dtype, std=dim ** -0.5),
+    )
+
+    def call(fn, t):
+        return fn(t["x"], t["w_down"], t["b_down"], t["w_up"], t["b_up"], t["scale"], t["w_query"], t["b_query"],
+                  t["w_key"], None, t["w_value"], residual=t["x"])
+
+    # The scores are dot products of D-long rounded vectors, and the weights' gradients sum them
+    # over rows: four times the forward's bound for the gradients (tests/test_fusion_kernel.py).
+    names = check_kernels(call, adapter_fusion, reference.adapter_fusion, tensors, dtype, grad_factor=4.0)
+    assert sorted(set(names)) == sorted({"_fusion_scores_kernel", "_sparse_forward_kernel",
+                                         "_fusion_scores_backward_kernel", "_sparse_backward_input_kernel",
+                                         "_sparse_backward_weights_kernel"}), names
