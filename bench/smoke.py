@@ -5,8 +5,9 @@
 
 `ops`: each op's forward and forward+backward at ViT-B batch 32 (M = 6304 rows, D = 768) in
 bf16: the bottleneck adapter (Adapter+'s post adapter: residual x, channel scale, biases, gelu,
-r = 8), the sparse mixture gated and routed (E = 8, top-2, r = 16, residual x) and the LoRA
-linear on ViT-B's qkv (768 -> 2304, r = 8, alpha 16), for the providers asked: eager PyTorch
+r = 8), the sparse mixture gated and routed (E = 8, top-2, r = 16, residual x), the LoRA
+linear on ViT-B's qkv (768 -> 2304, r = 8, alpha 16) and AdapterFusion over N = 4 frozen rank-8
+adapters (residual x, the fusion's weights trainable), for the providers asked: eager PyTorch
 (kernels/reference.py; PEFT's expression for LoRA), torch.compile of it, and the fused op in its
 default form (LoRA's single launch as a row of its own). Forward rows are training forwards
 (inputs that require grad). Times with CUDA events (bench.measure.time_rounds), medians and
@@ -43,15 +44,17 @@ if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
 
 from bench.measure import (  # noqa: E402
-    DTYPES, LORA_SINGLE_LAUNCH, bottleneck_inputs, copy_gbps, differentiable, floor_bytes, lora_call, lora_eager,
-    lora_fused, lora_inputs, lora_variant, peak_memory, rotation_count, sparse_call, sparse_inputs, synchronize,
-    time_rounds, vit_model,
+    DTYPES, LORA_SINGLE_LAUNCH, bottleneck_inputs, copy_gbps, differentiable, floor_bytes, fusion_call, fusion_inputs,
+    lora_call, lora_eager, lora_fused, lora_inputs, lora_variant, peak_memory, rotation_count, sparse_call,
+    sparse_inputs, synchronize, time_rounds, vit_model,
 )
-from fused_adapters.kernels import bottleneck_adapter, reference, routed_adapter, sparse_adapter, use_variant  # noqa: E402
+from fused_adapters.kernels import (  # noqa: E402
+    adapter_fusion, bottleneck_adapter, reference, routed_adapter, sparse_adapter, use_variant,
+)
 
 PASSES = ("forward", "forward+backward")
 PROVIDERS = ("eager", "compile", "fused")
-RANK, SPARSE_RANK, EXPERTS, TOP_K, LORA_ALPHA = 8, 16, 8, 2, 16
+RANK, SPARSE_RANK, EXPERTS, TOP_K, LORA_ALPHA, FUSED_ADAPTERS = 8, 16, 8, 2, 16, 4
 
 
 @dataclass
@@ -95,6 +98,15 @@ def op_cases(rows: int, dim: int, dtype: torch.dtype, device) -> list[OpCase]:
         lambda pass_name: (rows * dim + lora_out * dim + (rows * lora_out if pass_name != "forward" else 0)) * size,
         fused_variants=("default", LORA_SINGLE_LAUNCH),
         variant=lora_variant,
+    ), OpCase(
+        "adapter_fusion", f"M={rows} D={dim} r={RANK} N={FUSED_ADAPTERS}",
+        lambda g: fusion_inputs(rows, dim, RANK, FUSED_ADAPTERS, dtype, device, True, g),
+        fusion_call, reference.adapter_fusion, adapter_fusion,
+        # The bottleneck op's floor plus the fusion's three D x D weights, read once a pass; the
+        # backward also writes their gradients.
+        lambda pass_name: floor_bytes(pass_name, rows, dim, size, size, weight_bytes=3 * dim * dim * size)
+        + (0 if pass_name == "forward" else 3 * dim * dim * size),
+        lambda pass_name: rows * dim * size * (1 if pass_name == "forward" else 2),
     )]
     for op, fused in (("sparse_adapter", sparse_adapter), ("routed_adapter", routed_adapter)):
         routed = op == "routed_adapter"

@@ -100,7 +100,7 @@ def test_smoke_op_timings_run(tmp_path):
     assert smoke.main(["ops", str(tmp_path), "--providers", "eager", "fused", *tiny]) == 0
     data = json.loads((tmp_path / "timings.json").read_text())
     rows = {(r["op"], r["pass"], r["provider"], r["variant"]) for r in data["rows"]}
-    ops = ["bottleneck", "sparse_adapter", "routed_adapter", "lora"]
+    ops = ["bottleneck", "sparse_adapter", "routed_adapter", "lora", "adapter_fusion"]
     expected = {(op, p, provider, "default") for op in ops for p in smoke.PASSES for provider in ("eager", "fused")}
     expected |= {("lora", p, "fused", "single_launch") for p in smoke.PASSES}
     assert rows == expected
