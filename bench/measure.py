@@ -823,8 +823,7 @@ def _fusion_plans(case: dict, dtype, compute, backward: bool) -> list:
                                    None, w_down, value_up, folds["value_bias"], None, 1.0, None, "gelu", compute, True,
                                    True, torch.float32, configs.DEFAULT_VARIANT)
     scores_backward = fusion_plan.scores_backward(x, probs, probs, w_down, b_down, folds["query_hidden"],
-                                                  folds["query_hidden_bias"].reshape(-1), folds["query_bias"], "gelu",
-                                                  compute, 1.0, dtype)
+                                                  folds["query_hidden_bias"].reshape(-1), "gelu", compute, 1.0, dtype)
     return [scores, forward, mixture, scores_backward]
 
 

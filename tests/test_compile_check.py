@@ -104,9 +104,10 @@ def test_compile_check_compiles_a_sparse_and_a_wide_case_per_kernel():
 
 def test_cases_come_from_the_ops_plans(monkeypatch):
     # The compile check mirrors no launch rule: its cases are what the ops' plans make, so a
-    # change to a plan (here the bottleneck's act(h) rule, the sparse forward's launch, the LoRA
-    # GEMM's tile choice) changes the cases with it.
+    # change to a plan (here the bottleneck's act(h) rule, the sparse forward's and the fusion
+    # scores' launches, the LoRA GEMM's tile choice) changes the cases with it.
     from fused_adapters.kernels.bottleneck import plan as bottleneck_plan
+    from fused_adapters.kernels.fusion import plan as fusion_plan
     from fused_adapters.kernels.lora import plan as lora_plan
     from fused_adapters.kernels.sparse import plan as sparse_plan
     from fused_adapters.tools.compile_check import build_launches
@@ -125,6 +126,16 @@ def test_cases_come_from_the_ops_plans(monkeypatch):
 
     monkeypatch.setattr(sparse_plan, "forward", forward)
     assert build_launches("sparse_forward", 128, "float16", "aligned").constexprs["ACTIVATION"] == "relu"
+    for kernel, name in (("fusion_scores", "scores"), ("fusion_scores_backward", "scores_backward")):
+        planned_by = getattr(fusion_plan, name)
+
+        def fusion(*args, _planned_by=planned_by, _kernel=kernel, **kwargs):
+            planned = _planned_by(*args, **kwargs)
+            planned.launches[_kernel].constexprs["ACTIVATION"] = "relu"
+            return planned
+
+        monkeypatch.setattr(fusion_plan, name, fusion)
+        assert build_launches(kernel, 64, "float16", "aligned").constexprs["ACTIVATION"] == "relu"
     smallest = lora_plan.LORA_LINEAR_CONFIGS[(16, "half")][-1]
     monkeypatch.setattr(lora_plan, "gemm_config", lambda *args: smallest)
     assert build_launches("lora_forward", 16, "float16", "aligned").config is smallest

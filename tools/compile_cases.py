@@ -4,8 +4,8 @@ present, at every tile of the kernel's table. tools/compile_check.py compiles th
 
 Two shape scenarios:
   aligned    ViT-like: D, rank, rows and strides multiples of 16, aligned pointers.
-  unaligned  odd D, rank and rows, misaligned x (sparse: an odd rank with E*r in the same
-             padded block; grouped: an odd rank in the same padded block).
+  unaligned  odd D, rank and rows, misaligned x (sparse and fusion: an odd rank with E*r or N*r
+             in the same padded block; grouped: an odd rank in the same padded block).
 """
 
 from __future__ import annotations
@@ -51,7 +51,12 @@ GROUPED_KERNELS = ("grouped_gate", "grouped_forward", "grouped_combine", "groupe
 # compiles each at the padded rank and, as the "+half_rank" configs, at half of it (rank 8 pads
 # to 16 but is no multiple of 16, so B's strides specialize differently).
 LORA_KERNELS = ("lora_forward", "lora_backward_input", "lora_backward_weights")
-KERNELS = BOTTLENECK_KERNELS + WIDE_KERNELS + LAYOUT_KERNELS + SPARSE_KERNELS + GROUPED_KERNELS + LORA_KERNELS
+# AdapterFusion's scores kernels (kernels/fusion/): row-tile kernels keyed, as the sparse dense
+# kernels are, by the padded N*r (one (adapters, rank) per key: SPARSE_SHAPES, an odd rank with N*r
+# in the same padded block in the unaligned scenario) and compiled at every block-rows variant.
+FUSION_KERNELS = ("fusion_scores", "fusion_scores_backward")
+KERNELS = BOTTLENECK_KERNELS + WIDE_KERNELS + LAYOUT_KERNELS + SPARSE_KERNELS + GROUPED_KERNELS + LORA_KERNELS + \
+    FUSION_KERNELS
 # The sparse kernels' configurations are keyed by the padded E*r: one (experts, rank) per key.
 # The unaligned scenario keeps the experts and takes an odd rank whose E*r pads to the same block.
 SPARSE_SHAPES = {16: (4, 4), 32: (4, 8), 64: (8, 8), 128: (8, 16), 256: (16, 16)}
@@ -116,7 +121,10 @@ def build_launches(kernel: str, block_rank: int, dtype_name: str, scenario: str,
     logits stored (and their own gradient in the backward); single: the k = 1 form instead (the
     routed form with top-1: grouped_forward writes y, grouped_backward_input writes dx).
 
-    For the LoRA kernels single is the half-rank form (rank block_rank / 2)."""
+    For the LoRA kernels single is the half-rank form (rank block_rank / 2).
+
+    For the fusion kernels block_rank is the padded N*r and the heaviest variant has b_down
+    (and gelu); they have no other form."""
     if kernel in GROUPED_KERNELS:
         if routed or store_act:
             raise ValueError(f"{kernel}: the grouped kernels have no routed or store_act case (see single)")
@@ -125,6 +133,10 @@ def build_launches(kernel: str, block_rank: int, dtype_name: str, scenario: str,
         if store_act or routed:
             raise ValueError(f"{kernel}: the LoRA linear's kernels have no store_act or routed case")
         return _lora_launch(kernel, block_rank, dtype_name, scenario, variant, half_rank=single)
+    if kernel in FUSION_KERNELS:
+        if store_act or routed or single:
+            raise ValueError(f"{kernel}: the fusion kernels have no store_act, routed or k = 1 case")
+        return _fusion_launch(kernel, block_rank, dtype_name, scenario, variant)
     if single:
         raise ValueError(f"{kernel}: the k = 1 form is compiled for the grouped kernels only (and, as half_rank, "
                          f"for the LoRA kernels)")
@@ -215,6 +227,32 @@ def _sparse_launch(kernel: str, block_columns: int, dtype_name: str, scenario: s
         tiles={kernel: variant}).launches[kernel]
 
 
+def _fusion_launch(kernel: str, block_columns: int, dtype_name: str, scenario: str, variant=None):
+    """AdapterFusion's scores launches, as adapter_fusion makes them: the adapters' w_down and
+    b_down in x's storage dtype, the folded query weights and biases fp32 (fold_weights), p and
+    dp fp32, and the backward's rank-space gradient in x's storage dtype (the GEMMs' dtype)."""
+    from ..kernels.fusion import configs, plan
+
+    rows, dim, _, misaligned = _scenario_shapes(16, scenario)
+    adapters, rank = _sparse_shape(block_columns, scenario)
+    if configs.block_columns(adapters, rank) != block_columns:
+        raise ValueError(f"N = {adapters}, r = {rank} does not pad to {block_columns} columns")
+    dtype, compute = _dtypes(dtype_name)
+    inputs = _Inputs(dtype)
+    fp32 = torch.float32
+    x = inputs.matrix(rows, dim, offset=misaligned)
+    w_down, b_down = inputs.tensor(adapters, rank, dim), inputs.tensor(adapters, rank)
+    w_query_hidden = inputs.tensor(adapters, rank, dim, dt=fp32)
+    b_query_hidden = inputs.tensor(adapters * rank, dt=fp32)
+    w_query_bias, b_query_bias = inputs.tensor(adapters, dim, dt=fp32), inputs.tensor(adapters, dt=fp32)
+    if kernel == "fusion_scores":
+        return plan.scores(x, w_down, b_down, w_query_hidden, b_query_hidden, w_query_bias, b_query_bias, "gelu",
+                           compute, 1.0, tile=variant).launches[kernel]
+    probs, grad_probs = inputs.tensor(rows, adapters, dt=fp32), inputs.tensor(rows, adapters, dt=fp32)
+    return plan.scores_backward(x, probs, grad_probs, w_down, b_down, w_query_hidden, b_query_hidden, "gelu", compute,
+                                1.0, dtype, tile=variant).launches[kernel]
+
+
 def _grouped_launch(kernel: str, block_rank: int, dtype_name: str, scenario: str, single: bool, variant=None):
     from ..kernels.launch import padded_rank
     from ..kernels.sparse import plan
@@ -253,9 +291,10 @@ def _grouped_launch(kernel: str, block_rank: int, dtype_name: str, scenario: str
 
 
 def config_tables() -> dict:
-    """Each kernel's table of block configurations, {(padded rank or E*r, dtype group): config};
+    """Each kernel's table of block configurations, {(padded rank, E*r or N*r, dtype group): config};
     the grouped gate's and combines' (keyed by the dtype group alone) under padded rank 0."""
     from ..kernels.bottleneck import configs as bn
+    from ..kernels.fusion import configs as fu
     from ..kernels.lora import configs as ll
     from ..kernels.sparse import configs as sp
 
@@ -282,7 +321,8 @@ def config_tables() -> dict:
             "lora_forward": lora_gemm, "lora_backward_input": lora_gemm,
             "lora_backward_weights": {key: [bn.BACKWARD_WEIGHTS_CONFIGS[key], config]
                                       for key, config in bn.BACKWARD_WEIGHTS_WIDE_CONFIGS.items()
-                                      if key[0] <= ll.MAX_SINGLE_LAUNCH_RANK}}
+                                      if key[0] <= ll.MAX_SINGLE_LAUNCH_RANK},
+            "fusion_scores": fu.SCORES_CONFIGS, "fusion_scores_backward": fu.SCORES_BACKWARD_CONFIGS}
 
 
 def _cases(archs, dtypes, scenarios, kernels, configs=None):
@@ -310,7 +350,7 @@ def _cases(archs, dtypes, scenarios, kernels, configs=None):
             # to 32 (above that they always store act), the sparse backward's at every E*r.
             backward = kernel not in ("forward", "forward_wide", "forward_column_major", "sparse_forward") and \
                 not grouped and \
-                kernel not in LORA_KERNELS
+                kernel not in LORA_KERNELS + FUSION_KERNELS
             store_acts = (False, True) if backward and (sparse or block_rank <= 32) else (False,)
             # The trailing arguments of each form: the sparse forward's two forms, gated and
             # routed, are different kernels; so are two grouped kernels' k = 1 forms.

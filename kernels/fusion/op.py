@@ -9,8 +9,8 @@ a_i is ever formed. With up_i = scale_i W_up_i and c_i = scale_i b_up_i, a_i = u
   softmax). q^T W_k a_i = (x Q_i^T + e_i) . act_i + x . f_i + o_i, with the [r, D] matrix
   Q_i = (W_k up_i)^T W_q, e_i = b_q W_k up_i, f_i = W_q^T W_k c_i and o_i = b_q . W_k c_i: weight-
   space products of N r x D (folded per call, like the scale). So the scores need act_i = act(x
-  W_down_i^T + b_down_i) and two more projections of x: one kernel, one sweep over x, writing
-  only p [M, N] ("fusion_scores");
+  W_down_i^T + b_down_i) and two more projections of x: one kernel that reads x once from memory
+  and writes only p [M, N] ("fusion_scores");
 - mixing: sum_i p_i (a_i W_v^T) = sum_i p_i (act_i (W_v up_i)^T + W_v c_i) since the p_i sum to 1,
   which is the sparse mixture's routed form with every adapter chosen, weights p, up-projections
   W_v up_i and biases W_v c_i, and the residual in its epilogue: one launch.
@@ -115,8 +115,7 @@ def _backward_impl(
     x = int32_columns(x)
     with device_context(x):
         launches = plan.scores_backward(x, probs, grad_probs, w_down.contiguous(), b_down, query_hidden.contiguous(),
-                                        query_hidden_bias, query_bias.contiguous(), activation, compute_dtype,
-                                        temperature, gemm_dtype)
+                                        query_hidden_bias, activation, compute_dtype, temperature, gemm_dtype)
         launches()
     grad_rank = launches.buffers["grad_rank"]
     stacked = torch.cat([w_down.reshape(-1, dim), query_hidden.reshape(-1, dim), query_bias]).to(gemm_dtype)

@@ -11,7 +11,9 @@ import torch
 
 from ..launch import TRITON_DTYPES, BlockConfig, Launch, Plan, cdiv, input_precision, new_output, optional, sm_count
 from ..launch import variant_config
-from .configs import SCORES_BACKWARD_CONFIGS, SCORES_CONFIGS, block_adapters, block_columns, block_config
+from .configs import (
+    CHUNK_COLUMNS, SCORES_BACKWARD_CONFIGS, SCORES_CONFIGS, block_adapters, block_columns, block_config,
+)
 from .jit import _fusion_scores_backward_kernel, _fusion_scores_kernel
 
 __all__ = ["scores", "scores_backward", "rank_space_width"]
@@ -50,12 +52,13 @@ def scores(x, w_down, b_down, w_query_hidden, b_query_hidden, w_query_bias, b_qu
     args = dict(x_ptr=x, w_down_ptr=w_down, b_down_ptr=optional(b_down, x), w_query_hidden_ptr=w_query_hidden,
                 b_query_hidden_ptr=b_query_hidden, w_query_bias_ptr=w_query_bias, b_query_bias_ptr=b_query_bias,
                 probs_ptr=probs, **args)
-    constexprs = dict(ACTIVATION=activation, HAS_B_DOWN=b_down is not None, **constexprs)
+    constexprs = dict(ACTIVATION=activation, HAS_B_DOWN=b_down is not None,
+                      CHUNK_COLUMNS=min(constexprs["BLOCK_COLUMNS"], CHUNK_COLUMNS), **constexprs)
     launch = Launch(_fusion_scores_kernel, (cdiv(rows, config.block_rows),), args, constexprs, config)
     return Plan({"fusion_scores": launch}, dict(probs=probs))
 
 
-def scores_backward(x, probs, grad_probs, w_down, b_down, w_query_hidden, b_query_hidden, w_query_bias, activation,
+def scores_backward(x, probs, grad_probs, w_down, b_down, w_query_hidden, b_query_hidden, activation,
                     compute_dtype, temperature, grad_dtype, sms: Optional[int] = None,
                     tile: Optional[BlockConfig] = None) -> Plan:
     """The rank-space gradient of the scores: launch "fusion_scores_backward"; buffer "grad_rank"
@@ -70,7 +73,7 @@ def scores_backward(x, probs, grad_probs, w_down, b_down, w_query_hidden, b_quer
     args, constexprs = _common(x, w_down, compute_dtype, config, temperature)
     args = dict(x_ptr=x, probs_ptr=probs, grad_probs_ptr=grad_probs, w_down_ptr=w_down,
                 b_down_ptr=optional(b_down, x), w_query_hidden_ptr=w_query_hidden, b_query_hidden_ptr=b_query_hidden,
-                w_query_bias_ptr=w_query_bias, grad_rank_ptr=grad_rank, stride_gp_row=grad_probs.stride(0),
+                grad_rank_ptr=grad_rank, stride_gp_row=grad_probs.stride(0),
                 stride_gp_col=grad_probs.stride(1), **args)
     constexprs = dict(ACTIVATION=activation, HAS_B_DOWN=b_down is not None, **constexprs)
     launch = Launch(_fusion_scores_backward_kernel, (cdiv(rows, config.block_rows),), args, constexprs, config)
