@@ -3,24 +3,26 @@ compute dtype). plan.py chooses among them."""
 
 import torch
 
-from ..launch import BlockConfig, dtype_group, next_power_of_2
+from ..launch import BlockConfig, dtype_group, padded_rank
+from ..sparse.configs import MAX_DENSE_COLUMNS
 
 MAX_ADAPTERS = 16
-# The scores kernels hold two [rows, N*r] fp32 accumulators and a [D tile, N*r] weight tile of
-# each stacked matrix in registers, as the sparse mixture's dense design holds one.
-MAX_COLUMNS = 256
-MIN_BLOCK = 16
+# The mixing runs the sparse mixture's dense design, which holds the N r stacked columns in
+# registers: the kernels take N r up to its limit.
+MAX_COLUMNS = MAX_DENSE_COLUMNS
 # The forward sweeps x once per CHUNK_COLUMNS stacked columns (jit.py: two [rows, N r] fp32
 # accumulators spilled at N r = 256 at every tile tried).
 CHUNK_COLUMNS = 64
 
 
 def block_columns(adapters: int, rank: int) -> int:
-    return max(MIN_BLOCK, next_power_of_2(adapters * rank))
+    """The stacked-column tile: N r padded to a power of two, at least tl.dot's 16."""
+    return padded_rank(adapters * rank)
 
 
 def block_adapters(adapters: int) -> int:
-    return max(MIN_BLOCK, next_power_of_2(adapters))
+    """The adapter tile: N padded the same way."""
+    return padded_rank(adapters)
 
 
 # The scores kernels' tiles, keyed by (padded N*r, dtype group of the compute dtype): the largest
