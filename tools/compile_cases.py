@@ -229,8 +229,9 @@ def _sparse_launch(kernel: str, block_columns: int, dtype_name: str, scenario: s
 
 def _fusion_launch(kernel: str, block_columns: int, dtype_name: str, scenario: str, variant=None):
     """AdapterFusion's scores launches, as adapter_fusion makes them: the adapters' w_down and
-    b_down in x's storage dtype, the folded query weights and biases fp32 (fold_weights), p and
-    dp fp32, and the backward's rank-space gradient in x's storage dtype (the GEMMs' dtype)."""
+    b_down, and the folded query weights and biases (fold_weights folds in the weights' dtype), in
+    x's storage dtype; p and dp fp32; the backward's rank-space gradient in x's storage dtype (the
+    GEMMs' dtype)."""
     from ..kernels.fusion import configs, plan
 
     rows, dim, _, misaligned = _scenario_shapes(16, scenario)
@@ -242,9 +243,8 @@ def _fusion_launch(kernel: str, block_columns: int, dtype_name: str, scenario: s
     fp32 = torch.float32
     x = inputs.matrix(rows, dim, offset=misaligned)
     w_down, b_down = inputs.tensor(adapters, rank, dim), inputs.tensor(adapters, rank)
-    w_query_hidden = inputs.tensor(adapters, rank, dim, dt=fp32)
-    b_query_hidden = inputs.tensor(adapters * rank, dt=fp32)
-    w_query_bias, b_query_bias = inputs.tensor(adapters, dim, dt=fp32), inputs.tensor(adapters, dt=fp32)
+    w_query_hidden, b_query_hidden = inputs.tensor(adapters, rank, dim), inputs.tensor(adapters * rank)
+    w_query_bias, b_query_bias = inputs.tensor(adapters, dim), inputs.tensor(adapters)
     if kernel == "fusion_scores":
         return plan.scores(x, w_down, b_down, w_query_hidden, b_query_hidden, w_query_bias, b_query_bias, "gelu",
                            compute, 1.0, tile=variant).launches[kernel]
