@@ -36,6 +36,7 @@ CASES = [
     ("LoRA on qkv, single launch", dict(op="lora", rank=8, dim_out=3 * DIM, scale=2.0, variant="single_launch")),
     ("Sparse mixture, E = 8, k = 2, r = 16", dict(op="sparse_adapter", rank=16, experts=8, top_k=2)),
     ("Routed (one task per row), E = 8, r = 8", dict(op="routed_adapter", rank=8, experts=8, top_k=1)),
+    ("AdapterFusion, N = 4, r = 8", dict(op="adapter_fusion", rank=8, adapters=4)),
 ]
 
 
@@ -53,6 +54,10 @@ def _floor(case: dict, pass_name: str, rows: int) -> int:
     if case.get("op") == "lora":
         weight = case["dim_out"] * DIM * 2
         return floor_bytes(pass_name, rows, DIM, 2, 2, residual="none", dim_out=case["dim_out"], weight_bytes=weight)
+    if case.get("op") == "adapter_fusion":
+        # Its three D x D weights, read once a pass; the backward also writes their gradients.
+        weights = 3 * DIM * DIM * 2
+        return floor_bytes(pass_name, rows, DIM, 2, 2, weight_bytes=weights if pass_name == "forward" else 2 * weights)
     return floor_bytes(pass_name, rows, DIM, 2, 2)
 
 
@@ -101,7 +106,8 @@ def table(results: dict) -> str:
         f"Counted on {results['date']} without a GPU (Triton's interpreter; launches planned for "
         f"{results['sms']} SMs, an H100), {results['dtype']}, M = {results['rows']} rows (ViT-B/16 at "
         f"batch {results['rows'] // 197}), D = {results['dim']}; floor: read x and write y forward, read dy and x and write dx "
-        f"backward (LoRA: and read W once per pass). `python -m bench.headline` makes it.",
+        f"backward (LoRA: and read W once per pass; AdapterFusion: and read its three D x D weights once per pass, "
+        f"and write their gradients backward). `python -m bench.headline` makes it.",
         "",
         "| op | fused launches fwd / bwd (eager kernels) | bytes / floor, fwd | bytes / floor, bwd | "
         "kept for backward (eager) |",
