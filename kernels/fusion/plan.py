@@ -40,7 +40,8 @@ def scores(x, w_down, b_down, w_query_hidden, b_query_hidden, w_query_bias, b_qu
            temperature, sms: Optional[int] = None, tile: Optional[BlockConfig] = None) -> Plan:
     """The fusion probabilities of 2-D x [M, D]: launch "fusion_scores"; buffer "probs" [M, N] fp32.
     w_down, w_query_hidden [N, r, D] (or [N*r, D]) contiguous, b_down and b_query_hidden [N*r],
-    w_query_bias [N, D], b_query_bias [N]; the biases of the queries fp32."""
+    w_query_bias [N, D], b_query_bias [N] (the folds: fp32, or the weights' dtype where they share
+    one; the kernel adds the biases in fp32)."""
     rows = x.shape[0]
     adapters = w_query_bias.shape[0]
     probs = new_output((rows, adapters), torch.float32, x.device)
