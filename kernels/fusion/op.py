@@ -106,7 +106,7 @@ def _backward_impl(
     # The mixture's backward: dx (with dy for a residual x), its weights' gradients and d p.
     grad_x, packed, grad_probs = sparse_op._backward_impl(
         grad_y, None, x, None, None, every, probs, w_down, b_down, value_up, value_bias, None, 1.0, None, adapters,
-        activation, compute_dtype, autocast, add_input, True, hidden, every.int(), weights, None, None, "dense", "")
+        activation, compute_dtype, autocast, add_input, True, hidden, every, weights, None, None, "dense", "")
     # The scores' backward: d p to the rank-space gradient, one launch; then this share of dx
     # added into the mixture's in the GEMM's own epilogue (beta = 1: no separate M x D add), and the
     # stacked weights' gradients. The GEMMs run in x's dtype: under autocast with fp32 x they read
