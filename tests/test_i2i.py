@@ -221,3 +221,16 @@ def test_evaluate_tasks_scores_each_task_with_its_own_adapter(model):
     assert losses["t0"] == pytest.approx(task_loss(model, "t0", tasks["t0"]))
     with pytest.raises(ValueError, match=r"tasks names adapters \['t9'\]"):
         evaluate_tasks(model, {"t9": tasks["t0"]})
+
+
+def test_training_the_new_task_leaves_the_old_tasks_bit_for_bit(model):
+    """The continual-learning loop after I2I: the new adapter trains on its task as any adapter
+    does (set_adapter freezes the others), and every old task keeps its parameters, its head and
+    its outputs exactly."""
+    before = old_state(model)
+    i2i_initialize(model, "new", list(OLD), NEW_TRAIN, fusion_steps=1, distill_steps=1)
+    new_before = {k: v.clone() for k, v in model.blocks.state_dict().items() if ".new." in k}
+    train(model, NEW_TRAIN, steps=3)
+    new_after = {k: v for k, v in model.blocks.state_dict().items() if ".new." in k}
+    assert any(not torch.equal(new_before[k], new_after[k]) for k in new_before)  # the new task did train
+    assert_same(before, old_state(model))
