@@ -227,12 +227,18 @@ class AdapterConfig(ConfigDict):
                       "drop_path": 0.1, "dropout": 0.0, "norm": False, "bias": True, **overrides})
 
 
+def lora_scale(alpha: float, rank: int, use_rslora: bool) -> float:
+    """LoRA's factor on B A: alpha / rank, or rsLoRA's alpha / sqrt(rank)."""
+    return alpha / math.sqrt(rank) if use_rslora else alpha / rank
+
+
 @dataclass(frozen=True)
 class LoraConfig(ConfigDict):
     """How to build LoRA branches on the linears of every ViT block.
 
     rank: r, an int from 1 to MAX_RANK (256, the fused kernels' limit). alpha: a positive
-    finite float; the update is scaled by alpha / rank. targets: which linears of every block
+    finite float; the update is scaled by alpha / rank, or by alpha / sqrt(rank) with
+    use_rslora (rank-stabilized LoRA, Kalajdzievski 2023, as PEFT's use_rslora). targets: which linears of every block
     get a branch, a non-empty tuple of distinct names from "qkv" (attn.qkv), "proj"
     (attn.proj), "fc1" (mlp.fc1), "fc2" (mlp.fc2); kept in that order, so configs that name
     the same linears compare equal. dropout: on the branch's input only, in training (as
@@ -249,6 +255,7 @@ class LoraConfig(ConfigDict):
     dropout: float = 0.0
     init: str = "lora"
     train_head: bool = True
+    use_rslora: bool = False
 
     def __post_init__(self):
         check_rank(self)
@@ -267,11 +274,12 @@ class LoraConfig(ConfigDict):
         if not isinstance(self.init, str) or self.init not in LORA_INITS:
             raise ValueError(f"LoraConfig.init must be one of {LORA_INITS}, got {self.init!r}")
         check_bool(self, "train_head")
+        check_bool(self, "use_rslora")
 
     @property
     def scale(self) -> float:
-        """alpha / rank, the factor on the low-rank update."""
-        return self.alpha / self.rank
+        """The factor on the low-rank update: alpha / rank, or alpha / sqrt(rank) with use_rslora."""
+        return lora_scale(self.alpha, self.rank, self.use_rslora)
 
 
 @dataclass(frozen=True)

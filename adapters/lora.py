@@ -38,17 +38,18 @@ MERGED_METADATA = "fused_adapters_merged_lora"  # state-dict metadata: the adapt
 
 class LoraBranch(nn.Module):
     """One named low-rank update of one linear: `lora_A` [rank, in_features], `lora_B`
-    [out_features, rank], `scale` = alpha / rank. forward(x, base) returns base + scale *
-    (x A^T) B^T as one fused op call; in training with dropout > 0, dropout(x) goes through
+    [out_features, rank], `scale` = alpha / rank (alpha / sqrt(rank) with use_rslora).
+    forward(x, base) returns base + scale * (x A^T) B^T as one fused op call; in training with dropout > 0, dropout(x) goes through
     plain PyTorch ops instead (the kernel has no dropout). `fused=False` forces that path."""
 
     def __init__(self, in_features: int, out_features: int, rank: int = 8, alpha: float = 8.0, *,
-                 dropout: float = 0.0, init: str = "lora", fused: bool = True, device=None, dtype=None):
+                 dropout: float = 0.0, init: str = "lora", use_rslora: bool = False, fused: bool = True, device=None,
+                 dtype=None):
         super().__init__()
-        LoraConfig(rank=rank, alpha=alpha, dropout=dropout, init=init)  # validates, naming the field
+        config = LoraConfig(rank=rank, alpha=alpha, dropout=dropout, init=init, use_rslora=use_rslora)  # validates
         factory = {"device": device, "dtype": dtype}
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
-        self.alpha, self.scale = float(alpha), float(alpha) / rank
+        self.alpha, self.scale, self.use_rslora = float(alpha), config.scale, use_rslora
         self.dropout, self.init, self.fused = float(dropout), init, fused
         self.lora_A = nn.Parameter(torch.empty(rank, in_features, **factory))
         self.lora_B = nn.Parameter(torch.empty(out_features, rank, **factory))
@@ -64,7 +65,7 @@ class LoraBranch(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
-                f"alpha={self.alpha:g}, dropout={self.dropout}")
+                f"alpha={self.alpha:g}, dropout={self.dropout}{', rslora' if self.use_rslora else ''}")
 
     def delta_weight(self) -> torch.Tensor:
         """scale * B A in fp32, the [out_features, in_features] update merging adds to W."""
@@ -246,7 +247,8 @@ class LoraKind(AdapterKind):
             for target, linear in found.items():
                 branches[f"blocks.{index}.{TARGET_PATHS[target]}"] = (linear, LoraBranch(
                     linear.in_features, linear.out_features, config.rank, config.alpha, dropout=config.dropout,
-                    init=config.init, device=linear.weight.device, dtype=linear.weight.dtype,
+                    init=config.init, use_rslora=config.use_rslora, device=linear.weight.device,
+                    dtype=linear.weight.dtype,
                 ))
 
         def attach():
@@ -266,7 +268,8 @@ class LoraKind(AdapterKind):
                     linear.release()
 
     def summary(self, model, name, config) -> str:
-        return f"LoRA on {'+'.join(config.targets)}, rank {config.rank}, alpha {config.alpha:g}"
+        rslora = " (rsLoRA: alpha / sqrt(rank))" if config.use_rslora else ""
+        return f"LoRA on {'+'.join(config.targets)}, rank {config.rank}, alpha {config.alpha:g}{rslora}"
 
     def model_info(self, model, config) -> dict:
         return {"linears": _linear_shapes(model, config.targets)}

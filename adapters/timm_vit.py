@@ -258,8 +258,8 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
 
 def merge_adapters(model: nn.Module, name: Optional[str] = None) -> nn.Module:
     """Fold the active LoRA adapter (or `name`, made active first) into the weights of its
-    target linears, W += (alpha / rank) * B A (summed in fp32, cast to W's dtype), so the
-    forward runs plain linears and no adapter op. An exact copy of every original W is kept
+    target linears, W += scale * B A (scale alpha / rank, or alpha / sqrt(rank) with rsLoRA;
+    summed in fp32, cast to W's dtype), so the forward runs plain linears and no adapter op. An exact copy of every original W is kept
     (one per target linear) so that `unmerge_adapters` restores it bit for bit and
     `disable_adapters` still runs the backbone. Merged weights are for inference: the LoRA
     parameters get no gradient until unmerged. A second merge of the same adapter does
