@@ -39,7 +39,7 @@ from fused_adapters.kernels import (  # noqa: E402
 from fused_adapters.tools.byte_count import count_bytes  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script too
-from bench.measure import floor_bytes  # noqa: E402
+from bench.measure import floor_bytes, fusion_floor_bytes  # noqa: E402
 
 DEFAULT_SHAPES = ["768x768x8", "1024x768x8", "6304x768x8", "768x768x16", "768x1024x16", "6304x768x16",
                   "768x768x64", "1024x768x64", "6304x768x64"]
@@ -120,11 +120,8 @@ def measure_fusion(fn, rows, dim, rank, adapters, sms):
     grad = torch.randn(y.shape, generator=generator).to(y.dtype)
     with count_bytes(sm_count=sms) as backward:
         torch.autograd.grad(y, [x, *fusion], grad)
-    # Any fusion reads W_q, W_k and W_v (D x D each) once a pass, and the backward writes their
-    # gradients: at M = 1576, D = 768 they are 73% of the forward's floor.
-    weights = 3 * dim * dim * 2
-    forward_floor = floor_bytes("forward", rows, dim, 2, 2, "x", weight_bytes=weights)
-    backward_floor = floor_bytes("backward", rows, dim, 2, 2, "x", weight_bytes=2 * weights)
+    forward_floor = fusion_floor_bytes("forward", rows, dim, 2)
+    backward_floor = fusion_floor_bytes("backward", rows, dim, 2)
     return forward.total() / forward_floor, backward.total() / backward_floor, forward, backward
 
 

@@ -49,15 +49,13 @@ def latest() -> pathlib.Path:
 
 
 def _floor(case: dict, pass_name: str, rows: int) -> int:
-    from bench.measure import floor_bytes
+    from bench.measure import floor_bytes, fusion_floor_bytes
 
     if case.get("op") == "lora":
         weight = case["dim_out"] * DIM * 2
         return floor_bytes(pass_name, rows, DIM, 2, 2, residual="none", dim_out=case["dim_out"], weight_bytes=weight)
     if case.get("op") == "adapter_fusion":
-        # Its three D x D weights, read once a pass; the backward also writes their gradients.
-        weights = 3 * DIM * DIM * 2
-        return floor_bytes(pass_name, rows, DIM, 2, 2, weight_bytes=weights if pass_name == "forward" else 2 * weights)
+        return fusion_floor_bytes(pass_name, rows, DIM, 2)
     return floor_bytes(pass_name, rows, DIM, 2, 2)
 
 

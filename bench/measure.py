@@ -69,6 +69,18 @@ def floor_bytes(pass_name: str, rows: int, dim: int, x_size: int, y_size: int, r
     return passes[pass_name]
 
 
+def fusion_floor_bytes(pass_name: str, rows: int, dim: int, size: int) -> int:
+    """AdapterFusion's floor (residual x, element size `size` for x, y and the weights): the
+    bottleneck op's, plus the fusion's three D x D weights W_q, W_k, W_v, read once a pass; the
+    backward also writes their gradients. At M = 1576, D = 768 the weights are 73% of the
+    forward's floor."""
+    weights = 3 * dim * dim * size
+    extra = {"forward": weights, "backward": 2 * weights, "forward+backward": 3 * weights}
+    if pass_name not in extra:
+        raise ValueError(f"pass_name must be one of {sorted(extra)}, got {pass_name!r}")
+    return floor_bytes(pass_name, rows, dim, size, size) + extra[pass_name]
+
+
 # --------------------------------------------------------------------------------------------
 # Inputs
 # --------------------------------------------------------------------------------------------

@@ -44,9 +44,9 @@ if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
 
 from bench.measure import (  # noqa: E402
-    DTYPES, LORA_SINGLE_LAUNCH, bottleneck_inputs, copy_gbps, differentiable, floor_bytes, fusion_call, fusion_inputs,
-    lora_call, lora_eager, lora_fused, lora_inputs, lora_variant, peak_memory, rotation_count, sparse_call,
-    sparse_inputs, synchronize, time_rounds, vit_model,
+    DTYPES, LORA_SINGLE_LAUNCH, bottleneck_inputs, copy_gbps, differentiable, floor_bytes, fusion_call,
+    fusion_floor_bytes, fusion_inputs, lora_call, lora_eager, lora_fused, lora_inputs, lora_variant, peak_memory,
+    rotation_count, sparse_call, sparse_inputs, synchronize, time_rounds, vit_model,
 )
 from fused_adapters.kernels import (  # noqa: E402
     adapter_fusion, bottleneck_adapter, reference, routed_adapter, sparse_adapter, use_variant,
@@ -102,10 +102,7 @@ def op_cases(rows: int, dim: int, dtype: torch.dtype, device) -> list[OpCase]:
         "adapter_fusion", f"M={rows} D={dim} r={RANK} N={FUSED_ADAPTERS}",
         lambda g: fusion_inputs(rows, dim, RANK, FUSED_ADAPTERS, dtype, device, True, g),
         fusion_call, reference.adapter_fusion, adapter_fusion,
-        # The bottleneck op's floor plus the fusion's three D x D weights, read once a pass; the
-        # backward also writes their gradients.
-        lambda pass_name: floor_bytes(pass_name, rows, dim, size, size, weight_bytes=3 * dim * dim * size)
-        + (0 if pass_name == "forward" else 3 * dim * dim * size),
+        lambda pass_name: fusion_floor_bytes(pass_name, rows, dim, size),
         lambda pass_name: rows * dim * size * (1 if pass_name == "forward" else 2),
     )]
     for op, fused in (("sparse_adapter", sparse_adapter), ("routed_adapter", routed_adapter)):

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from bench.measure import (
-    DTYPES, TOKENS, differentiable, floor_bytes, fusion_call, fusion_inputs, host_us, kernel_counts, peak_memory,
+    DTYPES, TOKENS, differentiable, fusion_call, fusion_floor_bytes, fusion_inputs, host_us, kernel_counts, peak_memory,
     rotation_count, saved_bytes, time_rotating,
 )
 from fused_adapters.kernels import adapter_fusion, reference
@@ -88,11 +88,7 @@ def test_fusion(benchmark, suite, case):
     device = suite.device
     dtype, autocast_dtype = DTYPES[dtype_name]
     x_size = torch.empty((), dtype=dtype).element_size()
-    weights = 3 * dim * dim * x_size
-    floor = floor_bytes(pass_name, rows, dim, x_size, x_size,
-                        weight_bytes=weights if pass_name == "forward" else 0)
-    if pass_name != "forward":  # forward (read the weights) + backward (read them, write their gradients)
-        floor += weights + 2 * weights
+    floor = fusion_floor_bytes(pass_name, rows, dim, x_size)
     row = suite.row(op=OP, shape=f"M={rows} D={dim} r={RANK} N={adapters}", rows=rows, dim=dim, rank=RANK,
                     adapters=adapters, dtype=dtype_name, provider=provider, variant="-" if provider != "fused"
                     else "default", floor_bytes=floor, **{"pass": pass_name})
