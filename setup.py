@@ -80,6 +80,7 @@ setup(
     },
     install_requires=["torch>=2.4", "triton>=3.0", "timm>=1.0"],
     extras_require={
-        "dev": ["pytest", "pytest-benchmark", "pytest-xdist", "hypothesis", "safetensors", "matplotlib"],
+        # peft: the PEFT interoperability tests only (adapters/ reads and writes its files without it)
+        "dev": ["pytest", "pytest-benchmark", "pytest-xdist", "hypothesis", "safetensors", "matplotlib", "peft"],
     },
 )
