@@ -173,8 +173,10 @@ def check_residual(x, residual, out_dim=None) -> list:
     for name, term in zip(names, terms):
         check_float_tensor(name, term)
         if term.shape != shape:
+            # x itself as a term (the op adds its input) needs D_out = D: say so.
+            hint = f"; x itself is a residual term only where D_out = D (here D = {x.shape[-1]})" if term is x else ""
             raise ValueError(f"{name} must have the output's shape {tuple(shape)} (x's leading dims, "
-                             f"{'D' if out_dim is None else 'D_out'} = {shape[-1]}), got {tuple(term.shape)}")
+                             f"{'D' if out_dim is None else 'D_out'} = {shape[-1]}), got {tuple(term.shape)}{hint}")
         if term.device != x.device:
             raise ValueError(f"{name} is on {term.device} but x is on {x.device}; put all tensors on one device")
     return terms
@@ -192,9 +194,10 @@ def check_activation(activation) -> None:
         raise ValueError(f"activation must be one of {sorted(reference.ACTIVATIONS)}, got {activation!r}")
 
 
-def check_experts(x, w_down, b_down, w_up, b_up) -> tuple[int, int]:
+def check_experts(x, w_down, b_down, w_up, b_up, any_width: bool = False) -> tuple[int, int]:
     """The stacked expert parameters against x: w_down [E, r, D], b_down [E, r] or None,
-    w_up [E, D, r], b_up [E, D] or None. Returns (E, r)."""
+    w_up [E, D, r], b_up [E, D] or None; with any_width, w_up [E, D_out, r] and b_up [E, D_out]
+    for any D_out >= 1 (a width-changing mixture; D_out read from w_up). Returns (E, r)."""
     dim = x.shape[-1]
     check_float_tensor("w_down", w_down)
     if w_down.dim() != 3 or w_down.shape[2] != dim:
@@ -203,9 +206,15 @@ def check_experts(x, w_down, b_down, w_up, b_up) -> tuple[int, int]:
     if experts == 0 or rank == 0:
         raise ValueError(f"w_down must have at least one expert and rank >= 1, got shape {tuple(w_down.shape)}")
     check_float_tensor("w_up", w_up)
-    if tuple(w_up.shape) != (experts, dim, rank):
+    if any_width:
+        if w_up.dim() != 3 or w_up.shape[0] != experts or w_up.shape[2] != rank or w_up.shape[1] == 0:
+            raise ValueError(f"w_up must have shape [experts, D_out, rank] = [{experts}, D_out, {rank}] with "
+                             f"D_out >= 1 (D_out = D = {dim} for an adapter; w_down is {tuple(w_down.shape)}), got "
+                             f"{tuple(w_up.shape)}")
+    elif tuple(w_up.shape) != (experts, dim, rank):
         raise ValueError(f"w_up must have shape [experts, D, rank] = [{experts}, {dim}, {rank}] (w_down is "
                          f"{tuple(w_down.shape)}), got {tuple(w_up.shape)}")
+    dim_out = w_up.shape[1]
     if b_down is not None:
         check_float_tensor("b_down", b_down)
         if tuple(b_down.shape) != (experts, rank):
@@ -213,11 +222,14 @@ def check_experts(x, w_down, b_down, w_up, b_up) -> tuple[int, int]:
                              f"{tuple(b_down.shape)}")
     if b_up is not None:
         check_float_tensor("b_up", b_up)
-        if tuple(b_up.shape) != (experts, dim):
-            raise ValueError(f"b_up must have shape [experts, D] = [{experts}, {dim}], got {tuple(b_up.shape)}")
-    if experts * max(rank, 1) * dim >= 2**31:
-        raise ValueError(f"w_down has {experts} x {rank} x {dim} elements; the kernels index the expert "
-                         f"parameters with 32-bit offsets (fewer than 2^31 elements)")
+        if tuple(b_up.shape) != (experts, dim_out):
+            width = "D" if dim_out == dim else "D_out"
+            raise ValueError(f"b_up must have shape [experts, {width}] = [{experts}, {dim_out}]"
+                             f"{' (D_out: w_up.shape[1])' if width == 'D_out' else ''}, got {tuple(b_up.shape)}")
+    for name, width in (("w_down", dim), ("w_up", dim_out)):
+        if experts * max(rank, 1) * width >= 2**31:
+            raise ValueError(f"{name} has {experts} x {rank} x {width} elements; the kernels index the expert "
+                             f"parameters with 32-bit offsets (fewer than 2^31 elements)")
     return experts, rank
 
 
@@ -250,7 +262,8 @@ def _check_sparse_arguments(x, w_gate, b_gate, expert_idx, expert_weight, w_down
         raise ValueError(f"x must have shape [..., D] with D >= 1, got {tuple(x.shape)}")
     dim = x.shape[-1]
     rows = x.numel() // dim
-    experts, _ = check_experts(x, w_down, b_down, w_up, b_up)
+    experts, _ = check_experts(x, w_down, b_down, w_up, b_up, any_width=True)
+    dim_out = w_up.shape[1]
     if experts > max_experts:
         raise ValueError(f"w_down has {experts} experts; the sparse kernels support 1 to {max_experts}")
     named = [("w_down", w_down), ("b_down", b_down), ("w_up", w_up), ("b_up", b_up)]
@@ -283,4 +296,5 @@ def _check_sparse_arguments(x, w_gate, b_gate, expert_idx, expert_weight, w_down
         named += [("expert_idx", expert_idx), ("expert_weight", expert_weight)]
     check_activation(activation)
     check_same_device(x, named)  # before the range check reads a value: a wrong device is the clearer error
-    check_epilogue_arguments(x, scale, residual, row_scale)
+    # The output's width: a same-width mixture's errors say D, a width-changing one's D_out.
+    check_epilogue_arguments(x, scale, residual, row_scale, out_dim=None if dim_out == dim else dim_out)

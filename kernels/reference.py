@@ -147,7 +147,8 @@ def bottleneck_in_dtype(x, w_down, b_down, w_up, b_up, scale, *, activation, res
 
 def _epilogue(update, x, scale, residual, row_scale, dtype, autocast):
     """residual + scale * (row_scale[:, None] * update), with the promotion rules of
-    output_dtype; update has x's shape and the compute dtype. Call with autocast disabled."""
+    output_dtype; update has x's leading dims, the output's width (D_out) and the compute dtype.
+    Call with autocast disabled."""
     if row_scale is not None:
         update = update * row_scale.detach().to(dtype).reshape(*x.shape[:-1], 1)
     if isinstance(scale, torch.Tensor):
@@ -207,9 +208,13 @@ def routed_adapter(
     (act(x @ w_down[e_j].T + b_down[e_j]) @ w_up[e_j].T + b_up[e_j]) with e_j = expert_idx[:, j].
 
     x [..., D] (M rows), expert_idx [M, k] integer, expert_weight [M, k]; w_down [E, r, D],
-    b_down [E, r] or None, w_up [E, D, r], b_up [E, D] or None; scale, residual and row_scale as
-    in bottleneck_adapter, shared by the experts. The eager expert loop: each expert runs on the
-    rows routed to it. Dtypes as bottleneck_adapter (the weights multiply in the compute dtype).
+    b_down [E, r] or None, w_up [E, D_out, r], b_up [E, D_out] or None, where D_out (w_up's
+    width) may differ from D, as in bottleneck_adapter: per-task LoRA on a D -> D_out linear is
+    this form with k = 1, weight 1, identity activation and the base output as the residual. y is
+    [..., D_out]; scale ([D_out], one element, a float or None), residual ([..., D_out]; x itself
+    only where D_out = D) and row_scale as in bottleneck_adapter, shared by the experts. The
+    eager expert loop: each expert runs on the rows routed to it. Dtypes as bottleneck_adapter
+    (the weights multiply in the compute dtype).
     """
     return routed_in_dtype(x, expert_idx, expert_weight, w_down, b_down, w_up, b_up, scale, activation=activation,
                            residual=residual, row_scale=row_scale, dtype=compute_dtype(x), autocast=autocasts(x))
@@ -219,14 +224,14 @@ def routed_in_dtype(x, expert_idx, expert_weight, w_down, b_down, w_up, b_up, sc
                     row_scale, dtype, autocast):
     """routed_adapter with the compute dtype and the autocast promotion rule given, not read from
     the ambient autocast state (custom-op implementations run with it in any state)."""
-    dim = x.shape[-1]
+    dim, dim_out = x.shape[-1], w_up.shape[1]
     act = activation_fn(activation)
     with torch.autocast(x.device.type, enabled=False):
         rows = x.reshape(-1, dim)
         top_k = expert_idx.shape[-1]
         expert_idx = expert_idx.reshape(-1, top_k)
         expert_weight = expert_weight.reshape(-1, top_k)
-        update = rows.new_zeros(rows.shape, dtype=dtype)
+        update = rows.new_zeros((rows.shape[0], dim_out), dtype=dtype)
         for expert in range(w_down.shape[0]):
             routed_rows, slots = (expert_idx == expert).nonzero(as_tuple=True)
             if routed_rows.numel() == 0:
@@ -236,7 +241,8 @@ def routed_in_dtype(x, expert_idx, expert_weight, w_down, b_down, w_up, b_up, sc
             out = F.linear(act(hidden), w_up[expert].to(dtype), None if b_up is None else b_up[expert].to(dtype))
             weight = expert_weight[routed_rows, slots].to(dtype)[:, None]
             update = update.index_add(0, routed_rows, out * weight)
-        return _epilogue(update.reshape(x.shape), x, scale, residual_terms(residual), row_scale, dtype, autocast)
+        return _epilogue(update.reshape(*x.shape[:-1], dim_out), x, scale, residual_terms(residual), row_scale, dtype,
+                         autocast)
 
 
 def sparse_adapter(
@@ -255,9 +261,10 @@ def sparse_adapter(
     row_scale: Optional[torch.Tensor] = None,
     return_logits: bool = False,
 ):
-    """The gated form of routed_adapter: logits = x @ w_gate.T + b_gate (fp32, [M, E]), each row
-    routed to its top_k experts (topk_routing) with the softmax over their logits as weights.
-    Returns y, or (y, logits) with return_logits (for load_balancing_loss)."""
+    """The gated form of routed_adapter: logits = x @ w_gate.T + b_gate (fp32, [M, E]; w_gate
+    [E, D]), each row routed to its top_k experts (topk_routing) with the softmax over their
+    logits as weights. The experts may change the width as in routed_adapter (w_up [E, D_out, r],
+    y [..., D_out]). Returns y, or (y, logits) with return_logits (for load_balancing_loss)."""
     logits = gate_logits(x, w_gate, b_gate)
     expert_idx, expert_weight = topk_routing(logits, top_k)
     y = routed_adapter(x, expert_idx, expert_weight, w_down, b_down, w_up, b_up, scale, activation=activation,

@@ -39,6 +39,14 @@ WIDE_KERNELS = ("forward_wide", "backward_weights_wide")
 # kernels' rows are contiguous in memory instead of their columns.
 LAYOUT_KERNELS = ("forward_column_major", "backward_hidden_column_major", "backward_weights_column_major")
 SPARSE_KERNELS = ("sparse_forward", "sparse_backward_input", "sparse_backward_weights")
+# The sparse dense-design kernels where a width-changing mixture (w_up [E, D_out, r], D_out != D:
+# per-task LoRA on qkv, fc1, fc2) compiles another specialization (SAME_WIDTH off): compiled with
+# D_out = SPARSE_WIDE_FACTOR x D, the qkv shape, x no residual term (the op adds x only where
+# D_out = D); the backward kernels from their wide tables. The unaligned scenario adds the narrow
+# form ("+narrow", fc2's shape): D_out = D // 4, a multiple of 16 while D is odd, another
+# specialization (aligned, both widths are multiples of 16 and it compiles as the wide one).
+SPARSE_WIDE_KERNELS = ("sparse_forward_wide", "sparse_backward_input_wide", "sparse_backward_weights_wide")
+SPARSE_WIDE_FACTOR = 3
 GROUPED_KERNELS = ("grouped_gate", "grouped_forward", "grouped_combine", "grouped_backward_input",
                    "grouped_backward_combine", "grouped_backward_weights")
 # The LoRA linear's single-launch form (kernels/lora/): one GEMM kernel with a rank-r side
@@ -55,8 +63,8 @@ LORA_KERNELS = ("lora_forward", "lora_backward_input", "lora_backward_weights")
 # kernels are, by the padded N*r (one (adapters, rank) per key: SPARSE_SHAPES, an odd rank with N*r
 # in the same padded block in the unaligned scenario) and compiled at every block-rows variant.
 FUSION_KERNELS = ("fusion_scores", "fusion_scores_backward")
-KERNELS = BOTTLENECK_KERNELS + WIDE_KERNELS + LAYOUT_KERNELS + SPARSE_KERNELS + GROUPED_KERNELS + LORA_KERNELS + \
-    FUSION_KERNELS
+KERNELS = BOTTLENECK_KERNELS + WIDE_KERNELS + LAYOUT_KERNELS + SPARSE_KERNELS + SPARSE_WIDE_KERNELS + \
+    GROUPED_KERNELS + LORA_KERNELS + FUSION_KERNELS
 # The sparse kernels' configurations are keyed by the padded E*r: one (experts, rank) per key.
 # The unaligned scenario keeps the experts and takes an odd rank whose E*r pads to the same block.
 SPARSE_SHAPES = {16: (4, 4), 32: (4, 8), 64: (8, 8), 128: (8, 16), 256: (16, 16)}
@@ -115,6 +123,9 @@ def build_launches(kernel: str, block_rank: int, dtype_name: str, scenario: str,
     For the sparse kernels block_rank is the padded E*r (their tables' key) and the heaviest
     variant is the gated form with b_gate, the logits returned and, in the backward, their own
     gradient; routed: the sparse forward's routed form instead (expert_idx and expert_weight).
+    The `_wide` sparse kernels are the same launches at D_out = SPARSE_WIDE_FACTOR x D, with
+    another tensor as the whole residual (x is none: it needs D_out = D); single: the narrow form
+    instead, D_out = D // 4.
 
     For the grouped kernels block_rank is the padded rank (0 for the gate and the combines, whose
     tables have no rank axis); the heaviest variant is the gated form with top-2, b_gate and the
@@ -137,9 +148,11 @@ def build_launches(kernel: str, block_rank: int, dtype_name: str, scenario: str,
         if store_act or routed or single:
             raise ValueError(f"{kernel}: the fusion kernels have no store_act, routed or k = 1 case")
         return _fusion_launch(kernel, block_rank, dtype_name, scenario, variant)
+    if kernel in SPARSE_WIDE_KERNELS:
+        return _sparse_launch(kernel, block_rank, dtype_name, scenario, store_act, routed, variant, narrow=single)
     if single:
         raise ValueError(f"{kernel}: the k = 1 form is compiled for the grouped kernels only (and, as half_rank, "
-                         f"for the LoRA kernels)")
+                         f"for the LoRA kernels; as narrow, for the sparse _wide kernels)")
     if kernel in SPARSE_KERNELS:
         return _sparse_launch(kernel, block_rank, dtype_name, scenario, store_act, routed, variant)
     if routed:
@@ -194,12 +207,15 @@ def _lora_launch(kernel: str, block_rank: int, dtype_name: str, scenario: str, v
 
 
 def _sparse_launch(kernel: str, block_columns: int, dtype_name: str, scenario: str, store_act: bool,
-                   routed: bool, variant=None):
+                   routed: bool, variant=None, narrow: bool = False):
     from ..kernels.sparse import configs, plan
 
-    if routed and kernel != "sparse_forward":
-        raise ValueError(f"{kernel}: the routed form is compiled for sparse_forward only")
+    wide = kernel in SPARSE_WIDE_KERNELS
+    role = kernel.removesuffix("_wide")
+    if routed and role != "sparse_forward":
+        raise ValueError(f"{kernel}: the routed form is compiled for the sparse forward only")
     rows, dim, _, misaligned = _scenario_shapes(16, scenario)
+    dim_out = (dim // 4 if narrow else SPARSE_WIDE_FACTOR * dim) if wide else dim
     experts, rank = _sparse_shape(block_columns, scenario)
     if configs.block_columns(experts, rank) != block_columns:
         raise ValueError(f"E = {experts}, r = {rank} does not pad to {block_columns} columns")
@@ -208,23 +224,23 @@ def _sparse_launch(kernel: str, block_columns: int, dtype_name: str, scenario: s
     x = inputs.matrix(rows, dim, offset=misaligned)
     # The gate is fp32 whatever the experts' dtype (its logits are fp32 ieee dots).
     w_gate, b_gate = inputs.tensor(experts, dim, dt=torch.float32), inputs.tensor(experts, dt=torch.float32)
-    w_down, w_up = inputs.tensor(experts, rank, dim), inputs.tensor(experts, dim, rank)
-    b_down, b_up, scale = inputs.tensor(experts, rank), inputs.tensor(experts, dim), inputs.tensor(dim)
-    residual, row_scale = inputs.tensor(rows, dim), inputs.tensor(rows, dt=torch.float32)
-    if kernel == "sparse_forward":
+    w_down, w_up = inputs.tensor(experts, rank, dim), inputs.tensor(experts, dim_out, rank)
+    b_down, b_up, scale = inputs.tensor(experts, rank), inputs.tensor(experts, dim_out), inputs.tensor(dim_out)
+    residual, row_scale = inputs.tensor(rows, dim_out), inputs.tensor(rows, dt=torch.float32)
+    if role == "sparse_forward":  # x is a residual term only where D_out = D
         expert_idx = inputs.tensor(rows, SPARSE_TOP_K, dt=torch.int64) if routed else None
         expert_weight = inputs.tensor(rows, SPARSE_TOP_K) if routed else None
         return plan.forward(
             x, None if routed else w_gate, None if routed else b_gate, expert_idx, expert_weight, w_down, b_down,
-            w_up, b_up, scale, 1.0, residual, True, row_scale, SPARSE_TOP_K, "gelu", compute, dtype, True,
-            not routed, tile=variant).launches["sparse_forward"]
+            w_up, b_up, scale, 1.0, residual, not wide, row_scale, SPARSE_TOP_K, "gelu", compute, dtype, True,
+            not routed, tile=variant).launches[role]
     op_variant = next(v for v in configs.VARIANTS if v.store_act) if store_act else configs.DEFAULT_VARIANT
     # The gradients stored in the parameters' dtype (fp32 for autocast_*) where there is one chunk.
     return plan.backward(
-        inputs.tensor(rows, dim), inputs.tensor(rows, experts, dt=torch.float32), x,
+        inputs.tensor(rows, dim_out), inputs.tensor(rows, experts, dt=torch.float32), x,
         inputs.tensor(rows, experts * rank, dt=compute), inputs.tensor(rows, experts, dt=torch.float32), w_gate,
-        w_down, w_up, b_up, scale, 1.0, row_scale, "gelu", compute, True, True, dtype, op_variant,
-        tiles={kernel: variant}).launches[kernel]
+        w_down, w_up, b_up, scale, 1.0, row_scale, "gelu", compute, not wide, True, dtype, op_variant,
+        tiles={role: variant}).launches[role]
 
 
 def _fusion_launch(kernel: str, block_columns: int, dtype_name: str, scenario: str, variant=None):
@@ -313,6 +329,9 @@ def config_tables() -> dict:
             "sparse_forward": sp.FORWARD_CONFIGS,
             "sparse_backward_input": sp.BACKWARD_INPUT_CONFIGS,
             "sparse_backward_weights": sp.BACKWARD_WEIGHTS_CONFIGS,
+            "sparse_forward_wide": sp.FORWARD_CONFIGS,
+            "sparse_backward_input_wide": sp.BACKWARD_INPUT_WIDE_CONFIGS,
+            "sparse_backward_weights_wide": sp.BACKWARD_WEIGHTS_WIDE_CONFIGS,
             "grouped_gate": rankless(sp.GATE_CONFIGS), "grouped_forward": sp.GROUPED_FORWARD_CONFIGS,
             "grouped_combine": rankless(sp.COMBINE_CONFIGS),
             "grouped_backward_input": sp.GROUPED_BACKWARD_INPUT_CONFIGS,
@@ -333,7 +352,7 @@ def _cases(archs, dtypes, scenarios, kernels, configs=None):
 
     tables = config_tables()
     for kernel in kernels:
-        sparse = kernel in SPARSE_KERNELS
+        sparse = kernel in SPARSE_KERNELS + SPARSE_WIDE_KERNELS
         grouped = kernel in GROUPED_KERNELS
         for (block_rank, group), config in tables[kernel].items():
             # The row-tile kernels pick their block rows from M: every variant is compiled. The
@@ -348,13 +367,17 @@ def _cases(archs, dtypes, scenarios, kernels, configs=None):
                 variants = [config] if fixed_rows else row_variants(config)
             # The store_act op variant changes the bottleneck backward kernels' flags at ranks up
             # to 32 (above that they always store act), the sparse backward's at every E*r.
-            backward = kernel not in ("forward", "forward_wide", "forward_column_major", "sparse_forward") and \
+            backward = kernel not in ("forward", "forward_wide", "forward_column_major", "sparse_forward",
+                                      "sparse_forward_wide") and \
                 not grouped and \
                 kernel not in LORA_KERNELS + FUSION_KERNELS
             store_acts = (False, True) if backward and (sparse or block_rank <= 32) else (False,)
             # The trailing arguments of each form: the sparse forward's two forms, gated and
             # routed, are different kernels; so are two grouped kernels' k = 1 forms.
-            if sparse:
+            if kernel in SPARSE_WIDE_KERNELS:  # (routed, narrow)
+                routed_forms = (False, True) if kernel == "sparse_forward_wide" else (False,)
+                forms = [(routed, narrow) for narrow in (False, True) for routed in routed_forms]
+            elif sparse:
                 forms = [(False,), (True,)] if kernel == "sparse_forward" else [(False,)]
             elif kernel in LORA_KERNELS:
                 forms = [(False, False), (False, True)]  # the padded rank, and half of it
@@ -381,6 +404,8 @@ def _cases(archs, dtypes, scenarios, kernels, configs=None):
                                         continue
                                     if kernel in LORA_KERNELS and form[1] and scenario == "unaligned":
                                         continue  # the unaligned scenario's rank is odd already
+                                    if kernel in SPARSE_WIDE_KERNELS and form[1] and scenario == "aligned":
+                                        continue  # aligned, the narrow form specializes as the wide one
                                     yield (kernel, block_rank, dtype_name, arch, scenario, variant, store_act) + form
 
 

@@ -32,6 +32,11 @@ each is compiled at one representative (experts, rank) per key (SPARSE_SHAPES). 
 forward is compiled in both forms, gated (top-2 over a fp32 gate) and routed (the "+routed"
 configs: top-2 experts and weights given per row); the sparse backward in the gated form, with
 the logits' own gradient, both recomputing act(h) (the default) and storing it ("+store_act").
+sparse_forward_wide, sparse_backward_input_wide and sparse_backward_weights_wide are the same
+three kernels specialized for a width-changing mixture (w_up [E, D_out, r], D_out = 3 D as
+per-task LoRA on a ViT's qkv), at the same forms and the configurations of their wide tables;
+in the unaligned scenario also at D_out = D // 4 (fc2's shape; "+narrow"), a multiple of 16
+while D is odd.
 
 The sparse mixture's grouped design (kernels/sparse/jit_grouped.py): grouped_gate (logits, top-k and
 weights), grouped_forward and grouped_combine, grouped_backward_input, grouped_backward_combine
@@ -73,8 +78,8 @@ import torch
 
 from .compile_cases import (  # noqa: F401  (the cases' names, for callers of this module)
     ARCHS, BOTTLENECK_KERNELS, DTYPES, GROUPED_EXPERTS, GROUPED_KERNELS, GROUPED_RANKLESS_KERNELS, KERNELS,
-    LAYOUT_KERNELS, LORA_KERNELS, SCENARIOS, SPARSE_KERNELS, WIDE_KERNELS, _cases, _dtypes, build_launches,
-    config_tables,
+    LAYOUT_KERNELS, LORA_KERNELS, SCENARIOS, SPARSE_KERNELS, SPARSE_WIDE_KERNELS, WIDE_KERNELS, _cases, _dtypes,
+    build_launches, config_tables,
 )
 
 # Shared memory one block may opt in to: A100 (sm_80) 163 KiB, H100 (sm_90) 227 KiB.
@@ -180,9 +185,10 @@ def check_one(kernel: str, block_rank: int, dtype_name: str, arch: int, scenario
         launch = build_launches(kernel, block_rank, dtype_name, scenario, variant, store_act, routed, single)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = previous
-    lora = kernel in LORA_KERNELS
+    lora, narrow = kernel in LORA_KERNELS, kernel in SPARSE_WIDE_KERNELS
     suffix = ("+store_act" if store_act else "") + ("+routed" if routed else "") + \
-        ("+k1" if single and not lora else "") + ("+half_rank" if single and lora else "")
+        ("+k1" if single and not (lora or narrow) else "") + ("+half_rank" if single and lora else "") + \
+        ("+narrow" if single and narrow else "")
     result = Result(kernel, launch.config.name + suffix, dtype_name, arch, scenario)
     try:
         compiled = compile_launch(launch, arch)

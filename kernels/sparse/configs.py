@@ -69,6 +69,29 @@ BACKWARD_WEIGHTS_CONFIGS = {
 }
 
 
+# The width-changing specializations of the backward kernels (SAME_WIDTH off: D_out != D, a second
+# width and column mask) take the same tiles but where the compile check at D_out = 3 D or D // 4
+# found spills with them (--kernel sparse_backward_input_wide sparse_backward_weights_wide):
+# there these, 0 spill bytes on sm_80 and sm_90, every dtype, aligned and unaligned, every
+# block-rows variant. The forward needs no table of its own.
+BACKWARD_INPUT_WIDE_CONFIGS = {
+    **BACKWARD_INPUT_CONFIGS,
+    # 16 warps: with 8 (and 32 or 64 columns, one or two stages) the narrow form spilled 8-24 bytes
+    # on sm_90, unaligned.
+    (128, "half"): BlockConfig("sparse_bwd_input_wide_c128_half", 16, 32, 16, 1),
+    # 32 columns: 64 gave the frame under tf32 (unaligned), and with one stage fp32 spilled 16 bytes.
+    (16, "fp32"): BlockConfig("sparse_bwd_input_wide_c16_fp32", 32, 32, 8, 2),
+}
+BACKWARD_WEIGHTS_WIDE_CONFIGS = {
+    **BACKWARD_WEIGHTS_CONFIGS,
+    # Eight warps: four gave an 8-byte frame under fp16 and bf16 autocast (and, with two stages,
+    # under fp16 autocast in the narrow form on sm_80).
+    (16, "half"): BlockConfig("sparse_bwd_weights_wide_c16_half", 32, 32, 8, 1),
+    # Eight warps: four gave the frame under tf32 with store_act (unaligned).
+    (16, "fp32"): BlockConfig("sparse_bwd_weights_wide_c16_fp32", 16, 32, 8, 1),
+}
+
+
 def block_config(table: dict, experts: int, rank: int, dtype: torch.dtype) -> BlockConfig:
     return table[(block_columns(experts, rank), dtype_group(dtype))]
 

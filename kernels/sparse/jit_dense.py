@@ -1,7 +1,12 @@
 """The Triton kernels of the sparse mixture of adapters (dense-masked design): the forward, and
 the backward's row-tile launch (dh, d logits or d weights, dx) and weights launch (partials of
 every parameter gradient). plan.py makes their launches; op.py's docstring describes the
-design."""
+design.
+
+Widths: x, dx, w_down and w_gate have D columns; w_up [E, D_out, r], b_up, scale, the residual,
+y and dy have D_out (= D for an adapter; 3 D for LoRA on a ViT's qkv). SAME_WIDTH compiles the
+D_out = D case with one width, exactly as the kernels were before width-changing mixtures, so
+their extra argument costs the adapter nothing."""
 
 import triton
 import triton.language as tl
@@ -22,16 +27,19 @@ def _expert_one_hot(column_ids, column_mask, expert_ids, rank, BLOCK_EXPERTS: tl
 def _sparse_forward_kernel(
     x_ptr, w_gate_ptr, b_gate_ptr, expert_idx_ptr, expert_weight_ptr, w_down_ptr, b_down_ptr, w_up_ptr, b_up_ptr,
     scale_ptr, residual_ptr, row_scale_ptr, y_ptr, hidden_ptr, weights_ptr, logits_ptr,
-    rows, dim, rank, experts, scale_value,
+    rows, dim, dim_out, rank, experts, scale_value,
     stride_x_row, stride_x_col, stride_res_row, stride_res_col, stride_idx_row, stride_idx_col, stride_w_row,
     stride_w_col,
     TOP_K: tl.constexpr, GATED: tl.constexpr, ACTIVATION: tl.constexpr, SCALE_MODE: tl.constexpr,
     HAS_B_GATE: tl.constexpr, HAS_B_DOWN: tl.constexpr, HAS_B_UP: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     ADD_INPUT: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, SAVE: tl.constexpr, STORE_LOGITS: tl.constexpr,
-    COMPUTE_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    SAME_WIDTH: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_ROWS: tl.constexpr, BLOCK_DIM: tl.constexpr, BLOCK_EXPERTS: tl.constexpr, BLOCK_COLUMNS: tl.constexpr,
 ):
-    # This program's tile: rows [pid * BLOCK_ROWS, +BLOCK_ROWS), every expert, every column of D.
+    # This program's tile: rows [pid * BLOCK_ROWS, +BLOCK_ROWS), every expert, every column of D
+    # (x, the gate, h) and then of D_out (y).
+    if SAME_WIDTH:
+        dim_out = dim
     pid = tl.program_id(0)
     row_ids = pid * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     row_mask = row_ids < rows
@@ -41,8 +49,9 @@ def _sparse_forward_kernel(
     # Stacked columns: column c is rank c % r of expert c // r.
     column_ids = tl.arange(0, BLOCK_COLUMNS)
     column_mask = column_ids < experts * rank
-    # W_up [E, D, r] read as W_up_stacked [D, E*r]: element (d, c) at (c // r) * D * r + d * r + c % r.
-    up_columns = (column_ids // rank) * dim * rank + column_ids % rank
+    # W_up [E, D_out, r] read as W_up_stacked [D_out, E*r]: element (d, c) at
+    # (c // r) * D_out * r + d * r + c % r.
+    up_columns = (column_ids // rank) * dim_out * rank + column_ids % rank
     dtype = COMPUTE_DTYPE
 
     hidden = tl.zeros((BLOCK_ROWS, BLOCK_COLUMNS), dtype=tl.float32)
@@ -117,9 +126,10 @@ def _sparse_forward_kernel(
     row_scale, scalar_scale = epilogue_scalars(row_scale_ptr, scale_ptr, row_ids, row_mask, scale_value, dtype,
                                                SCALE_MODE, HAS_ROW_SCALE, BLOCK_ROWS)
 
-    for col_start in range(0, dim, BLOCK_DIM):
+    # y[rows, cols] per D_out tile; x is a residual term (ADD_INPUT) only where D_out = D.
+    for col_start in range(0, dim_out, BLOCK_DIM):
         col_ids = col_start + tl.arange(0, BLOCK_DIM)
-        col_mask = col_ids < dim
+        col_mask = col_ids < dim_out
         tile_mask = row_mask[:, None] & col_mask[None, :]
         w_up_t = tl.load(
             w_up_ptr + up_columns[:, None] + col_ids[None, :] * rank,
@@ -128,14 +138,14 @@ def _sparse_forward_kernel(
         update = tl.dot(act, w_up_t, input_precision=INPUT_PRECISION)
         if HAS_B_UP:
             b_up_tile = tl.load(
-                b_up_ptr + expert_ids[:, None] * dim + col_ids[None, :],
+                b_up_ptr + expert_ids[:, None] * dim_out + col_ids[None, :],
                 mask=expert_mask[:, None] & col_mask[None, :], other=0.0,
             ).to(dtype).to(tl.float32)
             update += tl.dot(weights, b_up_tile, input_precision="ieee")
         update = epilogue(update, x_ptr, residual_ptr, scale_ptr, row_ids, col_ids, col_mask, tile_mask, row_scale,
                           scalar_scale, stride_x_row, stride_x_col, stride_res_row, stride_res_col,
                           SCALE_MODE, HAS_ROW_SCALE, ADD_INPUT, HAS_RESIDUAL)
-        tl.store(y_ptr + row_ids[:, None] * dim + col_ids[None, :], update.to(y_ptr.dtype.element_ty),
+        tl.store(y_ptr + row_ids[:, None] * dim_out + col_ids[None, :], update.to(y_ptr.dtype.element_ty),
                  mask=tile_mask)
 
 
@@ -143,15 +153,17 @@ def _sparse_forward_kernel(
 def _sparse_backward_input_kernel(
     grad_y_ptr, grad_logits_ptr, hidden_ptr, weights_ptr, w_gate_ptr, w_down_ptr, w_up_ptr, b_up_ptr, scale_ptr,
     row_scale_ptr, grad_hidden_ptr, grad_weights_ptr, act_ptr, grad_x_ptr,
-    rows, dim, rank, experts, scale_value,
+    rows, dim, dim_out, rank, experts, scale_value,
     stride_g_row, stride_g_col,
     GATED: tl.constexpr, HAS_GRAD_LOGITS: tl.constexpr, ACTIVATION: tl.constexpr, SCALE_MODE: tl.constexpr,
     HAS_B_UP: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, STORE_ACT: tl.constexpr, COMPUTE_DX: tl.constexpr,
-    ADD_GRAD_Y: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    ADD_GRAD_Y: tl.constexpr, SAME_WIDTH: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_ROWS: tl.constexpr, BLOCK_DIM: tl.constexpr, BLOCK_EXPERTS: tl.constexpr, BLOCK_COLUMNS: tl.constexpr,
 ):
     # This program's tile: rows [pid * BLOCK_ROWS, +BLOCK_ROWS): their dh [rows, E*r], d logits
-    # (or d weights) [rows, E], and dx [rows, D].
+    # (or d weights) [rows, E], and dx [rows, D]; the first walk is over dy's D_out columns.
+    if SAME_WIDTH:
+        dim_out = dim
     pid = tl.program_id(0)
     row_ids = pid * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     row_mask = row_ids < rows
@@ -160,19 +172,19 @@ def _sparse_backward_input_kernel(
     expert_mask = expert_ids < experts
     column_ids = tl.arange(0, BLOCK_COLUMNS)
     column_mask = column_ids < experts * rank
-    up_columns = (column_ids // rank) * dim * rank + column_ids % rank
+    up_columns = (column_ids // rank) * dim_out * rank + column_ids % rank
     dtype = COMPUTE_DTYPE
 
     row_scale, scalar_scale = epilogue_scalars(row_scale_ptr, scale_ptr, row_ids, row_mask, scale_value, dtype,
                                                SCALE_MODE, HAS_ROW_SCALE, BLOCK_ROWS)
 
     # g = dy * row_scale * scale (fp32, then rounded as eager autocast rounds dy * scale);
-    # d act = g W_up_stacked and the b_up part of d weights, g B_up^T, reduced over D.
+    # d act = g W_up_stacked and the b_up part of d weights, g B_up^T, reduced over D_out.
     grad_act = tl.zeros((BLOCK_ROWS, BLOCK_COLUMNS), dtype=tl.float32)
     grad_weights = tl.zeros((BLOCK_ROWS, BLOCK_EXPERTS), dtype=tl.float32)
-    for col_start in range(0, dim, BLOCK_DIM):
+    for col_start in range(0, dim_out, BLOCK_DIM):
         col_ids = col_start + tl.arange(0, BLOCK_DIM)
-        col_mask = col_ids < dim
+        col_mask = col_ids < dim_out
         grad_update = scaled_grad(grad_y_ptr, scale_ptr, row_ids, row_mask, col_ids, col_mask, row_scale,
                                   scalar_scale, stride_g_row, stride_g_col, SCALE_MODE, HAS_ROW_SCALE)
         w_up_tile = tl.load(
@@ -182,7 +194,7 @@ def _sparse_backward_input_kernel(
         grad_act = tl.dot(grad_update.to(dtype), w_up_tile, grad_act, input_precision=INPUT_PRECISION)
         if HAS_B_UP:
             b_up_t = tl.load(
-                b_up_ptr + expert_ids[None, :] * dim + col_ids[:, None],
+                b_up_ptr + expert_ids[None, :] * dim_out + col_ids[:, None],
                 mask=col_mask[:, None] & expert_mask[None, :], other=0.0,
             ).to(dtype).to(tl.float32)
             grad_weights = tl.dot(grad_update, b_up_t, grad_weights, input_precision="ieee")
@@ -214,8 +226,8 @@ def _sparse_backward_input_kernel(
     tl.store(grad_weights_ptr + row_ids[:, None] * experts + expert_ids[None, :], grad_weights,
              mask=expert_tile_mask)
 
-    # dx = dh W_down_stacked + d logits W_gate (+ dy when x is a residual term), per D tile: a
-    # second walk over D while the rows' dh is in registers (its dy reads hit L2).
+    # dx = dh W_down_stacked + d logits W_gate (+ dy when x is a residual term, so D_out = D), per
+    # D tile: a second walk over D while the rows' dh is in registers (its dy reads hit L2).
     if COMPUTE_DX:
         for col_start in range(0, dim, BLOCK_DIM):
             col_ids = col_start + tl.arange(0, BLOCK_DIM)
@@ -239,28 +251,35 @@ def _sparse_backward_input_kernel(
 def _sparse_backward_weights_kernel(
     grad_y_ptr, x_ptr, hidden_ptr, act_ptr, weights_ptr, grad_hidden_ptr, grad_logits_ptr,
     w_up_ptr, b_up_ptr, scale_ptr, row_scale_ptr, partials_ptr,
-    rows, dim, rank, experts, scale_value, tiles_per_chunk,
+    rows, dim, dim_out, rank, experts, scale_value, tiles_per_chunk,
     stride_g_row, stride_g_col, stride_x_row, stride_x_col,
     GATED: tl.constexpr, ACTIVATION: tl.constexpr, RECOMPUTE_ACT: tl.constexpr, SCALE_MODE: tl.constexpr,
-    HAS_B_UP: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
+    HAS_B_UP: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, SAME_WIDTH: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_ROWS: tl.constexpr, BLOCK_DIM: tl.constexpr, BLOCK_EXPERTS: tl.constexpr, BLOCK_COLUMNS: tl.constexpr,
 ):
     # This program's tile: columns [pid_col * BLOCK_DIM, +BLOCK_DIM) and stacked columns
     # [pid_block * BLOCK_COLUMNS, +BLOCK_COLUMNS) of the expert weights' gradients, summed over
     # the row tiles [pid_chunk * tiles_per_chunk, +tiles_per_chunk); the per-expert gradients
-    # (b_up, and the gate's) in the pid_block == 0 programs.
+    # (b_up, and the gate's) in the pid_block == 0 programs. The columns are x's (D: w_down,
+    # w_gate) and dy's (D_out: w_up, b_up, scale); the grid covers the wider of the two, and each
+    # side masks the other's extra columns (SAME_WIDTH: one width and one mask).
     pid_chunk = tl.program_id(0)
     pid_col = tl.program_id(1)
     pid_block = tl.program_id(2)
     col_ids = pid_col * BLOCK_DIM + tl.arange(0, BLOCK_DIM)
     col_mask = col_ids < dim
+    if SAME_WIDTH:
+        dim_out = dim
+        out_mask = col_mask
+    else:
+        out_mask = col_ids < dim_out
     expert_ids = tl.arange(0, BLOCK_EXPERTS)
     expert_mask = expert_ids < experts
     columns = experts * rank
     column_ids = pid_block * BLOCK_COLUMNS + tl.arange(0, BLOCK_COLUMNS)
     column_mask = column_ids < columns
-    up_columns = (column_ids // rank) * dim * rank + column_ids % rank
+    up_columns = (column_ids // rank) * dim_out * rank + column_ids % rank
     first_block = pid_block == 0
     dtype = COMPUTE_DTYPE
     if RECOMPUTE_ACT:
@@ -287,7 +306,7 @@ def _sparse_backward_weights_kernel(
 
         grad_update = tl.load(
             grad_y_ptr + row_ids[:, None] * stride_g_row + col_ids[None, :] * stride_g_col,
-            mask=tile_mask, other=0.0,
+            mask=row_mask[:, None] & out_mask[None, :], other=0.0,
         ).to(tl.float32)
         if HAS_ROW_SCALE:
             row_scale = tl.load(row_scale_ptr + row_ids, mask=row_mask, other=0.0).to(dtype).to(tl.float32)
@@ -322,35 +341,40 @@ def _sparse_backward_weights_kernel(
 
     # Epilogue: this chunk's share of every parameter gradient, for this tile.
     if SCALE_MODE == "channel":
-        col_scale = tl.load(scale_ptr + col_ids, mask=col_mask, other=0.0).to(tl.float32)
+        col_scale = tl.load(scale_ptr + col_ids, mask=out_mask, other=0.0).to(tl.float32)
     elif SCALE_MODE == "tensor":
         col_scale = tl.full((BLOCK_DIM,), 1.0, tl.float32) * tl.load(scale_ptr).to(tl.float32)
     else:
         col_scale = tl.full((BLOCK_DIM,), 1.0, tl.float32) * scale_value
-    up_mask = col_mask[:, None] & column_mask[None, :]
+    up_mask = out_mask[:, None] & column_mask[None, :]
     w_up_tile = tl.load(w_up_ptr + col_ids[:, None] * rank + up_columns[None, :], mask=up_mask, other=0.0)
     grad_scale = tl.sum(w_up_tile.to(dtype).to(tl.float32) * acc_ga, axis=1)
-    b_up_mask = col_mask[:, None] & expert_mask[None, :]
+    b_up_mask = out_mask[:, None] & expert_mask[None, :]
     if HAS_B_UP:
-        b_up_t = tl.load(b_up_ptr + expert_ids[None, :] * dim + col_ids[:, None], mask=b_up_mask, other=0.0)
+        b_up_t = tl.load(b_up_ptr + expert_ids[None, :] * dim_out + col_ids[:, None], mask=b_up_mask, other=0.0)
         grad_scale += tl.sum(b_up_t.to(dtype).to(tl.float32) * acc_gp, axis=1)  # zero outside block 0
 
     # Partials of chunk c, in the layout of plan.grad_layout (the gradients themselves, in their
-    # dtype, when there is one chunk): [dw_up (E x D x r) | dw_down (E*r x D) | db_up (E x D) |
-    # db_down (E*r) | dw_gate (E x D) | db_gate (E) | dscale per stacked-column block (blocks x D)].
+    # dtype, when there is one chunk): [dw_up (E x D_out x r) | dw_down (E*r x D) | db_up
+    # (E x D_out) | db_down (E*r) | dw_gate (E x D) | db_gate (E) | dscale per stacked-column
+    # block (blocks x D_out)].
     out_dtype = partials_ptr.dtype.element_ty
     blocks = tl.num_programs(2)
-    partial = partials_ptr + pid_chunk.to(tl.int64) * (2 * columns * dim + 2 * experts * dim + columns + experts
-                                                        + blocks * dim)
+    if SAME_WIDTH:  # the same-width kernel's arithmetic, as it was before D_out existed
+        partial = partials_ptr + pid_chunk.to(tl.int64) * (2 * columns * dim + 2 * experts * dim + columns + experts
+                                                            + blocks * dim)
+    else:
+        partial = partials_ptr + pid_chunk.to(tl.int64) * ((columns + experts) * (dim + dim_out) + columns + experts
+                                                            + blocks * dim_out)
     tl.store(partial + up_columns[None, :] + col_ids[:, None] * rank, (acc_ga * col_scale[:, None]).to(out_dtype),
              mask=up_mask)
-    partial += columns * dim
+    partial += columns * dim_out
     tl.store(partial + column_ids[:, None] * dim + col_ids[None, :], acc_w_down.to(out_dtype),
              mask=column_mask[:, None] & col_mask[None, :])
     partial += columns * dim
-    tl.store(partial + expert_ids[None, :] * dim + col_ids[:, None], (acc_gp * col_scale[:, None]).to(out_dtype),
+    tl.store(partial + expert_ids[None, :] * dim_out + col_ids[:, None], (acc_gp * col_scale[:, None]).to(out_dtype),
              mask=b_up_mask & first_block)
-    partial += experts * dim
+    partial += experts * dim_out
     tl.store(partial + column_ids, acc_b_down.to(out_dtype), mask=column_mask & (pid_col == 0))
     partial += columns
     tl.store(partial + expert_ids[:, None] * dim + col_ids[None, :], acc_w_gate.to(out_dtype),
@@ -358,4 +382,4 @@ def _sparse_backward_weights_kernel(
     partial += experts * dim
     tl.store(partial + expert_ids, acc_b_gate.to(out_dtype), mask=expert_mask & (pid_col == 0) & first_block)
     partial += experts
-    tl.store(partial + pid_block * dim + col_ids, grad_scale.to(out_dtype), mask=col_mask)
+    tl.store(partial + pid_block * dim_out + col_ids, grad_scale.to(out_dtype), mask=out_mask)

@@ -7,7 +7,12 @@ An assignment is one (row, slot) pair, numbered row * k + slot; `order` lists th
 sorted by expert (stable) and `counts` holds each expert's number of assignments. A grouped
 program takes one tile of BLOCK_ROWS consecutive sorted assignments of one expert: expert e
 owns tiles [sum_{e' < e} ceil(count_e' / BLOCK_ROWS), + ceil(count_e / BLOCK_ROWS)), so the
-grid's size is bounded without reading the counts on the host (no device sync)."""
+grid's size is bounded without reading the counts on the host (no device sync).
+
+Widths: x, dx and their parts, w_down and w_gate have D columns; w_up [E, D_out, r], b_up,
+scale, the residual, y, its parts and dy have D_out (= D for an adapter). SAME_WIDTH compiles
+the D_out = D case with one width, as before width-changing mixtures existed. The combine
+kernels walk one width only (the plan passes it as `dim`)."""
 
 import triton
 import triton.language as tl
@@ -104,18 +109,21 @@ def _sparse_gate_kernel(
 def _grouped_forward_kernel(
     x_ptr, order_ptr, counts_ptr, weights_ptr, w_down_ptr, b_down_ptr, w_up_ptr, b_up_ptr, scale_ptr,
     residual_ptr, row_scale_ptr, out_ptr, hidden_ptr,
-    dim, rank, experts, scale_value,
+    dim, dim_out, rank, experts, scale_value,
     stride_x_row, stride_x_col, stride_res_row, stride_res_col,
     TOP_K: tl.constexpr, ACTIVATION: tl.constexpr, SCALE_MODE: tl.constexpr, HAS_B_DOWN: tl.constexpr,
     HAS_B_UP: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ADD_INPUT: tl.constexpr, HAS_ROW_SCALE: tl.constexpr,
-    SAVE: tl.constexpr, SINGLE: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    SAVE: tl.constexpr, SINGLE: tl.constexpr, SAME_WIDTH: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
     BLOCK_ROWS: tl.constexpr, BLOCK_DIM: tl.constexpr, BLOCK_RANK: tl.constexpr, BLOCK_EXPERTS: tl.constexpr,
 ):
     # This program's tile: BLOCK_ROWS sorted assignments of one expert e, whose rows of x it
-    # gathers: h = x W_down[e]^T + b_down[e] (saved by sorted position), then, per D tile,
+    # gathers: h = x W_down[e]^T + b_down[e] (saved by sorted position), then, per D_out tile,
     # p * (act(h) W_up[e]^T + b_up[e]). With k = 1 (SINGLE) each row has one assignment and
-    # the epilogue writes y here; otherwise the weighted expert output goes to parts [M*k, D]
+    # the epilogue writes y here; otherwise the weighted expert output goes to parts [M*k, D_out]
     # by assignment, for the row combine.
+    if SAME_WIDTH:
+        dim_out = dim
     expert, positions, mask = _expert_tile(tl.program_id(0), counts_ptr, experts, BLOCK_ROWS, BLOCK_EXPERTS)
     assignment = tl.load(order_ptr + positions, mask=mask, other=0).to(tl.int64)
     token = assignment // TOP_K
@@ -124,7 +132,7 @@ def _grouped_forward_kernel(
     rank_ids = tl.arange(0, BLOCK_RANK)
     rank_mask = rank_ids < rank
     w_down_e = w_down_ptr + expert * rank * dim
-    w_up_e = w_up_ptr + expert * dim * rank
+    w_up_e = w_up_ptr + expert * dim_out * rank
 
     hidden = tl.zeros((BLOCK_ROWS, BLOCK_RANK), dtype=tl.float32)
     for col_start in range(0, dim, BLOCK_DIM):
@@ -147,15 +155,15 @@ def _grouped_forward_kernel(
         row_scale, scalar_scale = epilogue_scalars(row_scale_ptr, scale_ptr, token, mask, scale_value, dtype,
                                                    SCALE_MODE, HAS_ROW_SCALE, BLOCK_ROWS)
 
-    for col_start in range(0, dim, BLOCK_DIM):
+    for col_start in range(0, dim_out, BLOCK_DIM):
         col_ids = col_start + tl.arange(0, BLOCK_DIM)
-        col_mask = col_ids < dim
+        col_mask = col_ids < dim_out
         tile_mask = mask[:, None] & col_mask[None, :]
         w_up_t = tl.load(w_up_e + col_ids[None, :] * rank + rank_ids[:, None],
                          mask=rank_mask[:, None] & col_mask[None, :], other=0.0).to(dtype)
         update = tl.dot(act, w_up_t, input_precision=INPUT_PRECISION)
         if HAS_B_UP:
-            update += tl.load(b_up_ptr + expert * dim + col_ids, mask=col_mask, other=0.0).to(dtype).to(
+            update += tl.load(b_up_ptr + expert * dim_out + col_ids, mask=col_mask, other=0.0).to(dtype).to(
                 tl.float32)[None, :]
         # The expert's output in the compute dtype, times its weight (as the expert loop rounds them).
         update = (update.to(dtype).to(tl.float32) * weight[:, None]).to(dtype).to(tl.float32)
@@ -163,11 +171,11 @@ def _grouped_forward_kernel(
             update = epilogue(update, x_ptr, residual_ptr, scale_ptr, token, col_ids, col_mask, tile_mask,
                               row_scale, scalar_scale, stride_x_row, stride_x_col, stride_res_row, stride_res_col,
                               SCALE_MODE, HAS_ROW_SCALE, ADD_INPUT, HAS_RESIDUAL)
-            tl.store(out_ptr + token[:, None] * dim + col_ids[None, :], update.to(out_ptr.dtype.element_ty),
+            tl.store(out_ptr + token[:, None] * dim_out + col_ids[None, :], update.to(out_ptr.dtype.element_ty),
                      mask=tile_mask)
         else:
-            tl.store(out_ptr + assignment[:, None] * dim + col_ids[None, :], update.to(out_ptr.dtype.element_ty),
-                     mask=tile_mask)
+            tl.store(out_ptr + assignment[:, None] * dim_out + col_ids[None, :],
+                     update.to(out_ptr.dtype.element_ty), mask=tile_mask)
 
 
 @triton.jit
@@ -202,17 +210,19 @@ def _grouped_combine_kernel(
 def _grouped_backward_input_kernel(
     grad_y_ptr, order_ptr, counts_ptr, weights_ptr, hidden_ptr, w_down_ptr, w_up_ptr, b_up_ptr, scale_ptr,
     row_scale_ptr, grad_hidden_ptr, grad_weights_ptr, out_ptr,
-    dim, rank, experts, scale_value, stride_g_row, stride_g_col,
+    dim, dim_out, rank, experts, scale_value, stride_g_row, stride_g_col,
     TOP_K: tl.constexpr, ACTIVATION: tl.constexpr, SCALE_MODE: tl.constexpr, HAS_B_UP: tl.constexpr,
     HAS_ROW_SCALE: tl.constexpr, SINGLE: tl.constexpr, COMPUTE_DX: tl.constexpr, ADD_GRAD_Y: tl.constexpr,
-    COMPUTE_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    SAME_WIDTH: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_ROWS: tl.constexpr, BLOCK_DIM: tl.constexpr, BLOCK_RANK: tl.constexpr, BLOCK_EXPERTS: tl.constexpr,
 ):
     # This program's tile: BLOCK_ROWS sorted assignments of one expert e. With g = dy * row_scale
     # * scale of each assignment's row: d act = p g W_up[e] and d p = g . (act W_up[e]^T + b_up[e])
-    # (reduced over D), dh = d act * act'(h) (saved by sorted position for the weights pass), then
-    # dx's share dh W_down[e] per D tile: dx itself with k = 1 (SINGLE, plus dy when x is a
+    # (reduced over D_out), dh = d act * act'(h) (saved by sorted position for the weights pass),
+    # then dx's share dh W_down[e] per D tile: dx itself with k = 1 (SINGLE, plus dy when x is a
     # residual term), else parts [M*k, D] by assignment for the row combine.
+    if SAME_WIDTH:
+        dim_out = dim
     expert, positions, mask = _expert_tile(tl.program_id(0), counts_ptr, experts, BLOCK_ROWS, BLOCK_EXPERTS)
     assignment = tl.load(order_ptr + positions, mask=mask, other=0).to(tl.int64)
     token = assignment // TOP_K
@@ -221,22 +231,23 @@ def _grouped_backward_input_kernel(
     rank_ids = tl.arange(0, BLOCK_RANK)
     rank_mask = rank_ids < rank
     w_down_e = w_down_ptr + expert * rank * dim
-    w_up_e = w_up_ptr + expert * dim * rank
+    w_up_e = w_up_ptr + expert * dim_out * rank
     row_scale, scalar_scale = epilogue_scalars(row_scale_ptr, scale_ptr, token, mask, scale_value, dtype,
                                                SCALE_MODE, HAS_ROW_SCALE, BLOCK_ROWS)
 
     grad_act = tl.zeros((BLOCK_ROWS, BLOCK_RANK), dtype=tl.float32)
     grad_weight = tl.zeros((BLOCK_ROWS,), dtype=tl.float32)
-    for col_start in range(0, dim, BLOCK_DIM):
+    for col_start in range(0, dim_out, BLOCK_DIM):
         col_ids = col_start + tl.arange(0, BLOCK_DIM)
-        col_mask = col_ids < dim
+        col_mask = col_ids < dim_out
         grad = scaled_grad(grad_y_ptr, scale_ptr, token, mask, col_ids, col_mask, row_scale, scalar_scale,
                            stride_g_row, stride_g_col, SCALE_MODE, HAS_ROW_SCALE)
         w_up_tile = tl.load(w_up_e + col_ids[:, None] * rank + rank_ids[None, :],
                             mask=col_mask[:, None] & rank_mask[None, :], other=0.0).to(dtype)
         grad_act = tl.dot(grad.to(dtype), w_up_tile, grad_act, input_precision=INPUT_PRECISION)
         if HAS_B_UP:
-            b_up_tile = tl.load(b_up_ptr + expert * dim + col_ids, mask=col_mask, other=0.0).to(dtype).to(tl.float32)
+            b_up_tile = tl.load(b_up_ptr + expert * dim_out + col_ids, mask=col_mask, other=0.0).to(dtype).to(
+                tl.float32)
             grad_weight += tl.sum(grad * b_up_tile[None, :], axis=1)
 
     hidden_mask = mask[:, None] & rank_mask[None, :]
@@ -326,10 +337,11 @@ def _grouped_backward_combine_kernel(
 def _grouped_backward_weights_kernel(
     grad_y_ptr, x_ptr, order_ptr, counts_ptr, weights_ptr, hidden_ptr, grad_hidden_ptr, grad_gate_ptr,
     w_up_ptr, b_up_ptr, scale_ptr, row_scale_ptr, packed_ptr, gate_partials_ptr,
-    rows, dim, rank, experts, scale_value, rows_per_gate_chunk,
+    rows, dim, dim_out, rank, experts, scale_value, rows_per_gate_chunk,
     stride_g_row, stride_g_col, stride_x_row, stride_x_col,
     TOP_K: tl.constexpr, ACTIVATION: tl.constexpr, SCALE_MODE: tl.constexpr, HAS_B_UP: tl.constexpr,
-    HAS_ROW_SCALE: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    HAS_ROW_SCALE: tl.constexpr, SAME_WIDTH: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
     BLOCK_ROWS: tl.constexpr, BLOCK_DIM: tl.constexpr, BLOCK_RANK: tl.constexpr, BLOCK_EXPERTS: tl.constexpr,
 ):
     # Programs (e < E, D tile, rank block): expert e's gradients for columns [pid_col *
@@ -337,12 +349,22 @@ def _grouped_backward_weights_kernel(
     # its sorted assignments: each is owned by one program, so they are written to the packed
     # gradients directly (no partials, deterministic); its share of dscale goes to its own row.
     # Programs (E + c, D tile, rank block 0), gated form only: the gate's gradients
-    # d logits^T x over row chunk c, as fp32 partials that torch sums.
+    # d logits^T x over row chunk c, as fp32 partials that torch sums. The column tiles are x's
+    # (D: w_down, the gate) and dy's (D_out: w_up, b_up, scale); the grid covers the wider, each
+    # side masks the other's extra columns (SAME_WIDTH: one width and one mask).
     pid_group = tl.program_id(0)
     pid_rank = tl.program_id(2)
     first_rank_block = pid_rank == 0
     col_ids = tl.program_id(1) * BLOCK_DIM + tl.arange(0, BLOCK_DIM)
     col_mask = col_ids < dim
+    gate_program = first_rank_block
+    if SAME_WIDTH:
+        dim_out = dim
+        out_mask = col_mask
+    else:
+        out_mask = col_ids < dim_out
+        # The gate's share is x's columns: its programs on tiles past D have nothing to do.
+        gate_program = gate_program & (tl.program_id(1) * BLOCK_DIM < dim)
     first_col_tile = tl.program_id(1) == 0
     dtype = COMPUTE_DTYPE
     if pid_group < experts:
@@ -367,7 +389,7 @@ def _grouped_backward_weights_kernel(
             tile_mask = mask[:, None] & col_mask[None, :]
             hidden_mask = mask[:, None] & rank_mask[None, :]
             grad = tl.load(grad_y_ptr + token[:, None] * stride_g_row + col_ids[None, :] * stride_g_col,
-                           mask=tile_mask, other=0.0).to(tl.float32)
+                           mask=mask[:, None] & out_mask[None, :], other=0.0).to(tl.float32)
             if HAS_ROW_SCALE:
                 row_scale = tl.load(row_scale_ptr + token, mask=mask, other=0.0).to(dtype).to(tl.float32)
                 grad = grad * row_scale[:, None]
@@ -385,40 +407,40 @@ def _grouped_backward_weights_kernel(
                                 input_precision=INPUT_PRECISION)
 
         if SCALE_MODE == "channel":
-            col_scale = tl.load(scale_ptr + col_ids, mask=col_mask, other=0.0).to(tl.float32)
+            col_scale = tl.load(scale_ptr + col_ids, mask=out_mask, other=0.0).to(tl.float32)
         elif SCALE_MODE == "tensor":
             col_scale = tl.full((BLOCK_DIM,), 1.0, tl.float32) * tl.load(scale_ptr).to(tl.float32)
         else:
             col_scale = tl.full((BLOCK_DIM,), 1.0, tl.float32) * scale_value
-        up_mask = col_mask[:, None] & rank_mask[None, :]
-        w_up_tile = tl.load(w_up_ptr + expert * dim * rank + col_ids[:, None] * rank + rank_ids[None, :],
+        up_mask = out_mask[:, None] & rank_mask[None, :]
+        w_up_tile = tl.load(w_up_ptr + expert * dim_out * rank + col_ids[:, None] * rank + rank_ids[None, :],
                             mask=up_mask, other=0.0)
         grad_scale = tl.sum(w_up_tile.to(dtype).to(tl.float32) * acc_ga, axis=1)
         if HAS_B_UP:
-            b_up_tile = tl.load(b_up_ptr + expert * dim + col_ids, mask=col_mask & first_rank_block, other=0.0)
+            b_up_tile = tl.load(b_up_ptr + expert * dim_out + col_ids, mask=out_mask & first_rank_block, other=0.0)
             grad_scale += b_up_tile.to(dtype).to(tl.float32) * acc_gp
 
         # The packed layout of plan.grad_layout with one dscale row per (expert, rank block):
-        # [dw_up (E x D x r) | dw_down (E x r x D) | db_up (E x D) | db_down (E x r) |
-        #  dw_gate (E x D) | db_gate (E) | dscale (E x blocks x D)]; the gate's two are filled
+        # [dw_up (E x D_out x r) | dw_down (E x r x D) | db_up (E x D_out) | db_down (E x r) |
+        #  dw_gate (E x D) | db_gate (E) | dscale (E x blocks x D_out)]; the gate's two are filled
         # from its partials.
         out_dtype = packed_ptr.dtype.element_ty
         columns = experts * rank
         packed = packed_ptr
-        tl.store(packed + expert * dim * rank + col_ids[:, None] * rank + rank_ids[None, :],
+        tl.store(packed + expert * dim_out * rank + col_ids[:, None] * rank + rank_ids[None, :],
                  (acc_ga * col_scale[:, None]).to(out_dtype), mask=up_mask)
-        packed += columns * dim
+        packed += columns * dim_out
         tl.store(packed + expert * rank * dim + rank_ids[:, None] * dim + col_ids[None, :], acc_w_down.to(out_dtype),
                  mask=rank_mask[:, None] & col_mask[None, :])
         packed += columns * dim
-        tl.store(packed + expert * dim + col_ids, (acc_gp * col_scale).to(out_dtype),
-                 mask=col_mask & first_rank_block)
-        packed += experts * dim
+        tl.store(packed + expert * dim_out + col_ids, (acc_gp * col_scale).to(out_dtype),
+                 mask=out_mask & first_rank_block)
+        packed += experts * dim_out
         tl.store(packed + expert * rank + rank_ids, acc_b_down.to(out_dtype), mask=rank_mask & first_col_tile)
         packed += columns + experts * dim + experts
-        tl.store(packed + (expert * tl.num_programs(2) + pid_rank) * dim + col_ids, grad_scale.to(out_dtype),
-                 mask=col_mask)
-    elif first_rank_block:
+        tl.store(packed + (expert * tl.num_programs(2) + pid_rank) * dim_out + col_ids, grad_scale.to(out_dtype),
+                 mask=out_mask)
+    elif gate_program:
         chunk = pid_group - experts
         expert_ids = tl.arange(0, BLOCK_EXPERTS)
         expert_mask = expert_ids < experts

@@ -1,5 +1,8 @@
 """Sparse mixture of adapters: y = residual + scale * (row_scale * sum_j p_j * A_{e_j}(x)).
 
+x has D columns, y has w_up's D_out (w_up [E, D_out, r]): D for an adapter, another width for a
+width-changing mixture such as per-task LoRA branches on qkv (D_out = 3 D), fc1 or fc2.
+
 Two forms share the kernels. `sparse_adapter` routes each row to its top-k experts by a learned
 gate (logits = x W_gate^T + b_gate in fp32, ties to the lower expert index, p = softmax over the
 k chosen logits); `routed_adapter` takes the experts and weights per row from the caller
@@ -94,7 +97,7 @@ def _forward_impl(
     return_logits: bool, design: str, variant: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """2-D x [M, D]; gated form when w_gate is given, routed (expert_idx, expert_weight [M, k])
-    otherwise. Returns y [M, D]; what the design saves for backward (0 rows unless save, and on
+    otherwise. Returns y [M, D_out]; what the design saves for backward (0 rows unless save, and on
     the reference path): hidden ([M, E*r] dense, [M*k, r] grouped by sorted position), idx
     [M, k] int32 (grouped), weights ([M, E] dense, [M, k] grouped), order [M*k] and counts [E]
     (grouped: the sort); logits [M, E] fp32 (0 rows unless return_logits)."""
@@ -126,9 +129,9 @@ def _forward_impl(
                                     out_dtype, save, return_logits, chosen)
 
             def key():
-                return (tuple(x.shape), x.stride(), x.dtype, tuple(w_down.shape), gated, top_k, scale_mode(scale),
-                        None if residual is None else (residual.dtype, residual.stride()), row_scale is not None,
-                        add_input, activation, compute_dtype, out_dtype, save, return_logits)
+                return (tuple(x.shape), x.stride(), x.dtype, tuple(w_down.shape), w_up.shape[1], gated, top_k,
+                        scale_mode(scale), None if residual is None else (residual.dtype, residual.stride()),
+                        row_scale is not None, add_input, activation, compute_dtype, out_dtype, save, return_logits)
 
             launches = planned(_dense_variant(variant, "forward", key, x.device, lambda v: time_cuda(planned(v))))
             launches()
@@ -164,7 +167,7 @@ def _forward_fake(x, w_gate, b_gate, expert_idx, expert_weight, w_down, b_down, 
         hidden_shape, weights_shape = (rows if saved else 0, experts * rank), (rows if saved else 0, experts)
     if not kernels:
         weights_shape = (0, top_k)
-    return (x.new_empty((rows, x.shape[1]), dtype=out_dtype), x.new_empty(hidden_shape, dtype=compute_dtype),
+    return (x.new_empty((rows, w_up.shape[1]), dtype=out_dtype), x.new_empty(hidden_shape, dtype=compute_dtype),
             x.new_empty((rows if grouped else 0, top_k), dtype=torch.int32),
             x.new_empty(weights_shape, dtype=torch.float32),
             x.new_empty((rows * top_k if grouped else 0,), dtype=torch.int64),
@@ -180,14 +183,15 @@ def _backward_impl(
     compute_dtype: torch.dtype, autocast: bool, add_grad_y: bool, compute_dx: bool, hidden: torch.Tensor,
     idx: torch.Tensor, weights: torch.Tensor, order: torch.Tensor, counts: torch.Tensor, design: str, variant: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dx ([M, D] in x's dtype, or [0, D]; plus dy when add_grad_y), the packed parameter
-    gradients (grad_layout, in packed_grad_dtype) and the routed form's d expert_weight [M, k]
-    fp32 ([0, k] for the gated form)."""
+    """dx ([M, D] in x's dtype, or [0, D]; plus dy [M, D_out] when add_grad_y, which needs
+    D_out = D), the packed parameter gradients (grad_layout, in packed_grad_dtype) and the routed
+    form's d expert_weight [M, k] fp32 ([0, k] for the gated form)."""
     rows, dim = x.shape
     experts, rank, _ = w_down.shape
+    dim_out = w_up.shape[1]
     gated = w_gate is not None
     grad_dtype = packed_grad_dtype(x, w_gate, b_gate, w_down, b_down, w_up, b_up, scale)
-    layout = grad_layout(experts, rank, dim)
+    layout = grad_layout(experts, rank, dim, dim_out)
     no_routing = x.new_empty((0, top_k), dtype=torch.float32)
     if rows == 0:
         return x.new_empty((0, dim)), torch.zeros(layout.size, dtype=grad_dtype, device=x.device), no_routing
@@ -204,7 +208,7 @@ def _backward_impl(
                                      grad_dtype, chosen)
 
             def key():
-                return (tuple(x.shape), x.stride(), grad_y.stride(), tuple(w_down.shape), gated,
+                return (tuple(x.shape), x.stride(), grad_y.stride(), tuple(w_down.shape), w_up.shape[1], gated,
                         grad_logits is not None, scale_mode(scale), row_scale is not None, add_grad_y, compute_dx,
                         activation, compute_dtype, grad_dtype)
 
@@ -213,7 +217,7 @@ def _backward_impl(
             blocks = launches.launches["sparse_backward_weights"].grid[2]
             packed = reduce_partials(launches.buffers["partials"], grad_dtype)
             # One dscale row per stacked-column block: fold them into the first.
-            fold_rows(packed, layout.offset("scale"), blocks, dim)
+            fold_rows(packed, layout.offset("scale"), blocks, dim_out)
             routing = no_routing
             if not gated:  # d weight of slot j = d weight of its expert (a repeated expert gets the same)
                 routing = launches.buffers["grad_weights"].gather(1, expert_idx.long())
@@ -227,7 +231,7 @@ def _backward_impl(
     # The gate's partials, summed over chunks in order (deterministic).
     packed[gate_start:scale_start] = reduce_partials(gate_partials, grad_dtype) if gated else 0
     # One dscale row per (expert, rank block): folded into the first, which ends the packed layout.
-    fold_rows(packed, scale_start, (packed.numel() - scale_start) // dim, dim)
+    fold_rows(packed, scale_start, (packed.numel() - scale_start) // dim_out, dim_out)
     return launches.buffers["grad_x"], packed[:layout.size], (no_routing if gated else launches.buffers["grad_weights"])
 
 
@@ -236,6 +240,7 @@ def _reference_backward(grad_y, grad_logits, x, w_gate, b_gate, expert_idx, expe
                         compute_dx, grad_dtype):
     """_backward_impl on the reference path: the reference forward again, differentiated by autograd."""
     experts, rank, dim = w_down.shape
+    dim_out = w_up.shape[1]
     named = dict(x=x, w_gate=w_gate, b_gate=b_gate, expert_weight=expert_weight, w_down=w_down, b_down=b_down,
                  w_up=w_up, b_up=b_up, scale=scale)
     leaves = {name: t.detach().requires_grad_() for name, t in named.items() if t is not None}
@@ -250,12 +255,16 @@ def _reference_backward(grad_y, grad_logits, x, w_gate, b_gate, expert_idx, expe
             grads.append(grad_logits)
         found = dict(zip(leaves, torch.autograd.grad(outputs, list(leaves.values()), grads, allow_unused=True)))
 
+    # Packed in fp32 (the kernels' partials), or in float64 for float64 calls: no rounding below
+    # the gradients' own precision.
+    pack = torch.float64 if grad_dtype == torch.float64 else torch.float32
+
     def flat(name, size):
         grad = found.get(name)
-        grad = torch.zeros(size, device=x.device) if grad is None else grad.reshape(-1).float()
+        grad = torch.zeros(size, device=x.device, dtype=pack) if grad is None else grad.reshape(-1).to(pack)
         return torch.cat([grad, grad.new_zeros(size - grad.numel())]) if grad.numel() < size else grad
 
-    layout = grad_layout(experts, rank, dim)
+    layout = grad_layout(experts, rank, dim, dim_out)
     packed = torch.cat([flat(name, size) for name, size in layout.fields]).to(grad_dtype)
     grad_x = found["x"] + grad_y if add_grad_y else found["x"]
     grad_x = grad_x.to(x.dtype).contiguous() if compute_dx else x.new_empty((0, dim))
@@ -269,7 +278,7 @@ def _backward_fake(grad_y, grad_logits, x, w_gate, b_gate, expert_idx, expert_we
     experts, rank, dim = w_down.shape
     grad_dtype = packed_grad_dtype(x, w_gate, b_gate, w_down, b_down, w_up, b_up, scale)
     return (x.new_empty((x.shape[0] if compute_dx else 0, dim)),
-            x.new_empty(grad_layout(experts, rank, dim).size, dtype=grad_dtype),
+            x.new_empty(grad_layout(experts, rank, dim, w_up.shape[1]).size, dtype=grad_dtype),
             x.new_empty((0 if w_gate is not None else x.shape[0], top_k), dtype=torch.float32))
 
 
@@ -298,8 +307,8 @@ def _backward(ctx, needs, grad_y, grad_hidden, grad_idx, grad_weights, grad_orde
         return {}
     op = _op_name(w_gate is not None)
     refuse_double_backward(op, op)
-    if grad_y is None:  # only the logits were used (an auxiliary loss): dy is zero
-        grad_y = x.new_zeros(x.shape, dtype=flags["out_dtype"])
+    if grad_y is None:  # only the logits were used (an auxiliary loss): dy [M, D_out] is zero
+        grad_y = x.new_zeros((x.shape[0], w_up.shape[1]), dtype=flags["out_dtype"])
     grad_x, packed, grad_routing = backward_op(
         grad_y=grad_y, grad_logits=grad_logits, x=x, w_gate=w_gate, b_gate=b_gate, expert_idx=saved["expert_idx"],
         expert_weight=saved["expert_weight"], w_down=w_down, b_down=b_down, w_up=w_up, b_up=b_up, scale=scale,
@@ -310,7 +319,7 @@ def _backward(ctx, needs, grad_y, grad_hidden, grad_idx, grad_weights, grad_orde
         variant=flags["variant"],
     )
     experts, rank, dim = w_down.shape
-    split = grad_layout(experts, rank, dim).split(packed)
+    split = grad_layout(experts, rank, dim, w_up.shape[1]).split(packed)
     expert_weight = saved["expert_weight"]
     return dict(
         x=grad_x, w_gate=param_grad(split["w_gate"], w_gate), b_gate=param_grad(split["b_gate"], b_gate),
@@ -358,10 +367,12 @@ def _run(x, w_gate, b_gate, expert_idx, expert_weight, w_down, b_down, w_up, b_u
         row_scale, top_k, MAX_EXPERTS, check_range)
     variant = _check_variant(variant)
     experts, rank, dim = w_down.shape
+    dim_out = w_up.shape[1]
     compute_dtype = reference.compute_dtype(x)
     autocast = reference.autocasts(x)
     out_dtype = reference.output_dtype(compute_dtype, autocast, scale_tensor, terms)
-    scale_tensor, scale_value, add_input, skip2d = epilogue_arguments(x, scale_tensor, scale_value, terms)
+    scale_tensor, scale_value, add_input, skip2d = epilogue_arguments(x, scale_tensor, scale_value, terms,
+                                                                      out_dim=dim_out)
     if row_scale is not None:
         row_scale = row_scale.detach()
     if expert_idx is not None:
@@ -377,7 +388,7 @@ def _run(x, w_gate, b_gate, expert_idx, expert_weight, w_down, b_down, w_up, b_u
         compute_dtype=compute_dtype, out_dtype=out_dtype, autocast=autocast, save=save, return_logits=return_logits,
         design=choose_design(experts, rank, variant), variant=variant,
     )
-    y = y if x.dim() == 2 else y.view(x.shape)
+    y = y if x.dim() == 2 else y.view(*x.shape[:-1], dim_out)
     return (y, logits) if return_logits else y
 
 
@@ -405,9 +416,12 @@ def sparse_adapter(
     (act(x @ w_down[e_j].T + b_down[e_j]) @ w_up[e_j].T + b_up[e_j])).
 
     x [..., D]; w_gate [E, D], b_gate [E] or None; w_down [E, r, D], b_down [E, r] or None,
-    w_up [E, D, r], b_up [E, D] or None; E from 1 to 64. scale, residual, row_scale and
-    activation as in bottleneck_adapter (shared by the experts). Returns y, or (y, logits) with
-    return_logits: logits [M, E] fp32, differentiable (for load_balancing_loss).
+    w_up [E, D_out, r], b_up [E, D_out] or None; E from 1 to 64. D_out is w_up's (D for an
+    adapter; another width for a width-changing mixture, as bottleneck_adapter allows): y is
+    [..., D_out], and scale ([D_out], one element, a float or None), residual ([..., D_out]) and
+    row_scale are as in bottleneck_adapter, shared by the experts; x itself can be a residual term
+    only where D_out = D. Returns y, or (y, logits) with return_logits: logits [M, E] fp32,
+    differentiable (for load_balancing_loss).
 
     Gradients reach x, the gate (through the weights), every expert parameter, scale and the
     residual. CUDA tensors run the Triton kernels (the dense design, one launch forward and two
@@ -438,8 +452,11 @@ def routed_adapter(
 ) -> torch.Tensor:
     """The mixture with the routing given per row: expert_idx [M, k] (integers 0..E-1; a repeated
     expert adds its weights) and expert_weight [M, k] (differentiable) instead of a gate;
-    otherwise as sparse_adapter. Multi-task batches pass each row's task adapter with weight 1
-    (k = 1); per-image routing passes the same experts for all of an image's tokens.
+    otherwise as sparse_adapter (D_out included). Multi-task batches pass each row's task adapter
+    with weight 1 (k = 1): per-task LoRA on a linear of D -> D_out is this form with identity
+    activation, no biases, w_down the stacked A [T, r, D], w_up the stacked scaled B [T, D_out, r]
+    and the base linear's output [..., D_out] as the residual. Per-image routing passes the same
+    experts for all of an image's tokens.
 
     expert_idx is checked against E (one device sync on CUDA, skipped under torch.compile; the
     package's modules call routed_adapter_unchecked, whose indices are in range by construction).
