@@ -38,10 +38,10 @@ class AdaptedBlockMixin(Swapped):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         record = self._fused_record
         routing = record.routing
-        if routing is not None:
+        if routing is not None and routing.names[0] in self.adapters:
             name = routing.names[0]
             adapter = task_routing.PerImageSlots(self.adapters, routing)
-        else:
+        else:  # no routing, or a routing of other kinds' adapters (LoRA's linears route themselves)
             name = record.running
             if name is None or name not in self.adapters:
                 return super().forward(x, *args, **kwargs)
@@ -158,6 +158,9 @@ class BottleneckKind(AdapterKind):
     def summary(self, model, name, config) -> str:
         mixture = f", {config.experts} experts top-{config.top_k} by {config.routing}" if config.sparse else ""
         return f"{config.position}, rank {config.rank}{mixture}"
+
+    def routing_fields(self, config) -> tuple:
+        return ("position", "rank", "activation", "norm", "bias")
 
     def routing_refusal(self, name, config):
         if config.sparse:

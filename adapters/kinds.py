@@ -80,8 +80,13 @@ class AdapterKind:
 
     def routing_refusal(self, name: str, config) -> Optional[str]:
         """Why task_routing cannot route this adapter per image, or None if it can."""
-        return (f"task_routing mixes bottleneck adapters; {name!r} is {self.noun} (set_adapter runs it, one name "
-                f"per batch)")
+        return (f"task_routing mixes bottleneck and LoRA adapters; {name!r} is {self.noun} (set_adapter runs it, "
+                f"one name per batch)")
+
+    def routing_fields(self, config) -> tuple:
+        """The config fields that every adapter task_routing mixes with this one must share (the
+        ones its per-image launch stacks along); their other fields (scales) may differ."""
+        return ()
 
     def merge_refusal(self, name: str, config) -> Optional[str]:
         """Why merge_adapters cannot fold this adapter into the weights, or None if it can."""

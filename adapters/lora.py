@@ -29,6 +29,7 @@ from ..kernels import bottleneck_adapter, lora_linear, reference
 from .config import TARGET_PATHS, TARGETS, LoraConfig
 from .kinds import AdapterKind, Built, register_kind
 from .record import AdapterRecord
+from .routing import mixed_lora_forward
 from .surgery import vit_blocks
 
 __all__ = ["LoraConfig", "LoraBranch", "LoraLinear", "LoraKind", "TARGETS", "TARGET_PATHS"]
@@ -175,6 +176,11 @@ class LoraLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         record = self._fused_record
         name, merged = record.running, record.merged
+        routing = record.routing
+        if routing is not None and routing.names[0] in self.lora:  # task_routing: each image its own branch
+            weight = self.lora_original if merged is not None and merged in self.lora else self.weight
+            branches = [self.lora[task] for task in routing.names]
+            return mixed_lora_forward(branches, routing.task_of_sample, x, F.linear(x, weight, self.bias))
         if merged is not None and merged in self.lora:
             return F.linear(x, self.weight if name == merged else self.lora_original, self.bias)
         if name is None or name not in self.lora:
@@ -282,6 +288,12 @@ class LoraKind(AdapterKind):
             if current["linears"][target] != shape:
                 raise ValueError(f"LoRA adapters in {source} were saved for a model whose {TARGET_PATHS[target]} "
                                  f"weights are [out, in] = {shape}; this model's are {current['linears'][target]}")
+
+    def routing_fields(self, config) -> tuple:
+        return ("rank", "targets")
+
+    def routing_refusal(self, name, config):
+        return None
 
     def merge_refusal(self, name, config):
         return None

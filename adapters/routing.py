@@ -1,8 +1,9 @@
 """Task routing: one batch in which each image runs its own task's adapters, all in one launch per
 adapter slot (task_routing), and what it is made of: the per-image adapter slots the adapted
 blocks run (PerImageSlots, through mixed_task_forward: one routed_adapter launch over the whole
-batch) and the per-image stand-ins for owned modules (PerImage: each image its own task's head
-and LayerNorms)."""
+batch), the per-image LoRA branches of an adapted linear (mixed_lora_forward: the base GEMM once,
+every task's low-rank branch in one routed_adapter launch), and the per-image stand-ins for owned
+modules (PerImage: each image its own task's head and LayerNorms)."""
 
 from __future__ import annotations
 
@@ -22,10 +23,7 @@ from .surgery import vit_blocks
 if TYPE_CHECKING:
     from .modules import BottleneckAdapter
 
-__all__ = ["task_routing", "mixed_task_forward", "PerImageSlots", "PerImage"]
-
-# What the adapters task_routing mixes must share (their scales may differ).
-SHARED_FIELDS = ("position", "rank", "activation", "norm", "bias")
+__all__ = ["task_routing", "mixed_task_forward", "mixed_lora_forward", "PerImageSlots", "PerImage"]
 
 
 @contextlib.contextmanager
@@ -35,14 +33,19 @@ def task_routing(model: nn.Module, names_per_image) -> Iterator[nn.Module]:
 
     names_per_image: one adapter name per image of the batch, or a 1-D integer tensor of indices
     into sorted(adapter_configs(model)) (the model's adapter names, sorted). The named adapters
-    must be plain bottleneck adapters (experts = 1, no dropout; no LoRA or LoSA: the backbone
-    runs without them inside the block) of one position, rank, activation, norm and bias; their
-    scales may differ. Each image is classified by its own task's head where that task owns one
-    (train_head; the heads must give outputs of one shape), by the original head otherwise, and
-    likewise for the LayerNorms of tasks with train_norms. Inside the block every named adapter's
-    parameters and own modules train (gradients reach each image's own ones); on exit the model
-    is as it was, requires_grad flags included. Calls that change the model's adapters (inject,
-    set_adapter, ...) raise inside the block.
+    are all of one kind:
+    - bottleneck adapters (experts = 1, no dropout) of one position, rank, activation, norm and
+      bias: each adapted block runs all of them in one launch per slot;
+    - or LoRA adapters of one rank and targets: each target linear runs its base GEMM once for
+      the batch and every task's low-rank branch in one launch (a merged adapter's linears use
+      the original weights kept at merge, so merging needs no undoing).
+    Their scales (and LoRA's alpha, rsLoRA and dropout) may differ. Each image is classified by
+    its own task's head where that task owns one (train_head; the heads must give outputs of one
+    shape), by the original head otherwise, and likewise for the LayerNorms of tasks with
+    train_norms. Inside the block every named adapter's parameters and own modules train
+    (gradients reach each image's own ones); on exit the model is as it was, requires_grad flags
+    included. Calls that change the model's adapters (inject, set_adapter, ...) raise inside the
+    block. LoSA side networks and AdapterFusion are refused (set_adapter runs them, one per batch).
     """
     record = record_of(model)
     configs = record.configs if record is not None else {}
@@ -56,8 +59,12 @@ def task_routing(model: nn.Module, names_per_image) -> Iterator[nn.Module]:
         if refusal is not None:
             raise ValueError(refusal)
     first = configs[names[0]]
+    kind = kind_of(first)
     for name in names:
-        for field in SHARED_FIELDS:
+        if kind_of(configs[name]) is not kind:
+            raise ValueError(f"task_routing mixes adapters of one kind: {names[0]!r} is {kind.noun}, {name!r} is "
+                             f"{kind_of(configs[name]).noun}")
+        for field in kind.routing_fields(first):
             if getattr(configs[name], field) != getattr(first, field):
                 raise ValueError(f"task_routing needs adapters of one {field}: {names[0]!r} has "
                                  f"{getattr(first, field)!r}, {name!r} has {getattr(configs[name], field)!r}")
@@ -74,7 +81,6 @@ def task_routing(model: nn.Module, names_per_image) -> Iterator[nn.Module]:
     flags = [p.requires_grad for p in parameters]
     with owned.framed(model, record, Frame("task_routing", Routing(tuple(names), task_of_sample), modules)):
         for name in names:
-            kind = kind_of(configs[name])
             for module in (*kind.modules(model, name).values(), *copies[index[name]].values()):
                 module.requires_grad_(True)
         try:
@@ -223,3 +229,41 @@ def mixed_task_forward(adapters: list, task_of_sample: torch.Tensor, x: torch.Te
     fn = routed_adapter_unchecked if first.fused else reference.routed_adapter
     return fn(inputs, expert_idx, expert_weight, torch.stack(w_down), stacked_b_down, torch.stack(w_up),
               stacked_b_up, None, activation=first.activation, residual=residual, row_scale=row_scale)
+
+
+def mixed_lora_forward(branches: list, task_of_sample: torch.Tensor, x: torch.Tensor,
+                       base: torch.Tensor) -> torch.Tensor:
+    """base + each image's own task's LoRA update: row m of image b adds
+    s_t (x_m A_t^T) B_t^T with t = task_of_sample[b] and branches[t] = (A_t, B_t, s_t), in one
+    routed_adapter launch over the whole batch (identity activation, one expert per row with
+    weight 1, the tasks' A and B stacked as the experts' down- and up-projections, base as the
+    residual added in the epilogue). The scales stay out of the weights: one scalar when the tasks
+    share it, else a per-row factor (row_scale), applied after the dot as for an adapter alone. Dropout (in training, rate per task) is applied to the branch's input only, as a
+    lone LoraBranch does; base was computed from the undropped x."""
+    first = branches[0]
+    if x.dim() < 2 or x.shape[0] != task_of_sample.shape[0]:
+        raise ValueError(f"task_routing was given {task_of_sample.shape[0]} task names but a LoRA linear got input "
+                         f"of shape {tuple(x.shape)} (expected [batch = {task_of_sample.shape[0]}, ..., features])")
+    dim = x.shape[-1]
+    tokens = x[0].numel() // dim
+    task = task_of_sample.to(x.device)
+    expert_idx = task.repeat_interleave(tokens).reshape(-1, 1)
+    expert_weight = torch.ones(expert_idx.shape, device=x.device, dtype=torch.float32)
+    scales = [branch.scale for branch in branches]
+    scale, row_scale = scales[0], None
+    if any(s != scales[0] for s in scales):
+        scale = None
+        row_scale = torch.tensor(scales, dtype=torch.float32, device=x.device)[expert_idx[:, 0]]
+    rates = [branch.dropout for branch in branches]
+    inputs = x
+    if first.training and any(rate > 0.0 for rate in rates) and x.numel() > 0:
+        keep = (1.0 - torch.tensor(rates, dtype=torch.float32, device=x.device))[task]
+        keep = keep.reshape((-1,) + (1,) * (x.dim() - 1))
+        mask = torch.rand(x.shape, device=x.device) < keep
+        inputs = x * (mask / keep).to(x.dtype)
+    with torch.autocast(x.device.type, enabled=False):  # stacked in the parameters' own dtype
+        w_down = torch.stack([branch.lora_A for branch in branches])
+        w_up = torch.stack([branch.lora_B for branch in branches])
+    fn = routed_adapter_unchecked if first.fused else reference.routed_adapter
+    return fn(inputs, expert_idx, expert_weight, w_down, None, w_up, None, scale, activation="identity",
+              residual=base, row_scale=row_scale)

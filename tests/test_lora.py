@@ -635,7 +635,7 @@ def test_deepcopy_and_pickle_keep_the_outputs():
         assert torch.equal(torch.load(buffer, weights_only=False)(x), want)
 
 
-def test_task_routing_refuses_lora():
+def test_task_routing_refuses_lora_mixed_with_bottleneck_adapters():
     model = lora_model(PROJ, name="low_rank")
     inject(model, AdapterConfig(), name="birds", verbose=False)
     with pytest.raises(ValueError, match="'low_rank' is a LoRA adapter"):
