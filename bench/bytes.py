@@ -4,6 +4,7 @@
     python bench/bytes.py --op sparse [--experts 8] [--top-k 2] [--shapes 1576x768x16 ...]
     python bench/bytes.py --op sparse --variant grouped [--experts 16] [--shapes 1576x768x32 ...]
     python bench/bytes.py --op fusion [--adapters 2 4 8] [--shapes 1576x768x8 ...]
+    python bench/bytes.py --op multilora [--tasks 8] [--shapes 1576x768x2304x8 ...] [--jobs 2]
 
 Runs the op forward and backward in Triton's interpreter (set here when CUDA is absent) with
 launches planned for a GPU of --sms SMs, and counts every load and store of its launches
@@ -18,6 +19,14 @@ AdapterFusion (--op fusion) over N frozen adapters of rank r at the post positio
 the fusion's W_q, b_q, W_k, b_k and W_v trainable, has that floor plus its three D x D weights
 (read once a pass; the backward also writes their gradients); eager is the reference, which
 forms every adapter's output, key and value.
+A multi-LoRA batch (--op multilora, shapes MxDxD_OUTxr with M = images x 197 tokens) is one
+frozen linear with T tasks' LoRA branches (alpha 16), image b in task b % T, x and every A and B
+differentiated: task_routing's form (routed: the base GEMM, one routed launch) against PEFT's
+mixed-batch loop with the fused branch (loop-fused) and in plain PyTorch (loop-eager), and the
+per-image weight gather (gather-eager); bench/test_multilora.py describes them. Its floor is the
+LoRA linear's: forward reads x and the frozen W and writes y [M, D_out]; backward reads dy, x
+and W and writes dx. The loops' indexing ops are charged the rows they touch (the counter's own
+totals, which charge each gather and scatter its whole tensor, are the last columns).
 """
 
 from __future__ import annotations
@@ -39,7 +48,10 @@ from fused_adapters.kernels import (  # noqa: E402
 from fused_adapters.tools.byte_count import count_bytes  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script too
-from bench.measure import floor_bytes, fusion_floor_bytes  # noqa: E402
+from bench.measure import (  # noqa: E402
+    MULTILORA_FUNCTIONS, MULTILORA_PROVIDERS, TOKENS, count_moved, differentiable, floor_bytes, fusion_floor_bytes,
+    multilora_call, multilora_inputs,
+)
 
 DEFAULT_SHAPES = ["768x768x8", "1024x768x8", "6304x768x8", "768x768x16", "768x1024x16", "6304x768x16",
                   "768x768x64", "1024x768x64", "6304x768x64"]
@@ -125,19 +137,86 @@ def measure_fusion(fn, rows, dim, rank, adapters, sms):
     return forward.total() / forward_floor, backward.total() / backward_floor, forward, backward
 
 
+def measure_multilora(provider, rows, dim, dim_out, rank, tasks, sms):
+    """(forward, backward) ByteReports of one multi-LoRA provider, fp16, alpha 16, the loops'
+    indexing ops charged the rows they touch (each report's indexed_rows.recharged lists them)."""
+    images = rows // TOKENS
+    inputs = multilora_inputs(images, TOKENS, dim, dim_out, rank, min(tasks, images), torch.float16, "cpu",
+                              torch.Generator().manual_seed(0))
+    with count_moved(sms, indexed_rows=True) as forward:
+        y = multilora_call(MULTILORA_FUNCTIONS[provider], inputs, 16.0 / rank)
+    grad = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y.dtype)
+    with count_moved(sms, indexed_rows=True) as backward:
+        torch.autograd.grad(y, differentiable(inputs), grad)
+    return forward, backward
+
+
+def _multilora_line(job):
+    """One printed line of --op multilora: (shape, provider, tasks, sms) -> text."""
+    shape, provider, tasks, sms = job
+    rows, dim, dim_out, rank = (int(v) for v in shape.split("x"))
+    start = time.time()
+    forward, backward = measure_multilora(provider, rows, dim, dim_out, rank, tasks, sms)
+    weight = dim_out * dim * 2
+    floors = [floor_bytes(p, rows, dim, 2, 2, residual="none", dim_out=dim_out, weight_bytes=weight)
+              for p in ("forward", "backward")]
+    counted = [report.total() + sum(c - r for c, r in report.indexed_rows.recharged) for report in (forward, backward)]
+    megabytes = [report.total() / 1e6 for report in (forward, backward)]
+    return (f"{rows:>6} {dim:>5} {dim_out:>5} {rank:>3} {min(tasks, rows // TOKENS):>3}  {provider:<13} "
+            f"{megabytes[0]:>7.2f} {forward.total() / floors[0]:>6.2f}x {megabytes[1]:>7.2f} "
+            f"{backward.total() / floors[1]:>6.2f}x  {forward.triton_launches:>2}/{backward.triton_launches:<3} "
+            f"{len(forward.aten):>3}/{len(backward.aten):<4} {counted[0] / 1e6:>8.2f}/{counted[1] / 1e6:<8.2f} "
+            f"{time.time() - start:.0f}")
+
+
+def main_multilora(args) -> None:
+    shapes = args.shapes if args.shapes != DEFAULT_SHAPES else ["1576x768x2304x8", "1576x768x3072x8"]
+    for shape in shapes:
+        parts = shape.split("x")
+        if len(parts) != 4 or int(parts[0]) % TOKENS:
+            raise SystemExit(f"--op multilora shapes are MxDxD_OUTxr with M a multiple of {TOKENS}, got {shape}")
+    print(f"bytes moved (MB) and / floor, fp16, a multi-LoRA batch of up to {args.tasks} tasks (image b in task b % "
+          f"{args.tasks}, alpha 16), launches planned for {args.sms} SMs")
+    print("floor: forward reads x [M, D] and W [D_out, D], writes y [M, D_out]; backward reads dy, x and W, writes "
+          "dx; the tasks' A and B left out")
+    for shape in shapes:
+        rows, dim, dim_out, _ = (int(v) for v in shape.split("x"))
+        floors = [floor_bytes(p, rows, dim, 2, 2, residual="none", dim_out=dim_out, weight_bytes=dim_out * dim * 2)
+                  for p in ("forward", "backward")]
+        print(f"M={rows} D={dim} D_out={dim_out}: floor {floors[0] / 1e6:.2f} MB forward, {floors[1] / 1e6:.2f} MB "
+              "backward")
+    print(f"{'M':>6} {'D':>5} {'D_out':>5} {'r':>3} {'T':>3}  {'provider':<13} {'fwd MB':>7} {'/floor':>7} "
+          f"{'bwd MB':>7} {'/floor':>7}  {'launches':<8} {'aten':<8} {'as counted MB':<17} seconds")
+    jobs = [(shape, provider, args.tasks, args.sms) for shape in shapes for provider in MULTILORA_PROVIDERS]
+    if args.jobs > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(args.jobs) as pool:
+            for line in pool.map(_multilora_line, jobs):
+                print(line, flush=True)
+    else:
+        for job in jobs:
+            print(_multilora_line(job), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sms", type=int, default=132, help="SM count the launches are planned for (H100: 132)")
     parser.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES, help="MxDxr, e.g. 6304x768x8")
     parser.add_argument("--residual", choices=["x", "skip+x"], default="x")
     parser.add_argument("--no-eager", action="store_true", help="skip the eager baseline (faster)")
-    parser.add_argument("--op", choices=["bottleneck", "sparse", "routed", "fusion"], default="bottleneck")
+    parser.add_argument("--op", choices=["bottleneck", "sparse", "routed", "fusion", "multilora"], default="bottleneck")
+    parser.add_argument("--tasks", type=int, default=8, help="multilora: tasks T (image b in task b %% T)")
+    parser.add_argument("--jobs", type=int, default=1, help="multilora: processes counting side by side")
     parser.add_argument("--adapters", type=int, nargs="+", default=[2, 4, 8], help="fusion: adapters N (each a row)")
     parser.add_argument("--experts", type=int, default=8, help="sparse/routed: experts E")
     parser.add_argument("--top-k", type=int, default=2, help="sparse/routed: experts per row k")
     parser.add_argument("--variant", help="the fused op's kernel variant (default: the one in force); sparse/routed: "
                                           + ", ".join(list_variants("sparse_adapter")))
     args = parser.parse_args()
+    if args.op == "multilora":
+        main_multilora(args)
+        return
     family = "bottleneck_adapter" if args.op == "bottleneck" else "sparse_adapter"
     if args.variant is not None and args.variant not in list_variants(family):
         parser.error(f"--variant for --op {args.op} must be one of {', '.join(list_variants(family))}")

@@ -22,6 +22,7 @@ from concurrent.futures import ProcessPoolExecutor
 from typing import Callable, Optional
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 # ViT-B/16 at 224 px: 197 tokens per image, so M = batch x 197.
 TOKENS = 197
@@ -157,6 +158,108 @@ def lora_variant(variant: str):
 def lora_call(fn: Callable, inputs: dict, scale: float):
     """fn (lora_eager, lora_fused or a compiled lora_eager) on lora_inputs."""
     return fn(inputs["x"], inputs["weight"], inputs["bias"], inputs["lora_A"], inputs["lora_B"], scale)
+
+
+# A multi-LoRA batch: one linear with T tasks' LoRA branches, each image of the batch its own
+# task's (task_routing over LoRA adapters). The providers, all base GEMM included:
+#   routed        what task_routing runs: the base GEMM, then every task's branch in one
+#                 routed_adapter launch (adapters.routing.mixed_lora_forward)
+#   loop-fused    PEFT's mixed-batch loop with the fused branch: the base GEMM, then per task
+#                 its images gathered, the branch as one bottleneck_adapter call (identity,
+#                 scale s), the update index_add_-ed into the base output
+#   loop-eager    PEFT's mixed-batch loop (peft's LoraLayer._mixed_batch_forward) in plain
+#                 PyTorch: result[index] += lora_B(lora_A(x[index])) * s per task
+#   gather-eager  each image's A and B gathered ([batch, r, D], [batch, D_out, r]), the update
+#                 as two batched matmuls: base + (x @ A_b^T @ B_b^T) * s
+MULTILORA_PROVIDERS = ("routed", "loop-fused", "loop-eager", "gather-eager")
+MULTILORA_FUSED = ("routed", "loop-fused")
+
+
+def multilora_inputs(images: int, tokens: int, dim: int, dim_out: int, rank: int, tasks: int, dtype: torch.dtype,
+                     device, generator: Optional[torch.Generator] = None) -> dict:
+    """One set of multi-LoRA inputs: x [images, tokens, D] (requires grad), the frozen base
+    layer's weight [D_out, D] and bias [D_out], each task's branch lora_A{t} [r, D] and lora_B{t}
+    [D_out, r] (require grad; B random, not zero, so that every branch adds something), and the
+    routing: task_of_sample [images] with image b in task b % T (interleaved), and index{t}, the
+    images of task t (the loops' sub-batches, made once here as PEFT makes its index lists on
+    the host). T = tasks, the tasks the batch holds: at most one per image."""
+    if not 1 <= tasks <= images:
+        raise ValueError(f"a batch of {images} images holds 1 to {images} tasks, got {tasks}")
+
+    def randn(*shape, std=1.0, grad=True):
+        t = torch.randn(*shape, generator=generator) * std
+        return t.to(device=device, dtype=dtype).requires_grad_(grad)
+
+    inputs = dict(x=randn(images, tokens, dim), weight=randn(dim_out, dim, std=dim ** -0.5, grad=False),
+                  bias=randn(dim_out, std=0.1, grad=False))
+    for task in range(tasks):
+        inputs[f"lora_A{task}"] = randn(rank, dim, std=dim ** -0.5)
+        inputs[f"lora_B{task}"] = randn(dim_out, rank, std=rank ** -0.5)
+    task_of_sample = torch.arange(images) % tasks
+    inputs["task_of_sample"] = task_of_sample.to(device)
+    for task in range(tasks):
+        inputs[f"index{task}"] = torch.nonzero(task_of_sample == task)[:, 0].to(device)
+    return inputs
+
+
+class _Branch:
+    """The part of a LoraBranch that mixed_lora_forward reads, around given tensors."""
+
+    def __init__(self, lora_A, lora_B, scale: float):
+        self.lora_A, self.lora_B, self.scale = lora_A, lora_B, scale
+        self.dropout, self.training, self.fused = 0.0, True, True
+
+
+def multilora_routed(x, weight, bias, lora_A: list, lora_B: list, scale: float, task_of_sample, groups: list):
+    """What a LoRA linear runs under task_routing: the base GEMM once, every task's branch in one
+    routed launch (mixed_lora_forward, the library's own code)."""
+    from fused_adapters.adapters.routing import mixed_lora_forward
+
+    branches = [_Branch(a, b, scale) for a, b in zip(lora_A, lora_B)]
+    return mixed_lora_forward(branches, task_of_sample, x, torch.nn.functional.linear(x, weight, bias))
+
+
+def multilora_loop_fused(x, weight, bias, lora_A: list, lora_B: list, scale: float, task_of_sample, groups: list):
+    """PEFT's mixed-batch loop with the fused branch: per task (groups: (task, image index)), its
+    images' update s (x A^T) B^T as one bottleneck_adapter call, added into the base output."""
+    from fused_adapters.kernels import bottleneck_adapter
+
+    result = torch.nn.functional.linear(x, weight, bias)
+    for task, index in groups:
+        update = bottleneck_adapter(x[index], lora_A[task], None, lora_B[task], None, scale, activation="identity")
+        result.index_add_(0, index, update.to(result.dtype))  # as PEFT's .to(torch_result_dtype)
+    return result
+
+
+def multilora_loop_eager(x, weight, bias, lora_A: list, lora_B: list, scale: float, task_of_sample, groups: list):
+    """PEFT's LoraLayer._mixed_batch_forward for vanilla LoRA without dropout, in plain PyTorch."""
+    linear = torch.nn.functional.linear
+    result = linear(x, weight, bias)
+    for task, index in groups:
+        sub_batch = x[index]
+        result[index] += linear(linear(sub_batch, lora_A[task]), lora_B[task]) * scale
+    return result
+
+
+def multilora_gather_eager(x, weight, bias, lora_A: list, lora_B: list, scale: float, task_of_sample, groups: list):
+    """Each image's own A and B gathered from the stacked tasks' ([batch, r, D], [batch, D_out,
+    r]; an image's tokens share its task, so one copy per image rather than per row), the update
+    as two batched matmuls, added to the base output as lora_eager adds it."""
+    a = torch.stack(lora_A)[task_of_sample]
+    b = torch.stack(lora_B)[task_of_sample]
+    return torch.nn.functional.linear(x, weight, bias) + (x @ a.transpose(1, 2) @ b.transpose(1, 2)) * scale
+
+
+MULTILORA_FUNCTIONS = {"routed": multilora_routed, "loop-fused": multilora_loop_fused,
+                       "loop-eager": multilora_loop_eager, "gather-eager": multilora_gather_eager}
+
+
+def multilora_call(fn: Callable, inputs: dict, scale: float):
+    """fn (one of MULTILORA_FUNCTIONS, or a compiled one) on multilora_inputs."""
+    tasks = sum(1 for key in inputs if key.startswith("lora_A"))
+    groups = [(task, inputs[f"index{task}"]) for task in range(tasks)]
+    return fn(inputs["x"], inputs["weight"], inputs["bias"], [inputs[f"lora_A{t}"] for t in range(tasks)],
+              [inputs[f"lora_B{t}"] for t in range(tasks)], scale, inputs["task_of_sample"], groups)
 
 
 # The sparse mixture's two forms: gated by a learned top-k gate, or routed by the caller.
@@ -461,16 +564,31 @@ def copy_gbps(device: torch.device, size: int = 1 << 30) -> float:
 # --------------------------------------------------------------------------------------------
 
 
+def _fused_provider(case: dict) -> bool:
+    """Whether a count case's provider runs the package's kernels: "fused", and the multi-LoRA
+    rows' "routed" and "loop-fused"."""
+    return case["provider"] == "fused" or (case.get("op") == "multilora" and case["provider"] in MULTILORA_FUSED)
+
+
 def _case_call(case: dict, rows: int, dim: int, dim_out: Optional[int], dtype, autocast):
     """(forward call, its inputs, the context it runs in) of a count case's provider at these
     sizes: the op on its inputs (the fused op with the case's variant, or eager PyTorch)."""
     from fused_adapters.kernels import bottleneck_adapter, reference, routed_adapter, sparse_adapter, use_variant
 
     generator = torch.Generator().manual_seed(0)
-    fused = case["provider"] == "fused"
+    fused = _fused_provider(case)
     variant = case.get("variant") or "default"
     op = case.get("op")
-    if op == "lora":
+    if op == "multilora":
+        # rows = images x tokens; the host-time chain at HOST_EAGER_ROWS keeps the images.
+        images = case["images"]
+        inputs = multilora_inputs(images, max(1, rows // images), dim, dim_out, case["rank"], case["tasks"], dtype,
+                                  "cpu", generator)
+        fn = MULTILORA_FUNCTIONS[case["provider"]]
+
+        def forward_call():
+            return multilora_call(fn, inputs, case["scale"])
+    elif op == "lora":
         inputs = lora_inputs(rows, dim, dim_out, case["rank"], dtype, "cpu", generator)
         fn = lora_fused if fused else lora_eager
 
@@ -505,7 +623,12 @@ def _case_call(case: dict, rows: int, dim: int, dim_out: Optional[int], dtype, a
         autocast_context = (torch.autocast("cpu", dtype=autocast) if autocast is not None
                             else torch.autocast("cpu", enabled=False))
         # The sparse ops share the "sparse_adapter" variants (their variant= argument is passed too).
-        if op == "lora":
+        if op == "multilora":
+            # The branch's bottleneck kernels and the routed launch in their default variants.
+            variant_context = contextlib.ExitStack()
+            for family in ("bottleneck_adapter", "sparse_adapter"):
+                variant_context.enter_context(use_variant(family, "default"))
+        elif op == "lora":
             variant_context = lora_variant(variant if fused else "default")
         else:
             # AdapterFusion mixes through the routed mixture's kernels: their default variant.
@@ -525,6 +648,86 @@ def _count_dtypes(case: dict) -> tuple:
             torch.float16 if autocast == torch.bfloat16 else autocast)
 
 
+# Indexing ops that read or write some rows of a tensor: the byte counter charges them the whole
+# tensor (its rule for every op: each tensor argument read whole, a mutated one read and written
+# whole), while a GPU's index kernels move the rows they touch. A gather of one task's 197 rows
+# of x [1576, 768] is charged all 1576 rows: 8x too much for each of a loop's 8 tasks.
+INDEXING_OPS = frozenset({"index", "index_select", "index_put_", "index_add_"})
+
+
+def _tensor_bytes(value) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, (list, tuple)):
+        return sum(_tensor_bytes(item) for item in value)
+    return 0
+
+
+def indexed_bytes(name: str, args: tuple, kwargs: dict, out) -> tuple[int, int]:
+    """(read, written) bytes of an indexing op (INDEXING_OPS) that touches only its indexed rows:
+    a gather (index(self, indices), index_select(self, dim, index)) reads the indices and the
+    elements it returns, and writes them; a scatter into self (index_put_(self, indices, values,
+    accumulate): self[indices] = values, or += with accumulate; index_add_(self, dim, index,
+    source): self[index] += source) reads the values and the indices, and reads (when it adds)
+    and writes as many elements of self."""
+    if name == "index":
+        return _tensor_bytes(out) + _tensor_bytes(args[1]), _tensor_bytes(out)
+    if name == "index_select":
+        return _tensor_bytes(out) + _tensor_bytes(args[2]), _tensor_bytes(out)
+    if name == "index_put_":
+        target, indices, values = args[:3]
+        accumulate = bool(args[3] if len(args) > 3 else kwargs.get("accumulate", False))
+    else:  # index_add_
+        target, indices, values = args[0], args[2], args[3] if len(args) > 3 else kwargs["source"]
+        accumulate = True
+    touched = values.numel() * target.element_size()
+    return _tensor_bytes(values) + _tensor_bytes(indices) + (touched if accumulate else 0), touched
+
+
+class IndexedRows(TorchDispatchMode):
+    """Entered inside count_bytes(): each indexing op (INDEXING_OPS) the counter records outside a
+    launch is re-charged the bytes of the rows it touches (indexed_bytes) in the counter's report;
+    `recharged` keeps (counted, re-charged) bytes per op, so the counter's own total is
+    report.total() + sum(counted - recharged)."""
+
+    def __init__(self, report):
+        super().__init__()
+        self.report = report
+        self.recharged: list[tuple[int, int]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        from fused_adapters.tools.byte_count import AtenBytes
+
+        kwargs = kwargs or {}
+        before = len(self.report.events)
+        out = func(*args, **kwargs)
+        name = func.overloadpacket.__name__
+        if name in INDEXING_OPS and len(self.report.events) == before + 1:
+            event = self.report.events[before]
+            if isinstance(event, AtenBytes) and event.op == name:
+                read, written = indexed_bytes(name, args, kwargs, out)
+                self.report.events[before] = AtenBytes(op=name, read=read, written=written)
+                self.recharged.append((event.read + event.written, read + written))
+        return out
+
+
+@contextlib.contextmanager
+def count_moved(sms: int, indexed_rows: bool = False):
+    """count_bytes(sm_count=sms) (the interpreter's byte counter, launches planned for sms SMs);
+    with indexed_rows, its indexing ops charged the rows they touch (IndexedRows), the mode kept
+    on the report as report.indexed_rows."""
+    from fused_adapters.tools.byte_count import count_bytes
+
+    with count_bytes(sm_count=sms) as report:
+        if not indexed_rows:
+            yield report
+            return
+        mode = IndexedRows(report)
+        report.indexed_rows = mode
+        with mode:
+            yield report
+
+
 def count_case(case: dict) -> dict:
     """Triton launches, aten kernels and bytes moved by one forward and one backward of a
     provider ("eager" or "fused" with case["variant"]), counted in the interpreter with launches
@@ -533,16 +736,18 @@ def count_case(case: dict) -> dict:
     "sparse_adapter" or "routed_adapter" (with case["experts"] and case["top_k"]) counts that op
     on sparse_inputs; "lora" (with case["dim_out"] and case["scale"]) a LoRA linear on
     lora_inputs (lora_fused, or lora_eager for "eager"); "adapter_fusion" (with case["adapters"])
-    AdapterFusion on fusion_inputs; otherwise the bottleneck op."""
-    from fused_adapters.tools.byte_count import count_bytes
-
+    AdapterFusion on fusion_inputs; "multilora" (with case["dim_out"], case["scale"],
+    case["tasks"] and case["images"]) a multi-LoRA batch on multilora_inputs, its provider one of
+    MULTILORA_PROVIDERS; otherwise the bottleneck op."""
     dtype, autocast = _count_dtypes(case)
     forward_call, inputs, context = _case_call(case, case["rows"], case["dim"], case.get("dim_out"), dtype, autocast)
+    # The multi-LoRA loops gather and scatter rows: their indexing ops are charged the rows they touch.
+    indexed_rows = case.get("op") == "multilora"
     with context():
-        with count_bytes(sm_count=case["sms"]) as forward:
+        with count_moved(case["sms"], indexed_rows) as forward:
             y = forward_call()
         grad = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y.dtype)
-        with count_bytes(sm_count=case["sms"]) as backward:
+        with count_moved(case["sms"], indexed_rows) as backward:
             torch.autograd.grad(y, differentiable(inputs), grad)
     return {
         "forward": {"triton_launches": forward.triton_launches, "aten_kernels": len(forward.aten),
@@ -645,7 +850,7 @@ def case_host_us(case: dict, repeats: int = 30, rounds: int = 3) -> dict:
     the case's sizes, Triton launches as no-ops (launches_as_no_ops). Eager: the same chain at
     HOST_EAGER_ROWS x HOST_EAGER_DIM in fp32, where dispatch and autograd are what is timed (the
     CPU's fp16 kernels take slow paths)."""
-    fused = case["provider"] == "fused"
+    fused = _fused_provider(case)
     if fused:
         dtype, autocast = _count_dtypes(case)
         rows, dim, dim_out = case["rows"], case["dim"], case.get("dim_out")
@@ -700,7 +905,8 @@ def fused_launches(case: dict) -> list:
     dtypes; backward launches too for forward+backward), from the op's own plans
     (kernels/<op>/plan.py) at the row's shapes, planned for case["sms"] SMs: the bottleneck
     row's Adapter+ post adapter (residual x, channel scale, biases, gelu); the LoRA row's form;
-    the sparse row's design (gated or routed, residual x, channel scale)."""
+    the sparse row's design (gated or routed, residual x, channel scale); a multi-LoRA row's routed
+    launch (the routed row's)."""
     from fused_adapters.kernels.launch import launch_plan
 
     dtype, autocast = DTYPES[case["dtype"]]
@@ -713,6 +919,8 @@ def fused_launches(case: dict) -> list:
             plans = _fusion_plans(case, dtype, compute, backward)
         elif case.get("op") == "lora":
             plans = _lora_plans(case, dtype, compute, backward)
+        elif case.get("op") == "multilora":
+            plans = _multilora_plans(case, dtype, compute, backward)
         else:
             plans = _bottleneck_plans(case, dtype, compute, backward)
     return [launch for plan in plans for launch in plan.launches.values()]
@@ -764,6 +972,31 @@ def _lora_plans(case: dict, dtype, compute, backward: bool) -> list:
     return [forward, bottleneck_plan.backward(torch.empty(rows, dim_out, dtype=compute), x, forward.buffers["hidden"],
                                               lora_a, lora_b, None, None, scale, None, "identity", compute, False,
                                               True, dtype, variant)]
+
+
+def _multilora_plans(case: dict, dtype, compute, backward: bool) -> list:
+    """The routed launch of a multi-LoRA batch, as mixed_lora_forward makes it: the T tasks' A
+    and B stacked as w_down [T, r, D] and w_up [T, D_out, r], one expert per row (k = 1, weight
+    1), identity, no biases, the shared scale as a float, the base output [M, D_out] as residual
+    (the base GEMM is PyTorch's). loop-fused's launches are the LoRA rows' branch, once per task:
+    its rows are not compile-checked."""
+    from fused_adapters.kernels.launch import packed_grad_dtype
+    from fused_adapters.kernels.sparse import configs, plan
+
+    rows, dim, dim_out, rank, tasks = case["rows"], case["dim"], case["dim_out"], case["rank"], case["tasks"]
+    variant = next(v for v in configs.VARIANTS if v.name == case["variant"])
+    w_down, w_up = torch.empty(tasks, rank, dim, dtype=dtype), torch.empty(tasks, dim_out, rank, dtype=dtype)
+    x, base = torch.empty(rows, dim, dtype=dtype), torch.empty(rows, dim_out, dtype=compute)
+    expert_idx = torch.zeros(rows, 1, dtype=torch.int64)
+    expert_weight = torch.ones(rows, 1, dtype=torch.float32)
+    forward = plan.forward(x, None, None, expert_idx, expert_weight, w_down, None, w_up, None, None, case["scale"],
+                           base, False, None, 1, "identity", compute, compute, True, False, variant)
+    if not backward:
+        return [forward]
+    grad_dtype = packed_grad_dtype(x, None, None, w_down, None, w_up, None, None)
+    return [forward, plan.backward(torch.empty(rows, dim_out, dtype=compute), None, x, forward.buffers["hidden"],
+                                   forward.buffers["weights"], None, w_down, w_up, None, None, case["scale"], None,
+                                   "identity", compute, False, True, grad_dtype, variant)]
 
 
 def _sparse_plans(case: dict, dtype, compute, backward: bool) -> list:

@@ -3,15 +3,17 @@
     python -m bench.report RESULTS.json [MORE.json ...] --out DIR
 
 RESULTS.json is what `pytest --benchmark --benchmark-json RESULTS.json` writes (several files
-of one run, such as one per benchmark module, are merged). The report
-(DIR/report.md) has one table per op, pass, dtype, dim and rank (and for the sparse mixture's
-rows, experts and top_k; for LoRA's, the output width D_out): a row per shape, a column per
-provider (and kernel variant), each cell the median time and the speedup over eager on the same
-shape, then tables of bandwidth, peak memory, bytes moved, bytes saved for backward and launch
-counts. Rows that were not timed appear in the same tables with the suite's reason ("needs CUDA"
-for fused rows on a machine without CUDA). No cell is left blank without a reason: a number in
-brackets, [1], refers to the reasons listed under its table, and a line under the table says why
-the remaining blank cells (rows not in the run, results that give no reason) are empty.
+of one run, such as one per benchmark module, are merged). The report (DIR/report.md) has one
+table per op, pass, dtype, dim and rank (and for the sparse mixture's rows, experts and top_k;
+for LoRA's, the output width D_out; for the multi-LoRA rows, D_out and the tasks T): a row per
+shape, a column per provider (and kernel variant), each cell the median time and the speedup
+over the table's baseline on the same shape (eager; loop-eager, the PEFT-style loop over the
+tasks, in the multi-task tables), then tables of bandwidth, peak memory, bytes moved, bytes
+saved for backward and launch counts. Rows that were not timed appear in the same tables with
+the suite's reason ("needs CUDA" for fused rows on a machine without CUDA). No cell is left
+blank without a reason: a number in brackets, [1], refers to the reasons listed under its
+table, and a line under the table says why the remaining blank cells (rows not in the run,
+results that give no reason) are empty.
 Each group with a timed row also gets PNG plots of time, speedup and peak memory against rows,
 except in a quick run where the group has fewer than MIN_PLOT_SIZES sizes: tables only there.
 """
@@ -36,6 +38,11 @@ except ImportError:  # a machine without matplotlib still gets the tables
     plt = None
 
 BASELINE = "eager"
+# Ops whose rows compare against another provider than eager: the multi-task rows (a multi-LoRA
+# linear, a ViT-B with 8 tasks' Adapter+ or LoRA) against the loop over the tasks in plain PyTorch.
+BASELINES = {"multilora": "loop-eager", "vit_b16_8tasks": "loop-eager", "vit_b16_8tasks_lora": "loop-eager"}
+# Providers that run the package's kernels besides "fused..." (the multi-task rows').
+FUSED_PROVIDERS = {"routed", "loop-fused", "task_routing"}
 MEBIBYTE = 2 ** 20
 # Passes in the order a reader follows them: an op's forward before its backward, then the model.
 PASS_ORDER = {"forward": 0, "forward+backward": 1, "inference": 2, "train_step": 3}
@@ -97,7 +104,7 @@ class Row:
     @property
     def group_key(self) -> tuple:
         return (self.op, self.pass_name, self.dtype, self.dim, self.dim_out, self.rank, self.experts, self.top_k,
-                self.adapters)
+                self.adapters, self.tasks)
 
     @property
     def dim_out(self) -> int | None:
@@ -120,6 +127,11 @@ class Row:
         return _as_int(self.info.get("adapters"))
 
     @property
+    def tasks(self) -> int | None:
+        """The multi-LoRA rows' task count T in the batch (None for rows of other ops)."""
+        return _as_int(self.info.get("tasks"))
+
+    @property
     def shape_key(self) -> tuple:
         return (self.rows, self.shape)
 
@@ -129,7 +141,7 @@ class Row:
 
     @property
     def is_fused(self) -> bool:
-        return self.provider.startswith("fused")
+        return self.provider.startswith("fused") or self.provider in FUSED_PROVIDERS
 
     def number(self, key: str) -> float | None:
         """A numeric extra_info value, or None when it is absent, null or not a number."""
@@ -141,8 +153,8 @@ class Row:
 
 @dataclass
 class Group:
-    """The rows of one table: same op, pass, dtype, dim and rank (and dim_out, experts, top_k and
-    adapters)."""
+    """The rows of one table: same op, pass, dtype, dim and rank (and dim_out, experts, top_k,
+    adapters and tasks)."""
 
     key: tuple
     rows: list[Row]
@@ -150,7 +162,7 @@ class Group:
 
     @property
     def title(self) -> str:
-        op, pass_name, dtype, dim, dim_out, rank, experts, top_k, adapters = self.key
+        op, pass_name, dtype, dim, dim_out, rank, experts, top_k, adapters, tasks = self.key
         parts = [op, pass_name, dtype]
         if dim is not None:
             parts.append(f"D={dim}")
@@ -164,7 +176,14 @@ class Group:
             parts.append(f"k={top_k}")
         if adapters is not None:
             parts.append(f"N={adapters}")
+        if tasks is not None:
+            parts.append(f"T={tasks}")
         return " ".join(parts)
+
+    @property
+    def baseline_column(self) -> str:
+        """The provider the table's speedups are over: eager, or the op's own (BASELINES)."""
+        return BASELINES.get(self.key[0], BASELINE)
 
     @property
     def is_model(self) -> bool:
@@ -181,7 +200,7 @@ class Group:
         first_rows = {}
         for row in self.rows:
             first_rows.setdefault(row.column, row)
-        return sorted(first_rows, key=lambda column: _column_order(first_rows[column]))
+        return sorted(first_rows, key=lambda column: _column_order(first_rows[column], self.baseline_column))
 
     def cell(self, shape_key: tuple, column: str) -> Row | None:
         for row in self.rows:
@@ -190,7 +209,7 @@ class Group:
         return None
 
     def baseline(self, shape_key: tuple) -> Row | None:
-        row = self.cell(shape_key, BASELINE)
+        row = self.cell(shape_key, self.baseline_column)
         return row if row is not None and row.timed else None
 
     def fastest_fused(self, shape_key: tuple) -> Row | None:
@@ -198,10 +217,10 @@ class Group:
         return min(candidates, key=lambda row: row.median, default=None)
 
 
-def _column_order(row: Row) -> tuple:
+def _column_order(row: Row, baseline: str = BASELINE) -> tuple:
     # Baseline first, then the other unfused providers, then fused; within a provider the
     # default variant leads.
-    if row.provider == BASELINE:
+    if row.provider == baseline:
         rank = 0
     elif row.provider == "compile":
         rank = 1
@@ -213,10 +232,11 @@ def _column_order(row: Row) -> tuple:
 
 
 def _group_order(group: Group) -> tuple:
-    op, pass_name, dtype, dim, dim_out, rank, experts, top_k, adapters = group.key
+    op, pass_name, dtype, dim, dim_out, rank, experts, top_k, adapters, tasks = group.key
     return (group.is_model, op, PASS_ORDER.get(pass_name, len(PASS_ORDER)), pass_name, dtype,
             dim is None, dim or 0, dim_out is None, dim_out or 0, rank is None, rank or 0,
-            experts is None, experts or 0, top_k is None, top_k or 0, adapters is None, adapters or 0)
+            experts is None, experts or 0, top_k is None, top_k or 0, adapters is None, adapters or 0,
+            tasks is None, tasks or 0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -343,7 +363,8 @@ def format_mebibytes(value: float) -> str:
 
 
 def speedup(group: Group, row: Row) -> float | None:
-    """How many times faster than eager on the same shape; None without a timed eager row."""
+    """How many times faster than the group's baseline (eager, or BASELINES') on the same shape;
+    None without a timed baseline row."""
     baseline = group.baseline(row.shape_key)
     if baseline is None or not row.timed:
         return None
@@ -525,7 +546,8 @@ def header_lines(rows: list[Row], results: dict) -> list[str]:
     lines.append("")
     if isinstance(fused_block, dict) and fused_block.get("note"):
         lines += [f"> **Note:** {fused_block['note']}", ""]
-    lines += ["Time cells: median time (speedup over eager on the same shape); model rows lead with "
+    lines += ["Time cells: median time (speedup over eager on the same shape; in the multi-task tables over "
+              "loop-eager, the PEFT-style loop over the tasks); model rows lead with "
               "images per second. Bold: the fastest timed fused variant on that shape. "
               "\"needs CUDA\": a fused row that this machine could not time; other rows that were not "
               "timed say why. A variant other than the default is written in brackets, e.g. fused[rows16]. "
@@ -783,15 +805,15 @@ def make_plots(group: Group) -> list[Plot]:
     plots.append(Plot("median time", f"{group.slug}-time.png", figure, axes))
 
     speedup_series = [(column, *_series(group, column, lambda row: speedup(group, row)))
-                      for column in columns if column != BASELINE]
+                      for column in columns if column != group.baseline_column]
     speedup_series = [series for series in speedup_series if series[1]]
     if speedup_series:
-        figure, axes = _new_axes(group, "speedup over eager (x)", all_rows, log_y=False)
+        figure, axes = _new_axes(group, f"speedup over {group.baseline_column} (x)", all_rows, log_y=False)
         axes.axhline(1.0, color="grey", linestyle="--", linewidth=1)
         for column, xs, ys in speedup_series:
             axes.plot(xs, ys, marker="o", color=colors[column], label=column)
         _from_zero(axes)
-        plots.append(Plot("speedup over eager", f"{group.slug}-speedup.png", figure, axes))
+        plots.append(Plot(f"speedup over {group.baseline_column}", f"{group.slug}-speedup.png", figure, axes))
 
     def peak(row):
         value = row.number("peak_mem_bytes")

@@ -318,6 +318,48 @@ def test_sparse_rows_get_a_table_per_experts_and_top_k(tmp_path):
     assert_png(tmp_path / "sparse-adapter-forward-fp32-d768-r16-e16-k2-time.png")
 
 
+def multilora_info(rows, provider, tasks=8, **extra) -> dict:
+    """extra_info of a GPU bf16 forward row of the multi-LoRA op (ViT-B qkv, rank 8)."""
+    floor = rows * (768 + 2304) * 2 + 2304 * 768 * 2
+    return cpu_info(rows, provider, "default" if provider in ("routed", "loop-fused") else "-", op="multilora",
+                    dtype="bf16", device="NVIDIA H100 80GB HBM3", dim_out=2304, tasks=tasks, images=rows // 197,
+                    scale=2.0, floor_bytes=floor, shape=f"M={rows} D=768 D_out=2304 r=8 T={tasks}", **extra)
+
+
+def test_multilora_rows_compare_against_the_peft_loop(tmp_path):
+    # The multi-LoRA tables: one per target shape, pass and task count; loop-eager (PEFT's loop)
+    # is the baseline column and the speedups are over it; routed and loop-fused are fused rows.
+    results = cpu_results()
+    medians = {"loop-eager": 400e-6, "compile": 250e-6, "gather-eager": 200e-6, "loop-fused": 160e-6, "routed": 50e-6}
+    results["benchmarks"] = [cpu_benchmark(multilora_info(rows, provider, peak_mem_bytes=rows * 4096), median * rows
+                                           / 1576)
+                             for rows in (1576, 6304, 25216) for provider, median in medians.items()]
+    results["fused_adapters"]["untimed"] = [
+        dict(multilora_info(394, provider, tasks=2), device="cpu", not_timed="needs CUDA", moved_bytes=10 ** 7)
+        for provider in ("routed", "loop-fused")]
+    out = tmp_path / "report"
+    text = report.render(results, out).read_text(encoding="utf-8")
+    title = "## multilora forward bf16 D=768 D_out=2304 r=8 T=8\n"
+    assert title in text and "## multilora forward bf16 D=768 D_out=2304 r=8 T=2\n" in text
+    header, *_ = next(table for table in tables(text[text.index(title):]))
+    assert header == ["shape", "loop-eager", "compile", "gather-eager", "loop-fused", "routed"]
+    # 400 us against 250, 200, 160 and 50 us: 1.60x, 2.00x, 2.50x and 8.00x; routed the fastest fused row.
+    assert cells(table_line(text, "M=1576 D=768 D_out=2304 r=8 T=8")) == [
+        "M=1576 D=768 D_out=2304 r=8 T=8", "400 us (1.00x)", "250 us (1.60x)", "200 us (2.00x)", "160 us (2.50x)",
+        "**50.0 us (8.00x)**"]
+    assert "M=1576 D=768 D_out=2304 r=8 T=8: routed, 50.0 us (8.00x)" in text
+    slug = "multilora-forward-bf16-d768-d-out2304-r8-t8"
+    group = next(group for group in report.group_rows(report.collect_rows(results)) if group.slug == slug)
+    assert group.baseline_column == "loop-eager"
+    captions = [plot.caption for plot in report.make_plots(group)]
+    assert captions == ["median time", "speedup over loop-eager", "peak memory"]
+    for kind in ("time", "speedup", "memory"):
+        assert_png(out / f"{slug}-{kind}.png")
+    # The other ops keep eager as their baseline.
+    assert report.Group(("bottleneck",) + (None,) * 9, []).baseline_column == "eager"
+    assert_every_blank_cell_explained(text)
+
+
 # ---------------------------------------------------------------------------------------------
 # Plot axes, reasons for cells without a number, versions, quick runs and groups of untimed rows
 

@@ -93,6 +93,97 @@ def test_lora_counts_match_the_planned_launches(variant):
     assert eager["forward"]["triton_launches"] == 0 and eager["forward"]["aten_kernels"] > 1
 
 
+def test_multilora_suite_rows():
+    import bench.test_multilora as suite
+
+    assert suite.shapes(False, True) == [("fp32", 768, 2304, 2)]  # the CPU quick run: qkv, batch 2
+    assert suite.shapes(False, False) == [("fp32", 768, 2304, 8), ("fp32", 768, 3072, 8)]
+    for quick, batches in ((True, {8, 64}), (False, {8, 32, 128})):
+        shapes = suite.shapes(True, quick)
+        assert {(dim, dim_out) for _, dim, dim_out, _ in shapes} == {(768, 2304), (768, 3072)}
+        assert {batch for *_, batch in shapes} == batches
+    assert set(suite.PROVIDERS) == {"routed", "loop-fused", "loop-eager", "gather-eager", "compile"}
+    assert {"_sparse_forward_kernel", "_sparse_backward_input_kernel",
+            "_bottleneck_forward_kernel"} <= suite.KERNEL_NAMES
+
+
+@pytest.mark.parametrize("images, dim_out", [(8, 96), (3, 32)])
+def test_multilora_providers_agree(images, dim_out):
+    # Every provider computes base + s (x A_t^T) B_t^T with t each image's task, and the same gradients.
+    import torch
+
+    from bench.measure import MULTILORA_FUNCTIONS, differentiable, multilora_call, multilora_inputs
+
+    inputs = multilora_inputs(images, 5, 32, dim_out, 4, min(8, images), torch.float32, "cpu",
+                              torch.Generator().manual_seed(0))
+    assert sorted(k for k in inputs if k.startswith("index")) == [f"index{t}" for t in range(min(8, images))]
+    with pytest.raises(ValueError, match=f"a batch of {images} images holds 1 to {images} tasks"):
+        multilora_inputs(images, 5, 32, dim_out, 4, images + 1, torch.float32, "cpu")
+    x, weight, bias = inputs["x"], inputs["weight"], inputs["bias"]
+    expected = torch.stack([torch.nn.functional.linear(x[b], weight, bias) + 2.0 * (
+        x[b] @ inputs[f"lora_A{b % 8}"].T @ inputs[f"lora_B{b % 8}"].T) for b in range(images)])
+    grad = torch.randn(expected.shape, generator=torch.Generator().manual_seed(1))
+    wanted = differentiable(inputs)
+    assert len(wanted) == 1 + 2 * min(8, images)  # x and every task's A and B; not W, b or the routing
+    grads = torch.autograd.grad(expected, wanted, grad)
+    for name, fn in MULTILORA_FUNCTIONS.items():
+        y = multilora_call(fn, inputs, 2.0)
+        torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5, msg=name)
+        for mine, theirs in zip(torch.autograd.grad(y, wanted, grad), grads):
+            torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-4, msg=name)
+
+
+@pytest.mark.skipif(not paths.is_interpreted(), reason="counts bytes in Triton's interpreter")
+def test_indexed_rows_charge_the_rows_an_indexing_op_touches():
+    # The byte counter charges an indexing op its whole tensor; the multi-LoRA counts charge the rows.
+    import torch
+
+    from bench.measure import count_moved
+
+    x = torch.randn(8, 4, 32)  # 8 images of 4 x 32 fp32: 512 bytes each
+    index = torch.tensor([1, 5])  # 16 bytes
+    rows = torch.randn(2, 4, 32)
+    for indexed_rows in (False, True):
+        with count_moved(132, indexed_rows) as report:
+            x[index]
+            x.index_select(0, index)
+            x.index_add_(0, index, rows)
+            x.index_put_((index,), rows, accumulate=True)
+            x.index_put_((index,), rows)
+        charged = [(event.op, event.read, event.written) for event in report.aten]
+        whole = x.numel() * 4
+        if not indexed_rows:
+            assert charged[0] == ("index", whole + 16, 1024) and charged[2][2] == whole
+            assert not hasattr(report, "indexed_rows")
+            continue
+        assert charged == [("index", 1024 + 16, 1024), ("index_select", 1024 + 16, 1024),
+                           ("index_add_", 1024 + 16 + 1024, 1024), ("index_put_", 1024 + 16 + 1024, 1024),
+                           ("index_put_", 1024 + 16, 1024)]
+        assert len(report.indexed_rows.recharged) == 5
+        assert all(counted > recharged for counted, recharged in report.indexed_rows.recharged)
+
+
+@pytest.mark.skipif(not paths.is_interpreted(), reason="counts launches in Triton's interpreter")
+def test_multilora_counts_match_the_planned_launches():
+    # routed: one launch forward, two backward, what fused_launches plans (the compile check's
+    # launches); loop-fused: the branch's launches once per task.
+    from bench.measure import MULTILORA_FUSED, count_case, fused_launches
+
+    case = {"op": "multilora", "variant": "default", "rows": 4 * 3, "images": 4, "tasks": 4, "dim": 32,
+            "dim_out": 96, "rank": 8, "scale": 2.0, "dtype": "fp32", "sms": 132, "pass": "forward+backward"}
+    counts = {provider: count_case(dict(case, provider=provider)) for provider in MULTILORA_FUSED}
+    planned = fused_launches(case)
+    assert [launch.kernel.__name__ for launch in planned] == [
+        "_sparse_forward_kernel", "_sparse_backward_input_kernel", "_sparse_backward_weights_kernel"]
+    assert tuple(planned[0].args["w_up_ptr"].shape) == (4, 96, 8)  # the tasks' B stacked: [T, D_out, r]
+    launches = {provider: (count["forward"]["triton_launches"], count["backward"]["triton_launches"])
+                for provider, count in counts.items()}
+    assert launches == {"routed": (1, 2), "loop-fused": (4, 8)}
+    # Beside the launches: the base GEMM (and the loop's gathers and scatters) are aten kernels.
+    assert counts["routed"]["forward"]["aten_kernels"] >= 1
+    assert counts["loop-fused"]["forward"]["aten_kernels"] >= 1 + 2 * 4
+
+
 def test_rotation_covers_twice_the_cache():
     import torch
 
@@ -207,7 +298,8 @@ def test_plain_pytest_collects_no_benchmark():
 def test_benchmark_collects_only_bench(args):
     files = collected(*args)
     assert files and all(path.startswith("bench/") for path in files)
-    assert {"bench/test_bottleneck.py", "bench/test_lora.py", "bench/test_sparse.py", "bench/test_vit.py"} <= set(files)
+    assert {"bench/test_bottleneck.py", "bench/test_lora.py", "bench/test_multilora.py", "bench/test_sparse.py",
+            "bench/test_vit.py"} <= set(files)
 
 
 @pytest.mark.slow
