@@ -69,14 +69,17 @@ def inputs(case, *, routed, scale="channel", residual=True, row_scale=True):
 
 def caller(*, routed, top_k=1, scale="channel", activation="gelu"):
     """call(fn, tensors) for check_against_float64: fn is routed_adapter or sparse_adapter (or
-    their reference, or a partial with variant=)."""
+    their reference, or a partial with variant=); y must come out [..., D_out]."""
     def call(fn, t):
         scale_arg = {"channel": t.get("channel"), "scalar": t.get("scalar"), "float": 0.7, None: None}[scale]
         experts = [t["w_down"], t.get("b_down"), t["w_up"], t.get("b_up")]
         kwargs = dict(activation=activation, residual=t.get("residual"), row_scale=t.get("row_scale"))
         if routed:
-            return fn(t["x"], t["expert_idx"], t["expert_weight"], *experts, scale_arg, **kwargs)
-        return fn(t["x"], t["w_gate"], t.get("b_gate"), *experts, scale_arg, top_k=top_k, **kwargs)
+            y = fn(t["x"], t["expert_idx"], t["expert_weight"], *experts, scale_arg, **kwargs)
+        else:
+            y = fn(t["x"], t["w_gate"], t.get("b_gate"), *experts, scale_arg, top_k=top_k, **kwargs)
+        assert y.shape == (*t["x"].shape[:-1], t["w_up"].shape[1])
+        return y
     return call
 
 
@@ -87,8 +90,6 @@ def check(case, dtype, *, routed, design, top_k=1, scale="channel", residual=Tru
     tensors = inputs(case, routed=routed, scale=scale, residual=residual, row_scale=row_scale)
     fused = functools.partial(routed_adapter if routed else sparse_adapter, variant=design)
     call = caller(routed=routed, top_k=top_k, scale=scale, activation=activation)
-    out = call(fused, tensors)
-    assert out.shape == (*case["x"].shape[:-1], case["w_up"].shape[1])
     return check_against_float64(call, fused, reference.routed_adapter if routed else reference.sparse_adapter,
                                  tensors, TOLERANCE[dtype], 2 * TOLERANCE[dtype])
 
@@ -493,6 +494,41 @@ def test_wide_compile_cases_cover_every_configuration():
             "sparse_bwd_weights_c16_half"
 
 
+def test_grouped_wide_compile_cases_cover_every_configuration():
+    # The grouped kernels with both widths, likewise: every configuration of their (wide) tables,
+    # the k = 1 forms, D_out = 3 D, SAME_WIDTH off, x no residual term.
+    from fused_adapters.kernels.sparse import configs
+    from fused_adapters.tools.compile_cases import (
+        ARCHS, DTYPES, GROUPED_WIDE_KERNELS, SCENARIOS, SPARSE_WIDE_FACTOR, _cases, build_launches,
+    )
+
+    cases = list(_cases(ARCHS, DTYPES, SCENARIOS, GROUPED_WIDE_KERNELS))
+    same = list(_cases(ARCHS, DTYPES, SCENARIOS, [kernel.removesuffix("_wide") for kernel in GROUPED_WIDE_KERNELS]))
+    assert len(cases) == len(same)
+    for kernel, table, same_table in (
+            ("grouped_forward_wide", configs.GROUPED_FORWARD_WIDE_CONFIGS, configs.GROUPED_FORWARD_CONFIGS),
+            ("grouped_backward_input_wide", configs.GROUPED_BACKWARD_INPUT_CONFIGS,
+             configs.GROUPED_BACKWARD_INPUT_CONFIGS),
+            ("grouped_backward_weights_wide", configs.GROUPED_BACKWARD_WEIGHTS_WIDE_CONFIGS,
+             configs.GROUPED_BACKWARD_WEIGHTS_CONFIGS)):
+        assert {case[5].name for case in cases if case[0] == kernel} == {c.name for c in table.values()}, kernel
+        assert table.keys() == same_table.keys()
+        assert all(table[key] is same_table[key] or "_wide_" in table[key].name for key in table)
+    assert {case[0] for case in cases if case[8]} == {"grouped_forward_wide", "grouped_backward_input_wide"}
+    for scenario in SCENARIOS:
+        for kernel in GROUPED_WIDE_KERNELS:
+            for single in ((False, True) if "weights" not in kernel else (False,)):
+                launch = build_launches(kernel, 16, "float16", scenario, single=single)
+                assert launch.constexprs["SAME_WIDTH"] is False
+                assert launch.args["dim_out"] == SPARSE_WIDE_FACTOR * launch.args["dim"]
+                assert not launch.constexprs.get("ADD_INPUT") and not launch.constexprs.get("ADD_GRAD_Y")
+                assert build_launches(kernel.removesuffix("_wide"), 16, "float16", scenario,
+                                      single=single).constexprs["SAME_WIDTH"] is True
+        weights = build_launches("grouped_backward_weights_wide", 16, "float32", scenario)
+        assert weights.config.name == "grouped_bwd_weights_wide_r16_fp32"  # the wide table's own entry
+        assert weights.grid[1] == -(-weights.args["dim_out"] // weights.constexprs["BLOCK_DIM"])
+
+
 def _environment_without_interpreter():
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)  # compile the real kernels, not the interpreter's
@@ -501,21 +537,23 @@ def _environment_without_interpreter():
 
 @pytest.mark.slow
 def test_wide_kernels_compile_without_spills():
-    # The smallest configurations of the three width-changing specializations, fp16 on sm_90,
-    # aligned, through the CLI: each compiles to a cubin with tensor-core dots, no spills and
-    # vectorized loads (the full run: --kernel sparse_forward_wide sparse_backward_input_wide
-    # sparse_backward_weights_wide).
+    # The smallest configurations of the three dense width-changing specializations, and the
+    # grouped forward's (k = 2 and k = 1), fp16 on sm_90, aligned, through the CLI: each compiles
+    # to a cubin with tensor-core dots, no spills and vectorized loads (the full runs: --kernel
+    # sparse_forward_wide sparse_backward_input_wide sparse_backward_weights_wide, and
+    # grouped_forward_wide grouped_backward_input_wide grouped_backward_weights_wide).
     result = subprocess.run(
         [sys.executable, "-m", "fused_adapters.tools.compile_check",
          "--kernel", "sparse_forward_wide", "sparse_backward_input_wide", "sparse_backward_weights_wide",
+         "grouped_forward_wide",
          "--config", "sparse_fwd_c16_half_rows16", "sparse_bwd_input_c16_half_rows16",
-         "sparse_bwd_weights_wide_c16_half", "--dtype", "float16", "--arch", "90", "--scenario", "aligned",
-         "--jobs", "2"],
+         "sparse_bwd_weights_wide_c16_half", "grouped_fwd_r16_half", "--dtype", "float16", "--arch", "90",
+         "--scenario", "aligned", "--jobs", "2"],
         capture_output=True, text=True, env=_environment_without_interpreter(), timeout=300,
     )
     table = result.stdout
     assert result.returncode == 0, f"compile check failed:\n{table[-6000:]}\n{result.stderr[-3000:]}"
-    rows = [line.split() for line in table.splitlines() if line.startswith("sparse_")]
+    rows = [line.split() for line in table.splitlines() if line.startswith(("sparse_", "grouped_"))]
     assert {(row[0], row[1]) for row in rows} == {
         ("sparse_forward_wide", "sparse_fwd_c16_half_rows16"),
         ("sparse_forward_wide", "sparse_fwd_c16_half_rows16+routed"),
@@ -523,6 +561,7 @@ def test_wide_kernels_compile_without_spills():
         ("sparse_backward_input_wide", "sparse_bwd_input_c16_half_rows16+store_act"),
         ("sparse_backward_weights_wide", "sparse_bwd_weights_wide_c16_half"),
         ("sparse_backward_weights_wide", "sparse_bwd_weights_wide_c16_half+store_act"),
+        ("grouped_forward_wide", "grouped_fwd_r16_half"), ("grouped_forward_wide", "grouped_fwd_r16_half+k1"),
     }, table
     for row in rows:
         assert int(row[5]) > 0 and row[6] == row[7] == "0" and row[9] in ("mma.sync", "wgmma"), row

@@ -49,6 +49,10 @@ SPARSE_WIDE_KERNELS = ("sparse_forward_wide", "sparse_backward_input_wide", "spa
 SPARSE_WIDE_FACTOR = 3
 GROUPED_KERNELS = ("grouped_gate", "grouped_forward", "grouped_combine", "grouped_backward_input",
                    "grouped_backward_combine", "grouped_backward_weights")
+# The grouped kernels with both widths, specialized for a width-changing mixture as the dense ones
+# are (SPARSE_WIDE_KERNELS: D_out = SPARSE_WIDE_FACTOR x D, x no residual term), from their wide
+# tables where they have one. The gate reads x only and the combines walk one width: no such form.
+GROUPED_WIDE_KERNELS = ("grouped_forward_wide", "grouped_backward_input_wide", "grouped_backward_weights_wide")
 # The LoRA linear's single-launch form (kernels/lora/): one GEMM kernel with a rank-r side
 # product, as the forward (D_in -> D_out) and as the backward's input launch (D_out -> D_in),
 # both at every tile of its tables (the aligned tiles in the aligned scenario, the unaligned ones
@@ -64,7 +68,7 @@ LORA_KERNELS = ("lora_forward", "lora_backward_input", "lora_backward_weights")
 # in the same padded block in the unaligned scenario) and compiled at every block-rows variant.
 FUSION_KERNELS = ("fusion_scores", "fusion_scores_backward")
 KERNELS = BOTTLENECK_KERNELS + WIDE_KERNELS + LAYOUT_KERNELS + SPARSE_KERNELS + SPARSE_WIDE_KERNELS + \
-    GROUPED_KERNELS + LORA_KERNELS + FUSION_KERNELS
+    GROUPED_KERNELS + GROUPED_WIDE_KERNELS + LORA_KERNELS + FUSION_KERNELS
 # The sparse kernels' configurations are keyed by the padded E*r: one (experts, rank) per key.
 # The unaligned scenario keeps the experts and takes an odd rank whose E*r pads to the same block.
 SPARSE_SHAPES = {16: (4, 4), 32: (4, 8), 64: (8, 8), 128: (8, 16), 256: (16, 16)}
@@ -130,13 +134,14 @@ def build_launches(kernel: str, block_rank: int, dtype_name: str, scenario: str,
     For the grouped kernels block_rank is the padded rank (0 for the gate and the combines, whose
     tables have no rank axis); the heaviest variant is the gated form with top-2, b_gate and the
     logits stored (and their own gradient in the backward); single: the k = 1 form instead (the
-    routed form with top-1: grouped_forward writes y, grouped_backward_input writes dx).
+    routed form with top-1: grouped_forward writes y, grouped_backward_input writes dx). The
+    `_wide` grouped kernels are the same launches at D_out = SPARSE_WIDE_FACTOR x D.
 
     For the LoRA kernels single is the half-rank form (rank block_rank / 2).
 
     For the fusion kernels block_rank is the padded N*r and the heaviest variant has b_down
     (and gelu); they have no other form."""
-    if kernel in GROUPED_KERNELS:
+    if kernel in GROUPED_KERNELS + GROUPED_WIDE_KERNELS:
         if routed or store_act:
             raise ValueError(f"{kernel}: the grouped kernels have no routed or store_act case (see single)")
         return _grouped_launch(kernel, block_rank, dtype_name, scenario, single, variant)
@@ -273,7 +278,10 @@ def _grouped_launch(kernel: str, block_rank: int, dtype_name: str, scenario: str
     from ..kernels.launch import padded_rank
     from ..kernels.sparse import plan
 
+    wide = kernel in GROUPED_WIDE_KERNELS
+    kernel = kernel.removesuffix("_wide")
     rows, dim, rank, misaligned = _scenario_shapes(block_rank or 16, scenario)
+    dim_out = SPARSE_WIDE_FACTOR * dim if wide else dim
     if block_rank and padded_rank(rank) != block_rank:
         raise ValueError(f"r = {rank} does not pad to {block_rank}")
     dtype, compute = _dtypes(dtype_name)
@@ -285,22 +293,22 @@ def _grouped_launch(kernel: str, block_rank: int, dtype_name: str, scenario: str
     idx, weights = inputs.tensor(rows, top_k, dt=torch.int32), inputs.tensor(rows, top_k, dt=torch.float32)
     order, counts = inputs.tensor(assignments, dt=torch.int64), inputs.tensor(experts, dt=torch.int64)
     w_gate, b_gate = inputs.tensor(experts, dim, dt=torch.float32), inputs.tensor(experts, dt=torch.float32)
-    w_down, w_up = inputs.tensor(experts, rank, dim), inputs.tensor(experts, dim, rank)
-    b_down, b_up, scale = inputs.tensor(experts, rank), inputs.tensor(experts, dim), inputs.tensor(dim)
-    residual, row_scale = inputs.tensor(rows, dim), inputs.tensor(rows, dt=torch.float32)
+    w_down, w_up = inputs.tensor(experts, rank, dim), inputs.tensor(experts, dim_out, rank)
+    b_down, b_up, scale = inputs.tensor(experts, rank), inputs.tensor(experts, dim_out), inputs.tensor(dim_out)
+    residual, row_scale = inputs.tensor(rows, dim_out), inputs.tensor(rows, dt=torch.float32)
     hidden = inputs.tensor(assignments, rank, dt=compute)
     if kernel == "grouped_gate":
         return plan.gate(x, w_gate, b_gate, top_k, True, GROUPED_PLAN_SMS, tile=variant).launches[kernel]
-    if kernel in ("grouped_forward", "grouped_combine"):
+    if kernel in ("grouped_forward", "grouped_combine"):  # x is a residual term only where D_out = D
         launches = plan.grouped_forward(x, idx, weights, order, counts, w_down, b_down, w_up, b_up, scale, 1.0,
-                                        residual, True, row_scale, "gelu", compute, dtype, True,
+                                        residual, not wide, row_scale, "gelu", compute, dtype, True,
                                         tiles={kernel: variant}).launches
     else:
         # The packed gradients in the parameters' dtype (fp32 for autocast_*).
         launches = plan.grouped_backward(
-            inputs.tensor(rows, dim), inputs.tensor(rows, experts, dt=torch.float32) if gated else None, x, hidden,
-            idx, weights, order, counts, w_gate if gated else None, w_down, w_up, b_up, scale, 1.0, row_scale,
-            "gelu", compute, True, True, dtype, tiles={kernel: variant}).launches
+            inputs.tensor(rows, dim_out), inputs.tensor(rows, experts, dt=torch.float32) if gated else None, x,
+            hidden, idx, weights, order, counts, w_gate if gated else None, w_down, w_up, b_up, scale, 1.0,
+            row_scale, "gelu", compute, not wide, True, dtype, tiles={kernel: variant}).launches
     if kernel not in launches:
         raise ValueError(f"{kernel}: no such launch with k = {top_k}")
     return launches[kernel]
@@ -337,6 +345,9 @@ def config_tables() -> dict:
             "grouped_backward_input": sp.GROUPED_BACKWARD_INPUT_CONFIGS,
             "grouped_backward_combine": rankless(sp.BACKWARD_COMBINE_CONFIGS),
             "grouped_backward_weights": sp.GROUPED_BACKWARD_WEIGHTS_CONFIGS,
+            "grouped_forward_wide": sp.GROUPED_FORWARD_WIDE_CONFIGS,
+            "grouped_backward_input_wide": sp.GROUPED_BACKWARD_INPUT_CONFIGS,
+            "grouped_backward_weights_wide": sp.GROUPED_BACKWARD_WEIGHTS_WIDE_CONFIGS,
             "lora_forward": lora_gemm, "lora_backward_input": lora_gemm,
             "lora_backward_weights": {key: [bn.BACKWARD_WEIGHTS_CONFIGS[key], config]
                                       for key, config in bn.BACKWARD_WEIGHTS_WIDE_CONFIGS.items()
@@ -353,7 +364,7 @@ def _cases(archs, dtypes, scenarios, kernels, configs=None):
     tables = config_tables()
     for kernel in kernels:
         sparse = kernel in SPARSE_KERNELS + SPARSE_WIDE_KERNELS
-        grouped = kernel in GROUPED_KERNELS
+        grouped = kernel in GROUPED_KERNELS + GROUPED_WIDE_KERNELS
         for (block_rank, group), config in tables[kernel].items():
             # The row-tile kernels pick their block rows from M: every variant is compiled. The
             # grouped kernels' block rows are fixed by the configuration, except the gate's. The
@@ -382,7 +393,8 @@ def _cases(archs, dtypes, scenarios, kernels, configs=None):
             elif kernel in LORA_KERNELS:
                 forms = [(False, False), (False, True)]  # the padded rank, and half of it
             elif grouped:
-                forms = [(False, False), (False, True)] if kernel in GROUPED_K1_KERNELS else [(False, False)]
+                forms = [(False, False), (False, True)] if kernel.removesuffix("_wide") in GROUPED_K1_KERNELS else \
+                    [(False, False)]
             else:
                 forms = [()]
             for variant in variants:

@@ -36,7 +36,8 @@ sparse_forward_wide, sparse_backward_input_wide and sparse_backward_weights_wide
 three kernels specialized for a width-changing mixture (w_up [E, D_out, r], D_out = 3 D as
 per-task LoRA on a ViT's qkv), at the same forms and the configurations of their wide tables;
 in the unaligned scenario also at D_out = D // 4 (fc2's shape; "+narrow"), a multiple of 16
-while D is odd.
+while D is odd. grouped_forward_wide, grouped_backward_input_wide and
+grouped_backward_weights_wide are the grouped kernels' such specializations (D_out = 3 D).
 
 The sparse mixture's grouped design (kernels/sparse/jit_grouped.py): grouped_gate (logits, top-k and
 weights), grouped_forward and grouped_combine, grouped_backward_input, grouped_backward_combine

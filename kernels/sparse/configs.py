@@ -173,5 +173,22 @@ GROUPED_BACKWARD_WEIGHTS_CONFIGS = {
 }
 
 
+# The grouped kernels' width-changing specializations (SAME_WIDTH off) take the same tiles but
+# where the compile check at D_out = 3 D found spills with them, all on sm_90, unaligned (--kernel
+# grouped_forward_wide grouped_backward_input_wide grouped_backward_weights_wide): there these,
+# 0 spill bytes on sm_80 and sm_90, every dtype, aligned and unaligned.
+GROUPED_FORWARD_WIDE_CONFIGS = {
+    **GROUPED_FORWARD_CONFIGS,
+    # 16 rows: 32 spilled 16 bytes under fp16 (one or two stages).
+    (256, "half"): BlockConfig("grouped_fwd_wide_r256_half", 16, 16, 8, 1),
+}
+GROUPED_BACKWARD_WEIGHTS_WIDE_CONFIGS = {
+    **GROUPED_BACKWARD_WEIGHTS_CONFIGS,
+    # Eight warps: four spilled 8 and 16 bytes under fp32.
+    (16, "fp32"): BlockConfig("grouped_bwd_weights_wide_r16_fp32", 16, 32, 8, 1),
+    (32, "fp32"): BlockConfig("grouped_bwd_weights_wide_r32_fp32", 16, 32, 8, 1),
+}
+
+
 def grouped_config(table: dict, rank: int, dtype: torch.dtype) -> BlockConfig:
     return table[(padded_rank(rank), dtype_group(dtype))]

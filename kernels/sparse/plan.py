@@ -25,8 +25,9 @@ from ..variants import Variant, current_variant
 from .configs import (
     BACKWARD_COMBINE_CONFIGS, BACKWARD_INPUT_CONFIGS, BACKWARD_INPUT_WIDE_CONFIGS, BACKWARD_WEIGHTS_CONFIGS,
     BACKWARD_WEIGHTS_WIDE_CONFIGS, COMBINE_CONFIGS, DEFAULT_VARIANT, FORWARD_CONFIGS, GATE_CONFIGS,
-    GROUPED_BACKWARD_INPUT_CONFIGS, GROUPED_BACKWARD_WEIGHTS_CONFIGS, GROUPED_FORWARD_CONFIGS, MAX_DENSE_COLUMNS,
-    VARIANTS_BY_NAME, block_columns, block_config, block_experts, grouped_config,
+    GROUPED_BACKWARD_INPUT_CONFIGS, GROUPED_BACKWARD_WEIGHTS_CONFIGS, GROUPED_BACKWARD_WEIGHTS_WIDE_CONFIGS,
+    GROUPED_FORWARD_CONFIGS, GROUPED_FORWARD_WIDE_CONFIGS, MAX_DENSE_COLUMNS, VARIANTS_BY_NAME, block_columns,
+    block_config, block_experts, grouped_config,
 )
 from .jit_dense import _sparse_backward_input_kernel, _sparse_backward_weights_kernel, _sparse_forward_kernel
 from .jit_grouped import (
@@ -308,7 +309,9 @@ def grouped_forward(x, idx, weights, order, counts, w_down, b_down, w_up, b_up, 
     buffers = dict(y=y, hidden=hidden, parts=parts)
     if rows == 0:
         return Plan({}, buffers)
-    config = tiles.get("grouped_forward") or grouped_config(GROUPED_FORWARD_CONFIGS, rank, compute_dtype)
+    # A width-changing mixture's kernel is another specialization, with tiles of its own.
+    table = GROUPED_FORWARD_CONFIGS if dim_out == dim else GROUPED_FORWARD_WIDE_CONFIGS
+    config = tiles.get("grouped_forward") or grouped_config(table, rank, compute_dtype)
     res_strides = _strides(residual)
     epilogue_args = dict(
         scale_ptr=optional(scale, x), residual_ptr=x if residual is None else residual,
@@ -363,8 +366,8 @@ def grouped_backward(grad_y, grad_logits, x, hidden, idx, weights, order, counts
     tiles = tiles or {}
     gated = w_gate is not None
     single = top_k == 1 and not gated
-    weights_config = tiles.get("grouped_backward_weights") or grouped_config(GROUPED_BACKWARD_WEIGHTS_CONFIGS, rank,
-                                                                             compute_dtype)
+    weights_table = GROUPED_BACKWARD_WEIGHTS_CONFIGS if dim_out == dim else GROUPED_BACKWARD_WEIGHTS_WIDE_CONFIGS
+    weights_config = tiles.get("grouped_backward_weights") or grouped_config(weights_table, rank, compute_dtype)
     rank_blocks = weights_rank_blocks(rank, compute_dtype, weights_config)
     chunks = gate_chunks(rows, dim, experts, top_k, x.element_size(), weights_config.block_rows) if gated else 0
     buffers = dict(
