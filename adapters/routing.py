@@ -238,8 +238,9 @@ def mixed_lora_forward(branches: list, task_of_sample: torch.Tensor, x: torch.Te
     routed_adapter launch over the whole batch (identity activation, one expert per row with
     weight 1, the tasks' A and B stacked as the experts' down- and up-projections, base as the
     residual added in the epilogue). The scales stay out of the weights: one scalar when the tasks
-    share it, else a per-row factor (row_scale), applied after the dot as for an adapter alone. Dropout (in training, rate per task) is applied to the branch's input only, as a
-    lone LoraBranch does; base was computed from the undropped x."""
+    share it, else a per-row factor (row_scale), applied after the dot as for an adapter alone.
+    Dropout (in training, rate per task) is applied to the branch's input only, as a lone
+    LoraBranch does; base was computed from the undropped x."""
     first = branches[0]
     if x.dim() < 2 or x.shape[0] != task_of_sample.shape[0]:
         raise ValueError(f"task_routing was given {task_of_sample.shape[0]} task names but a LoRA linear got input "
