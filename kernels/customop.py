@@ -38,18 +38,23 @@ class FusedOp:
                  setup_context: Optional[Callable] = None, backward: Optional[Callable] = None):
         self.name = name
         self.impl = impl
-        self.names = tuple(inspect.signature(impl).parameters)
+        parameters = inspect.signature(impl).parameters
+        self.names = tuple(parameters)
+        # The dispatcher leaves trailing arguments that equal their defaults out of what autograd's
+        # setup and backward see: they get them back from here.
+        self.defaults = {name: p.default for name, p in parameters.items() if p.default is not inspect.Parameter.empty}
         self.op = torch.library.custom_op(f"fused_adapters::{name}", impl, mutates_args=())
         self.op.register_fake(fake)
         self.eager = None
         if backward is not None:
-            names = self.names
+            names, defaults = self.names, self.defaults
 
             def setup(ctx, inputs, output):
-                setup_context(ctx, dict(zip(names, inputs)), output)
+                setup_context(ctx, {**defaults, **dict(zip(names, inputs))}, output)
 
             def backward_by_name(ctx, *grads):
-                needs = dict(zip(names, ctx.needs_input_grad))
+                needs = {name: False for name in names}
+                needs.update(zip(names, ctx.needs_input_grad))
                 result = backward(ctx, needs, *grads)
                 return tuple(result.get(name) if needs[name] else None for name in names)
 
@@ -70,7 +75,7 @@ class FusedOp:
             self.eager = Eager
 
     def __call__(self, **inputs):
-        args = [inputs[name] for name in self.names]
+        args = [inputs[name] if name in inputs else self.defaults[name] for name in self.names]
         if _through_dispatcher(args[0]):
             return self.op(*args)
         if self.eager is not None and wants_grad(*args):

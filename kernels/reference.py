@@ -25,7 +25,12 @@ __all__ = [
     "bottleneck_in_dtype",
     "autocasts",
     "compute_dtype",
+    "dropout_factor",
+    "dropout_uniform",
+    "dropped",
     "gate_logits",
+    "HIDDEN_STREAM",
+    "INPUT_STREAM",
     "load_balancing_loss",
     "lora_linear",
     "lora_linear_backward",
@@ -100,6 +105,70 @@ def output_dtype(dtype: torch.dtype, autocast: bool, scale, residuals) -> torch.
     return out
 
 
+# --------------------------------------------------------------------------------------------
+# Dropout: a keep mask that is a function of (seed, row, column, stream), so the kernels'
+# backward regenerates it; this is its spec and the reference path's mask
+# --------------------------------------------------------------------------------------------
+
+HIDDEN_STREAM = 0  # a bottleneck's activated hidden: column = rank index (e * r + j for expert e)
+INPUT_STREAM = 1   # the LoRA branch's input x: column = input feature
+
+_MASK32 = 0xFFFFFFFF
+_PHILOX_KEY_A, _PHILOX_KEY_B = 0x9E3779B9, 0xBB67AE85
+_PHILOX_ROUND_A, _PHILOX_ROUND_B = 0xD2511F53, 0xCD9E8D57
+
+
+def _mul_hi_lo(a: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The high and low 32 bits of a * b for uint32 values a (int64 tensor) and b (an int), in
+    int64 without overflow: a in 16-bit halves."""
+    a_hi, a_lo = a >> 16, a & 0xFFFF
+    hi_part, lo_part = a_hi * b, a_lo * b  # each < 2^48
+    high = (hi_part + (lo_part >> 16)) >> 16
+    low = (((hi_part & 0xFFFF) << 16) + lo_part) & _MASK32
+    return high, low
+
+
+def dropout_uniform(seed: torch.Tensor, rows: int, cols: int, stream: int, row_start: int = 0) -> torch.Tensor:
+    """u [rows, cols] fp32 in [0, 1): Philox4x32-10 with key (seed's low and high 32 bits) and
+    counter (col, row_start + row, stream, 0), its first word mapped to a float as Triton's
+    uint_to_uniform_float does. The same numbers tl.rand draws. seed: an int64 tensor []."""
+    device = seed.device
+    col = torch.arange(cols, dtype=torch.int64, device=device)[None, :].expand(rows, cols)
+    row = (torch.arange(rows, dtype=torch.int64, device=device)[:, None] + row_start).expand(rows, cols) & _MASK32
+    c0, c1 = col & _MASK32, row
+    c2 = torch.full_like(c0, stream)
+    c3 = torch.zeros_like(c0)
+    seed = seed.reshape(()).to(torch.int64)
+    k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
+    for _ in range(10):
+        hi_b, lo_b = _mul_hi_lo(c2, _PHILOX_ROUND_B)
+        hi_a, lo_a = _mul_hi_lo(c0, _PHILOX_ROUND_A)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0, k1 = (k0 + _PHILOX_KEY_A) & _MASK32, (k1 + _PHILOX_KEY_B) & _MASK32
+    # uint_to_uniform_float: the word as int32, negatives folded by ~x, times (2^31 - 1)^-1 rounded.
+    word = torch.where(c0 >= 2**31, c0 - 2**32, c0)
+    word = torch.where(word < 0, ~word, word).to(torch.int32)
+    return word.to(torch.float32) * torch.tensor(4.6566127342e-10, dtype=torch.float32, device=device)
+
+
+def dropout_factor(seed: torch.Tensor, rows: int, cols: int, stream: int, p: float,
+                   row_start: int = 0) -> torch.Tensor:
+    """[rows, cols] fp32: 1 / (1 - p) where dropout keeps the element (u > p), 0 where it drops
+    it. The mask the kernels draw for the same seed, rows, columns and stream."""
+    uniform = dropout_uniform(seed, rows, cols, stream, row_start)
+    return torch.where(uniform > torch.tensor(p, dtype=torch.float32), 1.0 / (1.0 - p), 0.0).to(torch.float32)
+
+
+def dropped(t: torch.Tensor, seed: Optional[torch.Tensor], p: float, stream: int, dtype: torch.dtype) -> torch.Tensor:
+    """Dropout of 2-D t [M, C] in `dtype`: (t * factor) computed in fp32 (float64 for float64),
+    rounded to dtype, as torch's dropout rounds. p = 0 (or no seed) returns t in dtype."""
+    if p == 0.0 or seed is None:
+        return t.to(dtype)
+    factor = dropout_factor(seed, t.shape[0], t.shape[1], stream, p)
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    return (t.to(compute) * factor.to(compute)).to(dtype)
+
+
 def bottleneck_hidden(x: torch.Tensor, w_down: torch.Tensor, b_down: Optional[torch.Tensor],
                       dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """The pre-activation x @ w_down.T + b_down, computed in `dtype` (default: compute_dtype(x))."""
@@ -118,6 +187,9 @@ def bottleneck_adapter(
     activation: str = "gelu",
     residual=None,
     row_scale: Optional[torch.Tensor] = None,
+    dropout: float = 0.0,
+    input_dropout: float = 0.0,
+    seed: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """y = residual + scale * (row_scale[:, None] * (act(x @ w_down.T + b_down) @ w_up.T + b_up)).
 
@@ -126,23 +198,30 @@ def bottleneck_adapter(
     a sequence of such tensors whose sum is the residual (x itself may be one of them); y has
     output_dtype's promoted dtype. row_scale is a constant per row of x (rows = x.numel() // D),
     cast to the compute dtype, and takes no gradient.
+
+    dropout: the rate on act(h) (HIDDEN_STREAM, column = rank index); input_dropout: on x as the
+    down projection reads it (INPUT_STREAM, column = feature; a residual x stays undropped);
+    both masks from dropout_factor with the int64 tensor `seed` (required when a rate is > 0).
     """
     dtype = compute_dtype(x)
     autocast = autocasts(x)
     return bottleneck_in_dtype(x, w_down, b_down, w_up, b_up, scale, activation=activation,
                                residual=residual_terms(residual), row_scale=row_scale, dtype=dtype,
-                               autocast=autocast)
+                               autocast=autocast, dropout=dropout, input_dropout=input_dropout, seed=seed)
 
 
-def bottleneck_in_dtype(x, w_down, b_down, w_up, b_up, scale, *, activation, residual, row_scale, dtype, autocast):
+def bottleneck_in_dtype(x, w_down, b_down, w_up, b_up, scale, *, activation, residual, row_scale, dtype, autocast,
+                        dropout=0.0, input_dropout=0.0, seed=None):
     """bottleneck_adapter with the compute dtype and the autocast promotion rule given, not read
     from the ambient autocast state (custom-op implementations run with it in any state).
     residual is a list of tensors."""
     with torch.autocast(x.device.type, enabled=False):  # every cast below is explicit
-        hidden = bottleneck_hidden(x, w_down, b_down, dtype)
-        update = F.linear(activation_fn(activation)(hidden), w_up.to(dtype),
-                          None if b_up is None else b_up.to(dtype))
-        return _epilogue(update, x, scale, residual, row_scale, dtype, autocast)
+        rows = x.reshape(-1, x.shape[-1])
+        hidden = bottleneck_hidden(dropped(rows, seed, input_dropout, INPUT_STREAM, dtype), w_down, b_down, dtype)
+        act = dropped(activation_fn(activation)(hidden), seed, dropout, HIDDEN_STREAM, dtype)
+        update = F.linear(act, w_up.to(dtype), None if b_up is None else b_up.to(dtype))
+        return _epilogue(update.reshape(*x.shape[:-1], w_up.shape[0]), x, scale, residual, row_scale, dtype,
+                         autocast)
 
 
 def _epilogue(update, x, scale, residual, row_scale, dtype, autocast):
@@ -203,6 +282,8 @@ def routed_adapter(
     activation: str = "gelu",
     residual=None,
     row_scale: Optional[torch.Tensor] = None,
+    dropout: float = 0.0,
+    seed: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """y = residual + scale * (row_scale[:, None] * u), u = sum_j expert_weight[:, j] *
     (act(x @ w_down[e_j].T + b_down[e_j]) @ w_up[e_j].T + b_up[e_j]) with e_j = expert_idx[:, j].
@@ -214,14 +295,16 @@ def routed_adapter(
     [..., D_out]; scale ([D_out], one element, a float or None), residual ([..., D_out]; x itself
     only where D_out = D) and row_scale as in bottleneck_adapter, shared by the experts. The
     eager expert loop: each expert runs on the rows routed to it. Dtypes as bottleneck_adapter
-    (the weights multiply in the compute dtype).
+    (the weights multiply in the compute dtype). dropout: on each expert's act(h) (HIDDEN_STREAM,
+    expert e's rank j is column e * r + j of the row's [E * r] hidden), masks from `seed`.
     """
     return routed_in_dtype(x, expert_idx, expert_weight, w_down, b_down, w_up, b_up, scale, activation=activation,
-                           residual=residual, row_scale=row_scale, dtype=compute_dtype(x), autocast=autocasts(x))
+                           residual=residual, row_scale=row_scale, dtype=compute_dtype(x), autocast=autocasts(x),
+                           dropout=dropout, seed=seed)
 
 
 def routed_in_dtype(x, expert_idx, expert_weight, w_down, b_down, w_up, b_up, scale, *, activation, residual,
-                    row_scale, dtype, autocast):
+                    row_scale, dtype, autocast, dropout=0.0, seed=None):
     """routed_adapter with the compute dtype and the autocast promotion rule given, not read from
     the ambient autocast state (custom-op implementations run with it in any state)."""
     dim, dim_out = x.shape[-1], w_up.shape[1]
@@ -232,13 +315,22 @@ def routed_in_dtype(x, expert_idx, expert_weight, w_down, b_down, w_up, b_up, sc
         expert_idx = expert_idx.reshape(-1, top_k)
         expert_weight = expert_weight.reshape(-1, top_k)
         update = rows.new_zeros((rows.shape[0], dim_out), dtype=dtype)
-        for expert in range(w_down.shape[0]):
+        experts, rank = w_down.shape[0], w_down.shape[1]
+        keep = None
+        if dropout > 0.0:
+            keep = dropout_factor(seed, rows.shape[0], experts * rank, HIDDEN_STREAM, dropout)
+        for expert in range(experts):
             routed_rows, slots = (expert_idx == expert).nonzero(as_tuple=True)
             if routed_rows.numel() == 0:
                 continue
             hidden = bottleneck_hidden(rows[routed_rows], w_down[expert], None if b_down is None else b_down[expert],
                                        dtype)
-            out = F.linear(act(hidden), w_up[expert].to(dtype), None if b_up is None else b_up[expert].to(dtype))
+            activated = act(hidden)
+            if keep is not None:
+                compute = torch.float64 if dtype == torch.float64 else torch.float32
+                activated = (activated.to(compute) * keep[routed_rows, expert * rank:(expert + 1) * rank].to(compute)
+                             ).to(dtype)
+            out = F.linear(activated, w_up[expert].to(dtype), None if b_up is None else b_up[expert].to(dtype))
             weight = expert_weight[routed_rows, slots].to(dtype)[:, None]
             update = update.index_add(0, routed_rows, out * weight)
         return _epilogue(update.reshape(*x.shape[:-1], dim_out), x, scale, residual_terms(residual), row_scale, dtype,
@@ -260,6 +352,8 @@ def sparse_adapter(
     residual=None,
     row_scale: Optional[torch.Tensor] = None,
     return_logits: bool = False,
+    dropout: float = 0.0,
+    seed: Optional[torch.Tensor] = None,
 ):
     """The gated form of routed_adapter: logits = x @ w_gate.T + b_gate (fp32, [M, E]; w_gate
     [E, D]), each row routed to its top_k experts (topk_routing) with the softmax over their
@@ -268,37 +362,58 @@ def sparse_adapter(
     logits = gate_logits(x, w_gate, b_gate)
     expert_idx, expert_weight = topk_routing(logits, top_k)
     y = routed_adapter(x, expert_idx, expert_weight, w_down, b_down, w_up, b_up, scale, activation=activation,
-                       residual=residual, row_scale=row_scale)
+                       residual=residual, row_scale=row_scale, dropout=dropout, seed=seed)
     return (y, logits) if return_logits else y
 
 
 def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_a: torch.Tensor,
-                lora_b: torch.Tensor, scale: float) -> torch.Tensor:
-    """y = F.linear(x, weight, bias) + scale * (x @ lora_a.T) @ lora_b.T, as eager PEFT computes a
-    LoRA linear: three F.linear calls, a multiply and an add, under the ambient autocast state."""
-    return F.linear(x, weight, bias) + scale * F.linear(F.linear(x, lora_a), lora_b)
+                lora_b: torch.Tensor, scale: float, dropout: float = 0.0,
+                seed: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """y = F.linear(x, weight, bias) + scale * (dropout(x) @ lora_a.T) @ lora_b.T, as eager PEFT
+    computes a LoRA linear: three F.linear calls, a multiply and an add, under the ambient
+    autocast state. dropout (the branch input's, INPUT_STREAM, column = input feature) in x's
+    dtype, masks from `seed`; the base GEMM reads x undropped."""
+    branch_x = x
+    if dropout > 0.0:
+        rows = x.reshape(-1, x.shape[-1])
+        branch_x = dropped(rows, seed, dropout, INPUT_STREAM, x.dtype).reshape(x.shape)
+    return F.linear(x, weight, bias) + scale * F.linear(F.linear(branch_x, lora_a), lora_b)
 
 
-def lora_linear_in_dtype(x, weight, bias, lora_a, lora_b, scale: float, dtype: torch.dtype) -> torch.Tensor:
+def lora_linear_in_dtype(x, weight, bias, lora_a, lora_b, scale: float, dtype: torch.dtype, dropout: float = 0.0,
+                         seed: Optional[torch.Tensor] = None) -> torch.Tensor:
     """lora_linear with every operand cast to `dtype` (the compute dtype), as autocast would cast
-    them, whatever the ambient autocast state (custom-op implementations run in any state)."""
+    them, whatever the ambient autocast state (custom-op implementations run in any state). 2-D x
+    where dropout > 0 (dropout applied to x in its own dtype before the cast, as PEFT does)."""
     with torch.autocast(x.device.type, enabled=False):
+        branch_x = dropped(x, seed, dropout, INPUT_STREAM, x.dtype).to(dtype) if dropout > 0.0 else x.to(dtype)
         x = x.to(dtype)
         base = F.linear(x, weight.to(dtype), None if bias is None else bias.to(dtype))
-        return base + scale * F.linear(F.linear(x, lora_a.to(dtype)), lora_b.to(dtype))
+        return base + scale * F.linear(F.linear(branch_x, lora_a.to(dtype)), lora_b.to(dtype))
 
 
-def lora_linear_backward(grad_y, x, weight, lora_a, lora_b, scale: float, dtype: torch.dtype):
-    """(dx, d lora_a, d lora_b) of lora_linear_in_dtype for the output gradient grad_y, in `dtype`
-    as autograd computes them there: du = scale * dy, dh = du B, dB = du^T h, dA = dh^T x,
-    dx = dy W + dh A."""
+def lora_linear_backward(grad_y, x, weight, lora_a, lora_b, scale: float, dtype: torch.dtype, dropout: float = 0.0,
+                         seed: Optional[torch.Tensor] = None):
+    """(dx, d lora_a, d lora_b) of lora_linear_in_dtype for the output gradient grad_y (2-D), in
+    `dtype` as autograd computes them there: du = scale * dy, dh = du B, dB = du^T h,
+    dA = dh^T x', dx = dy W + (dh A) * keep, with x' = dropout(x) and keep its mask (1 / (1 - p)
+    or 0; 1 without dropout)."""
     with torch.autocast(x.device.type, enabled=False):
-        x, grad_y = x.to(dtype), grad_y.to(dtype)
-        hidden = F.linear(x, lora_a.to(dtype))
+        keep = None
+        if dropout > 0.0:
+            keep = dropout_factor(seed, x.shape[0], x.shape[1], INPUT_STREAM, dropout)
+            branch_x = dropped(x, seed, dropout, INPUT_STREAM, x.dtype).to(dtype)
+        else:
+            branch_x = x.to(dtype)
+        grad_y = grad_y.to(dtype)
+        hidden = F.linear(branch_x, lora_a.to(dtype))
         grad_update = grad_y * scale
         grad_hidden = grad_update @ lora_b.to(dtype)
-        grad_x = grad_y @ weight.to(dtype) + grad_hidden @ lora_a.to(dtype)
-        return grad_x, grad_hidden.t() @ x, grad_update.t() @ hidden
+        grad_branch = grad_hidden @ lora_a.to(dtype)
+        if keep is not None:
+            grad_branch = (grad_branch.float() * keep).to(dtype)
+        grad_x = grad_y @ weight.to(dtype) + grad_branch
+        return grad_x, grad_hidden.t() @ branch_x, grad_update.t() @ hidden
 
 
 # --------------------------------------------------------------------------------------------
@@ -322,6 +437,8 @@ def adapter_fusion(
     activation: str = "gelu",
     residual=None,
     temperature: float = 1.0,
+    dropout: float = 0.0,
+    seed: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """AdapterFusion over N bottleneck adapters that read the same x [..., D] (M rows):
 
@@ -335,15 +452,18 @@ def adapter_fusion(
     b_key [D] or None. The N x M x D way: every a_i, k_i and v_i is formed. The dots run in
     compute_dtype(x) as F.linear would under autocast; the scores are summed and the softmax
     taken in fp32; y has output_dtype's dtype (the compute dtype, promoted by the residual).
+    dropout: on each adapter's act(h) (HIDDEN_STREAM, adapter i's rank j is column i * r + j of
+    the row's [N * r] hidden), masks from `seed`.
     """
     y, _ = adapter_fusion_in_dtype(x, w_down, b_down, w_up, b_up, scale, w_query, b_query, w_key, b_key, w_value,
                                    activation=activation, residual=residual_terms(residual),
-                                   temperature=temperature, dtype=compute_dtype(x), autocast=autocasts(x))
+                                   temperature=temperature, dtype=compute_dtype(x), autocast=autocasts(x),
+                                   dropout=dropout, seed=seed)
     return y
 
 
 def adapter_fusion_in_dtype(x, w_down, b_down, w_up, b_up, scale, w_query, b_query, w_key, b_key, w_value, *,
-                            activation, residual, temperature, dtype, autocast):
+                            activation, residual, temperature, dtype, autocast, dropout=0.0, seed=None):
     """adapter_fusion with the compute dtype and the autocast promotion rule given (residual a
     list of tensors); returns (y, p) with p [M, N] fp32."""
     dim = x.shape[-1]
@@ -355,9 +475,16 @@ def adapter_fusion_in_dtype(x, w_down, b_down, w_up, b_up, scale, w_query, b_que
     with torch.autocast(x.device.type, enabled=False):
         rows = x.reshape(-1, dim).to(dtype)
         branches = []
+        rank = w_down.shape[1]
+        keep = None
+        if dropout > 0.0:
+            keep = dropout_factor(seed, rows.shape[0], w_down.shape[0] * rank, HIDDEN_STREAM, dropout)
+        compute = torch.float64 if dtype == torch.float64 else torch.float32
         for i in range(w_down.shape[0]):
-            branch = F.linear(act(F.linear(rows, cast(w_down[i]), cast(None if b_down is None else b_down[i]))),
-                              cast(w_up[i]), cast(None if b_up is None else b_up[i]))
+            activated = act(F.linear(rows, cast(w_down[i]), cast(None if b_down is None else b_down[i])))
+            if keep is not None:
+                activated = (activated.to(compute) * keep[:, i * rank:(i + 1) * rank].to(compute)).to(dtype)
+            branch = F.linear(activated, cast(w_up[i]), cast(None if b_up is None else b_up[i]))
             if scale is not None:
                 branch = branch * scale[i].to(dtype)
             branches.append(branch)
@@ -424,6 +551,9 @@ def bottleneck_adapter_backward(
     activation: str = "gelu",
     row_scale: Optional[torch.Tensor] = None,
     dtype: Optional[torch.dtype] = None,
+    dropout: float = 0.0,
+    input_dropout: float = 0.0,
+    seed: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, ...]:
     """The backward of bottleneck_adapter by hand, on 2-D x [M, D] and grad_y [M, D].
 
@@ -433,7 +563,8 @@ def bottleneck_adapter_backward(
     Returns (dx, dw_down, db_down, dw_up, db_up, dscale) in float32 (float64 for float64 x),
     with dscale per channel [D] whatever the kind of scale; the residual's gradient is grad_y.
     This is the spec of the backward kernels and the CPU path's backward (a custom op's
-    implementation runs below autograd, so it cannot differentiate the forward).
+    implementation runs below autograd, so it cannot differentiate the forward). dropout,
+    input_dropout, seed: the forward's; the masks are drawn again from the seed.
     """
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
     dtype = dtype or x.dtype
@@ -441,11 +572,20 @@ def bottleneck_adapter_backward(
     def rounded(t: torch.Tensor) -> torch.Tensor:
         return t.to(dtype).to(compute)
 
+    rows, dim = x.shape
     with torch.autocast(x.device.type, enabled=False):  # explicit dtypes whatever the caller's autocast
-        x = rounded(x)
+        input_keep = hidden_keep = None
+        if input_dropout > 0.0:
+            input_keep = dropout_factor(seed, rows, dim, INPUT_STREAM, input_dropout).to(compute)
+            x = (x.to(compute) * input_keep).to(dtype).to(compute)
+        else:
+            x = rounded(x)
         w_down, w_up = rounded(w_down), rounded(w_up)
         hidden = rounded(F.linear(x, w_down, None if b_down is None else rounded(b_down)))
         act = rounded(activation_fn(activation)(hidden))
+        if dropout > 0.0:
+            hidden_keep = dropout_factor(seed, rows, w_down.shape[0], HIDDEN_STREAM, dropout).to(compute)
+            act = rounded(act * hidden_keep)
         grad = grad_y.to(compute)
         if row_scale is not None:
             grad = grad * rounded(row_scale)[:, None]
@@ -454,9 +594,13 @@ def bottleneck_adapter_backward(
         if scale is not None:
             grad = grad * (scale.to(compute).reshape(-1) if isinstance(scale, torch.Tensor) else scale)
         grad = rounded(grad)
-        grad_hidden = rounded((grad @ w_up) * activation_grad(activation, hidden))
+        grad_act = grad @ w_up
+        if hidden_keep is not None:
+            grad_act = grad_act * hidden_keep
+        grad_hidden = rounded(grad_act * activation_grad(activation, hidden))
+        grad_x = grad_hidden @ w_down
         return (
-            grad_hidden @ w_down,
+            grad_x if input_keep is None else grad_x * input_keep,
             grad_hidden.T @ x,
             grad_hidden.sum(0),
             grad.T @ act,

@@ -25,18 +25,20 @@ import triton.language as tl
 
 from ..activations import activation as _activation
 from ..activations import activation_grad as _activation_grad
+from ..dropout import HIDDEN, INPUT, dropout_factor
 from ..epilogue import epilogue, epilogue_scalars, scaled_grad
 
 
 @triton.jit
 def _bottleneck_forward_kernel(
     x_ptr, w_down_ptr, b_down_ptr, w_up_ptr, b_up_ptr, scale_ptr, residual_ptr, row_scale_ptr,
-    y_ptr, hidden_ptr,
-    rows, dim, dim_out, rank, scale_value,
+    y_ptr, hidden_ptr, seed_ptr,
+    rows, dim, dim_out, rank, scale_value, dropout_p, dropout_keep, input_dropout_p, input_dropout_keep,
     stride_x_row, stride_x_col, stride_res_row, stride_res_col, stride_y_row, stride_y_col,
     ACTIVATION: tl.constexpr, SCALE_MODE: tl.constexpr, HAS_B_DOWN: tl.constexpr,
     HAS_B_UP: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ADD_INPUT: tl.constexpr, HAS_ROW_SCALE: tl.constexpr,
-    STORE_HIDDEN: tl.constexpr, SAME_WIDTH: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
+    STORE_HIDDEN: tl.constexpr, SAME_WIDTH: tl.constexpr, HIDDEN_DROPOUT: tl.constexpr, INPUT_DROPOUT: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_DIM: tl.constexpr, BLOCK_RANK: tl.constexpr,
 ):
     # This program's tile: rows [pid * BLOCK_ROWS, +BLOCK_ROWS), every column, every rank.
@@ -51,6 +53,8 @@ def _bottleneck_forward_kernel(
     rank_ids = tl.arange(0, BLOCK_RANK)
     rank_mask = rank_ids < rank
     dtype = COMPUTE_DTYPE
+    if HIDDEN_DROPOUT or INPUT_DROPOUT:
+        seed = tl.load(seed_ptr)
 
     # h[BLOCK_ROWS, BLOCK_RANK] = x[rows, :] @ w_down.T; padded ranks load zero weights.
     hidden = tl.zeros((BLOCK_ROWS, BLOCK_RANK), dtype=tl.float32)
@@ -60,7 +64,11 @@ def _bottleneck_forward_kernel(
         x_tile = tl.load(
             x_ptr + row_ids[:, None] * stride_x_row + col_ids[None, :] * stride_x_col,
             mask=row_mask[:, None] & col_mask[None, :], other=0.0,
-        ).to(dtype)
+        )
+        if INPUT_DROPOUT:  # the down projection reads dropout(x); the epilogue's x term does not
+            x_tile = x_tile.to(tl.float32) * dropout_factor(seed, row_ids, col_ids, input_dropout_p,
+                                                            input_dropout_keep, INPUT)
+        x_tile = x_tile.to(dtype)
         w_down_t = tl.load(
             w_down_ptr + rank_ids[None, :] * dim + col_ids[:, None],
             mask=col_mask[:, None] & rank_mask[None, :], other=0.0,
@@ -78,6 +86,8 @@ def _bottleneck_forward_kernel(
         )
     # act(0) == 0 for every activation, so padded ranks stay zero.
     act = _activation(hidden.to(tl.float32), ACTIVATION).to(dtype)
+    if HIDDEN_DROPOUT:  # regenerated from the seed in the backward: no mask is stored
+        act = (act.to(tl.float32) * dropout_factor(seed, row_ids, rank_ids, dropout_p, dropout_keep, HIDDEN)).to(dtype)
 
     row_scale, scalar_scale = epilogue_scalars(row_scale_ptr, scale_ptr, row_ids, row_mask, scale_value, dtype,
                                                SCALE_MODE, HAS_ROW_SCALE, BLOCK_ROWS)
@@ -104,10 +114,11 @@ def _bottleneck_forward_kernel(
 
 @triton.jit
 def _backward_hidden_kernel(
-    grad_y_ptr, hidden_ptr, w_up_ptr, scale_ptr, row_scale_ptr, grad_hidden_ptr, act_ptr,
-    rows, dim, rank, scale_value,
+    grad_y_ptr, hidden_ptr, w_up_ptr, scale_ptr, row_scale_ptr, grad_hidden_ptr, act_ptr, seed_ptr,
+    rows, dim, rank, scale_value, dropout_p, dropout_keep,
     stride_g_row, stride_g_col,
     ACTIVATION: tl.constexpr, SCALE_MODE: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, STORE_ACT: tl.constexpr,
+    HIDDEN_DROPOUT: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_ROWS: tl.constexpr, BLOCK_DIM: tl.constexpr, BLOCK_RANK: tl.constexpr,
 ):
@@ -139,25 +150,32 @@ def _backward_hidden_kernel(
     hidden_mask = row_mask[:, None] & rank_mask[None, :]
     hidden = tl.load(hidden_ptr + row_ids[:, None] * rank + rank_ids[None, :], mask=hidden_mask,
                      other=0.0).to(tl.float32)
+    if HIDDEN_DROPOUT:  # the forward's mask, from the same seed: the gradient of a dropped unit is 0
+        keep = dropout_factor(tl.load(seed_ptr), row_ids, rank_ids, dropout_p, dropout_keep, HIDDEN)
+        grad_act = grad_act * keep
     grad_hidden = grad_act * _activation_grad(hidden, ACTIVATION)
     tl.store(grad_hidden_ptr + row_ids[:, None] * rank + rank_ids[None, :], grad_hidden.to(dtype), mask=hidden_mask)
     if STORE_ACT:
         # act(h) for the weight gradients at ranks above 32, so the next kernel runs no
         # transcendentals: there Triton hoisted gelu into the dot-operand layout, replicated
         # across warps (compile check, rank 64, bf16, sm_80: 3432 bytes of spills before, 0 after).
-        tl.store(act_ptr + row_ids[:, None] * rank + rank_ids[None, :], _activation(hidden, ACTIVATION).to(dtype),
-                 mask=hidden_mask)
+        act = _activation(hidden, ACTIVATION).to(dtype)
+        if HIDDEN_DROPOUT:  # the up projection's input was dropout(act), rounded as the forward rounds it
+            act = (act.to(tl.float32) * keep).to(dtype)
+        tl.store(act_ptr + row_ids[:, None] * rank + rank_ids[None, :], act, mask=hidden_mask)
 
 
 @triton.jit
 def _backward_input_and_weights_kernel(
     grad_y_ptr, x_ptr, act_ptr, grad_hidden_ptr, w_down_ptr, w_up_ptr, b_up_ptr, scale_ptr,
-    row_scale_ptr, grad_x_ptr, partials_ptr,
-    rows, dim, dim_out, rank, scale_value, tiles_per_chunk,
+    row_scale_ptr, grad_x_ptr, partials_ptr, seed_ptr,
+    rows, dim, dim_out, rank, scale_value, tiles_per_chunk, dropout_p, dropout_keep, input_dropout_p,
+    input_dropout_keep,
     stride_g_row, stride_g_col, stride_x_row, stride_x_col, stride_dx_row, stride_dx_col,
     ACTIVATION: tl.constexpr, RECOMPUTE_ACT: tl.constexpr, SCALE_MODE: tl.constexpr, HAS_B_UP: tl.constexpr,
     HAS_ROW_SCALE: tl.constexpr, COMPUTE_DX: tl.constexpr, ADD_GRAD_Y: tl.constexpr, SPLIT_RANK: tl.constexpr,
-    SAME_WIDTH: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
+    SAME_WIDTH: tl.constexpr, HIDDEN_DROPOUT: tl.constexpr, INPUT_DROPOUT: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_DIM: tl.constexpr, BLOCK_RANK: tl.constexpr,
 ):
     # This program's tile: columns [pid_col * BLOCK_DIM, +BLOCK_DIM) and ranks
@@ -180,6 +198,9 @@ def _backward_input_and_weights_kernel(
     rank_ids = pid_rank * BLOCK_RANK + tl.arange(0, BLOCK_RANK)
     rank_mask = rank_ids < rank
     dtype = COMPUTE_DTYPE
+    # HIDDEN_DROPOUT only with RECOMPUTE_ACT (a stored act is already dropped).
+    if HIDDEN_DROPOUT or INPUT_DROPOUT:
+        seed = tl.load(seed_ptr)
 
     if COMPUTE_DX and not SPLIT_RANK:
         w_down_tile = tl.load(
@@ -215,6 +236,9 @@ def _backward_input_and_weights_kernel(
         act = tl.load(act_ptr + row_ids[:, None] * rank + rank_ids[None, :], mask=hidden_mask, other=0.0)
         if RECOMPUTE_ACT:  # act_ptr holds the pre-activation: one M x r pass instead of two
             act = _activation(act.to(tl.float32), ACTIVATION).to(dtype)
+            if HIDDEN_DROPOUT:
+                act = (act.to(tl.float32) * dropout_factor(seed, row_ids, rank_ids, dropout_p, dropout_keep,
+                                                           HIDDEN)).to(dtype)
         # Rounded before the channel scale, which the epilogue applies: dscale needs the unscaled
         # sum, and a second [D, r] accumulator would not fit. So under fp16 autocast a fp32 dy past
         # 65504 overflows dw_up/db_up/dscale where eager's dy * scale (scale < 1) would not.
@@ -227,7 +251,11 @@ def _backward_input_and_weights_kernel(
         acc_b_down += tl.sum(grad_hidden.to(tl.float32), axis=0)
         x_tile = tl.load(
             x_ptr + row_ids[:, None] * stride_x_row + col_ids[None, :] * stride_x_col, mask=tile_mask, other=0.0
-        ).to(dtype)
+        )
+        if INPUT_DROPOUT:  # dw_down = dh^T dropout(x), and dx = (dh w_down) * mask: the forward's mask
+            keep_x = dropout_factor(seed, row_ids, col_ids, input_dropout_p, input_dropout_keep, INPUT)
+            x_tile = x_tile.to(tl.float32) * keep_x
+        x_tile = x_tile.to(dtype)
         acc_w_down = tl.dot(tl.trans(grad_hidden), x_tile, acc_w_down, input_precision=INPUT_PRECISION)
         if COMPUTE_DX:
             if SPLIT_RANK:
@@ -246,12 +274,16 @@ def _backward_input_and_weights_kernel(
                             mask=step_mask[:, None] & col_mask[None, :], other=0.0,
                         ).to(dtype)
                         grad_x = tl.dot(step_grad_hidden, step_w_down, grad_x, input_precision=INPUT_PRECISION)
+                    if INPUT_DROPOUT:
+                        grad_x = grad_x * keep_x
                     if ADD_GRAD_Y:  # x is a residual term: its gradient dy joins dx in this store
                         grad_x += grad_y
                     tl.store(grad_x_ptr + row_ids[:, None] * stride_dx_row + col_ids[None, :] * stride_dx_col,
                              grad_x.to(grad_x_ptr.dtype.element_ty), mask=tile_mask)
             else:
                 grad_x = tl.dot(grad_hidden, w_down_tile, input_precision=INPUT_PRECISION)
+                if INPUT_DROPOUT:
+                    grad_x = grad_x * keep_x
                 if ADD_GRAD_Y:
                     grad_x += grad_y
                 tl.store(grad_x_ptr + row_ids[:, None] * stride_dx_row + col_ids[None, :] * stride_dx_col,

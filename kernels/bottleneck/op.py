@@ -29,6 +29,7 @@ import torch
 from .. import paths, reference
 from ..checks import check_bottleneck_arguments, epilogue_arguments
 from ..customop import FusedOp, refuse_double_backward, wants_grad
+from ..dropout import check_dropout, seed_tensor
 from ..launch import (
     device_context, fold_rows, int32_columns, packed_grad_dtype, param_grad, reduce_partials, scale_grad, scale_mode,
 )
@@ -73,11 +74,13 @@ def _forward_impl(
     b_up: Optional[torch.Tensor], scale: Optional[torch.Tensor], scale_value: float,
     residual: Optional[torch.Tensor], add_input: bool, row_scale: Optional[torch.Tensor], activation: str,
     compute_dtype: torch.dtype, out_dtype: torch.dtype, autocast: bool, save_hidden: bool, op: str,
+    dropout: float = 0.0, input_dropout: float = 0.0, seed: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """2-D x [M, D]. Returns y [M, D_out] in out_dtype and the pre-activation [M, r] in the compute
     dtype (or [0, r] when not saved: always on the reference path, which recomputes). add_input:
     x itself is a residual term besides `residual`. op: the public op this call is part of (for
-    its warnings and errors)."""
+    its warnings and errors). dropout / input_dropout: rates on act(h) / on x as the down
+    projection reads it, masks drawn from the int64 tensor seed (kernels/dropout.py)."""
     dtypes = _forward_dtypes(x, residual, compute_dtype, out_dtype, (w_down, b_down, w_up, b_up, scale))
     if paths.use_kernels(op, x.device.type, dtypes, w_down.shape[0]):
         x = int32_columns(x)
@@ -86,12 +89,13 @@ def _forward_impl(
 
         def planned(variant):
             return plan.forward(x, w_down, b_down, w_up, b_up, scale, scale_value, residual, add_input, row_scale,
-                                activation, compute_dtype, out_dtype, save_hidden, variant)
+                                activation, compute_dtype, out_dtype, save_hidden, variant, dropout=dropout,
+                                input_dropout=input_dropout, seed=seed)
 
         with device_context(x):
             def key():
                 return (_shape_key(x, w_down, w_up, scale, residual, row_scale), add_input, activation,
-                        compute_dtype, out_dtype, save_hidden)
+                        compute_dtype, out_dtype, save_hidden, dropout > 0.0, input_dropout > 0.0)
 
             variant = pick("bottleneck_adapter", "forward", key, x.device, lambda v: time_cuda(planned(v)))
             launches = planned(variant)
@@ -100,7 +104,8 @@ def _forward_impl(
     terms = ([x] if add_input else []) + ([residual] if residual is not None else [])
     y = reference.bottleneck_in_dtype(x, w_down, b_down, w_up, b_up, _scale_arg(scale, scale_value),
                                       activation=activation, residual=terms, row_scale=row_scale,
-                                      dtype=compute_dtype, autocast=autocast)
+                                      dtype=compute_dtype, autocast=autocast, dropout=dropout,
+                                      input_dropout=input_dropout, seed=seed)
     # In the layout the fake says (row-major unless column_major_output), whatever layout the
     # eager expression gave.
     y = _in_layout(y.to(out_dtype), column_major_output(x, w_up.shape[0]))
@@ -108,7 +113,7 @@ def _forward_impl(
 
 
 def _forward_fake(x, w_down, b_down, w_up, b_up, scale, scale_value, residual, add_input, row_scale, activation,
-                  compute_dtype, out_dtype, autocast, save_hidden, op):
+                  compute_dtype, out_dtype, autocast, save_hidden, op, dropout=0.0, input_dropout=0.0, seed=None):
     rows, dim_out = x.shape[0], w_up.shape[0]
     dtypes = _forward_dtypes(x, residual, compute_dtype, out_dtype, (w_down, b_down, w_up, b_up, scale))
     kernels = paths.takes_triton(x.device.type, dtypes, w_down.shape[0])
@@ -122,6 +127,7 @@ def _backward_impl(
     b_down: Optional[torch.Tensor], w_up: torch.Tensor, b_up: Optional[torch.Tensor],
     scale: Optional[torch.Tensor], scale_value: float, row_scale: Optional[torch.Tensor], activation: str,
     compute_dtype: torch.dtype, add_grad_y: bool, compute_dx: bool,
+    dropout: float = 0.0, input_dropout: float = 0.0, seed: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """dx ([M, D] in x's dtype, laid out like x, or [0, D] when not wanted; plus dy when
     add_grad_y) and the packed parameter gradients (grad_layout, in packed_grad_dtype); one
@@ -136,12 +142,13 @@ def _backward_impl(
 
         def planned(variant):
             return plan.backward(grad_y, x, hidden, w_down, w_up, b_up, scale, scale_value, row_scale, activation,
-                                 compute_dtype, add_grad_y, compute_dx, grad_dtype, variant)
+                                 compute_dtype, add_grad_y, compute_dx, grad_dtype, variant, dropout=dropout,
+                                 input_dropout=input_dropout, seed=seed)
 
         with device_context(x):
             def key():
                 return (_shape_key(x, w_down, w_up, scale, None, row_scale), grad_y.stride(), add_grad_y, compute_dx,
-                        activation, compute_dtype, grad_dtype)
+                        activation, compute_dtype, grad_dtype, dropout > 0.0, input_dropout > 0.0)
 
             # Both launches write (never accumulate into) their outputs: timing reruns are harmless.
             variant = pick("bottleneck_adapter", "backward", key, x.device, lambda v: time_cuda(planned(v)))
@@ -158,7 +165,7 @@ def _backward_impl(
                                                   device=x.device)
     grad_x, grad_w_down, grad_b_down, grad_w_up, grad_b_up, grad_scale = reference.bottleneck_adapter_backward(
         grad_y, x, w_down, b_down, w_up, b_up, _scale_arg(scale, scale_value), activation=activation,
-        row_scale=row_scale, dtype=compute_dtype,
+        row_scale=row_scale, dtype=compute_dtype, dropout=dropout, input_dropout=input_dropout, seed=seed,
     )
     packed = torch.cat([g.reshape(-1) for g in (grad_w_up, grad_w_down, grad_b_up, grad_b_down, grad_scale)])
     if compute_dx:
@@ -170,7 +177,7 @@ def _backward_impl(
 
 
 def _backward_fake(grad_y, x, hidden, w_down, b_down, w_up, b_up, scale, scale_value, row_scale, activation,
-                   compute_dtype, add_grad_y, compute_dx):
+                   compute_dtype, add_grad_y, compute_dx, dropout=0.0, input_dropout=0.0, seed=None):
     rank, dim = w_down.shape
     return (
         x.new_empty((dim, x.shape[0])).t() if compute_dx and column_major_output(x, dim) else
@@ -185,14 +192,16 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(hidden)
     ctx.set_materialize_grads(False)  # no M x r zeros for the hidden output's (absent) gradient
     # x by reference, the parameters, and the M x r pre-activation: nothing of M x D is copied.
+    # With dropout, the 8-byte seed: the backward draws the masks again rather than saving them.
     ctx.save_for_backward(inputs["x"], inputs["w_down"], inputs["b_down"], inputs["w_up"], inputs["b_up"],
-                          inputs["scale"], inputs["row_scale"], hidden)
-    ctx.inputs = {name: inputs[name] for name in ("scale_value", "activation", "compute_dtype", "add_input", "op")}
+                          inputs["scale"], inputs["row_scale"], hidden, inputs["seed"])
+    ctx.inputs = {name: inputs[name] for name in ("scale_value", "activation", "compute_dtype", "add_input", "op",
+                                                  "dropout", "input_dropout")}
     ctx.residual_dtype = inputs["residual"].dtype if inputs["residual"] is not None else None
 
 
 def _backward(ctx, needs, grad_y, grad_hidden):
-    x, w_down, b_down, w_up, b_up, scale, row_scale, hidden = ctx.saved_tensors
+    x, w_down, b_down, w_up, b_up, scale, row_scale, hidden, seed = ctx.saved_tensors
     if grad_y is None:
         return {}
     refuse_double_backward(ctx.inputs["op"], ctx.inputs["op"])
@@ -200,6 +209,7 @@ def _backward(ctx, needs, grad_y, grad_hidden):
         grad_y=grad_y, x=x, hidden=hidden, w_down=w_down, b_down=b_down, w_up=w_up, b_up=b_up, scale=scale,
         scale_value=ctx.inputs["scale_value"], row_scale=row_scale, activation=ctx.inputs["activation"],
         compute_dtype=ctx.inputs["compute_dtype"], add_grad_y=ctx.inputs["add_input"], compute_dx=needs["x"],
+        dropout=ctx.inputs["dropout"], input_dropout=ctx.inputs["input_dropout"], seed=seed,
     )
     rank, dim = w_down.shape
     grads = grad_layout(dim, rank, w_up.shape[0]).split(packed)
@@ -234,6 +244,9 @@ def bottleneck_adapter(
     activation: str = "gelu",
     residual=None,
     row_scale: Optional[torch.Tensor] = None,
+    dropout: float = 0.0,
+    input_dropout: float = 0.0,
+    seed=None,
 ) -> torch.Tensor:
     """y = residual + scale * (row_scale[:, None] * (act(x @ w_down.T + b_down) @ w_up.T + b_up)).
 
@@ -250,6 +263,15 @@ def bottleneck_adapter(
     row_scale: [M] with M = x.numel() // D, a per-row constant (no gradient), or None.
     activation: gelu (erf), gelu_tanh, relu, silu or identity.
 
+    dropout: inverted dropout at this rate on act(h), the hidden activation (the bottleneck
+    adapter's dropout). input_dropout: on x as the down projection reads it, while a residual x
+    is added undropped (the LoRA branch's dropout, as PEFT applies it). Both run inside the same
+    launches: the masks come from Philox with `seed` (None: a fresh seed tensor drawn on x's
+    device from torch's generator, so torch.manual_seed repeats a run; an int or an int64
+    tensor to choose one) and are drawn again in the backward, so nothing of them is saved.
+    Pass 0 outside training (the kernels then compile without dropout). The mask of element
+    (row, col) is kernels.reference.dropout_factor's.
+
     Layout: y (and x's gradient) is laid out like x: row-major, or column-major when x's [M, D]
     view is and D_out = D (see plan.column_major_output).
 
@@ -262,13 +284,17 @@ def bottleneck_adapter(
     same kernels run in Triton's interpreter. Ranks above 256 run the reference everywhere (a
     CUDA call warns once): kernels.backend and kernels/paths.py state the rule.
     """
-    return _bottleneck(x, w_down, b_down, w_up, b_up, scale, activation, residual, row_scale, "bottleneck_adapter")
+    return _bottleneck(x, w_down, b_down, w_up, b_up, scale, activation, residual, row_scale, "bottleneck_adapter",
+                       dropout, input_dropout, seed)
 
 
-def _bottleneck(x, w_down, b_down, w_up, b_up, scale, activation, residual, row_scale, op: str) -> torch.Tensor:
+def _bottleneck(x, w_down, b_down, w_up, b_up, scale, activation, residual, row_scale, op: str, dropout=0.0,
+                input_dropout=0.0, seed=None) -> torch.Tensor:
     """bottleneck_adapter, as part of the public op `op` (itself, or lora_linear's branch)."""
     scale_tensor, scale_value, terms = check_bottleneck_arguments(x, w_down, b_down, w_up, b_up, scale, activation,
                                                                   residual, row_scale)
+    dropout, input_dropout = check_dropout("dropout", dropout), check_dropout("input_dropout", input_dropout)
+    seed = seed_tensor(seed, x.device) if dropout > 0.0 or input_dropout > 0.0 else None
     compute_dtype = reference.compute_dtype(x)
     autocast = reference.autocasts(x)
     out_dtype = reference.output_dtype(compute_dtype, autocast, scale_tensor, terms)
@@ -282,5 +308,6 @@ def _bottleneck(x, w_down, b_down, w_up, b_up, scale, activation, residual, row_
         x=x if x.dim() == 2 else x.reshape(-1, x.shape[-1]), w_down=w_down, b_down=b_down, w_up=w_up, b_up=b_up, scale=scale_tensor,
         scale_value=scale_value, residual=skip2d, add_input=add_input, row_scale=row_scale, activation=activation,
         compute_dtype=compute_dtype, out_dtype=out_dtype, autocast=autocast, save_hidden=save_hidden, op=op,
+        dropout=dropout, input_dropout=input_dropout, seed=seed,
     )
     return y if x.dim() == 2 else y.view(*x.shape[:-1], w_up.shape[0])

@@ -20,6 +20,7 @@ from ..launch import (
     TRITON_DTYPES, BlockConfig, Launch, PackedLayout, Plan, cdiv, input_precision, new_output, optional,
     padded_rank, plan_chunks, scale_mode, sm_count, variant_config,
 )
+from ..dropout import launch_args as dropout_args
 from ..variants import Variant
 from .configs import (
     BACKWARD_HIDDEN_COLUMN_MAJOR_CONFIGS, BACKWARD_HIDDEN_CONFIGS, BACKWARD_WEIGHTS_COLUMN_MAJOR_CONFIGS,
@@ -83,11 +84,13 @@ def _forward_tiles(rows: int, rank: int, same_width: bool, compute_dtype: torch.
                    variant: Variant, sms: int, tile: Optional[BlockConfig]):
     """(config, grid, constexprs) of the forward launch: what depends on shapes and flags only."""
     config = tile or variant_config(block_config(FORWARD_CONFIGS, rank, compute_dtype), rows, sms, variant.block_rows)
-    activation, mode, has_b_down, has_b_up, has_residual, add_input, has_row_scale, store_hidden = flags
+    (activation, mode, has_b_down, has_b_up, has_residual, add_input, has_row_scale, store_hidden, hidden_dropout,
+     input_dropout) = flags
     # Read-only: every call with this key shares it.
     constexprs = MappingProxyType(dict(
         ACTIVATION=activation, SCALE_MODE=mode, HAS_B_DOWN=has_b_down, HAS_B_UP=has_b_up, HAS_RESIDUAL=has_residual,
         ADD_INPUT=add_input, HAS_ROW_SCALE=has_row_scale, STORE_HIDDEN=store_hidden, SAME_WIDTH=same_width,
+        HIDDEN_DROPOUT=hidden_dropout, INPUT_DROPOUT=input_dropout,
         COMPUTE_DTYPE=TRITON_DTYPES[compute_dtype], INPUT_PRECISION=precision,
         BLOCK_ROWS=config.block_rows, BLOCK_DIM=config.block_dim, BLOCK_RANK=padded_rank(rank),
     ))
@@ -96,11 +99,13 @@ def _forward_tiles(rows: int, rank: int, same_width: bool, compute_dtype: torch.
 
 def forward(x, w_down, b_down, w_up, b_up, scale, scale_value, residual, add_input, row_scale, activation,
             compute_dtype, out_dtype, save_hidden, variant: Variant = DEFAULT_VARIANT, sms: Optional[int] = None,
-            tile: Optional[BlockConfig] = None) -> Plan:
+            tile: Optional[BlockConfig] = None, *, dropout: float = 0.0, input_dropout: float = 0.0,
+            seed: Optional[torch.Tensor] = None) -> Plan:
     """The forward of 2-D x [M, D]: launch "forward", buffers "y" [M, D_out] (laid out like x) and
     "hidden" [M, r] in the compute dtype ([0, r] unless save_hidden). residual: [M, D_out] or
     None; add_input: x is a residual term too. tile: this tile instead of the planned one (the
-    compile check's cases)."""
+    compile check's cases). dropout: the rate on act(h); input_dropout: on x as the down
+    projection reads it; seed: the int64 seed tensor both masks come from (kernels/dropout.py)."""
     rows, dim = x.shape
     rank, dim_out = w_down.shape[0], w_up.shape[0]
     y = new_like_x(x, dim_out, out_dtype)
@@ -109,7 +114,7 @@ def forward(x, w_down, b_down, w_up, b_up, scale, scale_value, residual, add_inp
     if rows == 0:
         return Plan({}, buffers)
     flags = (activation, scale_mode(scale), b_down is not None, b_up is not None, residual is not None, add_input,
-             row_scale is not None, save_hidden)
+             row_scale is not None, save_hidden, dropout > 0.0, input_dropout > 0.0)
     # The precision follows torch's tf32 switch, read at each call.
     config, grid, constexprs = _forward_tiles(rows, rank, dim_out == dim, compute_dtype, input_precision(compute_dtype),
                                               flags, variant, _sms(x, sms), tile)
@@ -121,7 +126,7 @@ def forward(x, w_down, b_down, w_up, b_up, scale, scale_value, residual, add_inp
         stride_x_row=x.stride(0), stride_x_col=x.stride(1),
         stride_res_row=residual.stride(0) if residual is not None else 0,
         stride_res_col=residual.stride(1) if residual is not None else 0,
-        stride_y_row=y.stride(0), stride_y_col=y.stride(1),
+        stride_y_row=y.stride(0), stride_y_col=y.stride(1), **dropout_args(seed, dropout, input_dropout, fallback=x),
     )
     return Plan({"forward": Launch(_bottleneck_forward_kernel, grid, args, constexprs, config)}, buffers)
 
@@ -145,11 +150,14 @@ def _weights_tiles(rows: int, dim: int, dim_out: int, rank: int, itemsize: int, 
     chunks = plan_chunks(rows, min(dim, dim_out), row_tiles, col_tiles * rank_blocks, sms, itemsize,
                          grad_layout(dim, rank, dim_out, rank_blocks).size)
     tiles_per_chunk = cdiv(row_tiles, chunks)
-    activation, recompute_act, mode, has_b_up, has_row_scale, compute_dx, add_grad_y = flags
+    activation, recompute_act, mode, has_b_up, has_row_scale, compute_dx, add_grad_y, hidden_dropout, input_dropout = flags
     constexprs = MappingProxyType(dict(
         ACTIVATION=activation, RECOMPUTE_ACT=recompute_act, SCALE_MODE=mode, HAS_B_UP=has_b_up,
         HAS_ROW_SCALE=has_row_scale, COMPUTE_DX=compute_dx, ADD_GRAD_Y=compute_dx and add_grad_y,
-        SPLIT_RANK=rank_tile < block_rank, SAME_WIDTH=dim_out == dim, COMPUTE_DTYPE=TRITON_DTYPES[compute_dtype],
+        SPLIT_RANK=rank_tile < block_rank, SAME_WIDTH=dim_out == dim,
+        # A stored act is already dropped: only a recomputed one draws the hidden mask again.
+        HIDDEN_DROPOUT=hidden_dropout and recompute_act, INPUT_DROPOUT=input_dropout,
+        COMPUTE_DTYPE=TRITON_DTYPES[compute_dtype],
         INPUT_PRECISION=precision, BLOCK_ROWS=config.block_rows, BLOCK_DIM=config.block_dim, BLOCK_RANK=rank_tile,
     ))
     return config, (cdiv(row_tiles, tiles_per_chunk), col_tiles, rank_blocks), tiles_per_chunk, constexprs
@@ -161,11 +169,13 @@ _WEIGHTS_TABLES = {"default": BACKWARD_WEIGHTS_CONFIGS, "wide": BACKWARD_WEIGHTS
 
 def backward_weights(grad_y, x, act, recompute_act, grad_hidden, w_down, w_up, b_up, scale, scale_value, row_scale,
                      activation, compute_dtype, grad_x, add_grad_y, grad_dtype, sms: Optional[int] = None,
-                     tile: Optional[BlockConfig] = None) -> tuple[Launch, torch.Tensor]:
+                     tile: Optional[BlockConfig] = None, *, dropout: float = 0.0, input_dropout: float = 0.0,
+                     seed: Optional[torch.Tensor] = None) -> tuple[Launch, torch.Tensor]:
     """The weights launch (dx too when grad_x has M rows, plus dy with add_grad_y) and the
     partials buffer [chunks, grad_layout size] it fills: fp32 partial sums per row chunk, or,
-    with one chunk, the gradients themselves in grad_dtype. act: act(h) [M, r], or with
-    recompute_act the pre-activation h to recompute it from. grad_hidden: dh [M, r]."""
+    with one chunk, the gradients themselves in grad_dtype. act: act(h) [M, r] (dropped where
+    the forward dropped it), or with recompute_act the pre-activation h to recompute it from.
+    grad_hidden: dh [M, r]. dropout, input_dropout, seed: the forward's (see forward)."""
     rows, dim = x.shape
     rank, dim_out = w_down.shape[0], w_up.shape[0]
     compute_dx = grad_x.shape[0] == rows
@@ -174,7 +184,7 @@ def backward_weights(grad_y, x, act, recompute_act, grad_hidden, w_down, w_up, b
     else:  # dx laid out like x: column-major tiles where x is
         table_name = "column_major" if column_major_output(x, dim) else "default"
     flags = (activation, recompute_act, scale_mode(scale), b_up is not None, row_scale is not None, compute_dx,
-             add_grad_y)
+             add_grad_y, dropout > 0.0, input_dropout > 0.0)
     config, grid, tiles_per_chunk, constexprs = _weights_tiles(
         rows, dim, dim_out, rank, x.element_size(), table_name, compute_dtype, input_precision(compute_dtype), flags,
         _sms(x, sms), tile)
@@ -189,6 +199,7 @@ def backward_weights(grad_y, x, act, recompute_act, grad_hidden, w_down, w_up, b
         stride_g_row=grad_y.stride(0), stride_g_col=grad_y.stride(1),
         stride_x_row=x.stride(0), stride_x_col=x.stride(1),
         stride_dx_row=grad_x.stride(0) if compute_dx else dim, stride_dx_col=grad_x.stride(1) if compute_dx else 1,
+        **dropout_args(seed, dropout, input_dropout, fallback=x),
     )
     return Launch(_backward_input_and_weights_kernel, grid, args, constexprs, config), partials
 
@@ -200,9 +211,10 @@ def _hidden_tiles(rows: int, rank: int, column_major: bool, compute_dtype: torch
     column-major tiles where x is."""
     table = BACKWARD_HIDDEN_COLUMN_MAJOR_CONFIGS if column_major else BACKWARD_HIDDEN_CONFIGS
     config = tile or variant_config(block_config(table, rank, compute_dtype), rows, sms, variant.block_rows)
-    activation, mode, has_row_scale, store_act = flags
+    activation, mode, has_row_scale, store_act, hidden_dropout = flags
     constexprs = MappingProxyType(dict(
         ACTIVATION=activation, SCALE_MODE=mode, HAS_ROW_SCALE=has_row_scale, STORE_ACT=store_act,
+        HIDDEN_DROPOUT=hidden_dropout,
         COMPUTE_DTYPE=TRITON_DTYPES[compute_dtype], INPUT_PRECISION=precision,
         BLOCK_ROWS=config.block_rows, BLOCK_DIM=config.block_dim, BLOCK_RANK=padded_rank(rank),
     ))
@@ -211,14 +223,16 @@ def _hidden_tiles(rows: int, rank: int, column_major: bool, compute_dtype: torch
 
 def backward(grad_y, x, hidden, w_down, w_up, b_up, scale, scale_value, row_scale, activation, compute_dtype,
              add_grad_y, compute_dx, grad_dtype, variant: Variant = DEFAULT_VARIANT, sms: Optional[int] = None,
-             tiles: Optional[dict] = None) -> Plan:
+             tiles: Optional[dict] = None, *, dropout: float = 0.0, input_dropout: float = 0.0,
+             seed: Optional[torch.Tensor] = None) -> Plan:
     """The backward of the forward's 2-D x [M, D] given dy [M, D_out] and the saved pre-activation
     hidden [M, r]: launches "backward_hidden" and "backward_weights"; buffers "grad_x" (laid out
     like x; [0, D] unless compute_dx; plus dy with add_grad_y, x having been a residual term),
     "grad_hidden" and "act" (the first launch's scratch for the second: act has M rows only where
     stores_act) and "partials" (grad_layout per row chunk; see backward_weights). grad_dtype: the
     parameter gradients' dtype. tiles: {"backward_hidden" / "backward_weights": tile} instead of
-    the planned ones."""
+    the planned ones. dropout, input_dropout, seed: the forward's; the masks are drawn again
+    from the seed, so nothing of them was saved."""
     rows, dim = x.shape
     rank, dim_out = w_down.shape[0], w_up.shape[0]
     tiles = tiles or {}
@@ -232,16 +246,19 @@ def backward(grad_y, x, hidden, w_down, w_up, b_up, scale, scale_value, row_scal
         return Plan({}, dict(grad_x=grad_x, grad_hidden=grad_hidden, act=act, partials=partials))
     config, grid, constexprs = _hidden_tiles(
         rows, rank, column_major_output(x, dim), compute_dtype, input_precision(compute_dtype),
-        (activation, scale_mode(scale), row_scale is not None, store_act), variant, sms, tiles.get("backward_hidden"))
+        (activation, scale_mode(scale), row_scale is not None, store_act, dropout > 0.0), variant, sms,
+        tiles.get("backward_hidden"))
     args = dict(
         grad_y_ptr=grad_y, hidden_ptr=hidden, w_up_ptr=w_up.contiguous(), scale_ptr=optional(scale, x),
         row_scale_ptr=optional(row_scale, x), grad_hidden_ptr=grad_hidden, act_ptr=act if store_act else grad_hidden,
         rows=rows, dim=dim_out, rank=rank, scale_value=scale_value,  # its D loop walks dy's columns
-        stride_g_row=grad_y.stride(0), stride_g_col=grad_y.stride(1),
+        stride_g_row=grad_y.stride(0), stride_g_col=grad_y.stride(1), seed_ptr=hidden if seed is None else seed,
+        dropout_p=dropout, dropout_keep=1.0 / (1.0 - dropout),
     )
     hidden_launch = Launch(_backward_hidden_kernel, grid, args, constexprs, config)
     weights_launch, partials = backward_weights(
         grad_y, x, act if store_act else hidden, not store_act, grad_hidden, w_down, w_up, b_up, scale, scale_value,
-        row_scale, activation, compute_dtype, grad_x, add_grad_y, grad_dtype, sms, tiles.get("backward_weights"))
+        row_scale, activation, compute_dtype, grad_x, add_grad_y, grad_dtype, sms, tiles.get("backward_weights"),
+        dropout=dropout, input_dropout=input_dropout, seed=seed)
     return Plan({"backward_hidden": hidden_launch, "backward_weights": weights_launch},
                 dict(grad_x=grad_x, grad_hidden=grad_hidden, act=act, partials=partials))
