@@ -67,8 +67,13 @@ LORA_KERNELS = ("lora_forward", "lora_backward_input", "lora_backward_weights")
 # kernels are, by the padded N*r (one (adapters, rank) per key: SPARSE_SHAPES, an odd rank with N*r
 # in the same padded block in the unaligned scenario) and compiled at every block-rows variant.
 FUSION_KERNELS = ("fusion_scores", "fusion_scores_backward")
+# The kernels with dropout inside (kernels/dropout.py), compiled as "<kernel>_dropout": the same
+# launch with the dropout constexprs on (the bottleneck's hidden and input dropout both, the
+# LoRA branch's input dropout in the _wide form), at the same configurations.
+DROPOUT_SUFFIX = "_dropout"
+DROPOUT_KERNELS = tuple(kernel + DROPOUT_SUFFIX for kernel in BOTTLENECK_KERNELS + WIDE_KERNELS)
 KERNELS = BOTTLENECK_KERNELS + WIDE_KERNELS + LAYOUT_KERNELS + SPARSE_KERNELS + SPARSE_WIDE_KERNELS + \
-    GROUPED_KERNELS + GROUPED_WIDE_KERNELS + LORA_KERNELS + FUSION_KERNELS
+    GROUPED_KERNELS + GROUPED_WIDE_KERNELS + LORA_KERNELS + FUSION_KERNELS + DROPOUT_KERNELS
 # The sparse kernels' configurations are keyed by the padded E*r: one (experts, rank) per key.
 # The unaligned scenario keeps the experts and takes an odd rank whose E*r pads to the same block.
 SPARSE_SHAPES = {16: (4, 4), 32: (4, 8), 64: (8, 8), 128: (8, 16), 256: (16, 16)}
@@ -140,7 +145,13 @@ def build_launches(kernel: str, block_rank: int, dtype_name: str, scenario: str,
     For the LoRA kernels single is the half-rank form (rank block_rank / 2).
 
     For the fusion kernels block_rank is the padded N*r and the heaviest variant has b_down
-    (and gelu); they have no other form."""
+    (and gelu); they have no other form.
+
+    A `_dropout` kernel is its base kernel's launch with dropout on (DROPOUT_KERNELS)."""
+    dropout = kernel.endswith(DROPOUT_SUFFIX)
+    kernel = kernel.removesuffix(DROPOUT_SUFFIX)
+    if dropout and kernel not in BOTTLENECK_KERNELS + WIDE_KERNELS:
+        raise ValueError(f"{kernel}: no dropout case is compiled for it")
     if kernel in GROUPED_KERNELS + GROUPED_WIDE_KERNELS:
         if routed or store_act:
             raise ValueError(f"{kernel}: the grouped kernels have no routed or store_act case (see single)")
@@ -176,12 +187,14 @@ def build_launches(kernel: str, block_rank: int, dtype_name: str, scenario: str,
     residual, row_scale = inputs.matrix(rows, dim_out), inputs.tensor(rows, dt=torch.float32)
     hidden = inputs.tensor(rows, rank, dt=compute)
     op_variant = next(v for v in configs.VARIANTS if v.store_act) if store_act else configs.DEFAULT_VARIANT
+    rates = dict(dropout=0.1, input_dropout=0.1, seed=torch.empty((), dtype=torch.int64)) if dropout else {}
     if role == "forward":  # x is a residual term only where D_out = D
         return plan.forward(x, w_down, b_down, w_up, b_up, scale, 1.0, residual, not wide, row_scale, "gelu",
-                            compute, dtype, True, op_variant, tile=variant).launches["forward"]
+                            compute, dtype, True, op_variant, tile=variant, **rates).launches["forward"]
     # The gradients stored in the parameters' dtype (fp32 for autocast_*) where there is one chunk.
     launches = plan.backward(inputs.matrix(rows, dim_out), x, hidden, w_down, w_up, b_up, scale, 1.0, row_scale,
-                             "gelu", compute, not wide, True, dtype, op_variant, tiles={role: variant}).launches
+                             "gelu", compute, not wide, True, dtype, op_variant, tiles={role: variant},
+                             **rates).launches
     return launches[role]
 
 
@@ -358,66 +371,73 @@ def config_tables() -> dict:
 def _cases(archs, dtypes, scenarios, kernels, configs=None):
     """Every case of these kernels; configs: only the block configurations (row variants
     included) whose name contains one of these strings ("c128_half" takes a configuration and
-    its `_rowsN` variants, "c128_half_rows16" one variant)."""
+    its `_rowsN` variants, "c128_half_rows16" one variant). A `_dropout` kernel has its base
+    kernel's cases."""
+    for kernel in kernels:
+        base = kernel.removesuffix(DROPOUT_SUFFIX)
+        for case in _kernel_cases(archs, dtypes, scenarios, base, configs):
+            yield (kernel,) + case[1:]
+
+
+def _kernel_cases(archs, dtypes, scenarios, kernel, configs):
     from ..kernels.launch import dtype_group, row_variants
 
     tables = config_tables()
-    for kernel in kernels:
-        sparse = kernel in SPARSE_KERNELS + SPARSE_WIDE_KERNELS
-        grouped = kernel in GROUPED_KERNELS + GROUPED_WIDE_KERNELS
-        for (block_rank, group), config in tables[kernel].items():
-            # The row-tile kernels pick their block rows from M: every variant is compiled. The
-            # grouped kernels' block rows are fixed by the configuration, except the gate's. The
-            # LoRA linear's GEMM tables list every tile its plan may pick.
-            fixed_rows = kernel.endswith(("backward_weights", "backward_weights_wide",
-                                          "backward_weights_column_major")) or (
-                grouped and kernel != "grouped_gate")
-            if kernel in LORA_KERNELS:
-                variants = config
-            else:
-                variants = [config] if fixed_rows else row_variants(config)
-            # The store_act op variant changes the bottleneck backward kernels' flags at ranks up
-            # to 32 (above that they always store act), the sparse backward's at every E*r.
-            backward = kernel not in ("forward", "forward_wide", "forward_column_major", "sparse_forward",
-                                      "sparse_forward_wide") and \
-                not grouped and \
-                kernel not in LORA_KERNELS + FUSION_KERNELS
-            store_acts = (False, True) if backward and (sparse or block_rank <= 32) else (False,)
-            # The trailing arguments of each form: the sparse forward's two forms, gated and
-            # routed, are different kernels; so are two grouped kernels' k = 1 forms.
-            if kernel in SPARSE_WIDE_KERNELS:  # (routed, narrow)
-                routed_forms = (False, True) if kernel == "sparse_forward_wide" else (False,)
-                forms = [(routed, narrow) for narrow in (False, True) for routed in routed_forms]
-            elif sparse:
-                forms = [(False,), (True,)] if kernel == "sparse_forward" else [(False,)]
-            elif kernel in LORA_KERNELS:
-                forms = [(False, False), (False, True)]  # the padded rank, and half of it
-            elif grouped:
-                forms = [(False, False), (False, True)] if kernel.removesuffix("_wide") in GROUPED_K1_KERNELS else \
-                    [(False, False)]
-            else:
-                forms = [()]
-            for variant in variants:
-                if configs and not any(part in variant.name for part in configs):
-                    continue
-                for store_act in store_acts:
-                    for form in forms:
-                        for dtype_name in dtypes:
-                            # The gate's table is keyed by x's dtype, the others' by the compute dtype.
-                            if dtype_group(_dtypes(dtype_name)[0 if kernel == "grouped_gate" else 1]) != group:
-                                continue
-                            # The LoRA linear's single launch runs fp32 only with tf32 dots.
-                            if kernel in LORA_KERNELS and dtype_name == "float32":
-                                continue
-                            for arch in archs:
-                                for scenario in scenarios:
-                                    if kernel in LORA_KERNELS[:2] and \
-                                            variant.name.endswith("_unaligned") != (scenario == "unaligned"):
-                                        continue
-                                    if kernel in LORA_KERNELS and form[1] and scenario == "unaligned":
-                                        continue  # the unaligned scenario's rank is odd already
-                                    if kernel in SPARSE_WIDE_KERNELS and form[1] and scenario == "aligned":
-                                        continue  # aligned, the narrow form specializes as the wide one
-                                    yield (kernel, block_rank, dtype_name, arch, scenario, variant, store_act) + form
+    sparse = kernel in SPARSE_KERNELS + SPARSE_WIDE_KERNELS
+    grouped = kernel in GROUPED_KERNELS + GROUPED_WIDE_KERNELS
+    for (block_rank, group), config in tables[kernel].items():
+        # The row-tile kernels pick their block rows from M: every variant is compiled. The
+        # grouped kernels' block rows are fixed by the configuration, except the gate's. The
+        # LoRA linear's GEMM tables list every tile its plan may pick.
+        fixed_rows = kernel.endswith(("backward_weights", "backward_weights_wide",
+                                      "backward_weights_column_major")) or (
+            grouped and kernel != "grouped_gate")
+        if kernel in LORA_KERNELS:
+            variants = config
+        else:
+            variants = [config] if fixed_rows else row_variants(config)
+        # The store_act op variant changes the bottleneck backward kernels' flags at ranks up
+        # to 32 (above that they always store act), the sparse backward's at every E*r.
+        backward = kernel not in ("forward", "forward_wide", "forward_column_major", "sparse_forward",
+                                  "sparse_forward_wide") and \
+            not grouped and \
+            kernel not in LORA_KERNELS + FUSION_KERNELS
+        store_acts = (False, True) if backward and (sparse or block_rank <= 32) else (False,)
+        # The trailing arguments of each form: the sparse forward's two forms, gated and
+        # routed, are different kernels; so are two grouped kernels' k = 1 forms.
+        if kernel in SPARSE_WIDE_KERNELS:  # (routed, narrow)
+            routed_forms = (False, True) if kernel == "sparse_forward_wide" else (False,)
+            forms = [(routed, narrow) for narrow in (False, True) for routed in routed_forms]
+        elif sparse:
+            forms = [(False,), (True,)] if kernel == "sparse_forward" else [(False,)]
+        elif kernel in LORA_KERNELS:
+            forms = [(False, False), (False, True)]  # the padded rank, and half of it
+        elif grouped:
+            forms = [(False, False), (False, True)] if kernel.removesuffix("_wide") in GROUPED_K1_KERNELS else \
+                [(False, False)]
+        else:
+            forms = [()]
+        for variant in variants:
+            if configs and not any(part in variant.name for part in configs):
+                continue
+            for store_act in store_acts:
+                for form in forms:
+                    for dtype_name in dtypes:
+                        # The gate's table is keyed by x's dtype, the others' by the compute dtype.
+                        if dtype_group(_dtypes(dtype_name)[0 if kernel == "grouped_gate" else 1]) != group:
+                            continue
+                        # The LoRA linear's single launch runs fp32 only with tf32 dots.
+                        if kernel in LORA_KERNELS and dtype_name == "float32":
+                            continue
+                        for arch in archs:
+                            for scenario in scenarios:
+                                if kernel in LORA_KERNELS[:2] and \
+                                        variant.name.endswith("_unaligned") != (scenario == "unaligned"):
+                                    continue
+                                if kernel in LORA_KERNELS and form[1] and scenario == "unaligned":
+                                    continue  # the unaligned scenario's rank is odd already
+                                if kernel in SPARSE_WIDE_KERNELS and form[1] and scenario == "aligned":
+                                    continue  # aligned, the narrow form specializes as the wide one
+                                yield (kernel, block_rank, dtype_name, arch, scenario, variant, store_act) + form
 
 

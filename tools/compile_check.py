@@ -78,8 +78,8 @@ from dataclasses import dataclass
 import torch
 
 from .compile_cases import (  # noqa: F401  (the cases' names, for callers of this module)
-    ARCHS, BOTTLENECK_KERNELS, DTYPES, GROUPED_EXPERTS, GROUPED_KERNELS, GROUPED_RANKLESS_KERNELS, KERNELS,
-    LAYOUT_KERNELS, LORA_KERNELS, SCENARIOS, SPARSE_KERNELS, SPARSE_WIDE_KERNELS, WIDE_KERNELS, _cases, _dtypes,
+    ARCHS, BOTTLENECK_KERNELS, DROPOUT_KERNELS, DROPOUT_SUFFIX, DTYPES, GROUPED_EXPERTS, GROUPED_KERNELS,
+    GROUPED_RANKLESS_KERNELS, KERNELS, LAYOUT_KERNELS, LORA_KERNELS, SCENARIOS, SPARSE_KERNELS, SPARSE_WIDE_KERNELS, WIDE_KERNELS, _cases, _dtypes,
     build_launches, config_tables,
 )
 
@@ -186,7 +186,8 @@ def check_one(kernel: str, block_rank: int, dtype_name: str, arch: int, scenario
         launch = build_launches(kernel, block_rank, dtype_name, scenario, variant, store_act, routed, single)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = previous
-    lora, narrow = kernel in LORA_KERNELS, kernel in SPARSE_WIDE_KERNELS
+    base = kernel.removesuffix(DROPOUT_SUFFIX)
+    lora, narrow = base in LORA_KERNELS, base in SPARSE_WIDE_KERNELS
     suffix = ("+store_act" if store_act else "") + ("+routed" if routed else "") + \
         ("+k1" if single and not (lora or narrow) else "") + ("+half_rank" if single and lora else "") + \
         ("+narrow" if single and narrow else "")
@@ -214,7 +215,7 @@ def check_one(kernel: str, block_rank: int, dtype_name: str, arch: int, scenario
         failures.append("spills")
     if result.shared_bytes > SHARED_MEMORY_LIMIT[arch]:
         failures.append("shared memory")
-    wants_mma = kernel not in GROUPED_RANKLESS_KERNELS and (
+    wants_mma = base not in GROUPED_RANKLESS_KERNELS and (
         dtype != torch.float32 or launch.constexprs.get("INPUT_PRECISION") == "tf32")
     if scenario == "aligned":
         if wants_mma and result.mma == "none":

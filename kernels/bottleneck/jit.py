@@ -18,6 +18,11 @@ Backward, no float atomics:
      over chunks afterwards (none to sum when there is one chunk), so the result does not
      depend on scheduling: the same inputs give bitwise the same gradients. Ranks above 64
      (32 for fp32) are split over the third grid axis.
+
+Dropout (kernels/dropout.py), compiled in only where asked (HIDDEN_DROPOUT, INPUT_DROPOUT): on
+act(h) before the up projection, and on the x tile as the down projection reads it. Both
+backward kernels draw the same masks again from the seed, for dh, for the dropped act the up
+side's gradients read, and for dw_down = dh^T dropout(x) and dx's (dh W_d) * mask term.
 """
 
 import triton
