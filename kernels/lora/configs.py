@@ -17,6 +17,11 @@ from ..variants import Variant, register_variants
 # loads every element carries its own 64-bit address, and the aligned tiles spill there
 # (64 x 64 x 64, rank 16, bf16, sm_80: 304 bytes); 64 x 64 x 16 does not.
 MAX_SINGLE_LAUNCH_RANK = 64
+# With dropout the backward's input launch draws the mask of its whole output tile in the
+# epilogue, beside the live accumulator: 128 x 128 spills there (rank 64, fp16, sm_90: 1088
+# bytes; 255 registers at ranks 8 and 16) where 128 x 64 does not (179 registers at rank 64).
+# That launch takes tiles of at most this many elements.
+MAX_MASKED_OUTPUT_TILE = 128 * 64
 
 
 def _configs(rank: int, group: str, tiles, suffix: str = "") -> list:
