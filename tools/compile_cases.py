@@ -68,8 +68,8 @@ LORA_KERNELS = ("lora_forward", "lora_backward_input", "lora_backward_weights")
 # in the same padded block in the unaligned scenario) and compiled at every block-rows variant.
 FUSION_KERNELS = ("fusion_scores", "fusion_scores_backward")
 # The kernels with dropout inside (kernels/dropout.py), compiled as "<kernel>_dropout": the same
-# launch with the dropout constexprs on (the bottleneck's hidden and input dropout both, the
-# LoRA branch's input dropout in the _wide form), at the same configurations.
+# launch with dropout on as the package uses it, at the same configurations: the adapter's
+# hidden dropout in the same-width kernels, the LoRA branch's input dropout in the _wide ones.
 DROPOUT_SUFFIX = "_dropout"
 DROPOUT_KERNELS = tuple(kernel + DROPOUT_SUFFIX for kernel in BOTTLENECK_KERNELS + WIDE_KERNELS)
 KERNELS = BOTTLENECK_KERNELS + WIDE_KERNELS + LAYOUT_KERNELS + SPARSE_KERNELS + SPARSE_WIDE_KERNELS + \
@@ -187,7 +187,8 @@ def build_launches(kernel: str, block_rank: int, dtype_name: str, scenario: str,
     residual, row_scale = inputs.matrix(rows, dim_out), inputs.tensor(rows, dt=torch.float32)
     hidden = inputs.tensor(rows, rank, dt=compute)
     op_variant = next(v for v in configs.VARIANTS if v.store_act) if store_act else configs.DEFAULT_VARIANT
-    rates = dict(dropout=0.1, input_dropout=0.1, seed=torch.empty((), dtype=torch.int64)) if dropout else {}
+    rates = dict(dropout=0.0 if wide else 0.1, input_dropout=0.1 if wide else 0.0,
+                 seed=torch.empty((), dtype=torch.int64)) if dropout else {}
     if role == "forward":  # x is a residual term only where D_out = D
         return plan.forward(x, w_down, b_down, w_up, b_up, scale, 1.0, residual, not wide, row_scale, "gelu",
                             compute, dtype, True, op_variant, tile=variant, **rates).launches["forward"]

@@ -10,6 +10,7 @@ once per shape (cached); a call only binds its tensors.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from types import MappingProxyType
 from typing import Optional
@@ -86,6 +87,11 @@ def _forward_tiles(rows: int, rank: int, same_width: bool, compute_dtype: torch.
     config = tile or variant_config(block_config(FORWARD_CONFIGS, rank, compute_dtype), rows, sms, variant.block_rows)
     (activation, mode, has_b_down, has_b_up, has_residual, add_input, has_row_scale, store_hidden, hidden_dropout,
      input_dropout) = flags
+    if input_dropout and padded_rank(rank) >= 128:
+        # The x tile's mask (four Philox words a lane while it is drawn) beside a [rows, 128+]
+        # accumulator: half-width x tiles keep the forward from spilling (compile check, sm_90,
+        # unaligned D: fwd_r128_half 8 bytes, fwd_r256_half_rows16 16 bytes before, 0 after).
+        config = dataclasses.replace(config, name=config.name + "_masked_x", block_dim=config.block_dim // 2)
     # Read-only: every call with this key shares it.
     constexprs = MappingProxyType(dict(
         ACTIVATION=activation, SCALE_MODE=mode, HAS_B_DOWN=has_b_down, HAS_B_UP=has_b_up, HAS_RESIDUAL=has_residual,
