@@ -13,6 +13,7 @@ import triton.language as tl
 
 from ..activations import activation as _activation
 from ..activations import activation_grad as _activation_grad
+from ..dropout import HIDDEN, INPUT, dropout_factor
 from ..epilogue import epilogue, epilogue_scalars, scaled_grad
 
 
@@ -26,14 +27,15 @@ def _expert_one_hot(column_ids, column_mask, expert_ids, rank, BLOCK_EXPERTS: tl
 @triton.jit
 def _sparse_forward_kernel(
     x_ptr, w_gate_ptr, b_gate_ptr, expert_idx_ptr, expert_weight_ptr, w_down_ptr, b_down_ptr, w_up_ptr, b_up_ptr,
-    scale_ptr, residual_ptr, row_scale_ptr, y_ptr, hidden_ptr, weights_ptr, logits_ptr,
-    rows, dim, dim_out, rank, experts, scale_value,
+    scale_ptr, residual_ptr, row_scale_ptr, y_ptr, hidden_ptr, weights_ptr, logits_ptr, seed_ptr,
+    rows, dim, dim_out, rank, experts, scale_value, dropout_p, dropout_keep, input_dropout_p, input_dropout_keep,
     stride_x_row, stride_x_col, stride_res_row, stride_res_col, stride_idx_row, stride_idx_col, stride_w_row,
     stride_w_col,
     TOP_K: tl.constexpr, GATED: tl.constexpr, ACTIVATION: tl.constexpr, SCALE_MODE: tl.constexpr,
     HAS_B_GATE: tl.constexpr, HAS_B_DOWN: tl.constexpr, HAS_B_UP: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     ADD_INPUT: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, SAVE: tl.constexpr, STORE_LOGITS: tl.constexpr,
-    SAME_WIDTH: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    SAME_WIDTH: tl.constexpr, HIDDEN_DROPOUT: tl.constexpr, INPUT_DROPOUT: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_ROWS: tl.constexpr, BLOCK_DIM: tl.constexpr, BLOCK_EXPERTS: tl.constexpr, BLOCK_COLUMNS: tl.constexpr,
 ):
     # This program's tile: rows [pid * BLOCK_ROWS, +BLOCK_ROWS), every expert, every column of D
@@ -67,7 +69,13 @@ def _sparse_forward_kernel(
             w_down_ptr + column_ids[None, :] * dim + col_ids[:, None],
             mask=col_mask[:, None] & column_mask[None, :], other=0.0,
         ).to(dtype)
-        hidden = tl.dot(x_tile.to(dtype), w_down_t, hidden, input_precision=INPUT_PRECISION)
+        down_x = x_tile
+        if INPUT_DROPOUT:  # the down projection reads dropout(x); the gate and the epilogue's x term do not
+            # The seed loaded where a mask is drawn, not held across the loop: held, the routed fp16
+            # forward (E*r = 128, 32 rows, sm_90) spilled 16 bytes with both dropouts.
+            down_x = x_tile.to(tl.float32) * dropout_factor(tl.load(seed_ptr), row_ids, col_ids, input_dropout_p,
+                                                            input_dropout_keep, INPUT)
+        hidden = tl.dot(down_x.to(dtype), w_down_t, hidden, input_precision=INPUT_PRECISION)
         if GATED:
             w_gate_t = tl.load(
                 w_gate_ptr + expert_ids[None, :] * dim + col_ids[:, None],
@@ -121,7 +129,10 @@ def _sparse_forward_kernel(
     if SAVE:
         tl.store(hidden_ptr + row_ids[:, None] * (experts * rank) + column_ids[None, :], hidden,
                  mask=row_mask[:, None] & column_mask[None, :])
-    act = (_activation(hidden.to(tl.float32), ACTIVATION) * column_weights).to(dtype)
+    act = _activation(hidden.to(tl.float32), ACTIVATION)
+    if HIDDEN_DROPOUT:  # stacked column c is the mask's column e * r + j; the backward draws it again
+        act = act * dropout_factor(tl.load(seed_ptr), row_ids, column_ids, dropout_p, dropout_keep, HIDDEN)
+    act = (act * column_weights).to(dtype)
 
     row_scale, scalar_scale = epilogue_scalars(row_scale_ptr, scale_ptr, row_ids, row_mask, scale_value, dtype,
                                                SCALE_MODE, HAS_ROW_SCALE, BLOCK_ROWS)
@@ -152,12 +163,13 @@ def _sparse_forward_kernel(
 @triton.jit
 def _sparse_backward_input_kernel(
     grad_y_ptr, grad_logits_ptr, hidden_ptr, weights_ptr, w_gate_ptr, w_down_ptr, w_up_ptr, b_up_ptr, scale_ptr,
-    row_scale_ptr, grad_hidden_ptr, grad_weights_ptr, act_ptr, grad_x_ptr,
-    rows, dim, dim_out, rank, experts, scale_value,
+    row_scale_ptr, grad_hidden_ptr, grad_weights_ptr, act_ptr, grad_x_ptr, seed_ptr,
+    rows, dim, dim_out, rank, experts, scale_value, dropout_p, dropout_keep, input_dropout_p, input_dropout_keep,
     stride_g_row, stride_g_col,
     GATED: tl.constexpr, HAS_GRAD_LOGITS: tl.constexpr, ACTIVATION: tl.constexpr, SCALE_MODE: tl.constexpr,
     HAS_B_UP: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, STORE_ACT: tl.constexpr, COMPUTE_DX: tl.constexpr,
-    ADD_GRAD_Y: tl.constexpr, SAME_WIDTH: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    ADD_GRAD_Y: tl.constexpr, SAME_WIDTH: tl.constexpr, HIDDEN_DROPOUT: tl.constexpr, INPUT_DROPOUT: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_ROWS: tl.constexpr, BLOCK_DIM: tl.constexpr, BLOCK_EXPERTS: tl.constexpr, BLOCK_COLUMNS: tl.constexpr,
 ):
     # This program's tile: rows [pid * BLOCK_ROWS, +BLOCK_ROWS): their dh [rows, E*r], d logits
@@ -174,6 +186,8 @@ def _sparse_backward_input_kernel(
     column_mask = column_ids < experts * rank
     up_columns = (column_ids // rank) * dim_out * rank + column_ids % rank
     dtype = COMPUTE_DTYPE
+    if HIDDEN_DROPOUT or INPUT_DROPOUT:
+        seed = tl.load(seed_ptr)
 
     row_scale, scalar_scale = epilogue_scalars(row_scale_ptr, scale_ptr, row_ids, row_mask, scale_value, dtype,
                                                SCALE_MODE, HAS_ROW_SCALE, BLOCK_ROWS)
@@ -208,9 +222,18 @@ def _sparse_backward_input_kernel(
     one_hot = _expert_one_hot(column_ids, column_mask, expert_ids, rank, BLOCK_EXPERTS)
     column_weights = tl.dot(weights.to(dtype).to(tl.float32), one_hot, input_precision="ieee")
     act = _activation(hidden, ACTIVATION)
+    if HIDDEN_DROPOUT:
+        # The forward's mask, from the same seed: d act reaches h (and d weight) only through kept
+        # units, scaled by 1 / (1 - p), so a dropped unit's dh is 0. act itself stays undropped:
+        # grad_act * act below then carries the factor once, as d weight = d a . dropout(act) does.
+        keep = dropout_factor(seed, row_ids, column_ids, dropout_p, dropout_keep, HIDDEN)
+        grad_act = grad_act * keep
     if STORE_ACT:  # stored first, so that act(h) is not live across dh (fp32 E*r = 256 spilled)
+        up_input = act
+        if HIDDEN_DROPOUT:  # the up projection's input: the dropped act, as the forward formed it
+            up_input = act * keep
         tl.store(act_ptr + row_ids[:, None] * (experts * rank) + column_ids[None, :],
-                 (act * column_weights).to(dtype), mask=hidden_mask)
+                 (up_input * column_weights).to(dtype), mask=hidden_mask)
     # d weight_e = sum over expert e's columns of d act * act (+ the b_up term above).
     grad_weights = tl.dot(grad_act * act, tl.trans(one_hot), grad_weights, input_precision="ieee")
     grad_hidden = (grad_act * column_weights * _activation_grad(hidden, ACTIVATION)).to(dtype)
@@ -236,6 +259,8 @@ def _sparse_backward_input_kernel(
             w_down_tile = tl.load(w_down_ptr + column_ids[:, None] * dim + col_ids[None, :],
                                   mask=column_mask[:, None] & col_mask[None, :], other=0.0).to(dtype)
             grad_x = tl.dot(grad_hidden, w_down_tile, input_precision=INPUT_PRECISION)
+            if INPUT_DROPOUT:  # the down projection read dropout(x): its share of dx takes the mask
+                grad_x = grad_x * dropout_factor(seed, row_ids, col_ids, input_dropout_p, input_dropout_keep, INPUT)
             if GATED:  # the gate is fp32: its share of dx is exact fp32
                 w_gate_tile = tl.load(w_gate_ptr + expert_ids[:, None] * dim + col_ids[None, :],
                                       mask=expert_mask[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
@@ -250,12 +275,12 @@ def _sparse_backward_input_kernel(
 @triton.jit
 def _sparse_backward_weights_kernel(
     grad_y_ptr, x_ptr, hidden_ptr, act_ptr, weights_ptr, grad_hidden_ptr, grad_logits_ptr,
-    w_up_ptr, b_up_ptr, scale_ptr, row_scale_ptr, partials_ptr,
-    rows, dim, dim_out, rank, experts, scale_value, tiles_per_chunk,
-    stride_g_row, stride_g_col, stride_x_row, stride_x_col,
+    w_up_ptr, b_up_ptr, scale_ptr, row_scale_ptr, partials_ptr, seed_ptr,
+    rows, dim, dim_out, rank, experts, scale_value, tiles_per_chunk, dropout_p, dropout_keep, input_dropout_p,
+    input_dropout_keep, stride_g_row, stride_g_col, stride_x_row, stride_x_col,
     GATED: tl.constexpr, ACTIVATION: tl.constexpr, RECOMPUTE_ACT: tl.constexpr, SCALE_MODE: tl.constexpr,
-    HAS_B_UP: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, SAME_WIDTH: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    HAS_B_UP: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, SAME_WIDTH: tl.constexpr, HIDDEN_DROPOUT: tl.constexpr,
+    INPUT_DROPOUT: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_ROWS: tl.constexpr, BLOCK_DIM: tl.constexpr, BLOCK_EXPERTS: tl.constexpr, BLOCK_COLUMNS: tl.constexpr,
 ):
     # This program's tile: columns [pid_col * BLOCK_DIM, +BLOCK_DIM) and stacked columns
@@ -284,6 +309,9 @@ def _sparse_backward_weights_kernel(
     dtype = COMPUTE_DTYPE
     if RECOMPUTE_ACT:
         one_hot = _expert_one_hot(column_ids, column_mask, expert_ids, rank, BLOCK_EXPERTS)
+    # HIDDEN_DROPOUT only with RECOMPUTE_ACT (a stored act is already dropped).
+    if HIDDEN_DROPOUT or INPUT_DROPOUT:
+        seed = tl.load(seed_ptr)
 
     # With g = dy * row_scale and u = a W_up_stacked^T + p B_up (a = act(h) * p per column):
     # ga = g^T a and gp = g^T p give dw_up = scale * ga, db_up = scale * gp^T and
@@ -318,7 +346,10 @@ def _sparse_backward_weights_kernel(
             hidden = tl.load(hidden_ptr + row_ids[:, None] * columns + column_ids[None, :], mask=hidden_mask,
                              other=0.0).to(tl.float32)
             column_weights = tl.dot(weights, one_hot, input_precision="ieee")
-            act = (_activation(hidden, ACTIVATION) * column_weights).to(dtype)
+            act = _activation(hidden, ACTIVATION)
+            if HIDDEN_DROPOUT:  # dw_up = g^T dropout(act) p: the forward's mask, drawn again
+                act = act * dropout_factor(seed, row_ids, column_ids, dropout_p, dropout_keep, HIDDEN)
+            act = (act * column_weights).to(dtype)
         else:
             act = tl.load(act_ptr + row_ids[:, None] * columns + column_ids[None, :], mask=hidden_mask, other=0.0)
         acc_ga = tl.dot(tl.trans(grad_update.to(dtype)), act, acc_ga, input_precision=INPUT_PRECISION)
@@ -328,7 +359,11 @@ def _sparse_backward_weights_kernel(
         x_tile = tl.load(
             x_ptr + row_ids[:, None] * stride_x_row + col_ids[None, :] * stride_x_col, mask=tile_mask, other=0.0
         )
-        acc_w_down = tl.dot(tl.trans(grad_hidden), x_tile.to(dtype), acc_w_down, input_precision=INPUT_PRECISION)
+        down_x = x_tile
+        if INPUT_DROPOUT:  # dw_down = dh^T dropout(x), the forward's mask; the gate read x itself
+            down_x = x_tile.to(tl.float32) * dropout_factor(seed, row_ids, col_ids, input_dropout_p,
+                                                            input_dropout_keep, INPUT)
+        acc_w_down = tl.dot(tl.trans(grad_hidden), down_x.to(dtype), acc_w_down, input_precision=INPUT_PRECISION)
         if first_block:
             if HAS_B_UP:
                 acc_gp = tl.dot(tl.trans(grad_update), weights, acc_gp, input_precision="ieee")

@@ -19,6 +19,7 @@ import triton.language as tl
 
 from ..activations import activation as _activation
 from ..activations import activation_grad as _activation_grad
+from ..dropout import HIDDEN, INPUT, dropout_factor
 from ..epilogue import epilogue, epilogue_scalars, scaled_grad
 
 
@@ -108,13 +109,13 @@ def _sparse_gate_kernel(
 @triton.jit
 def _grouped_forward_kernel(
     x_ptr, order_ptr, counts_ptr, weights_ptr, w_down_ptr, b_down_ptr, w_up_ptr, b_up_ptr, scale_ptr,
-    residual_ptr, row_scale_ptr, out_ptr, hidden_ptr,
-    dim, dim_out, rank, experts, scale_value,
+    residual_ptr, row_scale_ptr, out_ptr, hidden_ptr, seed_ptr,
+    dim, dim_out, rank, experts, scale_value, dropout_p, dropout_keep, input_dropout_p, input_dropout_keep,
     stride_x_row, stride_x_col, stride_res_row, stride_res_col,
     TOP_K: tl.constexpr, ACTIVATION: tl.constexpr, SCALE_MODE: tl.constexpr, HAS_B_DOWN: tl.constexpr,
     HAS_B_UP: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ADD_INPUT: tl.constexpr, HAS_ROW_SCALE: tl.constexpr,
-    SAVE: tl.constexpr, SINGLE: tl.constexpr, SAME_WIDTH: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    SAVE: tl.constexpr, SINGLE: tl.constexpr, SAME_WIDTH: tl.constexpr, HIDDEN_DROPOUT: tl.constexpr,
+    INPUT_DROPOUT: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_ROWS: tl.constexpr, BLOCK_DIM: tl.constexpr, BLOCK_RANK: tl.constexpr, BLOCK_EXPERTS: tl.constexpr,
 ):
     # This program's tile: BLOCK_ROWS sorted assignments of one expert e, whose rows of x it
@@ -140,6 +141,11 @@ def _grouped_forward_kernel(
         col_mask = col_ids < dim
         x_tile = tl.load(x_ptr + token[:, None] * stride_x_row + col_ids[None, :] * stride_x_col,
                          mask=mask[:, None] & col_mask[None, :], other=0.0)
+        if INPUT_DROPOUT:  # the mask of (row, feature): each of a row's k experts reads the same dropout(x)
+            # The seed loaded where a mask is drawn, not held across the loop (held: rank 256 fp16
+            # spilled 8 bytes on sm_90 with both dropouts).
+            x_tile = x_tile.to(tl.float32) * dropout_factor(tl.load(seed_ptr), token, col_ids, input_dropout_p,
+                                                            input_dropout_keep, INPUT)
         w_down_t = tl.load(w_down_e + rank_ids[None, :] * dim + col_ids[:, None],
                            mask=col_mask[:, None] & rank_mask[None, :], other=0.0).to(dtype)
         hidden = tl.dot(x_tile.to(dtype), w_down_t, hidden, input_precision=INPUT_PRECISION)
@@ -151,6 +157,9 @@ def _grouped_forward_kernel(
         tl.store(hidden_ptr + positions[:, None] * rank + rank_ids[None, :], hidden,
                  mask=mask[:, None] & rank_mask[None, :])
     act = _activation(hidden.to(tl.float32), ACTIVATION).to(dtype)
+    if HIDDEN_DROPOUT:  # the mask of (row, e * r + j), as the dense design draws it; not stored
+        keep = dropout_factor(tl.load(seed_ptr), token, expert * rank + rank_ids, dropout_p, dropout_keep, HIDDEN)
+        act = (act.to(tl.float32) * keep).to(dtype)
     if SINGLE:
         row_scale, scalar_scale = epilogue_scalars(row_scale_ptr, scale_ptr, token, mask, scale_value, dtype,
                                                    SCALE_MODE, HAS_ROW_SCALE, BLOCK_ROWS)
@@ -209,11 +218,13 @@ def _grouped_combine_kernel(
 @triton.jit
 def _grouped_backward_input_kernel(
     grad_y_ptr, order_ptr, counts_ptr, weights_ptr, hidden_ptr, w_down_ptr, w_up_ptr, b_up_ptr, scale_ptr,
-    row_scale_ptr, grad_hidden_ptr, grad_weights_ptr, out_ptr,
-    dim, dim_out, rank, experts, scale_value, stride_g_row, stride_g_col,
+    row_scale_ptr, grad_hidden_ptr, grad_weights_ptr, out_ptr, seed_ptr,
+    dim, dim_out, rank, experts, scale_value, dropout_p, dropout_keep, input_dropout_p, input_dropout_keep,
+    stride_g_row, stride_g_col,
     TOP_K: tl.constexpr, ACTIVATION: tl.constexpr, SCALE_MODE: tl.constexpr, HAS_B_UP: tl.constexpr,
     HAS_ROW_SCALE: tl.constexpr, SINGLE: tl.constexpr, COMPUTE_DX: tl.constexpr, ADD_GRAD_Y: tl.constexpr,
-    SAME_WIDTH: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    SAME_WIDTH: tl.constexpr, HIDDEN_DROPOUT: tl.constexpr, INPUT_DROPOUT: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_ROWS: tl.constexpr, BLOCK_DIM: tl.constexpr, BLOCK_RANK: tl.constexpr, BLOCK_EXPERTS: tl.constexpr,
 ):
     # This program's tile: BLOCK_ROWS sorted assignments of one expert e. With g = dy * row_scale
@@ -234,6 +245,8 @@ def _grouped_backward_input_kernel(
     w_up_e = w_up_ptr + expert * dim_out * rank
     row_scale, scalar_scale = epilogue_scalars(row_scale_ptr, scale_ptr, token, mask, scale_value, dtype,
                                                SCALE_MODE, HAS_ROW_SCALE, BLOCK_ROWS)
+    if HIDDEN_DROPOUT or INPUT_DROPOUT:
+        seed = tl.load(seed_ptr)
 
     grad_act = tl.zeros((BLOCK_ROWS, BLOCK_RANK), dtype=tl.float32)
     grad_weight = tl.zeros((BLOCK_ROWS,), dtype=tl.float32)
@@ -253,9 +266,16 @@ def _grouped_backward_input_kernel(
     hidden_mask = mask[:, None] & rank_mask[None, :]
     hidden = tl.load(hidden_ptr + positions[:, None] * rank + rank_ids[None, :], mask=hidden_mask,
                      other=0.0).to(tl.float32)
-    act = _activation(hidden, ACTIVATION)
-    grad_weight += tl.sum(grad_act * act.to(dtype).to(tl.float32), axis=1)
+    act = _activation(hidden, ACTIVATION).to(dtype).to(tl.float32)
+    if HIDDEN_DROPOUT:
+        # The forward's mask, from the same seed: d p sees the dropped act the forward rounded,
+        # and d act reaches h only through kept units (scaled by 1 / (1 - p)): a dropped unit's dh is 0.
+        keep = dropout_factor(seed, token, expert * rank + rank_ids, dropout_p, dropout_keep, HIDDEN)
+        act = (act * keep).to(dtype).to(tl.float32)
+    grad_weight += tl.sum(grad_act * act, axis=1)
     tl.store(grad_weights_ptr + assignment, grad_weight, mask=mask)
+    if HIDDEN_DROPOUT:
+        grad_act = grad_act * keep
     grad_hidden = (grad_act * weight[:, None] * _activation_grad(hidden, ACTIVATION)).to(dtype)
     tl.store(grad_hidden_ptr + positions[:, None] * rank + rank_ids[None, :], grad_hidden, mask=hidden_mask)
 
@@ -267,6 +287,8 @@ def _grouped_backward_input_kernel(
             w_down_tile = tl.load(w_down_e + rank_ids[:, None] * dim + col_ids[None, :],
                                   mask=rank_mask[:, None] & col_mask[None, :], other=0.0).to(dtype)
             grad_x = tl.dot(grad_hidden, w_down_tile, input_precision=INPUT_PRECISION)
+            if INPUT_DROPOUT:  # the down projection read dropout(x): this share of dx takes the mask
+                grad_x = grad_x * dropout_factor(seed, token, col_ids, input_dropout_p, input_dropout_keep, INPUT)
             if SINGLE:
                 if ADD_GRAD_Y:  # x is a residual term: its gradient dy joins dx in this store
                     grad_x += tl.load(grad_y_ptr + token[:, None] * stride_g_row + col_ids[None, :] * stride_g_col,
@@ -336,12 +358,12 @@ def _grouped_backward_combine_kernel(
 @triton.jit
 def _grouped_backward_weights_kernel(
     grad_y_ptr, x_ptr, order_ptr, counts_ptr, weights_ptr, hidden_ptr, grad_hidden_ptr, grad_gate_ptr,
-    w_up_ptr, b_up_ptr, scale_ptr, row_scale_ptr, packed_ptr, gate_partials_ptr,
-    rows, dim, dim_out, rank, experts, scale_value, rows_per_gate_chunk,
-    stride_g_row, stride_g_col, stride_x_row, stride_x_col,
+    w_up_ptr, b_up_ptr, scale_ptr, row_scale_ptr, packed_ptr, gate_partials_ptr, seed_ptr,
+    rows, dim, dim_out, rank, experts, scale_value, rows_per_gate_chunk, dropout_p, dropout_keep, input_dropout_p,
+    input_dropout_keep, stride_g_row, stride_g_col, stride_x_row, stride_x_col,
     TOP_K: tl.constexpr, ACTIVATION: tl.constexpr, SCALE_MODE: tl.constexpr, HAS_B_UP: tl.constexpr,
-    HAS_ROW_SCALE: tl.constexpr, SAME_WIDTH: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    HAS_ROW_SCALE: tl.constexpr, SAME_WIDTH: tl.constexpr, HIDDEN_DROPOUT: tl.constexpr,
+    INPUT_DROPOUT: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_ROWS: tl.constexpr, BLOCK_DIM: tl.constexpr, BLOCK_RANK: tl.constexpr, BLOCK_EXPERTS: tl.constexpr,
 ):
     # Programs (e < E, D tile, rank block): expert e's gradients for columns [pid_col *
@@ -379,6 +401,8 @@ def _grouped_backward_weights_kernel(
         acc_gp = tl.zeros((BLOCK_DIM,), dtype=tl.float32)
         acc_w_down = tl.zeros((BLOCK_RANK, BLOCK_DIM), dtype=tl.float32)
         acc_b_down = tl.zeros((BLOCK_RANK,), dtype=tl.float32)
+        if HIDDEN_DROPOUT or INPUT_DROPOUT:
+            seed = tl.load(seed_ptr)
         for start in range(0, group_count, BLOCK_ROWS):
             offsets = start + tl.arange(0, BLOCK_ROWS)
             mask = offsets < group_count
@@ -395,7 +419,11 @@ def _grouped_backward_weights_kernel(
                 grad = grad * row_scale[:, None]
             hidden = tl.load(hidden_ptr + positions[:, None] * rank + rank_ids[None, :], mask=hidden_mask,
                              other=0.0).to(tl.float32)
-            act = (_activation(hidden, ACTIVATION).to(dtype).to(tl.float32) * weight[:, None]).to(dtype)
+            act = _activation(hidden, ACTIVATION).to(dtype).to(tl.float32)
+            if HIDDEN_DROPOUT:  # dw_up = g^T (p dropout(act)): the forward's mask and rounding
+                act = (act * dropout_factor(seed, token, expert * rank + rank_ids, dropout_p, dropout_keep,
+                                            HIDDEN)).to(dtype).to(tl.float32)
+            act = (act * weight[:, None]).to(dtype)
             acc_ga = tl.dot(tl.trans(grad.to(dtype)), act, acc_ga, input_precision=INPUT_PRECISION)
             acc_gp += tl.sum(grad * weight[:, None], axis=0)
             grad_hidden = tl.load(grad_hidden_ptr + positions[:, None] * rank + rank_ids[None, :],
@@ -403,6 +431,9 @@ def _grouped_backward_weights_kernel(
             acc_b_down += tl.sum(grad_hidden.to(tl.float32), axis=0)
             x_tile = tl.load(x_ptr + token[:, None] * stride_x_row + col_ids[None, :] * stride_x_col,
                              mask=tile_mask, other=0.0)
+            if INPUT_DROPOUT:  # dw_down = dh^T dropout(x): the forward's mask (the gate's programs read x)
+                x_tile = x_tile.to(tl.float32) * dropout_factor(seed, token, col_ids, input_dropout_p,
+                                                                input_dropout_keep, INPUT)
             acc_w_down = tl.dot(tl.trans(grad_hidden), x_tile.to(dtype), acc_w_down,
                                 input_precision=INPUT_PRECISION)
 

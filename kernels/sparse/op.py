@@ -29,6 +29,7 @@ import torch
 from .. import paths, reference
 from ..checks import check_sparse_arguments, epilogue_arguments
 from ..customop import FusedOp, refuse_double_backward, wants_grad
+from ..dropout import check_dropout, seed_tensor
 from ..launch import (
     device_context, fold_rows, int32_columns, new_output, packed_grad_dtype, param_grad, reduce_partials, scale_grad,
     scale_mode,
@@ -70,16 +71,22 @@ def sort_assignments(idx: torch.Tensor, experts: int) -> tuple[torch.Tensor, tor
 
 
 def _reference(x, w_gate, b_gate, expert_idx, expert_weight, w_down, b_down, w_up, b_up, scale, scale_value,
-               terms, row_scale, top_k, activation, compute_dtype, autocast):
-    """(y, logits or None) of the reference, in the given compute dtype."""
+               terms, row_scale, top_k, activation, compute_dtype, autocast, dropout=0.0, input_dropout=0.0,
+               seed=None):
+    """(y, logits or None) of the reference, in the given compute dtype. input_dropout: the down
+    projections read dropout(x) in the compute dtype (as reference.bottleneck_adapter's does);
+    the gate and the residual terms read x."""
     logits = None
     if w_gate is not None:
         logits = reference.gate_logits(x, w_gate, b_gate)
         expert_idx, expert_weight = reference.topk_routing(logits, top_k)
     scale_arg = scale if scale is not None else (None if scale_value == 1.0 else scale_value)
-    y = reference.routed_in_dtype(x, expert_idx, expert_weight, w_down, b_down, w_up, b_up, scale_arg,
+    down_x = x
+    if input_dropout > 0.0:
+        down_x = reference.dropped(x, seed, input_dropout, reference.INPUT_STREAM, compute_dtype)
+    y = reference.routed_in_dtype(down_x, expert_idx, expert_weight, w_down, b_down, w_up, b_up, scale_arg,
                                   activation=activation, residual=terms, row_scale=row_scale, dtype=compute_dtype,
-                                  autocast=autocast)
+                                  autocast=autocast, dropout=dropout, seed=seed)
     return y, logits
 
 
@@ -94,13 +101,16 @@ def _forward_impl(
     b_down: Optional[torch.Tensor], w_up: torch.Tensor, b_up: Optional[torch.Tensor], scale: Optional[torch.Tensor],
     scale_value: float, residual: Optional[torch.Tensor], add_input: bool, row_scale: Optional[torch.Tensor],
     top_k: int, activation: str, compute_dtype: torch.dtype, out_dtype: torch.dtype, autocast: bool, save: bool,
-    return_logits: bool, design: str, variant: str,
+    return_logits: bool, design: str, variant: str, dropout: float = 0.0, input_dropout: float = 0.0,
+    seed: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """2-D x [M, D]; gated form when w_gate is given, routed (expert_idx, expert_weight [M, k])
     otherwise. Returns y [M, D_out]; what the design saves for backward (0 rows unless save, and on
     the reference path): hidden ([M, E*r] dense, [M*k, r] grouped by sorted position), idx
     [M, k] int32 (grouped), weights ([M, E] dense, [M, k] grouped), order [M*k] and counts [E]
-    (grouped: the sort); logits [M, E] fp32 (0 rows unless return_logits)."""
+    (grouped: the sort); logits [M, E] fp32 (0 rows unless return_logits). dropout: the rate on
+    each expert's act(h); input_dropout: on x as the down projections read it; both masks drawn
+    from the int64 tensor seed (kernels/dropout.py)."""
     rows, dim = x.shape
     experts, rank, _ = w_down.shape
     gated = w_gate is not None
@@ -113,7 +123,8 @@ def _forward_impl(
                              rank):
         terms = ([x] if add_input else []) + ([residual] if residual is not None else [])
         y, logits = _reference(x, w_gate, b_gate, expert_idx, expert_weight, w_down, b_down, w_up, b_up, scale,
-                               scale_value, terms, row_scale, top_k, activation, compute_dtype, autocast)
+                               scale_value, terms, row_scale, top_k, activation, compute_dtype, autocast,
+                               dropout, input_dropout, seed)
         logits = logits if return_logits else x.new_empty((0, experts), dtype=torch.float32)
         return (y.to(out_dtype).contiguous(), x.new_empty((0, rank), dtype=compute_dtype),
                 x.new_empty((0, top_k), dtype=torch.int32), x.new_empty((0, top_k), dtype=torch.float32), *no_sort(),
@@ -126,12 +137,14 @@ def _forward_impl(
             def planned(chosen):
                 return plan.forward(x, w_gate, b_gate, expert_idx, expert_weight, w_down, b_down, w_up, b_up, scale,
                                     scale_value, residual, add_input, row_scale, top_k, activation, compute_dtype,
-                                    out_dtype, save, return_logits, chosen)
+                                    out_dtype, save, return_logits, chosen, dropout=dropout,
+                                    input_dropout=input_dropout, seed=seed)
 
             def key():
                 return (tuple(x.shape), x.stride(), x.dtype, tuple(w_down.shape), w_up.shape[1], gated, top_k,
                         scale_mode(scale), None if residual is None else (residual.dtype, residual.stride()),
-                        row_scale is not None, add_input, activation, compute_dtype, out_dtype, save, return_logits)
+                        row_scale is not None, add_input, activation, compute_dtype, out_dtype, save, return_logits,
+                        dropout > 0.0, input_dropout > 0.0)
 
             launches = planned(_dense_variant(variant, "forward", key, x.device, lambda v: time_cuda(planned(v))))
             launches()
@@ -147,7 +160,8 @@ def _forward_impl(
             weights = new_output(expert_weight.shape, torch.float32, x.device).copy_(expert_weight)
             logits = x.new_empty((0, experts), dtype=torch.float32)
         order, counts = sort_assignments(idx, experts)
-        launches = plan.grouped_forward(x, idx, weights, order, counts, w_down, b_down, w_up, b_up, *epilogue)
+        launches = plan.grouped_forward(x, idx, weights, order, counts, w_down, b_down, w_up, b_up, *epilogue,
+                                        dropout=dropout, input_dropout=input_dropout, seed=seed)
         launches()
     hidden = launches.buffers["hidden"]
     return launches.buffers["y"], hidden, idx, weights, order, counts, logits
@@ -155,7 +169,7 @@ def _forward_impl(
 
 def _forward_fake(x, w_gate, b_gate, expert_idx, expert_weight, w_down, b_down, w_up, b_up, scale, scale_value,
                   residual, add_input, row_scale, top_k, activation, compute_dtype, out_dtype, autocast, save,
-                  return_logits, design, variant):
+                  return_logits, design, variant, dropout=0.0, input_dropout=0.0, seed=None):
     rows = x.shape[0]
     experts, rank, _ = w_down.shape
     params = (w_gate, b_gate, expert_weight, w_down, b_down, w_up, b_up, scale)
@@ -182,10 +196,12 @@ def _backward_impl(
     scale: Optional[torch.Tensor], scale_value: float, row_scale: Optional[torch.Tensor], top_k: int, activation: str,
     compute_dtype: torch.dtype, autocast: bool, add_grad_y: bool, compute_dx: bool, hidden: torch.Tensor,
     idx: torch.Tensor, weights: torch.Tensor, order: torch.Tensor, counts: torch.Tensor, design: str, variant: str,
+    dropout: float = 0.0, input_dropout: float = 0.0, seed: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dx ([M, D] in x's dtype, or [0, D]; plus dy [M, D_out] when add_grad_y, which needs
     D_out = D), the packed parameter gradients (grad_layout, in packed_grad_dtype) and the routed
-    form's d expert_weight [M, k] fp32 ([0, k] for the gated form)."""
+    form's d expert_weight [M, k] fp32 ([0, k] for the gated form). dropout, input_dropout, seed:
+    the forward's; the masks are drawn again from the seed."""
     rows, dim = x.shape
     experts, rank, _ = w_down.shape
     dim_out = w_up.shape[1]
@@ -198,19 +214,19 @@ def _backward_impl(
     if hidden.shape[0] == 0:  # the forward took the reference: so does the backward
         return _reference_backward(grad_y, grad_logits, x, w_gate, b_gate, expert_idx, expert_weight, w_down, b_down,
                                    w_up, b_up, scale, scale_value, row_scale, top_k, activation, compute_dtype,
-                                   autocast, add_grad_y, compute_dx, grad_dtype)
+                                   autocast, add_grad_y, compute_dx, grad_dtype, dropout, input_dropout, seed)
     grad_y, x = int32_columns(grad_y), int32_columns(x)
     with device_context(x):
         if design == "dense":
             def planned(chosen):
                 return plan.backward(grad_y, grad_logits, x, hidden, weights, w_gate, w_down, w_up, b_up, scale,
                                      scale_value, row_scale, activation, compute_dtype, add_grad_y, compute_dx,
-                                     grad_dtype, chosen)
+                                     grad_dtype, chosen, dropout=dropout, input_dropout=input_dropout, seed=seed)
 
             def key():
                 return (tuple(x.shape), x.stride(), grad_y.stride(), tuple(w_down.shape), w_up.shape[1], gated,
                         grad_logits is not None, scale_mode(scale), row_scale is not None, add_grad_y, compute_dx,
-                        activation, compute_dtype, grad_dtype)
+                        activation, compute_dtype, grad_dtype, dropout > 0.0, input_dropout > 0.0)
 
             launches = planned(_dense_variant(variant, "backward", key, x.device, lambda v: time_cuda(planned(v))))
             launches()
@@ -224,7 +240,8 @@ def _backward_impl(
             return launches.buffers["grad_x"], packed[:layout.size], routing
         launches = plan.grouped_backward(grad_y, grad_logits, x, hidden, idx, weights, order, counts, w_gate, w_down,
                                          w_up, b_up, scale, scale_value, row_scale, activation, compute_dtype,
-                                         add_grad_y, compute_dx, grad_dtype)
+                                         add_grad_y, compute_dx, grad_dtype, dropout=dropout,
+                                         input_dropout=input_dropout, seed=seed)
         launches()
     packed, gate_partials = launches.buffers["packed"], launches.buffers["gate_partials"]
     gate_start, scale_start = layout.offset("w_gate"), layout.offset("scale")
@@ -237,7 +254,7 @@ def _backward_impl(
 
 def _reference_backward(grad_y, grad_logits, x, w_gate, b_gate, expert_idx, expert_weight, w_down, b_down, w_up,
                         b_up, scale, scale_value, row_scale, top_k, activation, compute_dtype, autocast, add_grad_y,
-                        compute_dx, grad_dtype):
+                        compute_dx, grad_dtype, dropout=0.0, input_dropout=0.0, seed=None):
     """_backward_impl on the reference path: the reference forward again, differentiated by autograd."""
     experts, rank, dim = w_down.shape
     dim_out = w_up.shape[1]
@@ -248,7 +265,7 @@ def _reference_backward(grad_y, grad_logits, x, w_gate, b_gate, expert_idx, expe
         y, logits = _reference(leaves["x"], leaves.get("w_gate"), leaves.get("b_gate"), expert_idx,
                                leaves.get("expert_weight"), leaves["w_down"], leaves.get("b_down"), leaves["w_up"],
                                leaves.get("b_up"), leaves.get("scale"), scale_value, [], row_scale, top_k,
-                               activation, compute_dtype, autocast)
+                               activation, compute_dtype, autocast, dropout, input_dropout, seed)
         outputs, grads = [y], [grad_y]
         if grad_logits is not None:
             outputs.append(logits)
@@ -274,7 +291,7 @@ def _reference_backward(grad_y, grad_logits, x, w_gate, b_gate, expert_idx, expe
 
 def _backward_fake(grad_y, grad_logits, x, w_gate, b_gate, expert_idx, expert_weight, w_down, b_down, w_up, b_up,
                    scale, scale_value, row_scale, top_k, activation, compute_dtype, autocast, add_grad_y, compute_dx,
-                   hidden, idx, weights, order, counts, design, variant):
+                   hidden, idx, weights, order, counts, design, variant, dropout=0.0, input_dropout=0.0, seed=None):
     experts, rank, dim = w_down.shape
     grad_dtype = packed_grad_dtype(x, w_gate, b_gate, w_down, b_down, w_up, b_up, scale)
     return (x.new_empty((x.shape[0] if compute_dx else 0, dim)),
@@ -291,15 +308,16 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(hidden, idx, weights, order, counts)
     ctx.set_materialize_grads(False)
     # x by reference, the parameters, and the design's own M x (E*r + E) or M*k x (r + 3) + E:
-    # nothing M x D.
-    ctx.save_for_backward(*(inputs[name] for name in _SAVED), hidden, idx, weights, order, counts)
+    # nothing M x D. With dropout, the 8-byte seed: the backward draws the mask again.
+    ctx.save_for_backward(*(inputs[name] for name in _SAVED), hidden, idx, weights, order, counts, inputs["seed"])
     ctx.inputs = {name: inputs[name] for name in ("scale_value", "top_k", "activation", "compute_dtype", "autocast",
-                                                  "add_input", "design", "variant", "out_dtype")}
+                                                  "add_input", "design", "variant", "out_dtype", "dropout",
+                                                  "input_dropout")}
     ctx.residual_dtype = inputs["residual"].dtype if inputs["residual"] is not None else None
 
 
 def _backward(ctx, needs, grad_y, grad_hidden, grad_idx, grad_weights, grad_order, grad_counts, grad_logits):
-    saved = dict(zip(_SAVED + ("hidden", "idx", "weights", "order", "counts"), ctx.saved_tensors))
+    saved = dict(zip(_SAVED + ("hidden", "idx", "weights", "order", "counts", "seed"), ctx.saved_tensors))
     x, w_gate, b_gate, w_down, b_down, w_up, b_up, scale = (
         saved[name] for name in ("x", "w_gate", "b_gate", "w_down", "b_down", "w_up", "b_up", "scale"))
     flags = ctx.inputs
@@ -316,7 +334,7 @@ def _backward(ctx, needs, grad_y, grad_hidden, grad_idx, grad_weights, grad_orde
         activation=flags["activation"], compute_dtype=flags["compute_dtype"], autocast=flags["autocast"],
         add_grad_y=flags["add_input"], compute_dx=needs["x"], hidden=saved["hidden"], idx=saved["idx"],
         weights=saved["weights"], order=saved["order"], counts=saved["counts"], design=flags["design"],
-        variant=flags["variant"],
+        variant=flags["variant"], dropout=flags["dropout"], input_dropout=flags["input_dropout"], seed=saved["seed"],
     )
     experts, rank, dim = w_down.shape
     split = grad_layout(experts, rank, dim, w_up.shape[1]).split(packed)
@@ -360,12 +378,14 @@ def _check_variant(variant) -> str:
 
 
 def _run(x, w_gate, b_gate, expert_idx, expert_weight, w_down, b_down, w_up, b_up, scale, top_k, activation,
-         residual, row_scale, return_logits, variant, check_range=True):
+         residual, row_scale, return_logits, variant, dropout, input_dropout, seed, check_range=True):
     """Both public forms after their checks: one call of the forward op."""
     scale_tensor, scale_value, terms = check_sparse_arguments(
         x, w_gate, b_gate, expert_idx, expert_weight, w_down, b_down, w_up, b_up, scale, activation, residual,
         row_scale, top_k, MAX_EXPERTS, check_range)
     variant = _check_variant(variant)
+    dropout, input_dropout = check_dropout("dropout", dropout), check_dropout("input_dropout", input_dropout)
+    seed = seed_tensor(seed, x.device) if dropout > 0.0 or input_dropout > 0.0 else None
     experts, rank, dim = w_down.shape
     dim_out = w_up.shape[1]
     compute_dtype = reference.compute_dtype(x)
@@ -386,7 +406,8 @@ def _run(x, w_gate, b_gate, expert_idx, expert_weight, w_down, b_down, w_up, b_u
         w_down=w_down, b_down=b_down, w_up=w_up, b_up=b_up, scale=scale_tensor, scale_value=scale_value,
         residual=skip2d, add_input=add_input, row_scale=row_scale, top_k=top_k, activation=activation,
         compute_dtype=compute_dtype, out_dtype=out_dtype, autocast=autocast, save=save, return_logits=return_logits,
-        design=choose_design(experts, rank, variant), variant=variant,
+        design=choose_design(experts, rank, variant), variant=variant, dropout=dropout,
+        input_dropout=input_dropout, seed=seed,
     )
     y = y if x.dim() == 2 else y.view(*x.shape[:-1], dim_out)
     return (y, logits) if return_logits else y
@@ -408,6 +429,9 @@ def sparse_adapter(
     row_scale: Optional[torch.Tensor] = None,
     return_logits: bool = False,
     variant: Optional[str] = None,
+    dropout: float = 0.0,
+    input_dropout: float = 0.0,
+    seed=None,
 ):
     """Sparse top-k gated mixture of E bottleneck adapters:
     logits = x @ w_gate.T + b_gate (fp32), each row routed to its top_k experts (ties to the lower
@@ -430,9 +454,20 @@ def sparse_adapter(
     path; a CUDA call that falls back warns once). variant: one of
     list_variants("sparse_adapter") for this call's forward and backward (default: the one in
     force, see use_variant).
+
+    dropout: inverted dropout at this rate on each chosen expert's act(h), inside the same
+    launches: expert e's rank j of row m keeps or drops by element (m, e * r + j) of the mask of
+    kernels.reference.dropout_factor (the hidden stream), so both designs drop the same units.
+    input_dropout: on x as the experts' down projections read it (element (m, d) of the input
+    stream, the same for a row's k experts), while the gate and a residual x read x undropped
+    (the LoRA branch's dropout, as PEFT applies it). The masks come from Philox with `seed`
+    (None: a fresh seed tensor drawn on x's device from torch's generator, so torch.manual_seed
+    repeats a run; an int or an int64 tensor to choose one) and are drawn again in the backward,
+    so nothing of them is saved. Pass 0 outside training (the kernels then compile without
+    dropout).
     """
     return _run(x, w_gate, b_gate, None, None, w_down, b_down, w_up, b_up, scale, top_k, activation, residual,
-                row_scale, bool(return_logits), variant)
+                row_scale, bool(return_logits), variant, dropout, input_dropout, seed)
 
 
 def routed_adapter(
@@ -449,6 +484,9 @@ def routed_adapter(
     residual=None,
     row_scale: Optional[torch.Tensor] = None,
     variant: Optional[str] = None,
+    dropout: float = 0.0,
+    input_dropout: float = 0.0,
+    seed=None,
 ) -> torch.Tensor:
     """The mixture with the routing given per row: expert_idx [M, k] (integers 0..E-1; a repeated
     expert adds its weights) and expert_weight [M, k] (differentiable) instead of a gate;
@@ -460,15 +498,20 @@ def routed_adapter(
 
     expert_idx is checked against E (one device sync on CUDA, skipped under torch.compile; the
     package's modules call routed_adapter_unchecked, whose indices are in range by construction).
+
+    dropout, input_dropout, seed: as in sparse_adapter (the hidden mask's column of expert e's
+    rank j is e * r + j, whatever slot names e). Per-task LoRA keeps PEFT's lora_dropout fused as
+    input_dropout.
     """
     return _run(x, None, None, expert_idx, expert_weight, w_down, b_down, w_up, b_up, scale, 0, activation,
-                residual, row_scale, False, variant)
+                residual, row_scale, False, variant, dropout, input_dropout, seed)
 
 
 def routed_adapter_unchecked(x, expert_idx, expert_weight, w_down, b_down, w_up, b_up, scale=None, *,
-                             activation="gelu", residual=None, row_scale=None, variant=None) -> torch.Tensor:
+                             activation="gelu", residual=None, row_scale=None, variant=None, dropout=0.0,
+                             input_dropout=0.0, seed=None) -> torch.Tensor:
     """routed_adapter for indices that are in range by construction (the package's modules: a
     top-k of the gate, a task index): every check but the one that reads expert_idx's values,
     so no device sync inside a model's forward."""
     return _run(x, None, None, expert_idx, expert_weight, w_down, b_down, w_up, b_up, scale, 0, activation,
-                residual, row_scale, False, variant, check_range=False)
+                residual, row_scale, False, variant, dropout, input_dropout, seed, check_range=False)

@@ -13,10 +13,12 @@ as their SAME_WIDTH specialization, the code they ran before D_out existed.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
 
+from ..dropout import launch_args as dropout_args
 from ..launch import (
     PARTIALS_BUDGET, TRITON_DTYPES, BlockConfig, Launch, PackedLayout, Plan, cdiv, dtype_group, input_precision,
     new_output, optional, padded_rank, plan_block_rows, plan_chunks, scale_mode, sm_count, variant_config,
@@ -94,12 +96,15 @@ def _strides(tensor: Optional[torch.Tensor]) -> tuple:
 
 def forward(x, w_gate, b_gate, expert_idx, expert_weight, w_down, b_down, w_up, b_up, scale, scale_value, residual,
             add_input, row_scale, top_k, activation, compute_dtype, out_dtype, save, return_logits,
-            variant: Variant = DEFAULT_VARIANT, sms: Optional[int] = None, tile: Optional[BlockConfig] = None) -> Plan:
+            variant: Variant = DEFAULT_VARIANT, sms: Optional[int] = None, tile: Optional[BlockConfig] = None, *,
+            dropout: float = 0.0, input_dropout: float = 0.0, seed: Optional[torch.Tensor] = None) -> Plan:
     """The dense forward of 2-D x [M, D], gated (w_gate given) or routed (expert_idx and
     expert_weight [M, k]): launch "sparse_forward"; buffers "y" [M, D_out], "hidden" [M, E*r] in
     the compute dtype and "weights" [M, E] fp32 (both [0, ...] unless save), "logits" [M, E] fp32
     ([0, E] unless return_logits). residual: [M, D_out] or None; add_input (x a residual term)
-    needs D_out = D."""
+    needs D_out = D. dropout: the rate on each expert's act(h) (stacked column c is the mask's
+    column); input_dropout: on x as the down projection reads it (the gate and a residual x read
+    it undropped); both masks drawn from the int64 tensor seed (kernels/dropout.py)."""
     rows, dim = x.shape
     experts, rank, _ = w_down.shape
     dim_out = w_up.shape[1]
@@ -127,12 +132,14 @@ def forward(x, w_gate, b_gate, expert_idx, expert_weight, w_down, b_down, w_up, 
         stride_x_row=x.stride(0), stride_x_col=x.stride(1), stride_res_row=stride_res[0],
         stride_res_col=stride_res[1], stride_idx_row=stride_idx[0], stride_idx_col=stride_idx[1],
         stride_w_row=stride_weight[0], stride_w_col=stride_weight[1],
+        **dropout_args(seed, dropout, input_dropout, fallback=x),
     )
     constexprs = dict(
         TOP_K=top_k, GATED=gated, ACTIVATION=activation, SCALE_MODE=scale_mode(scale),
         HAS_B_GATE=gated and b_gate is not None, HAS_B_DOWN=b_down is not None, HAS_B_UP=b_up is not None,
         HAS_RESIDUAL=residual is not None, ADD_INPUT=add_input, HAS_ROW_SCALE=row_scale is not None, SAVE=save,
-        STORE_LOGITS=gated and return_logits, SAME_WIDTH=dim_out == dim, COMPUTE_DTYPE=TRITON_DTYPES[compute_dtype],
+        STORE_LOGITS=gated and return_logits, SAME_WIDTH=dim_out == dim, HIDDEN_DROPOUT=dropout > 0.0,
+        INPUT_DROPOUT=input_dropout > 0.0, COMPUTE_DTYPE=TRITON_DTYPES[compute_dtype],
         INPUT_PRECISION=input_precision(compute_dtype), BLOCK_ROWS=config.block_rows, BLOCK_DIM=config.block_dim,
         BLOCK_EXPERTS=block_experts(experts), BLOCK_COLUMNS=block_columns(experts, rank),
     )
@@ -142,7 +149,8 @@ def forward(x, w_gate, b_gate, expert_idx, expert_weight, w_down, b_down, w_up, 
 
 def backward(grad_y, grad_logits, x, hidden, weights, w_gate, w_down, w_up, b_up, scale, scale_value, row_scale,
              activation, compute_dtype, add_grad_y, compute_dx, grad_dtype, variant: Variant = DEFAULT_VARIANT,
-             sms: Optional[int] = None, tiles: Optional[dict] = None) -> Plan:
+             sms: Optional[int] = None, tiles: Optional[dict] = None, *, dropout: float = 0.0,
+             input_dropout: float = 0.0, seed: Optional[torch.Tensor] = None) -> Plan:
     """The dense backward of x [M, D] given dy [M, D_out]: launches "sparse_backward_input" (dh,
     d logits for the gated form or d weights per expert for the routed form, dx) and
     "sparse_backward_weights" (partials of every parameter gradient). Buffers "grad_x" ([0, D]
@@ -150,7 +158,8 @@ def backward(grad_y, grad_logits, x, hidden, weights, w_gate, w_down, w_up, b_up
     fp32, "grad_hidden" [M, E*r], "act" (act(h) * weights [M, E*r] with the store_act variant,
     else [0, E*r]: the second launch recomputes it) and "partials" (grad_layout per row chunk,
     one dscale row per stacked-column block; fp32, or the gradients in grad_dtype with one
-    chunk). grad_logits: the logits output's own gradient, or None."""
+    chunk). grad_logits: the logits output's own gradient, or None. dropout, input_dropout, seed:
+    the forward's; the masks are drawn again from the seed (nothing of them was saved)."""
     rows, dim = x.shape
     experts, rank, _ = w_down.shape
     dim_out = w_up.shape[1]
@@ -174,6 +183,10 @@ def backward(grad_y, grad_logits, x, hidden, weights, w_gate, w_down, w_up, b_up
     input_config = tiles.get("sparse_backward_input") or variant_config(
         block_config(input_table, experts, rank, compute_dtype), rows, sms, variant.block_rows)
     weights_config = tiles.get("sparse_backward_weights") or block_config(weights_table, experts, rank, compute_dtype)
+    if input_dropout > 0.0 and variant.store_act:
+        # One stage where the launch draws x's mask next to a stored act: with two, fp16 autocast
+        # (E*r = 64, 128) spilled 32 and 56 bytes on sm_90; with one, 0 (247, 252 registers).
+        weights_config = dataclasses.replace(weights_config, num_stages=1)
     gated = w_gate is not None
     mode = scale_mode(scale)
     precision = input_precision(compute_dtype)
@@ -201,11 +214,13 @@ def backward(grad_y, grad_logits, x, hidden, weights, w_gate, w_down, w_up, b_up
             grad_x_ptr=grad_x if compute_dx else grad_hidden,
             rows=rows, dim=dim, dim_out=dim_out_arg, rank=rank, experts=experts, scale_value=scale_value,
             stride_g_row=grad_y.stride(0), stride_g_col=grad_y.stride(1),
+            **dropout_args(seed, dropout, input_dropout, fallback=x),
         ),
         dict(
             GATED=gated, HAS_GRAD_LOGITS=gated and grad_logits is not None, ACTIVATION=activation, SCALE_MODE=mode,
             HAS_B_UP=b_up is not None, HAS_ROW_SCALE=row_scale is not None, STORE_ACT=store_act,
             COMPUTE_DX=compute_dx, ADD_GRAD_Y=compute_dx and add_grad_y, SAME_WIDTH=dim_out == dim,
+            HIDDEN_DROPOUT=dropout > 0.0, INPUT_DROPOUT=compute_dx and input_dropout > 0.0,
             COMPUTE_DTYPE=triton_dtype, INPUT_PRECISION=precision, BLOCK_ROWS=input_config.block_rows,
             BLOCK_DIM=input_config.block_dim,
             BLOCK_EXPERTS=block_experts(experts), BLOCK_COLUMNS=block_columns(experts, rank),
@@ -222,10 +237,13 @@ def backward(grad_y, grad_logits, x, hidden, weights, w_gate, w_down, w_up, b_up
             tiles_per_chunk=tiles_per_chunk,
             stride_g_row=grad_y.stride(0), stride_g_col=grad_y.stride(1),
             stride_x_row=x.stride(0), stride_x_col=x.stride(1),
+            **dropout_args(seed, dropout, input_dropout, fallback=x),
         ),
         dict(
             GATED=gated, ACTIVATION=activation, RECOMPUTE_ACT=not store_act, SCALE_MODE=mode,
             HAS_B_UP=b_up is not None, HAS_ROW_SCALE=row_scale is not None, SAME_WIDTH=dim_out == dim,
+            # A stored act is already dropped: only a recomputed one draws the mask again.
+            HIDDEN_DROPOUT=dropout > 0.0 and not store_act, INPUT_DROPOUT=input_dropout > 0.0,
             COMPUTE_DTYPE=triton_dtype, INPUT_PRECISION=precision, BLOCK_ROWS=weights_config.block_rows,
             BLOCK_DIM=weights_config.block_dim,
             BLOCK_EXPERTS=block_experts(experts), BLOCK_COLUMNS=column_tile,
@@ -289,13 +307,15 @@ def gate(x, w_gate, b_gate, top_k, return_logits, sms: Optional[int] = None,
 
 def grouped_forward(x, idx, weights, order, counts, w_down, b_down, w_up, b_up, scale, scale_value, residual,
                     add_input, row_scale, activation, compute_dtype, out_dtype, save,
-                    tiles: Optional[dict] = None) -> Plan:
+                    tiles: Optional[dict] = None, *, dropout: float = 0.0, input_dropout: float = 0.0,
+                    seed: Optional[torch.Tensor] = None) -> Plan:
     """The grouped forward given the routing (idx, weights [M, k]) and its sort (order [M*k],
     counts [E]): launch "grouped_forward" (gather, h, p * u per assignment; with k = 1 the
     epilogue and y too) and, with k > 1, "grouped_combine" (each row's k parts, the epilogue).
     Buffers "y" [M, D_out], "hidden" [M*k, r] by sorted position ([0, r] unless save) and "parts"
     [M*k, D_out] in the compute dtype ([0, D_out] with k = 1). residual: [M, D_out] or None;
-    add_input needs D_out = D."""
+    add_input needs D_out = D. dropout, input_dropout, seed: as in forward (assignment (row, e)
+    draws the hidden mask's columns e * r to e * r + r - 1 of its row: the dense design's mask)."""
     rows, dim = x.shape
     top_k = idx.shape[1]
     experts, rank, _ = w_down.shape
@@ -325,9 +345,10 @@ def grouped_forward(x, idx, weights, order, counts, w_down, b_down, w_up, b_up, 
         dict(x_ptr=x, order_ptr=order, counts_ptr=counts, weights_ptr=weights, w_down_ptr=w_down.contiguous(),
              b_down_ptr=optional(b_down, x), w_up_ptr=w_up.contiguous(), b_up_ptr=optional(b_up, x),
              out_ptr=y if single else parts, hidden_ptr=hidden if save else y, dim=dim, dim_out=dim_out_arg, rank=rank,
-             experts=experts, **epilogue_args),
+             experts=experts, **epilogue_args, **dropout_args(seed, dropout, input_dropout, fallback=x)),
         dict(TOP_K=top_k, ACTIVATION=activation, HAS_B_DOWN=b_down is not None, HAS_B_UP=b_up is not None,
-             SAVE=save, SINGLE=single, SAME_WIDTH=dim_out == dim, INPUT_PRECISION=input_precision(compute_dtype),
+             SAVE=save, SINGLE=single, SAME_WIDTH=dim_out == dim, HIDDEN_DROPOUT=dropout > 0.0,
+             INPUT_DROPOUT=input_dropout > 0.0, INPUT_PRECISION=input_precision(compute_dtype),
              BLOCK_ROWS=config.block_rows, BLOCK_DIM=config.block_dim, BLOCK_RANK=padded_rank(rank),
              BLOCK_EXPERTS=block_experts(experts), **epilogue_flags),
         config,
@@ -348,7 +369,8 @@ def grouped_forward(x, idx, weights, order, counts, w_down, b_down, w_up, b_up, 
 
 def grouped_backward(grad_y, grad_logits, x, hidden, idx, weights, order, counts, w_gate, w_down, w_up, b_up, scale,
                      scale_value, row_scale, activation, compute_dtype, add_grad_y, compute_dx, grad_dtype,
-                     tiles: Optional[dict] = None) -> Plan:
+                     tiles: Optional[dict] = None, *, dropout: float = 0.0, input_dropout: float = 0.0,
+                     seed: Optional[torch.Tensor] = None) -> Plan:
     """The grouped backward: launches "grouped_backward_input" (d act, d p, dh, and each
     assignment's share of dx: dx itself for the routed form with k = 1), "grouped_backward_combine"
     (the gated form, or dx with k > 1: d logits through the softmax, dx = the shares + d logits
@@ -357,7 +379,8 @@ def grouped_backward(grad_y, grad_logits, x, hidden, idx, weights, order, counts
     partials over row chunks). Buffers "grad_x", "grad_weights" [M, k] fp32 (d p), "grad_hidden"
     [M*k, r], "parts" [M*k, D] (dx's shares), "grad_gate" [M, E] (d logits), "packed"
     (grad_layout with one dscale row per (expert, rank block), in grad_dtype) and
-    "gate_partials" [chunks, E*D + E]. grad_y: [M, D_out]; add_grad_y needs D_out = D."""
+    "gate_partials" [chunks, E*D + E]. grad_y: [M, D_out]; add_grad_y needs D_out = D. dropout,
+    input_dropout, seed: the forward's; the input and weights launches draw the masks again."""
     rows, dim = x.shape
     top_k = idx.shape[1]
     experts, rank, _ = w_down.shape
@@ -398,10 +421,12 @@ def grouped_backward(grad_y, grad_logits, x, hidden, idx, weights, order, counts
              w_down_ptr=w_down, w_up_ptr=w_up, b_up_ptr=b_up_c, scale_ptr=scale_c, row_scale_ptr=row_scale_c,
              grad_hidden_ptr=grad_hidden, grad_weights_ptr=grad_weights,
              out_ptr=grad_x if single else parts, dim=dim, dim_out=dim_out_arg, rank=rank, experts=experts,
-             scale_value=scale_value, stride_g_row=grad_y.stride(0), stride_g_col=grad_y.stride(1)),
+             scale_value=scale_value, stride_g_row=grad_y.stride(0), stride_g_col=grad_y.stride(1),
+             **dropout_args(seed, dropout, input_dropout, fallback=x)),
         dict(TOP_K=top_k, ACTIVATION=activation, SCALE_MODE=mode, HAS_B_UP=b_up is not None,
              HAS_ROW_SCALE=row_scale is not None, SINGLE=single, COMPUTE_DX=compute_dx,
-             ADD_GRAD_Y=single and add_grad_y, SAME_WIDTH=dim_out == dim, COMPUTE_DTYPE=triton_dtype,
+             ADD_GRAD_Y=single and add_grad_y, SAME_WIDTH=dim_out == dim, HIDDEN_DROPOUT=dropout > 0.0,
+             INPUT_DROPOUT=compute_dx and input_dropout > 0.0, COMPUTE_DTYPE=triton_dtype,
              INPUT_PRECISION=precision, BLOCK_ROWS=input_config.block_rows, BLOCK_DIM=input_config.block_dim,
              BLOCK_RANK=padded_rank(rank), BLOCK_EXPERTS=block_experts(experts)),
         input_config,
@@ -429,9 +454,10 @@ def grouped_backward(grad_y, grad_logits, x, hidden, idx, weights, order, counts
              gate_partials_ptr=buffers["gate_partials"], rows=rows, dim=dim, dim_out=dim_out_arg, rank=rank,
              experts=experts, scale_value=scale_value, rows_per_gate_chunk=cdiv(rows, chunks) if chunks else 0,
              stride_g_row=grad_y.stride(0), stride_g_col=grad_y.stride(1), stride_x_row=x.stride(0),
-             stride_x_col=x.stride(1)),
+             stride_x_col=x.stride(1), **dropout_args(seed, dropout, input_dropout, fallback=x)),
         dict(TOP_K=top_k, ACTIVATION=activation, SCALE_MODE=mode, HAS_B_UP=b_up is not None,
-             HAS_ROW_SCALE=row_scale is not None, SAME_WIDTH=dim_out == dim, COMPUTE_DTYPE=triton_dtype,
+             HAS_ROW_SCALE=row_scale is not None, SAME_WIDTH=dim_out == dim, HIDDEN_DROPOUT=dropout > 0.0,
+             INPUT_DROPOUT=input_dropout > 0.0, COMPUTE_DTYPE=triton_dtype,
              INPUT_PRECISION=precision, BLOCK_ROWS=weights_config.block_rows, BLOCK_DIM=weights_config.block_dim,
              BLOCK_RANK=weights_config.rank_tile or padded_rank(rank), BLOCK_EXPERTS=block_experts(experts)),
         weights_config,
