@@ -13,6 +13,9 @@ MAX_COLUMNS = MAX_DENSE_COLUMNS
 # The forward sweeps x once per CHUNK_COLUMNS stacked columns (jit.py: two [rows, N r] fp32
 # accumulators spilled at N r = 256 at every tile tried).
 CHUNK_COLUMNS = 64
+# With dropout, half of it: the Philox mask of a 64-column chunk, drawn after the sweep while
+# both accumulators are live, spilled 8-24 bytes at c128_half under fp16 autocast on sm_90.
+DROPOUT_CHUNK_COLUMNS = 32
 
 
 def block_columns(adapters: int, rank: int) -> int:

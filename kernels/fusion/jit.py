@@ -6,6 +6,10 @@ Per row tile they hold fp32 accumulators of the adapters' stacked pre-activation
 h = x W_down^T [rows, N*r], the query of each hidden unit g = x W_query_hidden^T [rows, N*r] and
 (forward) the query of each adapter's bias term t = x W_query_bias^T [rows, N]; the score of
 adapter i is the sum over its r columns of act(h) * (g + b), plus t_i + b_i.
+
+With dropout, act(h) is the dropped act(h) * keep (keep: 1 / (1 - p) or 0, the HIDDEN stream at
+stacked column c = i * r + j, as the mixture kernel draws it for the same rows): the mask the
+backward draws again from the seed, so nothing of it is saved.
 """
 
 import triton
@@ -13,6 +17,7 @@ import triton.language as tl
 
 from ..activations import activation as _activation
 from ..activations import activation_grad as _activation_grad
+from ..dropout import HIDDEN, dropout_factor
 
 
 @triton.jit
@@ -52,12 +57,12 @@ def _projections(x_ptr, w_down_ptr, w_query_hidden_ptr, row_ids, row_mask, colum
 @triton.jit
 def _fusion_scores_kernel(
     x_ptr, w_down_ptr, b_down_ptr, w_query_hidden_ptr, b_query_hidden_ptr, w_query_bias_ptr, b_query_bias_ptr,
-    probs_ptr,
-    rows, dim, rank, adapters, inv_temperature,
+    probs_ptr, seed_ptr,
+    rows, dim, rank, adapters, inv_temperature, dropout_p, dropout_keep,
     stride_x_row, stride_x_col,
-    ACTIVATION: tl.constexpr, HAS_B_DOWN: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    BLOCK_ROWS: tl.constexpr, BLOCK_DIM: tl.constexpr, BLOCK_ADAPTERS: tl.constexpr, BLOCK_COLUMNS: tl.constexpr,
-    CHUNK_COLUMNS: tl.constexpr,
+    ACTIVATION: tl.constexpr, HAS_B_DOWN: tl.constexpr, HIDDEN_DROPOUT: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_DIM: tl.constexpr, BLOCK_ADAPTERS: tl.constexpr,
+    BLOCK_COLUMNS: tl.constexpr, CHUNK_COLUMNS: tl.constexpr,
 ):
     # This program's tile: rows [pid * BLOCK_ROWS, +BLOCK_ROWS), every adapter: p [rows, N].
     pid = tl.program_id(0)
@@ -67,6 +72,8 @@ def _fusion_scores_kernel(
     adapter_ids = tl.arange(0, BLOCK_ADAPTERS)
     adapter_mask = adapter_ids < adapters
     dtype = COMPUTE_DTYPE
+    if HIDDEN_DROPOUT:
+        seed = tl.load(seed_ptr)
 
     # The bias terms' queries x . f_i, one sweep over D.
     scores = tl.zeros((BLOCK_ROWS, BLOCK_ADAPTERS), dtype=tl.float32)
@@ -94,6 +101,8 @@ def _fusion_scores_kernel(
             hidden += tl.load(b_down_ptr + column_ids, mask=column_mask, other=0.0).to(dtype).to(tl.float32)[None, :]
         # Rounded as F.linear's output is, and as the mixture kernel rounds the same pre-activation.
         act = _activation(hidden.to(dtype).to(tl.float32), ACTIVATION)
+        if HIDDEN_DROPOUT:  # the scores read the dropped act(h) the mixture reads
+            act = act * dropout_factor(seed, row_ids, column_ids, dropout_p, dropout_keep, HIDDEN)
         query += tl.load(b_query_hidden_ptr + column_ids, mask=column_mask, other=0.0)[None, :]
         # Each adapter's columns summed by a 0/1 matrix on tensor cores: "tf32x3" splits the fp32
         # products in three tf32 parts (about fp32's precision; the 0/1 matrix is exact).
@@ -111,10 +120,12 @@ def _fusion_scores_kernel(
 @triton.jit
 def _fusion_scores_backward_kernel(
     x_ptr, probs_ptr, grad_probs_ptr, w_down_ptr, b_down_ptr, w_query_hidden_ptr, b_query_hidden_ptr, grad_rank_ptr,
-    rows, dim, rank, adapters, inv_temperature,
+    seed_ptr,
+    rows, dim, rank, adapters, inv_temperature, dropout_p, dropout_keep,
     stride_x_row, stride_x_col, stride_gp_row, stride_gp_col,
-    ACTIVATION: tl.constexpr, HAS_B_DOWN: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    BLOCK_ROWS: tl.constexpr, BLOCK_DIM: tl.constexpr, BLOCK_ADAPTERS: tl.constexpr, BLOCK_COLUMNS: tl.constexpr,
+    ACTIVATION: tl.constexpr, HAS_B_DOWN: tl.constexpr, HIDDEN_DROPOUT: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_DIM: tl.constexpr, BLOCK_ADAPTERS: tl.constexpr,
+    BLOCK_COLUMNS: tl.constexpr,
 ):
     # This program's tile: rows [pid * BLOCK_ROWS, +BLOCK_ROWS) of the rank-space gradient
     # [d hidden (N*r) | d query (N*r) | d scores (N)], recomputed from x (nothing N*r saved).
@@ -146,6 +157,9 @@ def _fusion_scores_backward_kernel(
     # Each adapter's d score spread over its r columns (exact: one term per column).
     columns_of = _adapter_columns(column_ids, column_mask, adapter_ids, rank, BLOCK_ADAPTERS)
     column_grads = tl.dot(grad_scores, tl.trans(columns_of), input_precision="ieee")
+    if HIDDEN_DROPOUT:  # the forward's mask from the same seed: a dropped unit passes no gradient
+        column_grads = column_grads * dropout_factor(tl.load(seed_ptr), row_ids, column_ids, dropout_p, dropout_keep,
+                                                     HIDDEN)
     grad_query = column_grads * _activation(hidden, ACTIVATION)
     grad_hidden = column_grads * query * _activation_grad(hidden, ACTIVATION)
 

@@ -23,6 +23,13 @@ into the mixture's (beta = 1: no separate M x D add), another gives the stacked 
 gradients; autograd carries the folds' gradients back to W_q, b_q, W_k, W_v and the adapters.
 Every reduction is a GEMM or an in-order sum: deterministic. Both passes are one custom op each
 (fused_adapters::fusion_forward and fusion_backward), so torch.compile sees one node.
+
+Dropout on the adapters' act_i (the adapters' own dropout, reference.adapter_fusion's): a_i is
+formed from the dropped act_i, so both uses of act_i read it: the scores kernel multiplies act_i
+by the keep mask (HIDDEN stream, column i r + j of the row's [N r] hidden) before the dot with
+g_i, and the mixture, the sparse kernels' routed form with every adapter, draws the same mask
+for its expert i's columns. Their backwards draw it again from the seed (the one tensor added
+to what is saved, 8 bytes); the launches stay the same.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ from ..checks import (
     check_activation, check_experts, check_float_tensor, check_residual, check_same_device, epilogue_arguments,
 )
 from ..customop import FusedOp, refuse_double_backward, wants_grad
+from ..dropout import check_dropout, seed_tensor
 from ..launch import device_context, int32_columns, packed_grad_dtype, param_grad
 from ..sparse import op as sparse_op
 from ..sparse.plan import grad_layout
@@ -57,20 +65,24 @@ def _forward_impl(
     value_bias: Optional[torch.Tensor], query_hidden: torch.Tensor, query_hidden_bias: torch.Tensor,
     query_bias: torch.Tensor, query_bias_bias: torch.Tensor, residual: Optional[torch.Tensor], add_input: bool,
     activation: str, compute_dtype: torch.dtype, out_dtype: torch.dtype, autocast: bool, temperature: float,
-    save: bool,
+    save: bool, dropout: float = 0.0, seed: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """2-D x [M, D]: (y [M, D]; p [M, N] fp32; what the mixture saves for backward, its
-    pre-activation [M, N r] and weights [M, N], 0 rows unless save)."""
+    pre-activation [M, N r] and weights [M, N], 0 rows unless save). dropout: the rate on each
+    adapter's act(h), its mask drawn from the int64 tensor seed (kernels/dropout.py)."""
     adapters = w_down.shape[0]
     x = int32_columns(x)
     with device_context(x):
         launches = plan.scores(x, w_down.contiguous(), b_down, query_hidden.contiguous(), query_hidden_bias,
-                               query_bias.contiguous(), query_bias_bias, activation, compute_dtype, temperature)
+                               query_bias.contiguous(), query_bias_bias, activation, compute_dtype, temperature,
+                               dropout=dropout, seed=seed)
         launches()
     probs = launches.buffers["probs"]
+    # The same rate and seed: the mixture's expert i draws the columns i r + j the scores drew.
     y, hidden, _, weights, *_ = sparse_op._forward_impl(
         x, None, None, _every(x, adapters), probs, w_down, b_down, value_up, value_bias, None, 1.0, residual,
-        add_input, None, adapters, activation, compute_dtype, out_dtype, autocast, save, False, "dense", "")
+        add_input, None, adapters, activation, compute_dtype, out_dtype, autocast, save, False, "dense", "",
+        dropout=dropout, seed=seed)
     return y, probs, hidden, weights
 
 
@@ -81,7 +93,7 @@ def _every(x: torch.Tensor, adapters: int) -> torch.Tensor:
 
 def _forward_fake(x, w_down, b_down, value_up, value_bias, query_hidden, query_hidden_bias, query_bias,
                   query_bias_bias, residual, add_input, activation, compute_dtype, out_dtype, autocast, temperature,
-                  save):
+                  save, dropout=0.0, seed=None):
     rows, dim = x.shape
     adapters, rank, _ = w_down.shape
     saved = rows if save else 0
@@ -95,18 +107,20 @@ def _backward_impl(
     w_down: torch.Tensor, b_down: Optional[torch.Tensor], value_up: torch.Tensor, value_bias: Optional[torch.Tensor],
     query_hidden: torch.Tensor, query_hidden_bias: torch.Tensor, query_bias: torch.Tensor, add_input: bool,
     activation: str, compute_dtype: torch.dtype, autocast: bool, temperature: float, compute_dx: bool,
+    dropout: float = 0.0, seed: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx [M, D] in x's dtype, dy included with add_input, or [0, D]; the mixture's packed
     parameter gradients (kernels/sparse/plan.grad_layout: w_down, b_down, value_up, value_bias);
     d [w_down | query_hidden | query_bias] [2 N r + N, D] fp32 and d of their biases [2 N r + N]
-    fp32 from the scores)."""
+    fp32 from the scores). dropout, seed: the forward's; both parts draw the mask again."""
     rows, dim = x.shape
     adapters = w_down.shape[0]
     every = _every(x, adapters)
     # The mixture's backward: dx (with dy for a residual x), its weights' gradients and d p.
     grad_x, packed, grad_probs = sparse_op._backward_impl(
         grad_y, None, x, None, None, every, probs, w_down, b_down, value_up, value_bias, None, 1.0, None, adapters,
-        activation, compute_dtype, autocast, add_input, True, hidden, every, weights, None, None, "dense", "")
+        activation, compute_dtype, autocast, add_input, True, hidden, every, weights, None, None, "dense", "",
+        dropout=dropout, seed=seed)
     # The scores' backward: d p to the rank-space gradient, one launch; then this share of dx
     # added into the mixture's in the GEMM's own epilogue (beta = 1: no separate M x D add), and the
     # stacked weights' gradients. The GEMMs run in x's dtype: under autocast with fp32 x they read
@@ -115,7 +129,8 @@ def _backward_impl(
     x = int32_columns(x)
     with device_context(x):
         launches = plan.scores_backward(x, probs, grad_probs, w_down.contiguous(), b_down, query_hidden.contiguous(),
-                                        query_hidden_bias, activation, compute_dtype, temperature, gemm_dtype)
+                                        query_hidden_bias, activation, compute_dtype, temperature, gemm_dtype,
+                                        dropout=dropout, seed=seed)
         launches()
     grad_rank = launches.buffers["grad_rank"]
     stacked = torch.cat([w_down.reshape(-1, dim), query_hidden.reshape(-1, dim), query_bias]).to(gemm_dtype)
@@ -126,7 +141,7 @@ def _backward_impl(
 
 def _backward_fake(grad_y, x, probs, hidden, weights, w_down, b_down, value_up, value_bias, query_hidden,
                    query_hidden_bias, query_bias, add_input, activation, compute_dtype, autocast, temperature,
-                   compute_dx):
+                   compute_dx, dropout=0.0, seed=None):
     adapters, rank, dim = w_down.shape
     width = plan.rank_space_width(adapters, rank)
     grad_dtype = packed_grad_dtype(x, None, None, w_down, b_down, value_up, value_bias, None)
@@ -135,7 +150,8 @@ def _backward_fake(grad_y, x, probs, hidden, weights, w_down, b_down, value_up, 
             x.new_empty((width, dim), dtype=torch.float32), x.new_empty((width,), dtype=torch.float32))
 
 
-_SAVED = ("x", "w_down", "b_down", "value_up", "value_bias", "query_hidden", "query_hidden_bias", "query_bias")
+_SAVED = ("x", "w_down", "b_down", "value_up", "value_bias", "query_hidden", "query_hidden_bias", "query_bias",
+          "seed")
 
 
 def _setup_context(ctx, inputs, output):
@@ -143,10 +159,11 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(probs, hidden, weights)
     ctx.set_materialize_grads(False)
     # x by reference, the parameter-sized folds, p [M, N], the mixture's [M, N r] and [M, N]:
-    # nothing M x D, nothing N x M x D.
+    # nothing M x D, nothing N x M x D. With dropout, the 8-byte seed: the backward draws the
+    # masks again rather than saving them.
     ctx.save_for_backward(*(inputs[name] for name in _SAVED), probs, hidden, weights)
     ctx.flags = {name: inputs[name] for name in ("add_input", "activation", "compute_dtype", "autocast",
-                                                 "temperature")}
+                                                 "temperature", "dropout")}
     ctx.residual_dtype = inputs["residual"].dtype if inputs["residual"] is not None else None
 
 
@@ -287,6 +304,8 @@ def adapter_fusion(
     activation: str = "gelu",
     residual=None,
     temperature: float = 1.0,
+    dropout: float = 0.0,
+    seed=None,
 ) -> torch.Tensor:
     """AdapterFusion over N bottleneck adapters that read x [..., D]:
     a_i = scale_i * (act(x @ w_down[i].T + b_down[i]) @ w_up[i].T + b_up[i]),
@@ -304,16 +323,27 @@ def adapter_fusion(
     adapter). Dtypes as bottleneck_adapter: dots in the autocast dtype under torch.autocast, the
     scores and the softmax in fp32. CUDA tensors and the interpreter run the kernels for
     N * r <= 256; elsewhere the reference.
+
+    dropout: inverted dropout at this rate on each adapter's act(h) (the adapters' own dropout),
+    which every use of a_i then reads: the keys, the values and so the scores and y. It runs
+    inside the same launches: the mask comes from Philox with `seed` (None: a fresh seed tensor
+    drawn on x's device from torch's generator, so torch.manual_seed repeats a run; an int or an
+    int64 tensor to choose one) and is drawn again in the backward, so nothing of it is saved.
+    Pass 0 outside training (the kernels then compile without dropout). Adapter i's rank j in
+    row m is element (m, i * r + j) of kernels.reference.dropout_factor's [M, N r] mask.
     """
     terms = _check_arguments(x, w_down, b_down, w_up, b_up, scale, w_query, b_query, w_key, b_key, w_value,
                              activation, residual, temperature)
+    dropout = check_dropout("dropout", dropout)
+    seed = seed_tensor(seed, x.device) if dropout > 0.0 else None
     adapters, rank, dim = w_down.shape
     compute_dtype = reference.compute_dtype(x)
     params = (w_down, b_down, w_up, b_up, scale, w_query, b_query, w_key, b_key, w_value)
     dtypes = (x.dtype, compute_dtype) + tuple(p.dtype for p in params if p is not None) + tuple(t.dtype for t in terms)
     if adapters * rank > MAX_COLUMNS or not paths.use_kernels("adapter_fusion", x.device.type, dtypes, rank):
         return reference.adapter_fusion(x, w_down, b_down, w_up, b_up, scale, w_query, b_query, w_key, b_key,
-                                        w_value, activation=activation, residual=residual, temperature=temperature)
+                                        w_value, activation=activation, residual=residual, temperature=temperature,
+                                        dropout=dropout, seed=seed)
     folds = fold_weights(w_up, b_up, scale, w_query, b_query, w_key, b_key, w_value)
     autocast = reference.autocasts(x)
     out_dtype = reference.output_dtype(compute_dtype, autocast, None, terms)
@@ -324,5 +354,5 @@ def adapter_fusion(
         query_hidden=folds["query_hidden"], query_hidden_bias=folds["query_hidden_bias"].reshape(-1),
         query_bias=folds["query_bias"], query_bias_bias=folds["query_bias_bias"], residual=skip, add_input=add_input,
         activation=activation, compute_dtype=compute_dtype, out_dtype=out_dtype, autocast=autocast,
-        temperature=float(temperature), save=save)
+        temperature=float(temperature), save=save, dropout=dropout, seed=seed)
     return y.view(x.shape)
