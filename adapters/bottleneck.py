@@ -111,7 +111,8 @@ def _make(model: nn.Module, block: nn.Module, config: AdapterConfig) -> nn.Modul
         return SparseAdapter(
             dim, config.rank, config.experts, config.top_k, routing=config.routing, class_token=class_token,
             activation=config.activation, scaling=config.scaling, init=config.init, drop_path=config.drop_path,
-            norm=config.norm, norm_eps=norm_eps, bias=config.bias, aux_loss_weight=config.aux_loss_weight,
+            dropout=config.dropout, norm=config.norm, norm_eps=norm_eps, bias=config.bias,
+            aux_loss_weight=config.aux_loss_weight,
             noisy_gating=config.noisy_gating, **factory,
         )
     return BottleneckAdapter(
@@ -160,15 +161,13 @@ class BottleneckKind(AdapterKind):
         return f"{config.position}, rank {config.rank}{mixture}"
 
     def routing_fields(self, config) -> tuple:
-        return ("position", "rank", "activation", "norm", "bias")
+        # One routed launch has one dropout rate.
+        return ("position", "rank", "activation", "norm", "bias", "dropout")
 
     def routing_refusal(self, name, config):
         if config.sparse:
             return (f"task_routing mixes plain bottleneck adapters; {name!r} is a mixture of experts "
                     f"(experts = {config.experts}), which routes itself")
-        if config.dropout > 0:
-            return (f"task_routing runs the fused op, which has no dropout inside the bottleneck; {name!r} has "
-                    f"dropout {config.dropout}")
         return None
 
     def merge_refusal(self, name, config):

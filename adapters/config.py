@@ -88,7 +88,8 @@ class AdapterConfig(ConfigDict):
     scaling: "channel" (a learned [D] scale, init 1), "layer" (one learned scalar, init 1),
     a float (a constant), or None (no scale). init: houlsby | lora | bert. drop_path:
     stochastic depth on the adapter branch (per sample, training only). dropout: inside the
-    bottleneck, after the activation (runs the plain-PyTorch path when > 0). norm: a
+    bottleneck, after the activation (training only; fused into the same kernels, every expert's
+    hidden in a mixture). norm: a
     LayerNorm on the adapter's input. bias: biases in both projections. train_head: keep the
     classifier head trainable (and save it with the adapters). train_norms: when true, the
     backbone's LayerNorms train too (the official Houlsby experiment does this); they are saved
@@ -100,7 +101,7 @@ class AdapterConfig(ConfigDict):
     and routes all its tokens the same way. aux_loss_weight: the weight of the Switch
     load-balancing loss each sparse adapter records in training (model_aux_loss sums them).
     noisy_gating: in training, Gaussian noise with a learned softplus std is added to the logits
-    before the top-k (as in MoE-Adapters4CL). dropout must be 0 with experts > 1.
+    before the top-k (as in MoE-Adapters4CL).
 
     Every field is checked at construction: a bad value raises a ValueError naming the field.
     Frozen: an injected model keeps the config it was built from; derive variants with
@@ -165,9 +166,6 @@ class AdapterConfig(ConfigDict):
                                                                                     and weight >= 0):
             raise ValueError(f"AdapterConfig.aux_loss_weight must be a finite float >= 0, got {weight!r}")
         object.__setattr__(self, "aux_loss_weight", float(weight))
-        if self.experts > 1 and self.dropout > 0.0:
-            raise ValueError("AdapterConfig.dropout must be 0 with experts > 1 (the mixture has no unfused path "
-                             f"with dropout inside the experts), got {self.dropout}")
 
     @property
     def sparse(self) -> bool:

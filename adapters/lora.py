@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels import bottleneck_adapter, lora_linear, reference
+from ..kernels import bottleneck_adapter, lora_linear, new_seed, reference
 from .config import TARGET_PATHS, TARGETS, LoraConfig
 from .kinds import AdapterKind, Built, register_kind
 from .record import AdapterRecord
@@ -40,8 +40,10 @@ MERGED_METADATA = "fused_adapters_merged_lora"  # state-dict metadata: the adapt
 class LoraBranch(nn.Module):
     """One named low-rank update of one linear: `lora_A` [rank, in_features], `lora_B`
     [out_features, rank], `scale` = alpha / rank (alpha / sqrt(rank) with use_rslora).
-    forward(x, base) returns base + scale * (x A^T) B^T as one fused op call; in training with dropout > 0, dropout(x) goes through
-    plain PyTorch ops instead (the kernel has no dropout). `fused=False` forces that path."""
+    forward(x, base) returns base + scale * (dropout(x) A^T) B^T as one fused op call: dropout (in
+    training) masks x as the kernel reads it for the down projection, from a seed drawn from
+    torch's generator each forward, and base was computed from the undropped x, as in PEFT.
+    `fused=False` runs the plain-PyTorch reference with the same seed draw."""
 
     def __init__(self, in_features: int, out_features: int, rank: int = 8, alpha: float = 8.0, *,
                  dropout: float = 0.0, init: str = "lora", use_rslora: bool = False, fused: bool = True, device=None,
@@ -73,13 +75,15 @@ class LoraBranch(nn.Module):
         with torch.no_grad(), torch.autocast(self.lora_A.device.type, enabled=False):
             return (self.lora_B.float() @ self.lora_A.float()) * self.scale
 
+    def active_dropout(self) -> float:
+        """The dropout rate this forward applies: the configured one in training, else 0."""
+        return self.dropout if self.training else 0.0
+
     def forward(self, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-        common = dict(activation="identity", residual=base)
-        if self.dropout > 0.0 and self.training:
-            x = F.dropout(x, self.dropout, True)
-            return reference.bottleneck_adapter(x, self.lora_A, None, self.lora_B, None, self.scale, **common)
+        dropout = self.active_dropout()
         fn = bottleneck_adapter if self.fused else reference.bottleneck_adapter
-        return fn(x, self.lora_A, None, self.lora_B, None, self.scale, **common)
+        return fn(x, self.lora_A, None, self.lora_B, None, self.scale, activation="identity", residual=base,
+                  input_dropout=dropout, seed=new_seed(x.device) if dropout > 0.0 else None)
 
 
 class LoraLinear(nn.Linear):
@@ -186,8 +190,9 @@ class LoraLinear(nn.Linear):
         if name is None or name not in self.lora:
             return F.linear(x, self.weight, self.bias)
         branch = self.lora[name]
-        if branch.fused and not (branch.dropout > 0.0 and branch.training):
-            return lora_linear(x, self.weight, self.bias, branch.lora_A, branch.lora_B, branch.scale)
+        if branch.fused:
+            return lora_linear(x, self.weight, self.bias, branch.lora_A, branch.lora_B, branch.scale,
+                               dropout=branch.active_dropout())
         return branch(x, F.linear(x, self.weight, self.bias))
 
 

@@ -10,7 +10,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from ..kernels import bottleneck_adapter, reference, sparse_adapter
+from ..kernels import bottleneck_adapter, new_seed, reference, sparse_adapter
 from ..kernels.sparse import routed_adapter_unchecked
 from .config import AdapterConfig
 
@@ -73,9 +73,11 @@ class BottleneckAdapter(nn.Module):
     row_scale: one keep/drop draw per sample (x.shape[0]), divided by the keep probability,
     in training mode only; it multiplies before the scale, as in Adapter+.
 
-    With dropout > 0 the bottleneck runs as plain PyTorch ops (dropout sits between the two
-    projections, inside what the kernel fuses). `fused=False` forces that path too; it draws
-    the same DropPath mask from the same random state, so both paths agree under a fixed seed.
+    dropout (training only) applies to the activated hidden inside the same fused launches: its
+    mask comes from a seed drawn from torch's generator each forward and is drawn again in the
+    backward (bottleneck_adapter's dropout). `fused=False` runs the plain-PyTorch reference
+    instead; it draws the same DropPath mask and the same dropout seed from the same random
+    state, so both paths agree under a fixed seed.
     """
 
     def __init__(
@@ -136,30 +138,12 @@ class BottleneckAdapter(nn.Module):
             raise ValueError(f"BottleneckAdapter(dim={self.dim}) got input of width {x.shape[-1]}")
         row_scale = self.drop_path_scale(x)
         inputs = self.norm(x) if self.norm is not None else x
-        if self.dropout > 0.0 and self.training:
-            out = self._forward_unfused(inputs, residual, row_scale)
-        else:
-            fn = bottleneck_adapter if self.fused else reference.bottleneck_adapter
-            out = fn(inputs, self.down.weight, self.down.bias, self.up.weight, self.up.bias, self.scale,
-                     activation=self.activation, residual=residual, row_scale=row_scale)
+        dropout = self.dropout if self.training else 0.0
+        fn = bottleneck_adapter if self.fused else reference.bottleneck_adapter
+        out = fn(inputs, self.down.weight, self.down.bias, self.up.weight, self.up.bias, self.scale,
+                 activation=self.activation, residual=residual, row_scale=row_scale, dropout=dropout,
+                 seed=new_seed(x.device) if dropout > 0.0 else None)
         return (out, None) if return_aux_loss else out
-
-    def _forward_unfused(self, x, residual, row_scale):
-        dtype = reference.compute_dtype(x)
-        hidden = reference.bottleneck_hidden(x, self.down.weight, self.down.bias, dtype)
-        act = nn.functional.dropout(reference.activation_fn(self.activation)(hidden), self.dropout, True)
-        bias = None if self.up.bias is None else self.up.bias.to(dtype)
-        update = nn.functional.linear(act, self.up.weight.to(dtype), bias)
-        if row_scale is not None:
-            update = update * row_scale.to(dtype).reshape(*x.shape[:-1], 1)
-        if isinstance(self.scale, torch.Tensor):
-            # Under autocast the scale multiplies in its own dtype, as in eager code and the op.
-            update = update * (self.scale if torch.is_autocast_enabled(x.device.type) else self.scale.to(dtype))
-        elif self.scale is not None:
-            update = update * self.scale
-        for term in reference.residual_terms(residual):
-            update = term + update
-        return update
 
 
 class SparseAdapter(nn.Module):
@@ -173,6 +157,8 @@ class SparseAdapter(nn.Module):
     `down_weight` [E, r, D], `down_bias` [E, r], `up_weight` [E, D, r], `up_bias` [E, D] (each
     expert initialized as a BottleneckAdapter with the same init), `scale` shared by the
     experts, `noise` (nn.Linear dim -> experts, zero init, only with noisy_gating), `norm`.
+    dropout (training only): on every chosen expert's activated hidden, inside the same launch
+    (sparse_adapter's dropout), with a seed drawn from torch's generator each forward.
 
     forward(x, residual, return_aux_loss=True) returns (out, aux_loss): in training with
     aux_loss_weight > 0 and autograd on, aux_loss_weight times the Switch load-balancing loss of
@@ -198,6 +184,7 @@ class SparseAdapter(nn.Module):
         bias: bool = True,
         aux_loss_weight: float = 0.01,
         noisy_gating: bool = False,
+        dropout: float = 0.0,
         fused: bool = True,
         device=None,
         dtype=None,
@@ -205,7 +192,7 @@ class SparseAdapter(nn.Module):
         super().__init__()
         # The config validates every argument with a message naming it.
         config = AdapterConfig(rank=rank, activation=activation, scaling=scaling, init=init, drop_path=drop_path,
-                               norm=norm, bias=bias, experts=experts, top_k=top_k, routing=routing,
+                               dropout=dropout, norm=norm, bias=bias, experts=experts, top_k=top_k, routing=routing,
                                aux_loss_weight=aux_loss_weight, noisy_gating=noisy_gating)
         if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
             raise ValueError(f"SparseAdapter dim must be a positive int, got {dim!r}")
@@ -214,6 +201,7 @@ class SparseAdapter(nn.Module):
         self.routing, self.class_token = routing, bool(class_token)
         self.activation, self.init = activation, init
         self.drop_path = float(drop_path)
+        self.dropout = float(dropout)
         self.aux_loss_weight = config.aux_loss_weight
         self.fused = fused
         self.norm = nn.LayerNorm(dim, eps=norm_eps, **factory) if norm else None
@@ -243,7 +231,7 @@ class SparseAdapter(nn.Module):
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, rank={self.rank}, experts={self.experts}, top_k={self.top_k}, "
                 f"routing={self.routing}, activation={self.activation}, scale={describe_scale(self.scale)}, "
-                f"drop_path={self.drop_path}, noisy_gating={self.noise is not None}")
+                f"drop_path={self.drop_path}, dropout={self.dropout}, noisy_gating={self.noise is not None}")
 
     def _routing_inputs(self, inputs: torch.Tensor) -> torch.Tensor:
         """The rows the gate reads: every token, or one per image (class or mean token)."""
@@ -258,7 +246,9 @@ class SparseAdapter(nn.Module):
         row_scale = drop_path_scale(x, self.drop_path, self.training)
         inputs = self.norm(x) if self.norm is not None else x
         experts = (self.down_weight, self.down_bias, self.up_weight, self.up_bias)
-        common = dict(activation=self.activation, residual=residual, row_scale=row_scale)
+        dropout = self.dropout if self.training else 0.0  # on every expert's hidden, inside the kernels
+        common = dict(activation=self.activation, residual=residual, row_scale=row_scale, dropout=dropout,
+                      seed=new_seed(x.device) if dropout > 0.0 else None)
         want_loss = return_aux_loss and self.training and self.aux_loss_weight > 0 and torch.is_grad_enabled()
         noisy = self.noise is not None and self.training
         if self.routing == "token" and not noisy:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Iterator
 import torch
 from torch import nn
 
-from ..kernels import reference
+from ..kernels import new_seed, reference
 from ..kernels.sparse import routed_adapter_unchecked
 from . import owned
 from .kinds import kind_of
@@ -34,7 +34,7 @@ def task_routing(model: nn.Module, names_per_image) -> Iterator[nn.Module]:
     names_per_image: one adapter name per image of the batch, or a 1-D integer tensor of indices
     into sorted(adapter_configs(model)) (the model's adapter names, sorted). The named adapters
     are all of one kind:
-    - bottleneck adapters (experts = 1, no dropout) of one position, rank, activation, norm and
+    - bottleneck adapters (experts = 1) of one position, rank, activation, dropout, norm and
       bias: each adapted block runs all of them in one launch per slot;
     - or LoRA adapters of one rank and targets: each target linear runs its base GEMM once for
       the batch and every task's low-rank branch in one launch (a merged adapter's linears use
@@ -226,9 +226,11 @@ def mixed_task_forward(adapters: list, task_of_sample: torch.Tensor, x: torch.Te
         # Each image's DropPath draw at its own task's rate.
         keep = (1.0 - rates)[task_of_sample.cpu()].to(x.device)
         row_scale = (torch.bernoulli(keep) / keep).repeat_interleave(tokens)
+    dropout = first.dropout if first.training else 0.0  # the tasks share it (routing_fields)
     fn = routed_adapter_unchecked if first.fused else reference.routed_adapter
     return fn(inputs, expert_idx, expert_weight, torch.stack(w_down), stacked_b_down, torch.stack(w_up),
-              stacked_b_up, None, activation=first.activation, residual=residual, row_scale=row_scale)
+              stacked_b_up, None, activation=first.activation, residual=residual, row_scale=row_scale,
+              dropout=dropout, seed=new_seed(x.device) if dropout > 0.0 else None)
 
 
 def mixed_lora_forward(branches: list, task_of_sample: torch.Tensor, x: torch.Tensor,
@@ -240,7 +242,8 @@ def mixed_lora_forward(branches: list, task_of_sample: torch.Tensor, x: torch.Te
     residual added in the epilogue). The scales stay out of the weights: one scalar when the tasks
     share it, else a per-row factor (row_scale), applied after the dot as for an adapter alone.
     Dropout (in training, rate per task) is applied to the branch's input only, as a lone
-    LoraBranch does; base was computed from the undropped x."""
+    LoraBranch does; base was computed from the undropped x. Where the tasks share one rate it
+    runs inside the routed launch (input_dropout); different rates mask x in PyTorch ops first."""
     first = branches[0]
     if x.dim() < 2 or x.shape[0] != task_of_sample.shape[0]:
         raise ValueError(f"task_routing was given {task_of_sample.shape[0]} task names but a LoRA linear got input "
@@ -255,9 +258,11 @@ def mixed_lora_forward(branches: list, task_of_sample: torch.Tensor, x: torch.Te
     if any(s != scales[0] for s in scales):
         scale = None
         row_scale = torch.tensor(scales, dtype=torch.float32, device=x.device)[expert_idx[:, 0]]
-    rates = [branch.dropout for branch in branches]
-    inputs = x
-    if first.training and any(rate > 0.0 for rate in rates) and x.numel() > 0:
+    rates = [branch.active_dropout() for branch in branches]
+    inputs, input_dropout = x, 0.0
+    if all(rate == rates[0] for rate in rates):
+        input_dropout = rates[0]
+    elif x.numel() > 0:
         keep = (1.0 - torch.tensor(rates, dtype=torch.float32, device=x.device))[task]
         keep = keep.reshape((-1,) + (1,) * (x.dim() - 1))
         mask = torch.rand(x.shape, device=x.device) < keep
@@ -267,4 +272,5 @@ def mixed_lora_forward(branches: list, task_of_sample: torch.Tensor, x: torch.Te
         w_up = torch.stack([branch.lora_B for branch in branches])
     fn = routed_adapter_unchecked if first.fused else reference.routed_adapter
     return fn(inputs, expert_idx, expert_weight, w_down, None, w_up, None, scale, activation="identity",
-              residual=base, row_scale=row_scale)
+              residual=base, row_scale=row_scale, input_dropout=input_dropout,
+              seed=new_seed(x.device) if input_dropout > 0.0 else None)

@@ -284,6 +284,7 @@ def routed_adapter(
     row_scale: Optional[torch.Tensor] = None,
     dropout: float = 0.0,
     seed: Optional[torch.Tensor] = None,
+    input_dropout: float = 0.0,
 ) -> torch.Tensor:
     """y = residual + scale * (row_scale[:, None] * u), u = sum_j expert_weight[:, j] *
     (act(x @ w_down[e_j].T + b_down[e_j]) @ w_up[e_j].T + b_up[e_j]) with e_j = expert_idx[:, j].
@@ -297,20 +298,24 @@ def routed_adapter(
     eager expert loop: each expert runs on the rows routed to it. Dtypes as bottleneck_adapter
     (the weights multiply in the compute dtype). dropout: on each expert's act(h) (HIDDEN_STREAM,
     expert e's rank j is column e * r + j of the row's [E * r] hidden), masks from `seed`.
+    input_dropout: on x as the experts' down projections read it (INPUT_STREAM, the same mask
+    for a row's k experts), in the compute dtype; a residual x is added undropped.
     """
     return routed_in_dtype(x, expert_idx, expert_weight, w_down, b_down, w_up, b_up, scale, activation=activation,
                            residual=residual, row_scale=row_scale, dtype=compute_dtype(x), autocast=autocasts(x),
-                           dropout=dropout, seed=seed)
+                           dropout=dropout, seed=seed, input_dropout=input_dropout)
 
 
 def routed_in_dtype(x, expert_idx, expert_weight, w_down, b_down, w_up, b_up, scale, *, activation, residual,
-                    row_scale, dtype, autocast, dropout=0.0, seed=None):
+                    row_scale, dtype, autocast, dropout=0.0, seed=None, input_dropout=0.0):
     """routed_adapter with the compute dtype and the autocast promotion rule given, not read from
     the ambient autocast state (custom-op implementations run with it in any state)."""
     dim, dim_out = x.shape[-1], w_up.shape[1]
     act = activation_fn(activation)
     with torch.autocast(x.device.type, enabled=False):
         rows = x.reshape(-1, dim)
+        if input_dropout > 0.0:
+            rows = dropped(rows, seed, input_dropout, INPUT_STREAM, dtype)
         top_k = expert_idx.shape[-1]
         expert_idx = expert_idx.reshape(-1, top_k)
         expert_weight = expert_weight.reshape(-1, top_k)
@@ -354,6 +359,7 @@ def sparse_adapter(
     return_logits: bool = False,
     dropout: float = 0.0,
     seed: Optional[torch.Tensor] = None,
+    input_dropout: float = 0.0,
 ):
     """The gated form of routed_adapter: logits = x @ w_gate.T + b_gate (fp32, [M, E]; w_gate
     [E, D]), each row routed to its top_k experts (topk_routing) with the softmax over their
@@ -362,7 +368,8 @@ def sparse_adapter(
     logits = gate_logits(x, w_gate, b_gate)
     expert_idx, expert_weight = topk_routing(logits, top_k)
     y = routed_adapter(x, expert_idx, expert_weight, w_down, b_down, w_up, b_up, scale, activation=activation,
-                       residual=residual, row_scale=row_scale, dropout=dropout, seed=seed)
+                       residual=residual, row_scale=row_scale, dropout=dropout, seed=seed,
+                       input_dropout=input_dropout)
     return (y, logits) if return_logits else y
 
 

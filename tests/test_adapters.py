@@ -24,7 +24,7 @@ from fused_adapters.adapters import (
     trainable_parameters,
 )
 from fused_adapters.kernels import reference
-from helpers import DEVICE, relative_error
+from helpers import DEVICE, LaunchCounter, relative_error
 
 IMG = 32  # 2 x 2 patches of 16: a few tokens keep the interpreter quick
 
@@ -387,17 +387,30 @@ def test_grad_checkpointing_gives_the_same_gradients():
         assert relative_error(a, b) < 1e-5
 
 
-def test_dropout_runs_the_unfused_path():
-    model = inject(vit(), AdapterConfig(dropout=0.5, drop_path=0.0), verbose=False).train()
+def test_dropout_runs_inside_the_fused_op(monkeypatch):
+    model = inject(vit(), AdapterConfig(dropout=0.5, drop_path=0.1), verbose=False).train()
     randomize_adapters(model)
-    model(images()).sum().backward()
-    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
-    model.eval()  # no dropout at inference: the fused path
-    with torch.no_grad():
+    with LaunchCounter().patch(monkeypatch) as launches:
+        torch.manual_seed(3)
         out = model(images())
+    # One forward launch per block, as without dropout; no plain-PyTorch bottleneck.
+    assert launches.names.count("_bottleneck_forward_kernel") == len(model.blocks)
+    out.sum().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    # The reference path draws the same DropPath masks and dropout seeds from the same state.
+    with torch.no_grad():
         for module in model.modules():
             if isinstance(module, BottleneckAdapter):
                 module.fused = False
+        torch.manual_seed(3)
+        assert relative_error(out, model(images())) < 1e-5
+        torch.manual_seed(4)
+        assert relative_error(out, model(images())) > 1e-3  # another seed, other masks
+        model.eval()  # no dropout at inference
+        out = model(images())
+        for module in model.modules():
+            if isinstance(module, BottleneckAdapter):
+                module.fused = True
         assert relative_error(out, model(images())) < 1e-5
 
 

@@ -288,3 +288,81 @@ def test_compile_fullgraph_with_dropout():
     grads = torch.autograd.grad(out.sum(), args)
     assert all(torch.isfinite(g).all() for g in grads)
     assert out.shape == case.x.shape
+
+
+# --------------------------------------------------------------------------------------------
+# The adapter modules: dropout inside the fused path in training, the same masks on the
+# reference path (fused=False) from the same random state, none in eval
+# --------------------------------------------------------------------------------------------
+
+
+def _vit():
+    import timm
+
+    torch.manual_seed(0)
+    return timm.create_model("test_vit", pretrained=False, num_classes=5, img_size=32).to(DEVICE)
+
+
+def _randomize(model):
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.add_(torch.randn(parameter.shape, generator=generator).to(parameter) * 0.2)
+
+
+def _set_fused(model, fused):
+    for module in model.modules():
+        if hasattr(module, "fused") and hasattr(module, "dropout"):
+            module.fused = fused
+
+
+def _fused_and_reference(model, run):
+    torch.manual_seed(7)
+    fused = run()
+    _set_fused(model, False)
+    torch.manual_seed(7)
+    unfused = run()
+    torch.manual_seed(8)
+    other = run()
+    _set_fused(model, True)
+    return fused, unfused, other
+
+
+def test_mixture_adapter_dropout_inside_the_kernel(monkeypatch):
+    from fused_adapters.adapters import AdapterConfig, inject
+
+    model = inject(_vit(), AdapterConfig(experts=4, top_k=2, dropout=0.3, drop_path=0.0), verbose=False)
+    _randomize(model)
+    model.train()
+    images = torch.randn(2, 3, 32, 32, device=DEVICE)
+    with LaunchCounter().patch(monkeypatch) as launches, torch.no_grad():
+        fused, unfused, other = _fused_and_reference(model, lambda: model(images))
+    assert launches.names.count("_sparse_forward_kernel") == len(model.blocks)
+    assert relative_error(fused, unfused) < 1e-5
+    assert relative_error(fused, other) > 1e-4
+    with torch.no_grad():
+        evaluated = model.eval()(images)
+        assert torch.equal(evaluated, model(images))  # eval: no dropout, no randomness
+
+
+def test_task_routing_of_bottleneck_adapters_with_dropout(monkeypatch):
+    from fused_adapters.adapters import AdapterConfig, inject, task_routing
+
+    model = _vit()
+    for name in ("cars", "birds"):
+        inject(model, AdapterConfig(dropout=0.2, drop_path=0.0), name=name, verbose=False)
+    _randomize(model)
+    model.train()
+    images = torch.randn(3, 3, 32, 32, device=DEVICE)
+    with torch.no_grad(), task_routing(model, ["cars", "birds", "cars"]):
+        with LaunchCounter().patch(monkeypatch) as launches:
+            fused, unfused, other = _fused_and_reference(model, lambda: model(images))
+    assert launches.names.count("_sparse_forward_kernel") == len(model.blocks)
+    assert relative_error(fused, unfused) < 1e-5
+    assert relative_error(fused, other) > 1e-4
+    # One routed launch has one rate: adapters of other rates are not routed together.
+    inject(model, AdapterConfig(dropout=0.1, drop_path=0.0), name="dogs", verbose=False)
+    with pytest.raises(ValueError, match="dropout"):
+        with task_routing(model, ["cars", "dogs", "cars"]):
+            model(images)

@@ -182,3 +182,67 @@ def test_fusion(dtype):
     assert sorted(set(names)) == sorted({"_fusion_scores_kernel", "_sparse_forward_kernel",
                                          "_fusion_scores_backward_kernel", "_sparse_backward_input_kernel",
                                          "_sparse_backward_weights_kernel"}), names
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("op", ["bottleneck", "lora_default", "lora_single_launch", "sparse_default",
+                                "sparse_grouped", "routed", "fusion"])
+def test_dropout(op, dtype):
+    """Each op with dropout 0.2 inside its kernels, against the float64 reference drawing the same
+    masks from the same seed (the mask is a function of the seed: kernels/dropout.py)."""
+    seed = torch.tensor(20261207, device=DEVICE)
+    if op == "bottleneck":
+        generator = torch.Generator().manual_seed(6)
+        dim = SHAPE[-1]
+        tensors = dict(x=randn(generator, *SHAPE, dtype=dtype),
+                       w_down=randn(generator, RANK, dim, dtype=dtype, std=dim ** -0.5),
+                       b_down=randn(generator, RANK, dtype=dtype, std=0.5),
+                       w_up=randn(generator, dim, RANK, dtype=dtype, std=RANK ** -0.5),
+                       b_up=randn(generator, dim, dtype=dtype, std=0.5), scale=randn(generator, dim, dtype=dtype))
+
+        def call(fn, t):
+            return fn(t["x"], t["w_down"], t["b_down"], t["w_up"], t["b_up"], t["scale"], residual=t["x"],
+                      dropout=0.2, input_dropout=0.1, seed=seed)
+
+        names = check_kernels(call, bottleneck_adapter, reference.bottleneck_adapter, tensors, dtype)
+        assert len(names) == 3, names
+    elif op.startswith("lora"):
+        def call(fn, t):
+            return fn(t["x"], t["weight"], t["bias"], t["lora_a"], t["lora_b"], 2.0, dropout=0.2, seed=seed)
+
+        with use_variant("lora_linear", op.removeprefix("lora_")):
+            check_kernels(call, lora_linear, reference.lora_linear, lora_tensors(dtype), dtype)
+    elif op == "fusion":
+        generator = torch.Generator().manual_seed(7)
+        dim, adapters = SHAPE[-1], 4
+        tensors = dict(
+            x=randn(generator, *SHAPE, dtype=dtype),
+            w_down=randn(generator, adapters, RANK, dim, dtype=dtype, std=dim ** -0.5, grad=False),
+            b_down=randn(generator, adapters, RANK, dtype=dtype, std=0.5, grad=False),
+            w_up=randn(generator, adapters, dim, RANK, dtype=dtype, std=RANK ** -0.5, grad=False),
+            b_up=randn(generator, adapters, dim, dtype=dtype, std=0.5, grad=False),
+            w_query=randn(generator, dim, dim, dtype=dtype, std=dim ** -0.5),
+            w_key=randn(generator, dim, dim, dtype=dtype, std=dim ** -0.5),
+            w_value=randn(generator, dim, dim, dtype=dtype, std=dim ** -0.5),
+        )
+
+        def call(fn, t):
+            return fn(t["x"], t["w_down"], t["b_down"], t["w_up"], t["b_up"], None, t["w_query"], None,
+                      t["w_key"], None, t["w_value"], residual=t["x"], dropout=0.2, seed=seed)
+
+        check_kernels(call, adapter_fusion, reference.adapter_fusion, tensors, dtype, grad_factor=4.0)
+    else:
+        routed = op == "routed"
+        fused, ref = (routed_adapter, reference.routed_adapter) if routed else \
+            (sparse_adapter, reference.sparse_adapter)
+
+        def call(fn, t):
+            experts = (t["w_down"], t["b_down"], t["w_up"], t["b_up"], t["scale"])
+            if routed:
+                return fn(t["x"], t["expert_idx"], t["expert_weight"], *experts, residual=t["x"], dropout=0.2,
+                          seed=seed)
+            return fn(t["x"], t["w_gate"], t["b_gate"], *experts, top_k=TOP_K, residual=t["x"], dropout=0.2,
+                      seed=seed)
+
+        with use_variant("sparse_adapter", "grouped" if op == "sparse_grouped" else "default"):
+            check_kernels(call, fused, ref, sparse_tensors(dtype, routed), dtype, grad_factor=2.0)

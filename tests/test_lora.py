@@ -41,7 +41,7 @@ from fused_adapters.adapters import (
 )
 from fused_adapters.adapters import lora as lora_module
 from fused_adapters.adapters.lora import TARGET_PATHS, TARGETS
-from fused_adapters.kernels import reference
+from fused_adapters.kernels import new_seed, reference
 from helpers import DEVICE, LaunchCounter, relative_error
 
 IMG = 32
@@ -608,14 +608,19 @@ def test_dropout_applies_to_the_branch_input_only(targets, monkeypatch):
         x = torch.randn(2, 5, linear.in_features, device=DEVICE)
         torch.manual_seed(11)
         out = linear(x)
-        torch.manual_seed(11)
-        dropped = nn.functional.dropout(x, 0.5, True).double()
+        torch.manual_seed(11)  # the forward draws its dropout seed from torch's generator
+        seed = new_seed(x.device)
+        keep = reference.dropout_factor(seed, 10, linear.in_features, reference.INPUT_STREAM, 0.5)
+        dropped = x.double() * keep.double().reshape(x.shape)
         want = (nn.functional.linear(x.double(), linear.weight.double(), linear.bias.double())
                 + (dropped @ branch.lora_A.double().T) @ branch.lora_B.double().T)
         assert relative_error(out, want) < 1e-5, target
     model(images()).sum().backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
-    if targets == PROJ:  # eval: no dropout, the fused op again
+    if targets == PROJ:  # dropout runs inside the fused op: training launches what eval does
+        with LaunchCounter().patch(monkeypatch) as launches, torch.no_grad():
+            model.train()(images())
+        assert len(launches.names) == 6
         with LaunchCounter().patch(monkeypatch) as launches, torch.no_grad():
             model.eval()(images())
         assert len(launches.names) == 6

@@ -217,3 +217,34 @@ def test_the_active_adapter_runs_again_after_the_block():
         with disable_adapters(model):
             bare = model(x)
     assert not torch.equal(bare, before)
+
+
+def _set_fused(model, fused: bool) -> None:
+    for module in model.modules():
+        if isinstance(module, LoraLinear):
+            for branch in module.lora.values():
+                branch.fused = fused
+
+
+def test_shared_dropout_runs_inside_the_routed_launch(monkeypatch):
+    # Tasks of one rate: the branch input's mask is drawn inside the routed launch (one launch per
+    # adapted linear, as without dropout, and no x-sized mask in PyTorch); the reference path
+    # draws the same seed from the same state, so it gives the same masks.
+    tasks = {"cars": dict(alpha=8.0, dropout=0.3), "birds": dict(alpha=3.0, dropout=0.3)}
+    model = lora_tasks(PROJ, tasks=tasks).train()
+    x = images(4)
+    names = ["cars", "birds", "birds", "cars"]
+    with torch.no_grad(), task_routing(model, names):
+        with LaunchCounter().patch(monkeypatch) as launches:
+            torch.manual_seed(0)
+            fused = model(x)
+        assert launches.names.count("_sparse_forward_kernel") == len(model.blocks)
+        _set_fused(model, False)
+        torch.manual_seed(0)
+        unfused = model(x)
+        torch.manual_seed(1)
+        other = model(x)
+        model.eval()
+        evaluated = model(x)
+    assert (fused - unfused).abs().max() < 1e-4
+    assert (fused - other).abs().max() > 1e-4 and (fused - evaluated).abs().max() > 1e-4

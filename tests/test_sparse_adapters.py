@@ -167,7 +167,7 @@ def test_save_and_load_a_mixture(tmp_path):
 @pytest.mark.parametrize("overrides, field", [
     (dict(experts=0), "experts"), (dict(experts=65), "experts"), (dict(experts=4, top_k=5), "top_k"),
     (dict(top_k=0), "top_k"), (dict(routing="image"), "routing"), (dict(aux_loss_weight=-1.0), "aux_loss_weight"),
-    (dict(noisy_gating="yes"), "noisy_gating"), (dict(experts=2, dropout=0.1), "dropout"),
+    (dict(noisy_gating="yes"), "noisy_gating"), (dict(experts=2, dropout=1.0), "dropout"),
 ])
 def test_config_errors_name_the_field(overrides, field):
     with pytest.raises(ValueError, match=f"AdapterConfig.{field}"):

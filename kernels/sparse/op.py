@@ -73,20 +73,15 @@ def sort_assignments(idx: torch.Tensor, experts: int) -> tuple[torch.Tensor, tor
 def _reference(x, w_gate, b_gate, expert_idx, expert_weight, w_down, b_down, w_up, b_up, scale, scale_value,
                terms, row_scale, top_k, activation, compute_dtype, autocast, dropout=0.0, input_dropout=0.0,
                seed=None):
-    """(y, logits or None) of the reference, in the given compute dtype. input_dropout: the down
-    projections read dropout(x) in the compute dtype (as reference.bottleneck_adapter's does);
-    the gate and the residual terms read x."""
+    """(y, logits or None) of the reference, in the given compute dtype."""
     logits = None
     if w_gate is not None:
         logits = reference.gate_logits(x, w_gate, b_gate)
         expert_idx, expert_weight = reference.topk_routing(logits, top_k)
     scale_arg = scale if scale is not None else (None if scale_value == 1.0 else scale_value)
-    down_x = x
-    if input_dropout > 0.0:
-        down_x = reference.dropped(x, seed, input_dropout, reference.INPUT_STREAM, compute_dtype)
-    y = reference.routed_in_dtype(down_x, expert_idx, expert_weight, w_down, b_down, w_up, b_up, scale_arg,
+    y = reference.routed_in_dtype(x, expert_idx, expert_weight, w_down, b_down, w_up, b_up, scale_arg,
                                   activation=activation, residual=terms, row_scale=row_scale, dtype=compute_dtype,
-                                  autocast=autocast, dropout=dropout, seed=seed)
+                                  autocast=autocast, dropout=dropout, seed=seed, input_dropout=input_dropout)
     return y, logits
 
 
