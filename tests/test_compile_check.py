@@ -334,3 +334,46 @@ def test_column_major_cases():
     weights = build_launches("backward_weights_column_major", 32, "autocast_bf16", "aligned")
     assert weights.config.name == "bwd_weights_r32_half_colmajor"  # the plan picks the column-major table
     assert weights.args["stride_dx_row"] == weights.args["stride_g_row"] == weights.args["stride_x_row"] == 1
+
+
+def test_dropout_cases_compile_the_kernels_with_dropout_on():
+    # Every "<kernel>_dropout" case is its base kernel's launch with dropout compiled in (the
+    # rates as the package uses them), at the base kernel's configurations.
+    from fused_adapters.tools.compile_check import (
+        ARCHS, DROPOUT_KERNELS, DROPOUT_SUFFIX, DTYPES, SCENARIOS, _cases, build_launches,
+    )
+
+    flags = ("HIDDEN_DROPOUT", "INPUT_DROPOUT", "DROP_DOWN_INPUT", "DROP_UP_OUTPUT")
+    for kernel in DROPOUT_KERNELS:
+        base = kernel.removesuffix(DROPOUT_SUFFIX)
+        cases = list(_cases(ARCHS[-1:], DTYPES[1:2], SCENARIOS[:1], [kernel]))
+        assert [case[1:] for case in cases] == [case[1:] for case in _cases(ARCHS[-1:], DTYPES[1:2], SCENARIOS[:1],
+                                                                             [base])], kernel
+        _, block_rank, dtype_name, _, scenario, variant, store_act, *form = cases[0]
+        launch = build_launches(kernel, block_rank, dtype_name, scenario, variant, store_act, *form)
+        plain = build_launches(base, block_rank, dtype_name, scenario, variant, store_act, *form)
+        assert any(launch.constexprs.get(flag) for flag in flags), (kernel, launch.constexprs)
+        assert not any(plain.constexprs.get(flag) for flag in flags), (base, plain.constexprs)
+
+
+@pytest.mark.slow
+def test_compile_check_compiles_the_dropout_kernels():
+    # fp16 on sm_90, aligned, one configuration per op family with dropout compiled in: the
+    # bottleneck forward and weights (hidden), their width-changing forms (LoRA's input
+    # dropout), the LoRA single launch, the sparse forward, the grouped forward and the fusion's
+    # scores forward. No spills, MMA, vectorized loads, as every case.
+    result = subprocess.run(
+        [sys.executable, "-m", "fused_adapters.tools.compile_check",
+         "--kernel", "forward_dropout", "backward_weights_dropout", "forward_wide_dropout", "lora_forward_dropout",
+         "sparse_forward_dropout", "grouped_forward_dropout", "fusion_scores_dropout",
+         "--config", "fwd_r16_half_rows16", "bwd_weights_r16_half", "lora_r16_half_64x64x32",
+         "sparse_fwd_c16_half_rows16", "grouped_fwd_r16_half", "scores_c16_half_rows16",
+         "--dtype", "float16", "--arch", "90", "--scenario", "aligned", "--jobs", "2"],
+        capture_output=True, text=True, env=_environment_without_interpreter(), timeout=600,
+    )
+    table = result.stdout
+    assert result.returncode == 0, f"compile check failed:\n{table[-6000:]}\n{result.stderr[-3000:]}"
+    assert "FAIL" not in table and "compile error" not in table, table
+    kernels = {line.split()[0] for line in table.splitlines() if "_dropout " in line}
+    assert kernels == {"forward_dropout", "backward_weights_dropout", "forward_wide_dropout", "lora_forward_dropout",
+                       "sparse_forward_dropout", "grouped_forward_dropout", "fusion_scores_dropout"}, table

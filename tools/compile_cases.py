@@ -67,21 +67,27 @@ LORA_KERNELS = ("lora_forward", "lora_backward_input", "lora_backward_weights")
 # kernels are, by the padded N*r (one (adapters, rank) per key: SPARSE_SHAPES, an odd rank with N*r
 # in the same padded block in the unaligned scenario) and compiled at every block-rows variant.
 FUSION_KERNELS = ("fusion_scores", "fusion_scores_backward")
+# The grouped design's kernels without a rank axis: their tables are keyed by the dtype group alone
+# (config_tables lists them under padded rank 0), and their dots, where they have any, are the
+# fp32 gate's ieee dots (no MMA expected).
+GROUPED_RANKLESS_KERNELS = ("grouped_gate", "grouped_combine", "grouped_backward_combine")
 # The kernels with dropout inside (kernels/dropout.py), compiled as "<kernel>_dropout": the same
 # launch with dropout on as the package uses it, at the same configurations: the adapter's
-# hidden dropout in the same-width kernels, the LoRA branch's input dropout in the _wide ones.
+# hidden dropout in the same-width kernels, the LoRA branch's input dropout in the _wide ones and
+# the LoRA linear's single launch, each expert's hidden dropout in the mixture's same-width
+# kernels and the multi-LoRA batch's input dropout in their _wide ones (the grouped design's too,
+# but for the gate and the combines, which read no hidden and no x for a projection), each fused
+# adapter's hidden dropout in the fusion's kernels.
 DROPOUT_SUFFIX = "_dropout"
-DROPOUT_KERNELS = tuple(kernel + DROPOUT_SUFFIX for kernel in BOTTLENECK_KERNELS + WIDE_KERNELS)
+DROPOUT_KERNELS = tuple(kernel + DROPOUT_SUFFIX for kernel in BOTTLENECK_KERNELS + WIDE_KERNELS + LORA_KERNELS +
+                        SPARSE_KERNELS + SPARSE_WIDE_KERNELS + GROUPED_KERNELS + GROUPED_WIDE_KERNELS +
+                        FUSION_KERNELS if kernel not in GROUPED_RANKLESS_KERNELS)
 KERNELS = BOTTLENECK_KERNELS + WIDE_KERNELS + LAYOUT_KERNELS + SPARSE_KERNELS + SPARSE_WIDE_KERNELS + \
     GROUPED_KERNELS + GROUPED_WIDE_KERNELS + LORA_KERNELS + FUSION_KERNELS + DROPOUT_KERNELS
 # The sparse kernels' configurations are keyed by the padded E*r: one (experts, rank) per key.
 # The unaligned scenario keeps the experts and takes an odd rank whose E*r pads to the same block.
 SPARSE_SHAPES = {16: (4, 4), 32: (4, 8), 64: (8, 8), 128: (8, 16), 256: (16, 16)}
 SPARSE_TOP_K = 2
-# The grouped design's kernels without a rank axis: their tables are keyed by the dtype group alone
-# (config_tables lists them under padded rank 0), and their dots, where they have any, are the
-# fp32 gate's ieee dots (no MMA expected).
-GROUPED_RANKLESS_KERNELS = ("grouped_gate", "grouped_combine", "grouped_backward_combine")
 # The grouped kernels whose k = 1 form is a different kernel (the "+k1" configs).
 GROUPED_K1_KERNELS = ("grouped_forward", "grouped_backward_input")
 GROUPED_EXPERTS = 8
@@ -150,27 +156,31 @@ def build_launches(kernel: str, block_rank: int, dtype_name: str, scenario: str,
     A `_dropout` kernel is its base kernel's launch with dropout on (DROPOUT_KERNELS)."""
     dropout = kernel.endswith(DROPOUT_SUFFIX)
     kernel = kernel.removesuffix(DROPOUT_SUFFIX)
-    if dropout and kernel not in BOTTLENECK_KERNELS + WIDE_KERNELS:
+    if dropout and kernel + DROPOUT_SUFFIX not in DROPOUT_KERNELS:
         raise ValueError(f"{kernel}: no dropout case is compiled for it")
+    rates = dict(dropout=0.1, seed=torch.empty((), dtype=torch.int64)) if dropout else {}
     if kernel in GROUPED_KERNELS + GROUPED_WIDE_KERNELS:
         if routed or store_act:
             raise ValueError(f"{kernel}: the grouped kernels have no routed or store_act case (see single)")
-        return _grouped_launch(kernel, block_rank, dtype_name, scenario, single, variant)
+        return _grouped_launch(kernel, block_rank, dtype_name, scenario, single, variant,
+                               **_mixture_rates(rates, kernel in GROUPED_WIDE_KERNELS))
     if kernel in LORA_KERNELS:
         if store_act or routed:
             raise ValueError(f"{kernel}: the LoRA linear's kernels have no store_act or routed case")
-        return _lora_launch(kernel, block_rank, dtype_name, scenario, variant, half_rank=single)
+        return _lora_launch(kernel, block_rank, dtype_name, scenario, variant, half_rank=single, **rates)
     if kernel in FUSION_KERNELS:
         if store_act or routed or single:
             raise ValueError(f"{kernel}: the fusion kernels have no store_act, routed or k = 1 case")
-        return _fusion_launch(kernel, block_rank, dtype_name, scenario, variant)
+        return _fusion_launch(kernel, block_rank, dtype_name, scenario, variant, **rates)
     if kernel in SPARSE_WIDE_KERNELS:
-        return _sparse_launch(kernel, block_rank, dtype_name, scenario, store_act, routed, variant, narrow=single)
+        return _sparse_launch(kernel, block_rank, dtype_name, scenario, store_act, routed, variant, narrow=single,
+                              **_mixture_rates(rates, True))
     if single:
         raise ValueError(f"{kernel}: the k = 1 form is compiled for the grouped kernels only (and, as half_rank, "
                          f"for the LoRA kernels; as narrow, for the sparse _wide kernels)")
     if kernel in SPARSE_KERNELS:
-        return _sparse_launch(kernel, block_rank, dtype_name, scenario, store_act, routed, variant)
+        return _sparse_launch(kernel, block_rank, dtype_name, scenario, store_act, routed, variant,
+                              **_mixture_rates(rates, False))
     if routed:
         raise ValueError(f"{kernel}: only sparse_forward has a routed form")
     from ..kernels.bottleneck import configs, plan
@@ -199,7 +209,8 @@ def build_launches(kernel: str, block_rank: int, dtype_name: str, scenario: str,
     return launches[role]
 
 
-def _lora_launch(kernel: str, block_rank: int, dtype_name: str, scenario: str, variant, half_rank: bool = False):
+def _lora_launch(kernel: str, block_rank: int, dtype_name: str, scenario: str, variant, half_rank: bool = False,
+                 **rates):
     """The single-launch LoRA linear's launches at the qkv shape (D -> 3 D), with a bias; variant:
     one of its GEMM tiles, or for the weights launch one of the bottleneck weights tiles, the
     same-width table's compiled at D_out = D. half_rank: rank block_rank / 2."""
@@ -218,15 +229,25 @@ def _lora_launch(kernel: str, block_rank: int, dtype_name: str, scenario: str, v
     weight, bias = inputs.tensor(dim_out, dim), inputs.tensor(dim_out)
     lora_a, lora_b = inputs.tensor(rank, dim), inputs.tensor(dim_out, rank)
     if kernel == "lora_forward":
-        return plan.forward(x, weight, bias, lora_a, lora_b, 0.5, compute, True, tile=variant).launches["forward"]
+        return plan.forward(x, weight, bias, lora_a, lora_b, 0.5, compute, True, tile=variant,
+                            **rates).launches["forward"]
     grad_y = inputs.matrix(rows, dim_out, offset=misaligned, dt=compute)
     role = kernel.removeprefix("lora_")
     return plan.backward(grad_y, x, inputs.tensor(rows, rank, dt=compute), weight, lora_a, lora_b, 0.5, compute,
-                         True, dtype, tiles={role: variant}).launches[role]
+                         True, dtype, tiles={role: variant}, **rates).launches[role]
+
+
+def _mixture_rates(rates: dict, wide: bool) -> dict:
+    """A mixture case's dropout: the experts' hidden dropout at the same width, the input dropout
+    of a multi-LoRA batch where the width changes."""
+    if not rates:
+        return {}
+    return dict(dropout=0.0 if wide else rates["dropout"], input_dropout=rates["dropout"] if wide else 0.0,
+                seed=rates["seed"])
 
 
 def _sparse_launch(kernel: str, block_columns: int, dtype_name: str, scenario: str, store_act: bool,
-                   routed: bool, variant=None, narrow: bool = False):
+                   routed: bool, variant=None, narrow: bool = False, **rates):
     from ..kernels.sparse import configs, plan
 
     wide = kernel in SPARSE_WIDE_KERNELS
@@ -252,17 +273,17 @@ def _sparse_launch(kernel: str, block_columns: int, dtype_name: str, scenario: s
         return plan.forward(
             x, None if routed else w_gate, None if routed else b_gate, expert_idx, expert_weight, w_down, b_down,
             w_up, b_up, scale, 1.0, residual, not wide, row_scale, SPARSE_TOP_K, "gelu", compute, dtype, True,
-            not routed, tile=variant).launches[role]
+            not routed, tile=variant, **rates).launches[role]
     op_variant = next(v for v in configs.VARIANTS if v.store_act) if store_act else configs.DEFAULT_VARIANT
     # The gradients stored in the parameters' dtype (fp32 for autocast_*) where there is one chunk.
     return plan.backward(
         inputs.tensor(rows, dim_out), inputs.tensor(rows, experts, dt=torch.float32), x,
         inputs.tensor(rows, experts * rank, dt=compute), inputs.tensor(rows, experts, dt=torch.float32), w_gate,
         w_down, w_up, b_up, scale, 1.0, row_scale, "gelu", compute, not wide, True, dtype, op_variant,
-        tiles={role: variant}).launches[role]
+        tiles={role: variant}, **rates).launches[role]
 
 
-def _fusion_launch(kernel: str, block_columns: int, dtype_name: str, scenario: str, variant=None):
+def _fusion_launch(kernel: str, block_columns: int, dtype_name: str, scenario: str, variant=None, **rates):
     """AdapterFusion's scores launches, as adapter_fusion makes them: the adapters' w_down and
     b_down, and the folded query weights and biases (fold_weights folds in the weights' dtype), in
     x's storage dtype; p and dp fp32; the backward's rank-space gradient in x's storage dtype (the
@@ -282,13 +303,14 @@ def _fusion_launch(kernel: str, block_columns: int, dtype_name: str, scenario: s
     w_query_bias, b_query_bias = inputs.tensor(adapters, dim), inputs.tensor(adapters)
     if kernel == "fusion_scores":
         return plan.scores(x, w_down, b_down, w_query_hidden, b_query_hidden, w_query_bias, b_query_bias, "gelu",
-                           compute, 1.0, tile=variant).launches[kernel]
+                           compute, 1.0, tile=variant, **rates).launches[kernel]
     probs, grad_probs = inputs.tensor(rows, adapters, dt=fp32), inputs.tensor(rows, adapters, dt=fp32)
     return plan.scores_backward(x, probs, grad_probs, w_down, b_down, w_query_hidden, b_query_hidden, "gelu", compute,
-                                1.0, dtype, tile=variant).launches[kernel]
+                                1.0, dtype, tile=variant, **rates).launches[kernel]
 
 
-def _grouped_launch(kernel: str, block_rank: int, dtype_name: str, scenario: str, single: bool, variant=None):
+def _grouped_launch(kernel: str, block_rank: int, dtype_name: str, scenario: str, single: bool, variant=None,
+                    **rates):
     from ..kernels.launch import padded_rank
     from ..kernels.sparse import plan
 
@@ -316,13 +338,13 @@ def _grouped_launch(kernel: str, block_rank: int, dtype_name: str, scenario: str
     if kernel in ("grouped_forward", "grouped_combine"):  # x is a residual term only where D_out = D
         launches = plan.grouped_forward(x, idx, weights, order, counts, w_down, b_down, w_up, b_up, scale, 1.0,
                                         residual, not wide, row_scale, "gelu", compute, dtype, True,
-                                        tiles={kernel: variant}).launches
+                                        tiles={kernel: variant}, **rates).launches
     else:
         # The packed gradients in the parameters' dtype (fp32 for autocast_*).
         launches = plan.grouped_backward(
             inputs.tensor(rows, dim_out), inputs.tensor(rows, experts, dt=torch.float32) if gated else None, x,
             hidden, idx, weights, order, counts, w_gate if gated else None, w_down, w_up, b_up, scale, 1.0,
-            row_scale, "gelu", compute, not wide, True, dtype, tiles={kernel: variant}).launches
+            row_scale, "gelu", compute, not wide, True, dtype, tiles={kernel: variant}, **rates).launches
     if kernel not in launches:
         raise ValueError(f"{kernel}: no such launch with k = {top_k}")
     return launches[kernel]
