@@ -34,8 +34,10 @@ from bench.measure import copy_gbps, in_subprocess  # noqa: E402
 
 # Every row has these; the sparse mixture's rows (bench/test_sparse.py) add experts and top_k,
 # the LoRA rows (bench/test_lora.py) dim_out and scale, AdapterFusion's (bench/test_fusion.py) adapters,
-# the multi-LoRA rows (bench/test_multilora.py) dim_out, scale, tasks and images.
-ROW_KEYS = ("op", "pass", "device", "dtype", "shape", "rows", "dim", "rank", "provider", "variant",
+# the multi-LoRA rows (bench/test_multilora.py) dim_out, scale, tasks and images. dropout: the rate
+# the row's op runs at (bottleneck, LoRA and sparse rows: 0 or bench.measure.DROPOUT; None where the
+# row has no dropout to set).
+ROW_KEYS = ("op", "pass", "device", "dtype", "shape", "rows", "dim", "rank", "dropout", "provider", "variant",
             "triton_launches", "aten_kernels", "saved_bytes", "floor_bytes", "moved_bytes", "gbps", "copy_gbps",
             "peak_mem_bytes", "host_us")
 
@@ -198,7 +200,7 @@ def _compile_check_rows(rows: list[dict]) -> None:
     """Registers and spill bytes (sm_90) of each untimed fused row's launches, from the compile
     check's compiler settings, in a subprocess without the interpreter."""
     cases = [{k: row[k] for k in ("op", "rows", "dim", "rank", "dtype", "variant", "pass", "experts", "top_k",
-                                  "dim_out", "scale", "adapters", "tasks") if k in row} for row in rows]
+                                  "dim_out", "scale", "adapters", "tasks", "dropout") if k in row} for row in rows]
     try:
         usage = in_subprocess("registers", [dict(case, sms=SUITE.sms) for case in cases])
     except Exception as error:  # e.g. no ptxas: the row says so, the run goes on

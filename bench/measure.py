@@ -115,18 +115,33 @@ def lora_inputs(rows: int, dim: int, dim_out: int, rank: int, dtype: torch.dtype
                 lora_B=randn(dim_out, rank, std=rank ** -0.5))
 
 
-def lora_eager(x, weight, bias, lora_A, lora_B, scale: float):
-    """A LoRA linear as PEFT runs it, in plain PyTorch: the base layer plus the scaled update."""
-    return torch.nn.functional.linear(x, weight, bias) + (x @ lora_A.T @ lora_B.T) * scale
+def lora_eager(x, weight, bias, lora_A, lora_B, scale: float, dropout: float = 0.0):
+    """A LoRA linear as PEFT runs it, in plain PyTorch: the base layer plus the scaled update,
+    with lora_dropout (torch's dropout of x, its mask kept for backward) on the branch's input;
+    PEFT's dropout at rate 0 is an identity."""
+    branch_x = torch.nn.functional.dropout(x, dropout) if dropout > 0.0 else x
+    return torch.nn.functional.linear(x, weight, bias) + (branch_x @ lora_A.T @ lora_B.T) * scale
 
 
-def lora_fused(x, weight, bias, lora_A, lora_B, scale: float):
+def lora_fused(x, weight, bias, lora_A, lora_B, scale: float, dropout: float = 0.0):
     """A LoRA linear as adapters/lora.py runs it: the kernels' lora_linear op, in the form
     lora_variant puts in force (by default the base GEMM, then one fused call whose residual is
-    the base output)."""
+    the base output), dropout inside its launches (a fresh seed each call, as in training)."""
     from fused_adapters.kernels import lora_linear
 
-    return lora_linear(x, weight, bias, lora_A, lora_B, scale)
+    return lora_linear(x, weight, bias, lora_A, lora_B, scale, dropout=dropout)
+
+
+def lora_unfused_dropout(x, weight, bias, lora_A, lora_B, scale: float, dropout: float = 0.0):
+    """A LoRA linear with dropout as a user of a fused branch without dropout writes it: the base
+    GEMM, torch's dropout of x outside (an M x D pass, its mask kept for backward), then the
+    fused branch on the dropped x with the base output as its residual (lora_linear's default
+    form, fed another x)."""
+    from fused_adapters.kernels import bottleneck_adapter
+
+    branch_x = torch.nn.functional.dropout(x, dropout) if dropout > 0.0 else x
+    return bottleneck_adapter(branch_x, lora_A, None, lora_B, None, scale, activation="identity",
+                              residual=torch.nn.functional.linear(x, weight, bias))
 
 
 # The LoRA rows' fused variant that is the LoRA linear's own form, not a launch plan of the
@@ -155,9 +170,13 @@ def lora_variant(variant: str):
         torch.backends.cuda.matmul.allow_tf32 = allowed
 
 
-def lora_call(fn: Callable, inputs: dict, scale: float):
-    """fn (lora_eager, lora_fused or a compiled lora_eager) on lora_inputs."""
-    return fn(inputs["x"], inputs["weight"], inputs["bias"], inputs["lora_A"], inputs["lora_B"], scale)
+def lora_call(fn: Callable, inputs: dict, scale: float, dropout: float = 0.0):
+    """fn (lora_eager, lora_fused, lora_unfused_dropout or a compiled lora_eager) on lora_inputs,
+    at this dropout rate on the branch's input."""
+    if dropout == 0.0:
+        return fn(inputs["x"], inputs["weight"], inputs["bias"], inputs["lora_A"], inputs["lora_B"], scale)
+    return fn(inputs["x"], inputs["weight"], inputs["bias"], inputs["lora_A"], inputs["lora_B"], scale,
+              dropout=dropout)
 
 
 # A multi-LoRA batch: one linear with T tasks' LoRA branches, each image of the batch its own
@@ -208,6 +227,9 @@ class _Branch:
     def __init__(self, lora_A, lora_B, scale: float):
         self.lora_A, self.lora_B, self.scale = lora_A, lora_B, scale
         self.dropout, self.training, self.fused = 0.0, True, True
+
+    def active_dropout(self) -> float:
+        return self.dropout if self.training else 0.0
 
 
 def multilora_routed(x, weight, bias, lora_A: list, lora_B: list, scale: float, task_of_sample, groups: list):
@@ -260,6 +282,56 @@ def multilora_call(fn: Callable, inputs: dict, scale: float):
     groups = [(task, inputs[f"index{task}"]) for task in range(tasks)]
     return fn(inputs["x"], inputs["weight"], inputs["bias"], [inputs[f"lora_A{t}"] for t in range(tasks)],
               [inputs[f"lora_B{t}"] for t in range(tasks)], scale, inputs["task_of_sample"], groups)
+
+
+# Dropout: the rate of the suites' dropout rows (every op's hidden, LoRA's branch input; rows
+# at 0 are the rows without dropout).
+DROPOUT = 0.1
+
+
+@contextlib.contextmanager
+def torch_dropout_masks():
+    """The reference's dropout drawn as torch's dropout draws it, for the eager rows: the
+    reference computes the kernels' Philox stream with about 250 tensor ops on [M, C] int64 (so
+    that the tests compare bit for bit), a cost no user's eager code pays. Here a dropout of a
+    whole tensor (the bottleneck's act(h)) is F.dropout itself (on CUDA one kernel that writes
+    the output and the mask it keeps for backward), and a mask the reference indexes (each
+    expert's rows of [M, E*r]) is torch's CPU dropout's noise, bernoulli_(1 - p) then
+    div_(1 - p)."""
+    from fused_adapters.kernels import reference
+
+    def factor(seed, rows, cols, stream, p, row_start=0):
+        noise = torch.empty(rows, cols, dtype=torch.float32, device=seed.device)
+        return noise.bernoulli_(1.0 - p).div_(1.0 - p)
+
+    def dropped(t, seed, p, stream, dtype):
+        return torch.nn.functional.dropout(t.to(dtype), p) if p > 0.0 and seed is not None else t.to(dtype)
+
+    originals = reference.dropout_factor, reference.dropped
+    reference.dropout_factor, reference.dropped = factor, dropped
+    try:
+        yield
+    finally:
+        reference.dropout_factor, reference.dropped = originals
+
+
+# The seed tensor the eager rows pass the reference, one per device, made once: under
+# torch_dropout_masks nothing reads it, and an eager chain draws no seed of its own to count.
+_EAGER_SEEDS: dict = {}
+
+
+def dropout_arguments(dropout: float, fused: bool, device) -> dict:
+    """The keyword arguments that run an op (fused, or its reference) at this dropout rate: none
+    at 0; the fused op draws a fresh seed per call itself, the reference takes _EAGER_SEEDS'
+    (run it under torch_dropout_masks)."""
+    if dropout == 0.0:
+        return {}
+    if fused:
+        return {"dropout": dropout}
+    device = torch.device(device)
+    if device not in _EAGER_SEEDS:
+        _EAGER_SEEDS[device] = torch.zeros((), dtype=torch.int64, device=device)
+    return {"dropout": dropout, "seed": _EAGER_SEEDS[device]}
 
 
 # The sparse mixture's two forms: gated by a learned top-k gate, or routed by the caller.
@@ -572,13 +644,17 @@ def _fused_provider(case: dict) -> bool:
 
 def _case_call(case: dict, rows: int, dim: int, dim_out: Optional[int], dtype, autocast):
     """(forward call, its inputs, the context it runs in) of a count case's provider at these
-    sizes: the op on its inputs (the fused op with the case's variant, or eager PyTorch)."""
+    sizes: the op on its inputs (the fused op with the case's variant, or eager PyTorch), at
+    the case's dropout rate (bottleneck, LoRA and sparse cases; the eager rows' masks as torch
+    draws them: torch_dropout_masks)."""
     from fused_adapters.kernels import bottleneck_adapter, reference, routed_adapter, sparse_adapter, use_variant
 
     generator = torch.Generator().manual_seed(0)
     fused = _fused_provider(case)
     variant = case.get("variant") or "default"
     op = case.get("op")
+    dropout = case.get("dropout") or 0.0
+    rate = dropout_arguments(dropout, fused, "cpu")  # the eager rows' seed made here, not in a counted call
     if op == "multilora":
         # rows = images x tokens; the host-time chain at HOST_EAGER_ROWS keeps the images.
         images = case["images"]
@@ -593,7 +669,7 @@ def _case_call(case: dict, rows: int, dim: int, dim_out: Optional[int], dtype, a
         fn = lora_fused if fused else lora_eager
 
         def forward_call():
-            return lora_call(fn, inputs, case["scale"])
+            return lora_call(fn, inputs, case["scale"], dropout)
     elif op == "adapter_fusion":
         from fused_adapters.kernels import adapter_fusion
 
@@ -608,7 +684,7 @@ def _case_call(case: dict, rows: int, dim: int, dim_out: Optional[int], dtype, a
         fn = (sparse_adapter if op == "sparse_adapter" else routed_adapter) if fused else getattr(reference, op)
 
         def forward_call():
-            return sparse_call(op, fn, inputs, case["top_k"], **({"variant": variant} if fused else {}))
+            return sparse_call(op, fn, inputs, case["top_k"], **({"variant": variant} if fused else {}), **rate)
     else:
         op = "bottleneck_adapter"
         inputs = bottleneck_inputs(rows, dim, case["rank"], dtype, "cpu", True, generator)
@@ -616,7 +692,7 @@ def _case_call(case: dict, rows: int, dim: int, dim_out: Optional[int], dtype, a
 
         def forward_call():
             return fn(inputs["x"], inputs["w_down"], inputs["b_down"], inputs["w_up"], inputs["b_up"], inputs["scale"],
-                      residual=inputs["x"])
+                      residual=inputs["x"], **rate)
 
     @contextlib.contextmanager
     def context():
@@ -634,7 +710,8 @@ def _case_call(case: dict, rows: int, dim: int, dim_out: Optional[int], dtype, a
             # AdapterFusion mixes through the routed mixture's kernels: their default variant.
             family = "sparse_adapter" if op in SPARSE_OPS + ("adapter_fusion",) else op
             variant_context = use_variant(family, variant if fused else "default")
-        with variant_context, autocast_context:
+        masks = torch_dropout_masks() if dropout > 0.0 and not fused else contextlib.nullcontext()
+        with variant_context, autocast_context, masks:
             yield
 
     return forward_call, inputs, context
@@ -906,7 +983,8 @@ def fused_launches(case: dict) -> list:
     (kernels/<op>/plan.py) at the row's shapes, planned for case["sms"] SMs: the bottleneck
     row's Adapter+ post adapter (residual x, channel scale, biases, gelu); the LoRA row's form;
     the sparse row's design (gated or routed, residual x, channel scale); a multi-LoRA row's routed
-    launch (the routed row's)."""
+    launch (the routed row's); each at the row's dropout rate (the kernels compile a dropout
+    stage only where it is > 0)."""
     from fused_adapters.kernels.launch import launch_plan
 
     dtype, autocast = DTYPES[case["dtype"]]
@@ -934,12 +1012,20 @@ def _bottleneck_plans(case: dict, dtype, compute, backward: bool) -> list:
     params = bottleneck_inputs(1, dim, rank, dtype, "cpu", False)
     w_down, b_down, w_up, b_up, scale = (params[k] for k in ("w_down", "b_down", "w_up", "b_up", "scale"))
     x = torch.empty(rows, dim, dtype=dtype)
+    dropout = _plan_dropout(case)
     forward = plan.forward(x, w_down, b_down, w_up, b_up, scale, 1.0, None, True, None, "gelu", compute, dtype, True,
-                           variant)
+                           variant, **dropout)
     if not backward:
         return [forward]
     return [forward, plan.backward(torch.empty_like(x), x, forward.buffers["hidden"], w_down, w_up, b_up, scale, 1.0,
-                                   None, "gelu", compute, True, True, dtype, variant)]
+                                   None, "gelu", compute, True, True, dtype, variant, **dropout)]
+
+
+def _plan_dropout(case: dict, name: str = "dropout") -> dict:
+    """A plan's dropout arguments at the case's rate (`name`: the plan's keyword for it), with a
+    seed tensor to plan around; none at 0."""
+    rate = case.get("dropout") or 0.0
+    return {name: rate, "seed": torch.zeros((), dtype=torch.int64)} if rate > 0.0 else {}
 
 
 def _lora_plans(case: dict, dtype, compute, backward: bool) -> list:
@@ -955,23 +1041,26 @@ def _lora_plans(case: dict, dtype, compute, backward: bool) -> list:
     x = torch.empty(rows, dim, dtype=dtype)
     if case["variant"] == LORA_SINGLE_LAUNCH:
         weight, bias = inputs["weight"].detach(), inputs["bias"].detach()
+        dropout = _plan_dropout(case)
         with lora_variant(LORA_SINGLE_LAUNCH):
-            forward = lora_plan.forward(x, weight, bias, lora_a, lora_b, scale, compute, True)
+            forward = lora_plan.forward(x, weight, bias, lora_a, lora_b, scale, compute, True, **dropout)
             if not backward:
                 return [forward]
             return [forward, lora_plan.backward(torch.empty(rows, dim_out, dtype=compute), x,
                                                 forward.buffers["hidden"], weight, lora_a, lora_b, scale, compute,
-                                                True, dtype)]
+                                                True, dtype, **dropout)]
     variant = next(v for v in configs.VARIANTS if v.name == case["variant"])
     # The base output: F.linear gives the compute dtype (under autocast bf16), y promotes to it.
     base = torch.empty(rows, dim_out, dtype=compute)
+    # The default form's dropout is the branch's input dropout.
+    dropout = _plan_dropout(case, "input_dropout")
     forward = bottleneck_plan.forward(x, lora_a, None, lora_b, None, None, scale, base, False, None, "identity",
-                                      compute, compute, True, variant)
+                                      compute, compute, True, variant, **dropout)
     if not backward:
         return [forward]
     return [forward, bottleneck_plan.backward(torch.empty(rows, dim_out, dtype=compute), x, forward.buffers["hidden"],
                                               lora_a, lora_b, None, None, scale, None, "identity", compute, False,
-                                              True, dtype, variant)]
+                                              True, dtype, variant, **dropout)]
 
 
 def _multilora_plans(case: dict, dtype, compute, backward: bool) -> list:
@@ -1016,27 +1105,28 @@ def _sparse_plans(case: dict, dtype, compute, backward: bool) -> list:
     w_down, b_down, w_up, b_up, scale = (params[k] for k in ("w_down", "b_down", "w_up", "b_up", "scale"))
     x = torch.empty(rows, dim, dtype=dtype)
     grad_dtype = packed_grad_dtype(x, w_gate, b_gate, w_down, b_down, w_up, b_up, scale)
+    dropout = _plan_dropout(case)
     if plan.choose_design(experts, rank, variant.name) == "dense":
         expert_idx = torch.empty(rows, top_k, dtype=torch.int64) if routed else None
         expert_weight = torch.empty(rows, top_k, dtype=torch.float32) if routed else None
         forward = plan.forward(x, w_gate, b_gate, expert_idx, expert_weight, w_down, b_down, w_up, b_up, scale, 1.0,
-                               None, True, None, top_k, "gelu", compute, dtype, True, False, variant)
+                               None, True, None, top_k, "gelu", compute, dtype, True, False, variant, **dropout)
         if not backward:
             return [forward]
         return [forward, plan.backward(torch.empty_like(x), None, x, forward.buffers["hidden"],
                                        forward.buffers["weights"], w_gate, w_down, w_up, b_up, scale, 1.0, None,
-                                       "gelu", compute, True, True, grad_dtype, variant)]
+                                       "gelu", compute, True, True, grad_dtype, variant, **dropout)]
     plans = [plan.gate(x, w_gate, b_gate, top_k, False)] if w_gate is not None else []
     idx = (torch.arange(rows * top_k) % experts).to(torch.int32).view(rows, top_k)
     weights = torch.full((rows, top_k), 1.0 / top_k)
     order, counts = sort_assignments(idx, experts)
     forward = plan.grouped_forward(x, idx, weights, order, counts, w_down, b_down, w_up, b_up, scale, 1.0, None,
-                                   True, None, "gelu", compute, dtype, True)
+                                   True, None, "gelu", compute, dtype, True, **dropout)
     plans.append(forward)
     if backward:
         plans.append(plan.grouped_backward(torch.empty_like(x), None, x, forward.buffers["hidden"], idx, weights,
                                            order, counts, w_gate, w_down, w_up, b_up, scale, 1.0, None, "gelu",
-                                           compute, True, True, grad_dtype))
+                                           compute, True, True, grad_dtype, **dropout))
     return plans
 
 

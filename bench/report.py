@@ -5,7 +5,8 @@
 RESULTS.json is what `pytest --benchmark --benchmark-json RESULTS.json` writes (several files
 of one run, such as one per benchmark module, are merged). The report (DIR/report.md) has one
 table per op, pass, dtype, dim and rank (and for the sparse mixture's rows, experts and top_k;
-for LoRA's, the output width D_out; for the multi-LoRA rows, D_out and the tasks T): a row per
+for LoRA's, the output width D_out; for the multi-LoRA rows, D_out and the tasks T; rows with
+dropout get a table of their own after the same rows without, "dropout=0.1" in its title): a row per
 shape, a column per provider (and kernel variant), each cell the median time and the speedup
 over the table's baseline on the same shape (eager; loop-eager, the PEFT-style loop over the
 tasks, in the multi-task tables), then tables of bandwidth, peak memory, bytes moved, bytes
@@ -104,7 +105,13 @@ class Row:
     @property
     def group_key(self) -> tuple:
         return (self.op, self.pass_name, self.dtype, self.dim, self.dim_out, self.rank, self.experts, self.top_k,
-                self.adapters, self.tasks)
+                self.adapters, self.tasks, self.dropout)
+
+    @property
+    def dropout(self) -> float | None:
+        """The dropout rate the row's op ran at; None without dropout (0, or rows that do not say)."""
+        value = self.number("dropout")
+        return value if value else None
 
     @property
     def dim_out(self) -> int | None:
@@ -154,7 +161,7 @@ class Row:
 @dataclass
 class Group:
     """The rows of one table: same op, pass, dtype, dim and rank (and dim_out, experts, top_k,
-    adapters and tasks)."""
+    adapters, tasks and dropout)."""
 
     key: tuple
     rows: list[Row]
@@ -162,7 +169,7 @@ class Group:
 
     @property
     def title(self) -> str:
-        op, pass_name, dtype, dim, dim_out, rank, experts, top_k, adapters, tasks = self.key
+        op, pass_name, dtype, dim, dim_out, rank, experts, top_k, adapters, tasks, dropout = self.key
         parts = [op, pass_name, dtype]
         if dim is not None:
             parts.append(f"D={dim}")
@@ -178,6 +185,8 @@ class Group:
             parts.append(f"N={adapters}")
         if tasks is not None:
             parts.append(f"T={tasks}")
+        if dropout is not None:
+            parts.append(f"dropout={dropout:g}")
         return " ".join(parts)
 
     @property
@@ -232,11 +241,11 @@ def _column_order(row: Row, baseline: str = BASELINE) -> tuple:
 
 
 def _group_order(group: Group) -> tuple:
-    op, pass_name, dtype, dim, dim_out, rank, experts, top_k, adapters, tasks = group.key
+    op, pass_name, dtype, dim, dim_out, rank, experts, top_k, adapters, tasks, dropout = group.key
     return (group.is_model, op, PASS_ORDER.get(pass_name, len(PASS_ORDER)), pass_name, dtype,
             dim is None, dim or 0, dim_out is None, dim_out or 0, rank is None, rank or 0,
             experts is None, experts or 0, top_k is None, top_k or 0, adapters is None, adapters or 0,
-            tasks is None, tasks or 0)
+            tasks is None, tasks or 0, dropout or 0)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,6 +6,16 @@ variant of the fused op side by side.
 Shapes: ViT-S/B/L/H widths (D = 384, 768, 1024, 1280), M = batch x 197 tokens for batch 8 to
 256, ranks 8, 16, 64; bf16, fp16 and fp32 activations under bf16 autocast on a GPU. On the CPU:
 fp32 at small sizes, eager and compiled timed, fused rows device-free (see bench/conftest.py).
+
+Dropout rows (row key "dropout", 0.1; the other rows have 0): dropout on act(h). fused is the
+op with its in-kernel mask (a fresh seed per call, nothing of the mask saved); eager is the
+unfused chain users ran: the reference with torch's F.dropout between the activation and the up
+projection (bench.measure.torch_dropout_masks; its mask kept for backward), not the reference's
+bit-exact Philox, which no user's code computes. Only eager and fused[default] (the variants'
+other tiles add nothing to the dropout question), at the bf16 shapes on a GPU (quick: batch 32)
+and the fp32 ones on the CPU. The CPU quick run keeps one, eager forward+backward (seconds: each
+op's fused dropout row, its interpreter forward and count, added about 40 s on 2 cores;
+bench/bytes.py --dropout counts the fused op).
 """
 
 from __future__ import annotations
@@ -17,8 +27,8 @@ import pytest
 import torch
 
 from bench.measure import (
-    DTYPES, TOKENS, bottleneck_inputs, floor_bytes, host_us, kernel_counts, peak_memory, rotation_count, saved_bytes,
-    time_rotating,
+    DROPOUT, DTYPES, TOKENS, bottleneck_inputs, dropout_arguments, floor_bytes, host_us, kernel_counts, peak_memory,
+    rotation_count, saved_bytes, time_rotating, torch_dropout_masks,
 )
 from fused_adapters.kernels import bottleneck_adapter, list_variants, reference, use_variant
 from fused_adapters.kernels.bottleneck import jit as bottleneck_jit
@@ -43,18 +53,32 @@ def providers():
     return [("eager", "-"), ("compile", "-")] + [("fused", name) for name in list_variants(OP)]
 
 
+def dropout_rows(cuda: bool, quick: bool, dtype: str, batch: int) -> list:
+    """(pass, provider, variant) of the dropout rows at a shape of shapes(): the bf16 ones on a
+    GPU (quick: batch 32), the fp32 ones on the CPU (quick: one row)."""
+    if dtype != ("bf16" if cuda else "fp32") or (cuda and quick and batch != 32):
+        return []
+    if quick and not cuda:
+        return [("forward+backward", "eager", "-")]
+    return [(pass_name, provider, variant) for pass_name in PASSES
+            for provider, variant in (("eager", "-"), ("fused", "default"))]
+
+
 def pytest_generate_tests(metafunc):
     if "case" not in metafunc.fixturenames:
         return
     config = metafunc.config
-    cuda = torch.cuda.is_available()
+    cuda, quick = torch.cuda.is_available(), config.getoption("--benchmark-quick")
     cases, ids = [], []
-    for dtype, dim, batch, rank in shapes(cuda, config.getoption("--benchmark-quick")):
-        for pass_name in PASSES:
-            for provider, variant in providers():
-                cases.append((pass_name, dtype, dim, batch * TOKENS, rank, provider, variant))
-                label = provider if variant == "-" else f"{provider}[{variant}]"
-                ids.append(f"{pass_name}-{dtype.replace(' ', '')}-D{dim}-M{batch * TOKENS}-r{rank}-{label}")
+    for dtype, dim, batch, rank in shapes(cuda, quick):
+        rows = [(pass_name, provider, variant, 0.0) for pass_name in PASSES for provider, variant in providers()]
+        rows += [(pass_name, provider, variant, DROPOUT)
+                 for pass_name, provider, variant in dropout_rows(cuda, quick, dtype, batch)]
+        for pass_name, provider, variant, dropout in rows:
+            cases.append((pass_name, dtype, dim, batch * TOKENS, rank, provider, variant, dropout))
+            label = provider if variant == "-" else f"{provider}[{variant}]"
+            rate = f"-dropout{dropout}" if dropout else ""
+            ids.append(f"{pass_name}{rate}-{dtype.replace(' ', '')}-D{dim}-M{batch * TOKENS}-r{rank}-{label}")
     metafunc.parametrize("case", cases, ids=ids)
 
 
@@ -75,22 +99,24 @@ KERNEL_NAMES = {name for name in vars(bottleneck_jit) if name.endswith("_kernel"
 
 
 def test_bottleneck(benchmark, suite, case):
-    pass_name, dtype_name, dim, rows, rank, provider, variant = case
+    pass_name, dtype_name, dim, rows, rank, provider, variant, dropout = case
     device = suite.device
     dtype, autocast_dtype = DTYPES[dtype_name]
     x_size = torch.empty((), dtype=dtype).element_size()
     # y has x's dtype (under autocast the fp32 residual promotes y to fp32, x's dtype too).
     floor = floor_bytes(pass_name, rows, dim, x_size, x_size)
-    row = suite.row(op="bottleneck", shape=f"M={rows} D={dim} r={rank}", rows=rows, dim=dim, rank=rank,
-                    dtype=dtype_name, provider=provider, variant=variant, floor_bytes=floor, **{"pass": pass_name})
+    shape = f"M={rows} D={dim} r={rank}" + (f" dropout={dropout}" if dropout else "")
+    row = suite.row(op="bottleneck", shape=shape, rows=rows, dim=dim, rank=rank, dropout=dropout, dtype=dtype_name,
+                    provider=provider, variant=variant, floor_bytes=floor, **{"pass": pass_name})
     count_case = dict(provider=provider, variant=variant if provider == "fused" else "default", rows=rows, dim=dim,
-                      rank=rank, dtype=dtype_name, **{"pass": pass_name})
+                      rank=rank, dropout=dropout, dtype=dtype_name, **{"pass": pass_name})
 
     if provider == "fused" and not suite.cuda:
         # Nothing to time: the interpreter's speed means nothing. The row keeps what needs no GPU.
         inputs = bottleneck_inputs(rows, dim, rank, dtype, device, True)
-        row["saved_bytes"] = saved_bytes(lambda: _call(bottleneck_adapter, inputs, autocast_dtype, device, variant),
-                                         inputs.values(), device)
+        row["saved_bytes"] = saved_bytes(
+            lambda: _call(bottleneck_adapter, inputs, autocast_dtype, device, variant, dropout), inputs.values(),
+            device)
         suite.untimed.append(row)
         suite.count_later(row, count_case)
         suite.compile_rows.append(row)
@@ -112,7 +138,7 @@ def test_bottleneck(benchmark, suite, case):
         # The backward runs inside the variant's block too: it takes the variant in force.
         with use_variant(OP, variant_in_force):
             inputs = sets[index]
-            y = _call(fn, inputs, autocast_dtype, device, variant)
+            y = _call(fn, inputs, autocast_dtype, device, variant, dropout)
             if pass_name == "forward+backward":
                 torch.autograd.grad(y, list(inputs.values()), grads[index])
             return y
@@ -122,7 +148,7 @@ def test_bottleneck(benchmark, suite, case):
         return
     if suite.cuda or provider != "compile":
         # On the CPU the saved-tensor hooks cannot vouch for what a compiled graph keeps.
-        row["saved_bytes"] = saved_bytes(lambda: _call(fn, sets[0], autocast_dtype, device, variant),
+        row["saved_bytes"] = saved_bytes(lambda: _call(fn, sets[0], autocast_dtype, device, variant, dropout),
                                          sets[0].values(), device)
     row["peak_mem_bytes"] = peak_memory(lambda: run(0), device)
     row["host_us"] = host_us(lambda: run(0), device)
@@ -131,9 +157,12 @@ def test_bottleneck(benchmark, suite, case):
         suite.count_later(row, count_case)
 
 
-def _call(fn, inputs, autocast_dtype, device, variant):
+def _call(fn, inputs, autocast_dtype, device, variant, dropout=0.0):
     autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
                 else contextlib.nullcontext())
-    with autocast, use_variant(OP, variant if fn is bottleneck_adapter else "default"):
+    fused = fn is bottleneck_adapter
+    # The eager chain's mask is torch's, kept for backward by autograd: the backward needs no mask context.
+    masks = torch_dropout_masks() if dropout and not fused else contextlib.nullcontext()
+    with autocast, use_variant(OP, variant if fused else "default"), masks:
         return fn(inputs["x"], inputs["w_down"], inputs["b_down"], inputs["w_up"], inputs["b_up"], inputs["scale"],
-                  residual=inputs["x"])
+                  residual=inputs["x"], **dropout_arguments(dropout, fused, device))

@@ -30,6 +30,16 @@ on two cores at the CPU quick shape (fused[single_launch]'s bytes there are pinn
 tests/test_lora_linear.py instead). The other variants' rows keep their timings (GPU), bytes
 saved and registers. fp32 rows run fused[single_launch] with tf32 dots allowed (its only fp32
 mode; the GPU rows are bf16 or bf16 autocast).
+
+Dropout rows (row key "dropout", 0.1; the other rows have 0): PEFT's lora_dropout on the
+branch's input. eager is PEFT's path, `F.linear(x, W, b) + (F.dropout(x) @ A.T @ B.T) * s`
+(torch's dropout: an M x D pass, its mask kept for backward); fused and fused[single_launch]
+run the dropout inside their launches (a fresh seed per call, the mask drawn again in
+backward). Only those three (the branch's other tile variants add nothing to the dropout
+question), at the bf16 shapes on a GPU (quick: qkv at batch 32) and the fp32 ones on the CPU.
+The CPU quick run keeps one, eager forward+backward (seconds: each op's fused dropout row, its
+interpreter forward and count, added about 40 s on 2 cores). `python bench/bytes.py --op lora
+--dropout 0.1` counts every form, and torch's dropout outside the fused branch as well.
 """
 
 from __future__ import annotations
@@ -41,8 +51,8 @@ import pytest
 import torch
 
 from bench.measure import (
-    DTYPES, LORA_SINGLE_LAUNCH, TOKENS, differentiable, floor_bytes, host_us, kernel_counts, lora_call, lora_eager,
-    lora_fused, lora_inputs, lora_variant, peak_memory, rotation_count, saved_bytes, time_rotating,
+    DROPOUT, DTYPES, LORA_SINGLE_LAUNCH, TOKENS, differentiable, floor_bytes, host_us, kernel_counts, lora_call,
+    lora_eager, lora_fused, lora_inputs, lora_variant, peak_memory, rotation_count, saved_bytes, time_rotating,
 )
 from fused_adapters.kernels import list_variants
 from fused_adapters.kernels.bottleneck import jit as bottleneck_jit
@@ -73,19 +83,33 @@ def providers():
             + [("fused", LORA_SINGLE_LAUNCH)])
 
 
+def dropout_rows(cuda: bool, quick: bool, dtype: str, dim_out: int, batch: int) -> list:
+    """(pass, provider, variant) of the dropout rows at a shape of shapes(): the bf16 ones on a
+    GPU (quick: qkv at batch 32), the fp32 ones on the CPU (quick: one row)."""
+    if dtype != ("bf16" if cuda else "fp32") or (cuda and quick and (dim_out, batch) != (2304, 32)):
+        return []
+    if quick and not cuda:
+        return [("forward+backward", "eager", "-")]
+    return [(pass_name, provider, variant) for pass_name in PASSES
+            for provider, variant in (("eager", "-"), ("fused", "default"), ("fused", LORA_SINGLE_LAUNCH))]
+
+
 def pytest_generate_tests(metafunc):
     if "case" not in metafunc.fixturenames:
         return
     config = metafunc.config
-    cuda = torch.cuda.is_available()
+    cuda, quick = torch.cuda.is_available(), config.getoption("--benchmark-quick")
     cases, ids = [], []
-    for dtype, dim, dim_out, batch, rank in shapes(cuda, config.getoption("--benchmark-quick")):
-        for pass_name in PASSES:
-            for provider, variant in providers():
-                cases.append((pass_name, dtype, dim, dim_out, batch * TOKENS, rank, provider, variant))
-                label = provider if variant == "-" else f"{provider}[{variant}]"
-                ids.append(f"{pass_name}-{dtype.replace(' ', '')}-D{dim}-Dout{dim_out}-M{batch * TOKENS}-r{rank}-"
-                           f"{label}")
+    for dtype, dim, dim_out, batch, rank in shapes(cuda, quick):
+        rows = [(pass_name, provider, variant, 0.0) for pass_name in PASSES for provider, variant in providers()]
+        rows += [(pass_name, provider, variant, DROPOUT)
+                 for pass_name, provider, variant in dropout_rows(cuda, quick, dtype, dim_out, batch)]
+        for pass_name, provider, variant, dropout in rows:
+            cases.append((pass_name, dtype, dim, dim_out, batch * TOKENS, rank, provider, variant, dropout))
+            label = provider if variant == "-" else f"{provider}[{variant}]"
+            rate = f"-dropout{dropout}" if dropout else ""
+            ids.append(f"{pass_name}{rate}-{dtype.replace(' ', '')}-D{dim}-Dout{dim_out}-M{batch * TOKENS}-r{rank}-"
+                       f"{label}")
     metafunc.parametrize("case", cases, ids=ids)
 
 
@@ -109,7 +133,7 @@ _SAVED: dict = {}
 
 
 def test_lora(benchmark, suite, case):
-    pass_name, dtype_name, dim, dim_out, rows, rank, provider, variant = case
+    pass_name, dtype_name, dim, dim_out, rows, rank, provider, variant, dropout = case
     device = suite.device
     dtype, autocast_dtype = DTYPES[dtype_name]
     scale = ALPHA / rank
@@ -119,22 +143,25 @@ def test_lora(benchmark, suite, case):
     y_size = torch.empty((), dtype=autocast_dtype or dtype).element_size()
     floor = floor_bytes(pass_name, rows, dim, x_size, y_size, residual="none", dim_out=dim_out,
                         weight_bytes=dim_out * dim * x_size)
-    row = suite.row(op="lora", shape=f"M={rows} D={dim} D_out={dim_out} r={rank}", rows=rows, dim=dim,
-                    dim_out=dim_out, rank=rank, scale=scale, dtype=dtype_name, provider=provider, variant=variant,
-                    floor_bytes=floor, **{"pass": pass_name})
+    shape = f"M={rows} D={dim} D_out={dim_out} r={rank}" + (f" dropout={dropout}" if dropout else "")
+    row = suite.row(op="lora", shape=shape, rows=rows, dim=dim, dim_out=dim_out, rank=rank, scale=scale,
+                    dropout=dropout, dtype=dtype_name, provider=provider, variant=variant, floor_bytes=floor,
+                    **{"pass": pass_name})
     count_case = dict(op="lora", provider=provider, variant=variant if provider == "fused" else "default", rows=rows,
-                      dim=dim, dim_out=dim_out, rank=rank, scale=scale, dtype=dtype_name, **{"pass": pass_name})
+                      dim=dim, dim_out=dim_out, rank=rank, scale=scale, dropout=dropout, dtype=dtype_name,
+                      **{"pass": pass_name})
 
     if provider == "fused" and not suite.cuda:
         # Nothing to time: the interpreter's speed means nothing. The row keeps what needs no GPU.
         # The variants tile the launches differently but save the same tensors (the pre-activation
-        # [M, r], x by reference, and the single launch the frozen W by reference): one
-        # interpreter forward per shape serves every variant's rows.
-        key = (rows, dim, dim_out, rank, dtype_name)
+        # [M, r], x by reference, and the single launch the frozen W by reference; with dropout
+        # the seed): one interpreter forward per shape serves every variant's rows.
+        key = (rows, dim, dim_out, rank, dtype_name, dropout)
         if key not in _SAVED:
             inputs = lora_inputs(rows, dim, dim_out, rank, dtype, device, torch.Generator().manual_seed(0))
-            _SAVED[key] = saved_bytes(lambda: _call(lora_fused, inputs, scale, autocast_dtype, device, variant),
-                                      inputs.values(), device)
+            _SAVED[key] = saved_bytes(
+                lambda: _call(lora_fused, inputs, scale, autocast_dtype, device, variant, dropout), inputs.values(),
+                device)
         row["saved_bytes"] = _SAVED[key]
         suite.untimed.append(row)
         suite.compile_rows.append(row)
@@ -163,7 +190,7 @@ def test_lora(benchmark, suite, case):
         # The backward runs inside the variant's block too: it takes the variant in force.
         with lora_variant(variant_in_force):
             inputs = sets[index]
-            y = _call(fn, inputs, scale, autocast_dtype, device, variant)
+            y = _call(fn, inputs, scale, autocast_dtype, device, variant, dropout)
             if pass_name == "forward+backward":
                 torch.autograd.grad(y, differentiable(inputs), grads[index])
             return y
@@ -173,7 +200,7 @@ def test_lora(benchmark, suite, case):
         return
     if suite.cuda or provider != "compile":
         # On the CPU the saved-tensor hooks cannot vouch for what a compiled graph keeps.
-        row["saved_bytes"] = saved_bytes(lambda: _call(fn, sets[0], scale, autocast_dtype, device, variant),
+        row["saved_bytes"] = saved_bytes(lambda: _call(fn, sets[0], scale, autocast_dtype, device, variant, dropout),
                                          sets[0].values(), device)
     row["peak_mem_bytes"] = peak_memory(lambda: run(0), device)
     row["host_us"] = host_us(lambda: run(0), device)
@@ -193,8 +220,8 @@ def _counted(suite, provider: str, variant: str) -> bool:
     return variant == "default" or (variant == LORA_SINGLE_LAUNCH and suite.cuda)
 
 
-def _call(fn, inputs, scale, autocast_dtype, device, variant):
+def _call(fn, inputs, scale, autocast_dtype, device, variant, dropout=0.0):
     autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
                 else contextlib.nullcontext())
     with autocast, lora_variant(variant if fn is lora_fused else "default"):
-        return lora_call(fn, inputs, scale)
+        return lora_call(fn, inputs, scale, dropout)

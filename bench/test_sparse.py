@@ -22,6 +22,16 @@ there: torch.compile of the expert loop, and the interpreter counts (launches, b
 registers) of every fused variant but the default; every fused row keeps the bytes it saves for
 backward (the dense design's h [M, E*r] and weights [M, E]; the grouped design's hidden
 [M*k, r], routing [M, k] and sort).
+
+Dropout rows (row key "dropout", 0.1; the other rows have 0): dropout on each expert's act(h).
+fused runs it inside its launches (a fresh seed per call, the mask drawn again in backward);
+eager is the reference's expert loop with its mask [M, E*r] drawn as torch's dropout draws its
+noise (bench.measure.torch_dropout_masks: bernoulli_, div_; kept for backward), not the
+reference's bit-exact Philox, which no user's code computes. Only eager and the default fused
+variant (grouped where E*r > 256), at the bf16 shapes on a GPU (quick: E = 8, k = 2) and on the
+CPU at D = 768, k = 2. The CPU quick run keeps one, sparse_adapter's eager forward+backward
+(seconds: each op's fused dropout row, its interpreter forward and count, added about 40 s on 2
+cores; bench/bytes.py --op sparse --dropout counts the fused op).
 """
 
 from __future__ import annotations
@@ -33,8 +43,8 @@ import pytest
 import torch
 
 from bench.measure import (
-    DTYPES, TOKENS, differentiable, floor_bytes, host_us, kernel_counts, peak_memory, rotation_count, saved_bytes,
-    sparse_call, sparse_inputs, time_rotating,
+    DROPOUT, DTYPES, TOKENS, differentiable, dropout_arguments, floor_bytes, host_us, kernel_counts, peak_memory,
+    rotation_count, saved_bytes, sparse_call, sparse_inputs, time_rotating, torch_dropout_masks,
 )
 from fused_adapters.kernels import list_variants, reference, routed_adapter, sparse_adapter
 from fused_adapters.kernels.sparse import configs as sparse_configs
@@ -81,21 +91,39 @@ def providers():
     return [("eager", "-"), ("compile", "-")] + [("fused", name) for name in list_variants(VARIANT_FAMILY)]
 
 
+def dropout_rows(cuda: bool, quick: bool, dtype: str, dim: int, rank: int, experts: int, top_k: int) -> list:
+    """(op, pass, provider, variant) of the dropout rows at a shape of shapes(): the bf16 ones on a
+    GPU (quick: E = 8, k = 2), on the CPU those at D = 768, k = 2 (quick: one row). The fused
+    row runs the default variant, or grouped where the dense design does not fit."""
+    if dtype != ("bf16" if cuda else "fp32") or (quick and cuda and (experts, top_k) != (8, 2)):
+        return []
+    if not cuda and (dim, top_k) != (768, 2):
+        return []
+    if quick and not cuda:
+        return [("sparse_adapter", "forward+backward", "eager", "-")]
+    fused = "grouped" if repeats_grouped(experts, rank, "default") else "default"
+    return [(op, pass_name, provider, variant) for op in OPS for pass_name in PASSES
+            for provider, variant in (("eager", "-"), ("fused", fused))]
+
+
 def pytest_generate_tests(metafunc):
     if "case" not in metafunc.fixturenames:
         return
     config = metafunc.config
-    cuda = torch.cuda.is_available()
+    cuda, quick = torch.cuda.is_available(), config.getoption("--benchmark-quick")
     cases, ids = [], []
-    for dtype, dim, batch, rank, experts, top_k in shapes(cuda, config.getoption("--benchmark-quick")):
+    for dtype, dim, batch, rank, experts, top_k in shapes(cuda, quick):
         rows = batch * TOKENS
-        for op in OPS:
-            for pass_name in PASSES:
-                for provider, variant in providers():
-                    cases.append((op, pass_name, dtype, dim, rows, rank, experts, top_k, provider, variant))
-                    label = provider if variant == "-" else f"{provider}[{variant}]"
-                    ids.append(f"{op}-{pass_name}-{dtype.replace(' ', '')}-D{dim}-M{rows}-r{rank}-E{experts}-k{top_k}-"
-                               f"{label}")
+        runs = [(op, pass_name, provider, variant, 0.0) for op in OPS for pass_name in PASSES
+                for provider, variant in providers()]
+        runs += [(op, pass_name, provider, variant, DROPOUT) for op, pass_name, provider, variant
+                 in dropout_rows(cuda, quick, dtype, dim, rank, experts, top_k)]
+        for op, pass_name, provider, variant, dropout in runs:
+            cases.append((op, pass_name, dtype, dim, rows, rank, experts, top_k, provider, variant, dropout))
+            label = provider if variant == "-" else f"{provider}[{variant}]"
+            rate = f"-dropout{dropout}" if dropout else ""
+            ids.append(f"{op}-{pass_name}{rate}-{dtype.replace(' ', '')}-D{dim}-M{rows}-r{rank}-E{experts}-k{top_k}-"
+                       f"{label}")
     metafunc.parametrize("case", cases, ids=ids)
 
 
@@ -127,7 +155,7 @@ _SAVED: dict = {}
 
 
 def test_sparse(benchmark, suite, case):
-    op, pass_name, dtype_name, dim, rows, rank, experts, top_k, provider, variant = case
+    op, pass_name, dtype_name, dim, rows, rank, experts, top_k, provider, variant, dropout = case
     if provider == "fused" and repeats_grouped(experts, rank, variant):
         pytest.skip(f"E*r = {experts * rank} > {sparse_configs.MAX_DENSE_COLUMNS}: the dense design does not fit, so "
                     f"variant {variant!r} runs the grouped kernels; see the fused[grouped] row")
@@ -138,24 +166,26 @@ def test_sparse(benchmark, suite, case):
     # y has x's dtype (under autocast the fp32 residual promotes y to fp32, x's dtype too). The
     # floor is the bottleneck op's: the gate, the routing and the experts' weights are small.
     floor = floor_bytes(pass_name, rows, dim, x_size, x_size)
-    row = suite.row(op=op, shape=f"M={rows} D={dim} r={rank} E={experts} k={top_k}", rows=rows, dim=dim, rank=rank,
-                    experts=experts, top_k=top_k, dtype=dtype_name, provider=provider, variant=variant,
-                    floor_bytes=floor, **{"pass": pass_name})
+    shape = f"M={rows} D={dim} r={rank} E={experts} k={top_k}" + (f" dropout={dropout}" if dropout else "")
+    row = suite.row(op=op, shape=shape, rows=rows, dim=dim, rank=rank, experts=experts, top_k=top_k, dropout=dropout,
+                    dtype=dtype_name, provider=provider, variant=variant, floor_bytes=floor, **{"pass": pass_name})
     count_case = dict(op=op, provider=provider, variant=variant if provider == "fused" else "default", rows=rows,
-                      dim=dim, rank=rank, experts=experts, top_k=top_k, dtype=dtype_name, **{"pass": pass_name})
+                      dim=dim, rank=rank, experts=experts, top_k=top_k, dropout=dropout, dtype=dtype_name,
+                      **{"pass": pass_name})
 
     if provider == "fused" and not suite.cuda:
         # Nothing to time: the interpreter's speed means nothing. The row keeps what needs no GPU.
         # The dense variants tile the launches differently but save the same tensors (h [M, E*r]
         # and the weights [M, E]); the grouped design saves its own (hidden [M*k, r], the routing
-        # idx [M, k] int32 and weights [M, k] fp32, the sort's order [M*k] and counts [E]): one
-        # interpreter forward per shape and design serves every variant's rows.
-        key = (op, rows, dim, rank, experts, top_k, dtype_name, choose_design(experts, rank, variant))
+        # idx [M, k] int32 and weights [M, k] fp32, the sort's order [M*k] and counts [E]; with
+        # dropout the seed): one interpreter forward per shape and design serves every variant's rows.
+        key = (op, rows, dim, rank, experts, top_k, dtype_name, choose_design(experts, rank, variant), dropout)
         if key not in _SAVED:
             inputs = sparse_inputs(rows, dim, rank, experts, top_k, dtype, device, True, routed,
                                    torch.Generator().manual_seed(0))
-            _SAVED[key] = saved_bytes(lambda: _call(op, FUSED[op], inputs, top_k, autocast_dtype, device, variant),
-                                      inputs.values(), device)
+            _SAVED[key] = saved_bytes(
+                lambda: _call(op, FUSED[op], inputs, top_k, autocast_dtype, device, variant, dropout),
+                inputs.values(), device)
         row["saved_bytes"] = _SAVED[key]
         suite.untimed.append(row)
         if suite.quick and variant != "default":
@@ -186,7 +216,7 @@ def test_sparse(benchmark, suite, case):
     def run(index):
         # The fused op's variant= holds for its backward too.
         inputs = sets[index]
-        y = _call(op, fn, inputs, top_k, autocast_dtype, device, variant)
+        y = _call(op, fn, inputs, top_k, autocast_dtype, device, variant, dropout)
         if pass_name == "forward+backward":
             torch.autograd.grad(y, differentiable(inputs), grads[index])
         return y
@@ -197,8 +227,8 @@ def test_sparse(benchmark, suite, case):
         return
     if suite.cuda or provider != "compile":
         # On the CPU the saved-tensor hooks cannot vouch for what a compiled graph keeps.
-        row["saved_bytes"] = saved_bytes(lambda: _call(op, fn, sets[0], top_k, autocast_dtype, device, variant),
-                                         sets[0].values(), device)
+        row["saved_bytes"] = saved_bytes(
+            lambda: _call(op, fn, sets[0], top_k, autocast_dtype, device, variant, dropout), sets[0].values(), device)
     row["peak_mem_bytes"] = peak_memory(lambda: run(0), device)
     row["host_us"] = host_us(lambda: run(0), device)
     row["triton_launches"], row["aten_kernels"] = kernel_counts(lambda: run(0), device, KERNEL_NAMES)
@@ -206,9 +236,12 @@ def test_sparse(benchmark, suite, case):
         suite.count_later(row, count_case)
 
 
-def _call(op, fn, inputs, top_k, autocast_dtype, device, variant):
+def _call(op, fn, inputs, top_k, autocast_dtype, device, variant, dropout=0.0):
     autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
                 else contextlib.nullcontext())
-    kwargs = {"variant": variant} if fn is FUSED[op] else {}
-    with autocast:
-        return sparse_call(op, fn, inputs, top_k, **kwargs)
+    fused = fn is FUSED[op]
+    kwargs = {"variant": variant} if fused else {}
+    # The eager loop's mask is torch's, kept for backward by autograd: the backward needs no mask context.
+    masks = torch_dropout_masks() if dropout and not fused else contextlib.nullcontext()
+    with autocast, masks:
+        return sparse_call(op, fn, inputs, top_k, **kwargs, **dropout_arguments(dropout, fused, device))
