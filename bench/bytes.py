@@ -203,6 +203,18 @@ def _multilora_line(job):
             f"{time.time() - start:.0f}")
 
 
+def print_linear_floors(shapes: list, left_out: str) -> None:
+    """The LoRA linear's floor (shapes MxDxD_OUTxr, fp16) for each shape, and what it leaves out."""
+    print("floor: forward reads x [M, D] and W [D_out, D], writes y [M, D_out]; backward reads dy, x and W, writes "
+          f"dx; {left_out} left out")
+    for shape in shapes:
+        rows, dim, dim_out, _ = (int(v) for v in shape.split("x"))
+        floors = [floor_bytes(p, rows, dim, 2, 2, residual="none", dim_out=dim_out, weight_bytes=dim_out * dim * 2)
+                  for p in ("forward", "backward")]
+        print(f"M={rows} D={dim} D_out={dim_out}: floor {floors[0] / 1e6:.2f} MB forward, {floors[1] / 1e6:.2f} MB "
+              "backward")
+
+
 def main_multilora(args) -> None:
     shapes = args.shapes if args.shapes != DEFAULT_SHAPES else ["1576x768x2304x8", "1576x768x3072x8"]
     for shape in shapes:
@@ -211,14 +223,7 @@ def main_multilora(args) -> None:
             raise SystemExit(f"--op multilora shapes are MxDxD_OUTxr with M a multiple of {TOKENS}, got {shape}")
     print(f"bytes moved (MB) and / floor, fp16, a multi-LoRA batch of up to {args.tasks} tasks (image b in task b % "
           f"{args.tasks}, alpha 16), launches planned for {args.sms} SMs")
-    print("floor: forward reads x [M, D] and W [D_out, D], writes y [M, D_out]; backward reads dy, x and W, writes "
-          "dx; the tasks' A and B left out")
-    for shape in shapes:
-        rows, dim, dim_out, _ = (int(v) for v in shape.split("x"))
-        floors = [floor_bytes(p, rows, dim, 2, 2, residual="none", dim_out=dim_out, weight_bytes=dim_out * dim * 2)
-                  for p in ("forward", "backward")]
-        print(f"M={rows} D={dim} D_out={dim_out}: floor {floors[0] / 1e6:.2f} MB forward, {floors[1] / 1e6:.2f} MB "
-              "backward")
+    print_linear_floors(shapes, "the tasks' A and B")
     print(f"{'M':>6} {'D':>5} {'D_out':>5} {'r':>3} {'T':>3}  {'provider':<13} {'fwd MB':>7} {'/floor':>7} "
           f"{'bwd MB':>7} {'/floor':>7}  {'launches':<8} {'aten':<8} {'as counted MB':<17} seconds")
     jobs = [(shape, provider, args.tasks, args.sms) for shape in shapes for provider in MULTILORA_PROVIDERS]
@@ -283,14 +288,7 @@ def main_lora(args) -> None:
             raise SystemExit(f"--op lora shapes are MxDxD_OUTxr, got {shape}")
     print(f"bytes moved (MB) and / floor, fp16, a LoRA linear (alpha 16, x, A and B differentiated, W and b frozen), "
           f"dropout p on the branch's input, launches planned for {args.sms} SMs")
-    print("floor: forward reads x [M, D] and W [D_out, D], writes y [M, D_out]; backward reads dy, x and W, writes "
-          "dx; A and B left out")
-    for shape in shapes:
-        rows, dim, dim_out, _ = (int(v) for v in shape.split("x"))
-        floors = [floor_bytes(p, rows, dim, 2, 2, residual="none", dim_out=dim_out, weight_bytes=dim_out * dim * 2)
-                  for p in ("forward", "backward")]
-        print(f"M={rows} D={dim} D_out={dim_out}: floor {floors[0] / 1e6:.2f} MB forward, {floors[1] / 1e6:.2f} MB "
-              "backward")
+    print_linear_floors(shapes, "A and B")
     print(f"{'M':>6} {'D':>5} {'D_out':>5} {'r':>3} {'p':>4}  {'provider':<15} {'fwd MB':>7} {'/floor':>7} "
           f"{'bwd MB':>7} {'/floor':>7}  {'launches':<6} {'aten':<8} seconds")
     rates = sorted(set(args.dropout))

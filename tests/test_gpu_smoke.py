@@ -153,13 +153,11 @@ def test_sparse(op, design, dtype):
     assert names and grouped == (design == "grouped"), names
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_fusion(dtype):
-    """AdapterFusion over 4 frozen adapters (the fusion's weights trainable): the scores launch,
-    the mixture's launch, and backward the mixture's two and the scores' one."""
-    generator = torch.Generator().manual_seed(5)
+def fusion_tensors(dtype, seed):
+    """4 frozen adapters of rank RANK with their scales, and the fusion's trainable weights."""
+    generator = torch.Generator().manual_seed(seed)
     dim, adapters = SHAPE[-1], 4
-    tensors = dict(
+    return dict(
         x=randn(generator, *SHAPE, dtype=dtype),
         w_down=randn(generator, adapters, RANK, dim, dtype=dtype, std=dim ** -0.5, grad=False),
         b_down=randn(generator, adapters, RANK, dtype=dtype, std=0.5, grad=False),
@@ -171,6 +169,13 @@ def test_fusion(dtype):
         w_key=randn(generator, dim, dim, dtype=dtype, std=dim ** -0.5),
         w_value=randn(generator, dim, dim, dtype=dtype, std=dim ** -0.5),
     )
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fusion(dtype):
+    """AdapterFusion over 4 frozen adapters (the fusion's weights trainable): the scores launch,
+    the mixture's launch, and backward the mixture's two and the scores' one."""
+    tensors = fusion_tensors(dtype, 5)
 
     def call(fn, t):
         return fn(t["x"], t["w_down"], t["b_down"], t["w_up"], t["b_up"], t["scale"], t["w_query"], t["b_query"],
@@ -213,24 +218,12 @@ def test_dropout(op, dtype):
         with use_variant("lora_linear", op.removeprefix("lora_")):
             check_kernels(call, lora_linear, reference.lora_linear, lora_tensors(dtype), dtype)
     elif op == "fusion":
-        generator = torch.Generator().manual_seed(7)
-        dim, adapters = SHAPE[-1], 4
-        tensors = dict(
-            x=randn(generator, *SHAPE, dtype=dtype),
-            w_down=randn(generator, adapters, RANK, dim, dtype=dtype, std=dim ** -0.5, grad=False),
-            b_down=randn(generator, adapters, RANK, dtype=dtype, std=0.5, grad=False),
-            w_up=randn(generator, adapters, dim, RANK, dtype=dtype, std=RANK ** -0.5, grad=False),
-            b_up=randn(generator, adapters, dim, dtype=dtype, std=0.5, grad=False),
-            w_query=randn(generator, dim, dim, dtype=dtype, std=dim ** -0.5),
-            w_key=randn(generator, dim, dim, dtype=dtype, std=dim ** -0.5),
-            w_value=randn(generator, dim, dim, dtype=dtype, std=dim ** -0.5),
-        )
-
         def call(fn, t):
-            return fn(t["x"], t["w_down"], t["b_down"], t["w_up"], t["b_up"], None, t["w_query"], None,
-                      t["w_key"], None, t["w_value"], residual=t["x"], dropout=0.2, seed=seed)
+            return fn(t["x"], t["w_down"], t["b_down"], t["w_up"], t["b_up"], t["scale"], t["w_query"],
+                      t["b_query"], t["w_key"], None, t["w_value"], residual=t["x"], dropout=0.2, seed=seed)
 
-        check_kernels(call, adapter_fusion, reference.adapter_fusion, tensors, dtype, grad_factor=4.0)
+        check_kernels(call, adapter_fusion, reference.adapter_fusion, fusion_tensors(dtype, 7), dtype,
+                      grad_factor=4.0)
     else:
         routed = op == "routed"
         fused, ref = (routed_adapter, reference.routed_adapter) if routed else \
