@@ -21,7 +21,13 @@ from ..launch import (
 from .configs import LORA_LINEAR_CONFIGS, LORA_LINEAR_UNALIGNED_CONFIGS, MAX_MASKED_OUTPUT_TILE, MAX_SINGLE_LAUNCH_RANK
 from .jit import _lora_linear_kernel
 
-__all__ = ["forward", "backward", "aligned", "gemm_config", "grad_layout", "single_launch_supported"]
+__all__ = ["forward", "backward", "aligned", "gemm_config", "grad_layout", "masks_output", "single_launch_supported"]
+
+
+def masks_output(config: BlockConfig) -> bool:
+    """Whether a GEMM tile may draw a dropout mask over its output tile (the backward's input
+    launch with dropout): tiles up to MAX_MASKED_OUTPUT_TILE elements."""
+    return config.block_rows * config.block_dim <= MAX_MASKED_OUTPUT_TILE
 
 
 def grad_layout(dim_in: int, dim_out: int, rank: int) -> PackedLayout:
@@ -47,7 +53,7 @@ def gemm_config(rank: int, compute_dtype: torch.dtype, rows: int, cols: int, sms
     table = LORA_LINEAR_CONFIGS if is_aligned else LORA_LINEAR_UNALIGNED_CONFIGS
     configs = table[(padded_rank(rank), dtype_group(compute_dtype))]
     if masked_output:
-        configs = [config for config in configs if config.block_rows * config.block_dim <= MAX_MASKED_OUTPUT_TILE]
+        configs = [config for config in configs if masks_output(config)]
     for config in configs:
         if cdiv(rows, config.block_rows) * cdiv(cols, config.block_dim) >= sms:
             return config
