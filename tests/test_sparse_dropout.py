@@ -42,30 +42,10 @@ def run(fn, case, *, routed, top_k=2, **options):
     return (y, *torch.autograd.grad(y, list(inputs.values()), grad_y))
 
 
-# The reference mixture has no input dropout: these compose it from reference.dropped, the gate
-# and the residual terms reading x itself.
-
-
-def _down_input(x, seed, input_dropout):
-    """x as the reference's down projections read it: the input stream's dropout in the compute
-    dtype (as reference.bottleneck_adapter's input_dropout)."""
-    if input_dropout == 0.0:
-        return x
-    rows = x.reshape(-1, x.shape[-1])
-    return reference.dropped(rows, seed, input_dropout, INPUT, reference.compute_dtype(x)).reshape(x.shape)
-
-
-def routed_reference(x, expert_idx, expert_weight, *experts, input_dropout=0.0, seed=None, **options):
-    return reference.routed_adapter(_down_input(x, seed, input_dropout), expert_idx, expert_weight, *experts,
-                                    seed=seed, **options)
-
-
-def gated_reference(x, w_gate, b_gate, *experts, top_k, return_logits=False, input_dropout=0.0, seed=None,
-                    **options):
-    logits = reference.gate_logits(x, w_gate, b_gate)
-    expert_idx, expert_weight = reference.topk_routing(logits, top_k)
-    y = routed_reference(x, expert_idx, expert_weight, *experts, input_dropout=input_dropout, seed=seed, **options)
-    return (y, logits) if return_logits else y
+# The reference mixture's input dropout: the experts' down projections read dropout(x) in the
+# compute dtype, the gate and the residual terms x itself.
+routed_reference = reference.routed_adapter
+gated_reference = reference.sparse_adapter
 
 
 def check_input_dropout(case, dtype, *, routed, top_k=2, variant="default", **options):

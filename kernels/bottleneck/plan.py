@@ -21,6 +21,7 @@ from ..launch import (
     TRITON_DTYPES, BlockConfig, Launch, PackedLayout, Plan, cdiv, input_precision, new_output, optional,
     padded_rank, plan_chunks, scale_mode, sm_count, variant_config,
 )
+from ..dropout import keep_factor
 from ..dropout import launch_args as dropout_args
 from ..variants import Variant
 from .configs import (
@@ -259,7 +260,7 @@ def backward(grad_y, x, hidden, w_down, w_up, b_up, scale, scale_value, row_scal
         row_scale_ptr=optional(row_scale, x), grad_hidden_ptr=grad_hidden, act_ptr=act if store_act else grad_hidden,
         rows=rows, dim=dim_out, rank=rank, scale_value=scale_value,  # its D loop walks dy's columns
         stride_g_row=grad_y.stride(0), stride_g_col=grad_y.stride(1), seed_ptr=hidden if seed is None else seed,
-        dropout_p=dropout, dropout_keep=1.0 / (1.0 - dropout),
+        dropout_p=dropout, dropout_keep=keep_factor(dropout),
     )
     hidden_launch = Launch(_backward_hidden_kernel, grid, args, constexprs, config)
     weights_launch, partials = backward_weights(
